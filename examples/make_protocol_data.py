@@ -1,0 +1,55 @@
+"""Generate the example data set: short tasks answered in a fixed JSON protocol.
+
+Every answer is ``{"task": <category>, "answer": <string>}``. A tiny model learns the
+*protocol* (valid JSON, the two keys, the right task name) quickly; the *answers*
+(arithmetic, reversing a word, ...) are harder, which leaves room for the feedback loop.
+
+    python examples/make_protocol_data.py --rows 3000 --seed 0 > examples/data/protocol.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+
+SYLLABLES = ["ka", "lo", "mi", "ru", "te", "sa", "no", "pi", "da", "ve", "zo", "ba", "ne", "fi", "gu"]
+
+PHRASINGS = {
+    "math": ["What is {a} plus {b}?", "Compute {a} + {b}.", "Add {a} and {b}."],
+    "reverse": ["Reverse the word {w}.", "Spell {w} backwards."],
+    "upper": ["Write {w} in capital letters.", "Uppercase {w}."],
+    "length": ["How many letters are in {w}?", "Count the letters of {w}."],
+}
+
+
+def make_word(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3)))
+
+
+def make_row(rng: random.Random) -> dict:
+    task = rng.choice(sorted(PHRASINGS))
+    a, b, w = rng.randint(0, 49), rng.randint(0, 49), make_word(rng)
+    prompt = rng.choice(PHRASINGS[task]).format(a=a, b=b, w=w)
+    answer = {"math": str(a + b), "reverse": w[::-1], "upper": w.upper(), "length": str(len(w))}[task]
+    reply = json.dumps({"task": task, "answer": answer})
+    return {
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
+        "category": task,
+        "reference": answer,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    for _ in range(args.rows):
+        sys.stdout.write(json.dumps(make_row(rng)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""checkpoint: catalogue, integrity, evaluation requests and the final export."""

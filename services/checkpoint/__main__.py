@@ -1,0 +1,143 @@
+"""checkpoint service: verifies and catalogues checkpoints, asks for their evaluation, and
+exports the best one when training is done."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
+
+from tuneloop.events import (CheckpointRecorded, CheckpointSaved, EvalRequest, EvalVerdict, ExportDone,
+                             TrainingFinished)
+from tuneloop.service import ServiceContext, run_service
+from tuneloop.storage import confine, relative, resolve_model
+
+from . import export
+from .catalogue import Entry, best, pending
+from .integrity import MANIFEST, digest_dir
+
+log = logging.getLogger("tuneloop.checkpoint")
+BUCKET = "tuneloop-checkpoints"
+VERDICT_WAIT_S = 900.0
+
+
+class Catalogue:
+    """Entries per run, kept in JetStream KV (key ``<run>.<step>``) so a restart loses none."""
+
+    def __init__(self, kv):
+        self.kv = kv
+
+    async def put(self, run_id: str, entry: Entry) -> None:
+        await self.kv.put(f"{run_id}.{entry.step:09d}", entry.model_dump_json().encode())
+
+    async def get(self, run_id: str, step: int) -> Entry | None:
+        try:
+            return Entry.model_validate_json((await self.kv.get(f"{run_id}.{step:09d}")).value)
+        except (NotFoundError, AttributeError):
+            return None
+
+    async def entries(self, run_id: str) -> list[Entry]:
+        try:
+            keys = await self.kv.keys()
+        except (NotFoundError, NoKeysError):
+            return []
+        out = []
+        for k in (k for k in keys if k.startswith(run_id + ".")):
+            e = await self.kv.get(k)
+            if e.value:
+                out.append(Entry.model_validate_json(e.value))
+        return sorted(out, key=lambda e: e.step)
+
+
+async def open_catalogue(ctx: ServiceContext) -> Catalogue:
+    try:
+        kv = await ctx.bus.js.key_value(BUCKET)
+    except BucketNotFoundError:
+        kv = await ctx.bus.js.create_key_value(bucket=BUCKET, history=1)
+    return Catalogue(kv)
+
+
+async def main(ctx: ServiceContext) -> None:
+    bus = ctx.bus
+    catalogue = await open_catalogue(ctx)
+
+    async def on_saved(ev: CheckpointSaved) -> None:
+        run_dir = ctx.run_dir(ev.run_id)
+        path = confine(run_dir, ev.path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint {ev.path} of run {ev.run_id} does not exist")
+        sha, size, files = await asyncio.to_thread(digest_dir, path)
+        (path / MANIFEST).write_text(json.dumps({"sha256": sha, "bytes": size, "files": files}, indent=1))
+        old = await catalogue.get(ev.run_id, ev.step)
+        entry = Entry(step=ev.step, path=ev.path, base_model=str(ev.base_model), adapter=ev.adapter, sha256=sha,
+                      bytes=size, is_final=ev.is_final, scores=old.scores if old and old.sha256 == sha else None)
+        await catalogue.put(ev.run_id, entry)
+        await bus.publish(CheckpointRecorded(run_id=ev.run_id, event_id=f"rec-{ev.event_id}"[:64], step=ev.step,
+                                             path=ev.path, sha256=sha, bytes=size))
+        if entry.scores is None:
+            await bus.publish(EvalRequest(run_id=ev.run_id, event_id=f"eval-{ev.event_id}"[:64], step=ev.step,
+                                          checkpoint=ev.path, base_model=ev.base_model, adapter=ev.adapter))
+        log.info("recorded step %d (%s, %.1f MB)", ev.step, sha[:12], size / 1e6)
+
+    async def on_verdict(v: EvalVerdict) -> None:
+        if v.purpose != "periodic":
+            return
+        entry = await catalogue.get(v.run_id, v.step)
+        if entry is None:
+            log.warning("verdict for unknown checkpoint %s step %d", v.run_id, v.step)
+            return
+        entry.scores = dict(v.scores)
+        await catalogue.put(v.run_id, entry)
+
+    async def on_done(done: TrainingFinished) -> None:
+        if done.reason == "error":
+            log.warning("run %s failed (%s); nothing to export", done.run_id, done.detail)
+            return
+        cfg = ctx.config(done.run_id)
+        run_dir = ctx.run_dir(done.run_id)
+        deadline = time.monotonic() + VERDICT_WAIT_S
+        while True:  # every checkpoint, the final one included, catalogued and scored
+            entries = await catalogue.entries(done.run_id)
+            have_final = done.final_checkpoint is None or any(e.path == done.final_checkpoint for e in entries)
+            if have_final and not pending(entries):
+                break
+            if time.monotonic() > deadline:
+                log.warning("export without verdicts for steps %s", pending(entries))
+                break
+            await asyncio.sleep(0.5)
+        chosen = best(entries, cfg.feedback.metric)
+        if chosen is None:
+            log.error("run %s has no checkpoint to export", done.run_id)
+            return
+        t0 = time.perf_counter()
+        ckpt = confine(run_dir, chosen.path)
+        base = resolve_model(run_dir, chosen.base_model)
+        adapter_path = merged_path = None
+        if cfg.export.adapter and chosen.adapter:
+            adapter_path = await asyncio.to_thread(export.export_adapter, ckpt, base, run_dir / "export" / "adapter")
+        if cfg.export.merged or not chosen.adapter:
+            merged_path = await asyncio.to_thread(export.export_merged, ckpt, base, chosen.adapter, run_dir / "export" / "merged")
+        log.info("exported step %d (%s) in %.1fs", chosen.step, chosen.scores, time.perf_counter() - t0)
+        # The exported model itself is scored on the held-out test split.
+        final, final_adapter = (merged_path, False) if merged_path else (adapter_path, True)
+        await bus.publish(EvalRequest(run_id=done.run_id, event_id=f"final-{done.event_id}"[:64], step=chosen.step,
+                                      checkpoint=relative(run_dir, final), base_model=chosen.base_model,
+                                      adapter=final_adapter, split="test", purpose="final"))
+        await bus.publish(ExportDone(
+            run_id=done.run_id, event_id=f"export-{done.event_id}"[:64], step=chosen.step,
+            score=(chosen.scores or {}).get(cfg.feedback.metric),
+            adapter_path=relative(run_dir, adapter_path) if adapter_path else None,
+            merged_path=relative(run_dir, merged_path) if merged_path else None,
+        ))
+
+    await bus.consume(CheckpointSaved, ctx.run_id, on_saved)
+    await bus.consume(EvalVerdict, ctx.run_id, on_verdict)
+    await bus.consume(TrainingFinished, ctx.run_id, on_done, ack_wait=60)
+    await ctx.stop.wait()
+
+
+if __name__ == "__main__":
+    run_service("checkpoint", main)

@@ -1,0 +1,25 @@
+"""sha256 of a checkpoint directory: one digest over every file's name and content."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+MANIFEST = "tuneloop-manifest.json"
+
+
+def digest_dir(path: Path) -> tuple[str, int, dict[str, str]]:
+    """(overall sha256, total bytes, sha256 per file); the manifest itself is left out."""
+    overall = hashlib.sha256()
+    files: dict[str, str] = {}
+    total = 0
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+                total += len(chunk)
+        rel = str(f.relative_to(path))
+        files[rel] = h.hexdigest()
+        overall.update(rel.encode() + b"\0" + h.digest())
+    return overall.hexdigest(), total, files

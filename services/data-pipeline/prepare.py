@@ -1,0 +1,164 @@
+"""Turn raw chat files into the prepared splits the trainer and evaluator read. Pure: no bus.
+
+Input rows (JSONL, one per line)::
+
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}],
+     "category": "math", "reference": "26"}
+
+Output rows (prompt-completion, what TRL's SFTTrainer takes directly)::
+
+    {"prompt": "<|user|>\\n...\\n<|assistant|>\\n", "completion": "...", "category": ..., "reference": ...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tuneloop.chat import render_prompt
+from tuneloop.config import Config
+from tuneloop.events import explain
+
+
+class DataError(ValueError):
+    """A data set that cannot be used; names the file, line and field."""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class Row(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    messages: list[Message] = Field(min_length=2)
+    category: str = "default"
+    reference: str | None = None
+
+    def check_turns(self) -> None:
+        if self.messages[-1].role != "assistant":
+            raise ValueError("messages: the last message must be the assistant's answer")
+        if not any(m.role == "user" for m in self.messages[:-1]):
+            raise ValueError("messages: no user message before the answer")
+
+
+@dataclass
+class SourceRows:
+    name: str
+    weight: float
+    rows: list[Row]
+    rejected: list[str] = field(default_factory=list)
+
+
+def read_source(path: Path, name: str, weight: float, on_bad_row: str, max_rows: int | None = None) -> SourceRows:
+    """Read and validate one JSONL file; bad rows raise DataError (fail) or are counted (skip)."""
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    out = SourceRows(name=name, weight=weight, rows=[])
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = Row.model_validate_json(line)
+                row.check_turns()
+            except ValidationError as e:
+                problem = explain(e)
+            except ValueError as e:
+                problem = str(e)
+            else:
+                out.rows.append(row)
+                if max_rows and len(out.rows) >= max_rows:
+                    break
+                continue
+            where = f"{path}:{lineno}: {problem}"
+            if on_bad_row == "fail":
+                raise DataError(where)
+            out.rejected.append(where)
+    if not out.rows:
+        raise DataError(f"{path}: no usable rows ({len(out.rejected)} rejected)")
+    return out
+
+
+def to_example(row: Row, template: str) -> dict:
+    prompt_msgs = [m.model_dump() for m in row.messages[:-1]]
+    answer = row.messages[-1].content
+    if template == "model":  # conversational: TRL applies the tokenizer's own template
+        prompt, completion = prompt_msgs, [{"role": "assistant", "content": answer}]
+    else:
+        prompt, completion = render_prompt(prompt_msgs), answer
+    return {"prompt": prompt, "completion": completion, "category": row.category, "reference": row.reference}
+
+
+def mix(sources: list[SourceRows], rng: random.Random) -> list[Row]:
+    """Draw rows from each source in proportion to its weight (total = all rows read)."""
+    if len(sources) == 1:
+        return list(sources[0].rows)
+    total = sum(len(s.rows) for s in sources)
+    wsum = sum(s.weight for s in sources)
+    out: list[Row] = []
+    for s in sources:
+        n = round(total * s.weight / wsum)
+        out += rng.sample(s.rows, n) if n <= len(s.rows) else rng.choices(s.rows, k=n)
+    return out
+
+
+@dataclass
+class Prepared:
+    splits: dict[str, tuple[str, int, dict[str, int]]]  # name -> (relative path, rows, per category)
+    fingerprint: str
+    mixture: dict[str, float]
+    rejected: list[str]
+
+
+def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop") -> Prepared:
+    """Read every source, mix, split (held-out prompts never seen in train) and write JSONL."""
+    rng = random.Random(cfg.run.seed)
+    sources = [
+        read_source(cfg.resolve(s.path), s.name or Path(s.path).stem, s.weight, cfg.data.on_bad_row, cfg.data.max_rows)
+        for s in cfg.data.sources
+    ]
+    # Split each source before mixing, so held-out rows are never sampled into train.
+    held: dict[str, list[Row]] = {"val": [], "test": []}
+    for s in sources:
+        rng.shuffle(s.rows)
+        n = len(s.rows)
+        n_test, n_val = round(n * cfg.data.test_fraction), round(n * cfg.data.val_fraction)
+        held["test"] += s.rows[:n_test]
+        held["val"] += s.rows[n_test:n_test + n_val]
+        s.rows = s.rows[n_test + n_val:]
+    train = mix(sources, rng)
+    rng.shuffle(train)
+    seen = {_prompt_key(r) for r in train}
+    held = {k: [r for r in v if _prompt_key(r) not in seen] for k, v in held.items()}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    splits = {}
+    for name, rows in {"train": train, **held}.items():
+        path = out_dir / f"{name}.jsonl"
+        lines = [json.dumps(to_example(r, template), ensure_ascii=False) for r in rows]
+        text = "\n".join(lines) + ("\n" if lines else "")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        digest.update(name.encode() + b"\0" + text.encode())
+        splits[name] = (str(path.resolve().relative_to(run_dir.resolve())), len(rows), dict(Counter(r.category for r in rows)))
+    wsum = sum(s.weight for s in sources)
+    return Prepared(
+        splits=splits, fingerprint=digest.hexdigest(),
+        mixture={s.name: s.weight / wsum for s in sources},
+        rejected=[r for s in sources for r in s.rejected],
+    )
+
+
+def _prompt_key(row: Row) -> str:
+    return "\n".join(m.content for m in row.messages[:-1])

@@ -1,0 +1,39 @@
+"""The feedback policy: from a run's verdicts, decide whether training should go on. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tuneloop.config import FeedbackSection
+from tuneloop.events import EvalVerdict, Feedback
+
+
+@dataclass
+class PolicyState:
+    best_score: float = -1.0
+    best_step: int | None = None
+    since_best: int = 0
+    seen: set[str] = field(default_factory=set)  # verdict ids already counted
+
+
+def decide(cfg: FeedbackSection, state: PolicyState, verdict: EvalVerdict, weak_below: float = 0.9) -> Feedback | None:
+    """Update ``state`` with ``verdict`` and return the feedback to send (None for a duplicate)."""
+    if verdict.event_id in state.seen:
+        return None
+    state.seen.add(verdict.event_id)
+    score = verdict.scores.get(cfg.metric, 0.0)
+    if score > state.best_score:
+        state.best_score, state.best_step, state.since_best = score, verdict.step, 0
+    else:
+        state.since_best += 1
+    weak = sorted(c for c, s in verdict.by_category.items() if s.get(cfg.metric, 0.0) < weak_below)
+    action, reason = "continue", f"{cfg.metric} {score:.3f} < target {cfg.target:.3f}"
+    if verdict.step >= cfg.min_step:
+        if score >= cfg.target:
+            action, reason = "stop", f"target reached: {cfg.metric} {score:.3f} >= {cfg.target:.3f}"
+        elif state.since_best >= cfg.patience:
+            action, reason = "stop", f"no improvement for {state.since_best} evaluations (best {state.best_score:.3f} at step {state.best_step})"
+    return Feedback(
+        run_id=verdict.run_id, event_id=f"feedback-{verdict.event_id}"[:64], step=verdict.step, action=action,
+        reason=reason, score=score, best_step=state.best_step, best_score=state.best_score, weak_categories=weak,
+    )

@@ -1,0 +1,1 @@
+"""trainer: TRL training steered by events; a TrainerCallback is its only bridge to the bus."""

@@ -1,0 +1,64 @@
+"""The training thread's view of the bus.
+
+Training is synchronous and runs in a worker thread; the bus lives on the service's asyncio
+loop. ``BusLink`` crosses between them: the loop side puts arriving control and feedback
+events into an inbox, and the callback drains it at each step boundary. A control is only
+acked on the bus once the training thread has applied (or rejected) it, so a trainer that
+dies before the boundary gets it again after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from tuneloop.bus import Bus
+from tuneloop.events import Event
+
+log = logging.getLogger(__name__)
+
+
+class BusLink:
+    def __init__(self, bus: Bus, loop: asyncio.AbstractEventLoop):
+        self.bus = bus
+        self.loop = loop
+        self.inbox: queue.Queue[tuple[Event, Callable[[], None]]] = queue.Queue()
+        self.stopping = threading.Event()  # set by SIGTERM: save and stop at the next boundary
+        self.closed = False
+
+    # loop side -----------------------------------------------------------
+    async def deliver(self, event: Event) -> None:
+        """Bus handler: hand ``event`` to the training thread; return once it was handled."""
+        done = self.loop.create_future()
+        self.inbox.put((event, lambda: self.loop.call_soon_threadsafe(_resolve, done)))
+        await done
+
+    # training-thread side -------------------------------------------------
+    def drain(self) -> list[tuple[Event, Callable[[], None]]]:
+        items = []
+        while True:
+            try:
+                items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return items
+
+    def publish(self, event: Event, *, wait: bool = False, timeout: float = 30.0) -> None:
+        """Publish from the training thread; ``wait`` blocks until JetStream stored it."""
+        fut = asyncio.run_coroutine_threadsafe(self.bus.publish(event), self.loop)
+        if wait:
+            fut.result(timeout)
+        else:
+            fut.add_done_callback(_log_failure)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _log_failure(fut) -> None:
+    if not fut.cancelled() and fut.exception():
+        log.warning("publish failed: %r", fut.exception())

@@ -1,0 +1,75 @@
+"""The base model: the built-in tiny Llama (tokenizer trained on the run's own data, since
+no hub is reachable here) or any HF hub id / local path."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+TINY = "tiny"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer with the chat template's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tuneloop.chat import END, JINJA, PAD, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=END)
+    fast.chat_template = JINJA
+    return fast
+
+
+def build_tiny(train_file: Path, out_dir: Path, tiny, seed: int) -> Path:
+    """Train the tokenizer on the train split, initialise a small Llama, save both to ``out_dir``.
+
+    Idempotent: an existing complete base (a restarted trainer) is reused as it is, so a
+    resumed run continues on exactly the same weights and vocabulary.
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    if (out_dir / "complete").exists():
+        return out_dir
+    texts = []
+    with train_file.open() as f:
+        for line in f:
+            row = json.loads(line)
+            texts.append(row["prompt"] + row["completion"] if isinstance(row["prompt"], str) else json.dumps(row))
+    tokenizer = train_tokenizer(texts, tiny.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers, num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_attention_heads, max_position_embeddings=tiny.max_position_embeddings,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "complete").write_text("ok\n")
+    log.info("built tiny llama: %.2fM parameters, vocab %d -> %s", model.num_parameters() / 1e6, len(tokenizer), out_dir)
+    return out_dir
+
+
+def load(name_or_path: str | Path, *, dtype=None):
+    """Model and tokenizer from a hub id or a local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto")
+    return model, tokenizer

@@ -1,0 +1,96 @@
+"""The SFT recipe, top to bottom: data set → base model → TRL SFTTrainer (+ LoRA) → done.
+
+Runs in the training thread. Everything it says to the world goes through ``BusCallback``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from tuneloop.config import Config
+from tuneloop.events import DatasetReady, TrainingFinished
+from tuneloop.storage import confine
+
+from . import controls, model as models
+from .callback import BusCallback
+from .link import BusLink
+
+log = logging.getLogger(__name__)
+
+
+def read_split(run_dir: Path, dataset: DatasetReady, split: str) -> list[dict]:
+    path = confine(run_dir, dataset.splits[split].path)
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def precision(cfg: Config) -> tuple[bool, bool]:
+    """(use_cpu, bf16) for the configured device."""
+    import torch
+
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    if cfg.train.device == "cuda" and not cuda:
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    bf16 = cuda and torch.cuda.is_bf16_supported() if cfg.train.bf16 == "auto" else bool(cfg.train.bf16)
+    return not cuda, bf16
+
+
+def prepare_base(cfg: Config, run_dir: Path, dataset: DatasetReady) -> tuple[str, Path | str]:
+    """(reference carried on events, what from_pretrained loads)."""
+    if cfg.model.name_or_path == models.TINY:
+        train_file = confine(run_dir, dataset.splits["train"].path)
+        return "base", models.build_tiny(train_file, run_dir / "base", cfg.model.tiny, cfg.run.seed)
+    return cfg.model.name_or_path, cfg.model.name_or_path
+
+
+def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link: BusLink) -> TrainingFinished:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    t0 = time.perf_counter()
+    set_seed(cfg.run.seed)
+    base_ref, base_path = prepare_base(cfg, run_dir, dataset)
+    use_cpu, bf16 = precision(cfg)
+    model, tokenizer = models.load(base_path)
+    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_split(run_dir, dataset, "train")]
+    train_ds = Dataset.from_list(rows)
+
+    tc = cfg.train
+    out_dir = run_dir / "checkpoints"
+    args = SFTConfig(
+        output_dir=str(out_dir), max_steps=tc.max_steps, per_device_train_batch_size=tc.batch_size,
+        gradient_accumulation_steps=tc.gradient_accumulation_steps, learning_rate=tc.learning_rate,
+        lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm, max_length=tc.max_length, logging_steps=tc.logging_steps,
+        save_strategy="steps", save_steps=tc.save_steps, report_to=[], use_cpu=use_cpu, bf16=bf16,
+        gradient_checkpointing=False, seed=cfg.run.seed, data_seed=cfg.run.seed, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if tc.lora.enabled:
+        peft_config = LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
+                                 target_modules=tc.lora.target_modules, modules_to_save=tc.lora.modules_to_save,
+                                 task_type="CAUSAL_LM")
+    state = controls.RunState(learning_rate=tc.learning_rate, max_grad_norm=tc.max_grad_norm)
+    callback = BusCallback(link, run_id, run_dir, base_ref, adapter=tc.lora.enabled, state=state)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[callback])
+
+    resume = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+    if resume:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    step = trainer.state.global_step
+    reason, detail = callback.stop_reason or ("completed", f"reached max_steps {tc.max_steps}")
+    log.info("training finished at step %d (%s: %s), loss %.4f", step, reason, detail, result.training_loss)
+    return TrainingFinished(
+        run_id=run_id, step=step, reason=reason, detail=detail,
+        final_loss=callback.last_loss, final_checkpoint=callback.final_checkpoint,
+        train_seconds=time.perf_counter() - t0,
+    )

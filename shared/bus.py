@@ -1,0 +1,294 @@
+"""The bus: typed events over nats-py, and nothing else.
+
+- ``publish``: durable kinds go through JetStream with ``Nats-Msg-Id = event_id`` (so a
+  retried publish is stored once); the rest go over core NATS.
+- ``consume``: a durable pull consumer per (service, run, kind). Replicas of a service share
+  it, so it is a work queue. A message that fails validation is dead-lettered and acked; a
+  handler error is retried (nak with back-off) and dead-lettered after ``max_deliver`` tries.
+- ``subscribe``: core subscription for watchers (live, nothing kept).
+- ``request`` / ``serve``: request-reply with a timeout, served by a queue group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+
+from . import subjects, telemetry
+from .events import DeadLetter, Event, explain
+
+log = logging.getLogger(__name__)
+E = TypeVar("E", bound=Event)
+Handler = Callable[[E], Awaitable[None]]
+MAX_DLQ_PAYLOAD = 64 * 1024
+
+
+class BusError(RuntimeError):
+    """A request could not be answered (timeout, no responder, or the responder said why)."""
+
+
+class Bus:
+    """One connection of one service (``service`` is stamped as the source of what it publishes)."""
+
+    def __init__(self, nc: Client, service: str):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.service = service
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+
+    # ------------------------------------------------------------ connection
+    @classmethod
+    async def connect(cls, url: str, service: str, *, timeout: float = 10.0) -> "Bus":
+        async def on_error(e: Exception) -> None:
+            log.warning("nats: %s", e)
+
+        async def on_disconnect() -> None:
+            log.info("nats: disconnected from %s", url)
+
+        async def on_reconnect() -> None:
+            log.info("nats: reconnected")
+
+        nc = await nats.connect(
+            servers=[url], name=service, connect_timeout=timeout,
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+        )
+        bus = cls(nc, service)
+        await bus.ensure_stream()
+        return bus
+
+    async def ensure_stream(self) -> None:
+        """Create or update the one stream that keeps every durable event of every run."""
+        config = StreamConfig(
+            name=subjects.STREAM, subjects=subjects.stream_subjects(),
+            max_age=7 * 24 * 3600, max_bytes=2 * 1024**3, duplicate_window=300,
+        )
+        try:
+            info = await self.js.stream_info(subjects.STREAM)
+            if sorted(info.config.subjects or []) != sorted(config.subjects):
+                await self.js.update_stream(config)
+        except NotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # a peer created it meanwhile
+                await self.js.add_stream(config)
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        with contextlib.suppress(Exception):
+            await self.nc.flush(timeout=2)
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+
+    # ------------------------------------------------------------ publish
+    async def publish(self, event: Event, *, retry_seconds: float = 30.0) -> None:
+        """Publish ``event``; durable kinds are retried until JetStream stores them."""
+        if not event.source:
+            event = event.model_copy(update={"source": self.service})
+        subj = subjects.subject(event.run_id, event.KIND)
+        data = event.to_bytes()
+        if not event.DURABLE:
+            await self.nc.publish(subj, data)
+        else:
+            deadline = time.monotonic() + retry_seconds
+            delay = 0.1
+            while True:
+                try:
+                    await self.js.publish(subj, data, headers={"Nats-Msg-Id": event.event_id}, timeout=5)
+                    break
+                except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError,
+                        nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError) as e:
+                    if time.monotonic() > deadline or self._closing:
+                        raise BusError(f"could not publish {subj}: {e!r}") from e
+                    log.warning("publish %s failed (%r); retrying", subj, e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        telemetry.BUS_EVENTS.labels(event.run_id, event.KIND, "out").inc()
+
+    async def dead_letter(self, subj: str, reason: str, payload: bytes) -> None:
+        run_id = subjects.run_of(subj)
+        kind = subjects.kind_of(subj)
+        telemetry.BUS_DEAD_LETTERS.labels(run_id, kind, reason.split(":")[0][:40]).inc()
+        log.error("dead letter on %s: %s", subj, reason)
+        if run_id == "unknown" or kind == DeadLetter.KIND:
+            return  # nowhere sensible to put it (or it is a dead letter already): logged and counted
+        text = payload[:MAX_DLQ_PAYLOAD].decode("utf-8", errors="replace")
+        await self.publish(DeadLetter(run_id=run_id, subject=subj, reason=reason, payload=text, service=self.service))
+
+    # ------------------------------------------------------------ consume (durable)
+    async def consume(
+        self, cls: type[E], run_id: str, handler: Handler, *, group: str | None = None,
+        max_deliver: int = 5, ack_wait: float = 30.0, deliver_new: bool = False, concurrency: int = 1,
+    ) -> asyncio.Task:
+        """Start a task that feeds every ``cls`` event of ``run_id`` to ``handler``, once per group.
+
+        ``group`` (default: the service name) names the durable consumer; processes with the
+        same group share the messages, processes with different groups each get all of them.
+        ``concurrency`` > 1 hands up to that many messages to ``handler`` at once (in order of
+        arrival), for handlers that wait on something else, like a step boundary.
+        """
+        subj = subjects.subject(run_id, cls.KIND)
+        durable = subjects.durable_name(group or self.service, run_id, cls.KIND)
+        config = ConsumerConfig(
+            ack_wait=ack_wait, max_deliver=max_deliver + 1, filter_subject=subj, max_ack_pending=max(concurrency, 1000),
+            deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
+        )
+        psub = await self.js.pull_subscribe(subj, durable=durable, stream=subjects.STREAM, config=config)
+
+        async def loop() -> None:
+            while not self._closing:
+                try:
+                    msgs = await psub.fetch(concurrency, timeout=1.0)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    continue
+                except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
+                    raise
+                except Exception as e:  # broker restart, reconnecting: wait and go on
+                    log.warning("fetch %s: %r", subj, e)
+                    await asyncio.sleep(0.5)
+                    continue
+                await asyncio.gather(*(self._handle(m, cls, handler, max_deliver, ack_wait) for m in msgs))
+
+        task = asyncio.create_task(loop(), name=f"consume:{durable}")
+        self._tasks.append(task)
+        return task
+
+    async def _handle(self, msg: Msg, cls: type[E], handler: Handler, max_deliver: int, ack_wait: float) -> None:
+        try:
+            event = cls.model_validate_json(msg.data)
+            if subjects.run_of(msg.subject) != event.run_id:
+                raise ValueError(f"run_id {event.run_id!r} does not match subject {msg.subject}")
+        except (ValidationError, ValueError) as e:
+            reason = f"invalid {cls.__name__}: {explain(e) if isinstance(e, ValidationError) else e}"
+            await self.dead_letter(msg.subject, reason, msg.data)
+            await msg.ack()
+            return
+        telemetry.BUS_EVENTS.labels(event.run_id, cls.KIND, "in").inc()
+        heartbeat = asyncio.create_task(self._keep_alive(msg, ack_wait))
+        started = time.perf_counter()
+        try:
+            await handler(event)
+        except asyncio.CancelledError:
+            heartbeat.cancel()
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            raise
+        except Exception as e:
+            heartbeat.cancel()
+            delivered = msg.metadata.num_delivered if msg.metadata else 1
+            log.exception("handler for %s failed (delivery %d/%d)", msg.subject, delivered, max_deliver)
+            if delivered >= max_deliver:
+                await self.dead_letter(msg.subject, f"handler failed {delivered} times: {e!r}", msg.data)
+                await msg.term()
+            else:
+                await msg.nak(delay=min(2.0**delivered, 30.0))
+            return
+        heartbeat.cancel()
+        telemetry.BUS_HANDLER_SECONDS.labels(cls.KIND).observe(time.perf_counter() - started)
+        await msg.ack()
+
+    @staticmethod
+    async def _keep_alive(msg: Msg, ack_wait: float) -> None:
+        """Tell JetStream a long handler is still working, so the message is not redelivered."""
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            while True:
+                await asyncio.sleep(max(ack_wait / 3, 0.5))
+                await msg.in_progress()
+
+    async def latest(self, cls: type[E], run_id: str) -> E | None:
+        """The newest stored ``cls`` event of ``run_id`` (e.g. the current data set), or None."""
+        try:
+            msg = await self.js.get_last_msg(subjects.STREAM, subjects.subject(run_id, cls.KIND))
+        except NotFoundError:
+            return None
+        try:
+            return cls.model_validate_json(msg.data)
+        except ValidationError as e:
+            await self.dead_letter(msg.subject, f"invalid {cls.__name__}: {explain(e)}", msg.data or b"")
+            return None
+
+    async def wait_latest(self, cls: type[E], run_id: str, stop: asyncio.Event, poll: float = 0.5) -> E | None:
+        """Wait until a ``cls`` event of ``run_id`` is stored (None if ``stop`` is set first)."""
+        while not stop.is_set():
+            event = await self.latest(cls, run_id)
+            if event is not None:
+                return event
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), poll)
+        return None
+
+    # ------------------------------------------------------------ subscribe (live)
+    async def subscribe(self, cls: type[E], run_id: str, handler: Handler) -> None:
+        """Live core subscription (watchers, CLI). Invalid events are counted and skipped."""
+
+        async def cb(msg: Msg) -> None:
+            try:
+                event = cls.model_validate_json(msg.data)
+            except ValidationError as e:
+                telemetry.BUS_DEAD_LETTERS.labels(subjects.run_of(msg.subject), cls.KIND, "invalid").inc()
+                log.warning("ignoring invalid %s on %s: %s", cls.__name__, msg.subject, explain(e))
+                return
+            try:
+                await handler(event)
+            except Exception:
+                log.exception("subscriber for %s failed", msg.subject)
+
+        await self.nc.subscribe(subjects.subject(run_id, cls.KIND), cb=cb)
+
+    # ------------------------------------------------------------ request / reply
+    async def request(self, event: Event, reply_cls: type[E], *, timeout: float = 30.0) -> E:
+        if not event.source:
+            event = event.model_copy(update={"source": self.service})
+        subj = subjects.subject(event.run_id, event.KIND)
+        try:
+            msg = await self.nc.request(subj, event.to_bytes(), timeout=timeout)
+        except nats.errors.NoRespondersError as e:
+            raise BusError(f"no service answers {subj}") from e
+        except nats.errors.TimeoutError as e:
+            raise BusError(f"no answer on {subj} within {timeout}s") from e
+        body = json.loads(msg.data or b"{}")
+        if isinstance(body, dict) and set(body) == {"error"}:
+            raise BusError(f"{subj}: {body['error']}")
+        return reply_cls.model_validate(body)
+
+    async def serve(self, cls: type[E], run_id: str, handler: Callable[[E], Awaitable[Event]], *, queue: str) -> None:
+        """Answer requests for ``cls`` as a member of queue group ``queue``; bad requests get an error reply."""
+
+        async def cb(msg: Msg) -> None:
+            try:
+                event = cls.model_validate_json(msg.data)
+            except ValidationError as e:
+                reason = f"invalid {cls.__name__}: {explain(e)}"
+                await self.dead_letter(msg.subject, reason, msg.data)
+                if msg.reply:
+                    await msg.respond(json.dumps({"error": reason}).encode())
+                return
+            telemetry.BUS_EVENTS.labels(event.run_id, cls.KIND, "in").inc()
+            try:
+                reply = await handler(event)
+                if not reply.source:
+                    reply = reply.model_copy(update={"source": self.service})
+                data = reply.to_bytes()
+            except Exception as e:
+                log.exception("request handler for %s failed", msg.subject)
+                data = json.dumps({"error": f"{type(e).__name__}: {e}"}).encode()
+            if msg.reply:
+                await msg.respond(data)
+
+        await self.nc.subscribe(subjects.subject(run_id, cls.KIND), queue=queue, cb=cb)

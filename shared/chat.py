@@ -1,0 +1,29 @@
+"""The built-in chat template, shared by data-pipeline (to write prompts), the trainer and
+the evaluator (to prompt exactly as in training).
+
+``tuneloop`` is a minimal template the tiny tokenizer knows as special tokens; ``model``
+leaves the chat as messages so TRL and the evaluator apply the tokenizer's own template.
+"""
+
+from __future__ import annotations
+
+USER, ASSISTANT, END, PAD = "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"
+SPECIAL_TOKENS = [PAD, END, USER, ASSISTANT]
+TEMPLATES = ("tuneloop", "model")
+
+
+def render_prompt(messages: list[dict]) -> str:
+    """Everything before the assistant's answer, ending where generation starts."""
+    out = []
+    for m in messages:
+        tag = USER if m["role"] in ("user", "system") else ASSISTANT
+        out.append(f"{tag}\n{m['content']}\n" if tag == USER else f"{tag}\n{m['content']}{END}\n")
+    return "".join(out) + f"{ASSISTANT}\n"
+
+
+# The same template in Jinja, saved with the tiny tokenizer so `apply_chat_template` works on exports.
+JINJA = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}" + ASSISTANT + "\n{{ m['content'] }}" + END + "\n"
+    "{% else %}" + USER + "\n{{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "\n{% endif %}"
+)

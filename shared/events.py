@@ -1,0 +1,268 @@
+"""Typed events: the only thing services exchange.
+
+Every event is a pydantic v2 model with the same envelope (run_id, event_id, time,
+schema_version, source). ``KIND`` is the subject suffix (``tuneloop.<run>.<KIND>``) and
+``DURABLE`` says whether it goes through JetStream (kept, de-duplicated by event_id) or
+core NATS (fire and forget / request-reply). ``proto/`` is generated from these classes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+RUN_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN, description="Run identifier; part of every subject.")]
+RelPath = Annotated[
+    str,
+    Field(min_length=1, max_length=1024, description="Path relative to the run directory; never absolute."),
+]
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Event(BaseModel):
+    """Envelope shared by all events."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    KIND: ClassVar[str] = ""
+    DURABLE: ClassVar[bool] = True
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    run_id: RunId
+    event_id: str = Field(default_factory=_new_id, min_length=1, max_length=64,
+                          description="Unique id; used as Nats-Msg-Id so JetStream drops duplicates.")
+    time: datetime = Field(default_factory=_now)
+    source: str = Field(default="", max_length=64, description="Service (or CLI) that produced the event.")
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+# ---------------------------------------------------------------- data
+class SplitInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: RelPath
+    rows: int = Field(ge=0)
+    categories: dict[str, int] = Field(default_factory=dict)
+
+
+class DatasetReady(Event):
+    """data-pipeline → trainer, evaluator: a prepared data set is on disk."""
+
+    KIND: ClassVar[str] = "data.ready"
+    dataset_id: str = Field(min_length=1, max_length=128)
+    fingerprint: str = Field(description="sha256 over the prepared files; same input, same fingerprint.")
+    splits: dict[str, SplitInfo] = Field(description="train / val / test")
+    chat_template: str
+    mixture: dict[str, float] = Field(default_factory=dict, description="Weight per source.")
+    rejected_rows: int = Field(default=0, ge=0)
+
+
+# ---------------------------------------------------------------- trainer
+class StepMetrics(Event):
+    """trainer → watchers: one logging step."""
+
+    KIND: ClassVar[str] = "train.step"
+    step: int = Field(ge=0)
+    max_steps: int = Field(ge=0)
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    paused: bool = False
+
+
+class CheckpointSaved(Event):
+    """trainer → checkpoint: a complete checkpoint directory exists."""
+
+    KIND: ClassVar[str] = "ckpt.saved"
+    step: int = Field(ge=0)
+    path: RelPath
+    base_model: RelPath | str = Field(description="Base model the adapter applies to (run-relative path or hub id).")
+    adapter: bool = Field(description="True when the checkpoint holds a LoRA adapter, False for full weights.")
+    is_final: bool = False
+    loss: float | None = None
+
+
+class TrainingFinished(Event):
+    """trainer → all: training ended (completed, stopped by control or feedback, or failed)."""
+
+    KIND: ClassVar[str] = "train.done"
+    step: int = Field(ge=0)
+    reason: Literal["completed", "control", "feedback", "error"]
+    detail: str = ""
+    final_loss: float | None = None
+    final_checkpoint: RelPath | None = None
+    train_seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- checkpoint
+class CheckpointRecorded(Event):
+    """checkpoint → all: a checkpoint was verified and catalogued."""
+
+    KIND: ClassVar[str] = "ckpt.recorded"
+    step: int = Field(ge=0)
+    path: RelPath
+    sha256: str
+    bytes: int = Field(ge=0)
+
+
+class ExportDone(Event):
+    """checkpoint → all: the run's best checkpoint was exported."""
+
+    KIND: ClassVar[str] = "export.done"
+    step: int = Field(ge=0, description="Step of the exported checkpoint.")
+    score: float | None = None
+    adapter_path: RelPath | None = None
+    merged_path: RelPath | None = None
+
+
+# ---------------------------------------------------------------- evaluation
+class EvalRequest(Event):
+    """checkpoint (or operator) → evaluator: evaluate a checkpoint."""
+
+    KIND: ClassVar[str] = "eval.request"
+    step: int = Field(ge=0)
+    checkpoint: RelPath
+    base_model: RelPath | str
+    adapter: bool = True
+    split: Literal["val", "test"] = "val"
+    purpose: Literal["periodic", "final", "manual"] = "periodic"
+    max_cases: int | None = Field(default=None, ge=1)
+
+
+class Failure(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    output: str
+    reason: str
+    category: str = ""
+
+
+class EvalVerdict(Event):
+    """evaluator → rl-reward, checkpoint, watchers: scores of one checkpoint."""
+
+    KIND: ClassVar[str] = "eval.verdict"
+    request_id: str = Field(description="event_id of the EvalRequest this answers.")
+    step: int = Field(ge=0)
+    checkpoint: RelPath
+    split: Literal["val", "test"]
+    purpose: Literal["periodic", "final", "manual"]
+    cases: int = Field(ge=0)
+    scores: dict[str, float] = Field(description="protocol, correctness (fractions in [0, 1]).")
+    by_category: dict[str, dict[str, float]] = Field(default_factory=dict)
+    mean_new_tokens: float = 0.0
+    failures: list[Failure] = Field(default_factory=list, max_length=20)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- feedback
+class Feedback(Event):
+    """rl-reward → trainer, data-pipeline: what the verdicts mean for training."""
+
+    KIND: ClassVar[str] = "feedback"
+    step: int = Field(ge=0, description="Step of the verdict this follows.")
+    action: Literal["continue", "stop"]
+    reason: str
+    score: float
+    best_step: int | None = None
+    best_score: float | None = None
+    weak_categories: list[str] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------- control
+class Control(Event):
+    """operator → trainer: steer a running job. Applied at the next step boundary."""
+
+    KIND: ClassVar[str] = "control"
+    command: str = Field(min_length=1, max_length=64, description="e.g. stop, set-lr. Unknown commands are rejected, not dropped.")
+    value: float | str | None = None
+    operator: str = ""
+
+
+class ControlApplied(Event):
+    """trainer → operator: a control took effect."""
+
+    KIND: ClassVar[str] = "control.applied"
+    control_id: str
+    command: str
+    step: int = Field(ge=0)
+    old: Any = None
+    new: Any = None
+
+
+class ControlRejected(Event):
+    """trainer → operator: a control was refused; the run is unchanged."""
+
+    KIND: ClassVar[str] = "control.rejected"
+    control_id: str
+    command: str
+    step: int = Field(ge=0)
+    reason: str
+
+
+# ---------------------------------------------------------------- rewards (request/reply)
+class RewardRequest(Event):
+    """trainer (GRPO) → rl-reward: score a batch of completions."""
+
+    KIND: ClassVar[str] = "reward.score"
+    DURABLE: ClassVar[bool] = False
+    completions: list[str] = Field(max_length=4096)
+    references: list[str | None] = Field(default_factory=list)
+    categories: list[str | None] = Field(default_factory=list)
+
+
+class RewardReply(Event):
+    KIND: ClassVar[str] = "reward.reply"
+    DURABLE: ClassVar[bool] = False
+    rewards: list[float | None]
+    errors: list[str | None] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------- operations
+class DeadLetter(Event):
+    """any service → dlq: an event that could not be validated or handled, kept for inspection."""
+
+    KIND: ClassVar[str] = "dlq"
+    subject: str
+    reason: str
+    payload: str = Field(description="The raw message (truncated to 64 KiB).")
+    service: str
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    DatasetReady, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, ExportDone,
+    EvalRequest, EvalVerdict, Feedback, Control, ControlApplied, ControlRejected,
+    RewardRequest, RewardReply, DeadLetter,
+)
+BY_KIND: dict[str, type[Event]] = {cls.KIND: cls for cls in EVENT_TYPES}
+DURABLE_KINDS: tuple[str, ...] = tuple(cls.KIND for cls in EVENT_TYPES if cls.DURABLE)
+
+
+def parse(cls: type[Event], data: bytes | str | dict[str, Any]) -> Event:
+    """Validate raw JSON (or a dict) as ``cls``; raises pydantic.ValidationError with field paths."""
+    if isinstance(data, dict):
+        return cls.model_validate(data)
+    return cls.model_validate_json(data)
+
+
+def explain(err: ValidationError) -> str:
+    """One line per problem, naming the field: what a log line or a dead letter should say."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ())) or "<root>"
+        parts.append(f"{loc}: {e.get('msg')}")
+    return "; ".join(parts)

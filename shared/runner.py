@@ -1,0 +1,244 @@
+"""Embedded mode: one command runs a whole job on this machine.
+
+Starts nats-server (unless a URL is given), the five services as separate processes, shows
+progress from the events, waits for the export and the final verdict, prints a summary,
+and stops everything (Ctrl-C included) so no process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .bus import Bus
+from .config import Config, dump_config, load_config
+from .embedded import NatsServer
+from .events import (CheckpointRecorded, ControlApplied, ControlRejected, DatasetReady, DeadLetter, EvalVerdict, Event,
+                     ExportDone, Feedback, StepMetrics, TrainingFinished)
+from .storage import CONFIG_FILE, run_dir, write_run_info
+
+SERVICES = ("data-pipeline", "trainer", "checkpoint", "evaluator", "rl-reward")
+WATCHED = (DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, ControlApplied, ControlRejected,
+           TrainingFinished, ExportDone, DeadLetter)
+# A dead letter of one of these means the run cannot finish: fail fast instead of waiting.
+CRITICAL_KINDS = ("data.ready", "ckpt.saved", "train.done", "eval.request")
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class RunState:
+    """What the runner learned from the events; the summary is made from it."""
+
+    run_id: str
+    dataset: DatasetReady | None = None
+    fatal: str | None = None
+    last_step: StepMetrics | None = None
+    verdicts: list[EvalVerdict] = field(default_factory=list)
+    final_verdict: EvalVerdict | None = None
+    finished: TrainingFinished | None = None
+    exported: ExportDone | None = None
+    controls: list[Event] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        if self.finished and self.finished.reason == "error":
+            return True
+        return self.finished is not None and self.exported is not None and self.final_verdict is not None
+
+
+def new_run_id(cfg: Config) -> str:
+    return f"{cfg.run.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def spawn(service: str, run_id: str, storage: Path, url: str, log_dir: Path, replica: int = 0) -> subprocess.Popen:
+    module = "tuneloop." + service.replace("-", "_")
+    log_path = log_dir / (f"{service}.log" if not replica else f"{service}-{replica}.log")
+    cmd = [sys.executable, "-m", module, "--run-id", run_id, "--storage", str(storage), "--nats-url", url,
+           "--parent-pid", str(os.getpid())]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    with open(log_path, "ab") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop_all(procs: dict[str, subprocess.Popen], timeout: float = 20.0) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs.values():
+        try:
+            p.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run(config_path: Path, *, nats_url: str | None = None, run_id: str | None = None, evaluators: int = 1,
+        console: Console | None = None) -> dict:
+    console = console or Console()
+    cfg = load_config(config_path)
+    run_id = run_id or new_run_id(cfg)
+    storage = cfg.resolve(cfg.run.output_dir).resolve()
+    rdir = run_dir(storage, run_id)
+    (rdir / "logs").mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, rdir / CONFIG_FILE)
+
+    server = None
+    if not nats_url:
+        server = NatsServer(rdir / "nats")
+        nats_url = server.start()
+    info = {"run_id": run_id, "nats_url": nats_url, "pid": os.getpid(), "state": "running",
+            "started": datetime.now(timezone.utc).isoformat(), "config": str(Path(config_path).resolve())}
+    write_run_info(storage, run_id, info)
+    console.print(f"[bold]tuneloop[/] run [cyan]{run_id}[/]  nats {nats_url}  dir {rdir}")
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        state = asyncio.run(_drive(run_id, storage, rdir, nats_url, procs, evaluators, console))
+        summary = summarize(state, rdir, cfg)
+        info["state"] = "failed" if state.finished and state.finished.reason == "error" else "finished"
+        return summary
+    except KeyboardInterrupt:
+        info["state"] = "interrupted"
+        console.print("[yellow]interrupted: stopping services[/]")
+        raise
+    except RunFailed:
+        info["state"] = "failed"
+        raise
+    finally:
+        stop_all(procs)
+        if server:
+            server.stop()
+        info["ended"] = datetime.now(timezone.utc).isoformat()
+        write_run_info(storage, run_id, info)
+
+
+async def _drive(run_id: str, storage: Path, rdir: Path, url: str, procs: dict, evaluators: int, console: Console) -> RunState:
+    bus = await Bus.connect(url, "runner")
+    state = RunState(run_id)
+    progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console)
+    task = progress.add_task("training", total=None, status="waiting for data")
+
+    async def on_event(ev: Event) -> None:
+        handle_event(state, ev, progress, task, console)
+
+    for cls in WATCHED:  # subscribe before the services start, so nothing is missed
+        await bus.subscribe(cls, run_id, on_event)
+    for svc in SERVICES:
+        procs[svc] = spawn(svc, run_id, storage, url, rdir / "logs")
+    for i in range(1, evaluators):
+        procs[f"evaluator-{i}"] = spawn("evaluator", run_id, storage, url, rdir / "logs", replica=i)
+    try:
+        with progress:
+            while not state.complete:
+                await asyncio.sleep(0.2)
+                if state.fatal:
+                    raise RunFailed(state.fatal)
+                for name, p in procs.items():
+                    code = p.poll()
+                    if code not in (None, 0) or (code == 0 and name != "trainer"):
+                        raise RunFailed(f"{name} exited with code {code}; see {rdir / 'logs' / (name + '.log')}:\n"
+                                        + tail(rdir / "logs" / f"{name}.log"))
+    finally:
+        await bus.close()
+    return state
+
+
+def handle_event(state: RunState, ev: Event, progress: Progress, task, console: Console) -> None:
+    if isinstance(ev, DatasetReady):
+        state.dataset = ev
+        console.log(f"data set {ev.dataset_id}: " + ", ".join(f"{k} {v.rows}" for k, v in ev.splits.items())
+                    + (f" ({ev.rejected_rows} rows rejected)" if ev.rejected_rows else ""))
+        progress.update(task, status="building model")
+    elif isinstance(ev, StepMetrics):
+        state.last_step = ev
+        progress.update(task, total=ev.max_steps, completed=ev.step,
+                        status=f"loss {ev.loss:.4f}  lr {ev.learning_rate or 0:.2e}" if ev.loss is not None else "")
+    elif isinstance(ev, CheckpointRecorded):
+        console.log(f"checkpoint step {ev.step} recorded ({ev.bytes / 1e6:.1f} MB, sha256 {ev.sha256[:12]})")
+    elif isinstance(ev, EvalVerdict):
+        if ev.purpose == "final":
+            state.final_verdict = ev
+        else:
+            state.verdicts.append(ev)
+        console.log(f"verdict step {ev.step} ({ev.split}, {ev.cases} cases): protocol {ev.scores['protocol']:.3f}  "
+                    f"correctness {ev.scores['correctness']:.3f}  tokens {ev.mean_new_tokens:.1f}")
+    elif isinstance(ev, Feedback):
+        console.log(f"feedback after step {ev.step}: [bold]{ev.action}[/] ({ev.reason})")
+    elif isinstance(ev, (ControlApplied, ControlRejected)):
+        state.controls.append(ev)
+        what = "applied" if isinstance(ev, ControlApplied) else f"rejected: {ev.reason}"
+        console.log(f"control {ev.command} {what} at step {ev.step}")
+    elif isinstance(ev, TrainingFinished):
+        state.finished = ev
+        progress.update(task, status=f"done: {ev.reason}")
+        console.log(f"training finished at step {ev.step}: {ev.reason} ({ev.detail})")
+    elif isinstance(ev, DeadLetter):
+        console.log(f"[red]dead letter[/] from {ev.service} on {ev.subject}: {ev.reason}")
+        if any(ev.subject.endswith("." + k) for k in CRITICAL_KINDS):
+            state.fatal = f"{ev.service} could not handle {ev.subject}: {ev.reason}"
+    elif isinstance(ev, ExportDone):
+        state.exported = ev
+        console.log(f"exported step {ev.step}: adapter {ev.adapter_path}, merged {ev.merged_path}")
+
+
+def summarize(state: RunState, rdir: Path, cfg: Config) -> dict:
+    f, x, fv = state.finished, state.exported, state.final_verdict
+    summary = {
+        "run_id": state.run_id,
+        "run_dir": str(rdir),
+        "steps": f.step if f else None,
+        "stop_reason": f"{f.reason}: {f.detail}" if f else None,
+        "final_loss": f.final_loss if f else None,
+        "train_seconds": round(f.train_seconds, 1) if f else None,
+        "evaluations": [{"step": v.step, **v.scores} for v in state.verdicts],
+        "exported_step": x.step if x else None,
+        "adapter": str(rdir / x.adapter_path) if x and x.adapter_path else None,
+        "merged": str(rdir / x.merged_path) if x and x.merged_path else None,
+        "test": ({"cases": fv.cases, **fv.scores, "mean_new_tokens": fv.mean_new_tokens,
+                  "by_category": fv.by_category} if fv else None),
+    }
+    (rdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    t = Table(title=f"tuneloop run {summary['run_id']}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("steps", str(summary["steps"]))
+    t.add_row("stopped", str(summary["stop_reason"]))
+    t.add_row("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-")
+    t.add_row("training time", f"{summary['train_seconds']} s")
+    for v in summary["evaluations"]:
+        t.add_row(f"val @ step {v['step']}", f"protocol {v['protocol']:.3f}  correctness {v['correctness']:.3f}")
+    if summary["test"]:
+        s = summary["test"]
+        t.add_row("held-out test", f"[bold green]protocol adherence {s['protocol']:.3f}[/]  correctness "
+                  f"{s['correctness']:.3f}  ({s['cases']} prompts, {s['mean_new_tokens']:.1f} tokens/answer)")
+    t.add_row("exported step", str(summary["exported_step"]))
+    t.add_row("adapter", str(summary["adapter"]))
+    t.add_row("merged model", str(summary["merged"]))
+    console.print(t)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"

@@ -1,0 +1,101 @@
+"""What every service's ``__main__`` shares: arguments, logging, the bus connection,
+graceful shutdown on SIGTERM/SIGINT, and a watchdog that ends the service when the
+process that started it (``tuneloop run``) is gone, so no process is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import subjects, telemetry
+from .bus import Bus
+from .config import Config
+from .storage import load_run_config, run_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceContext:
+    name: str
+    bus: Bus
+    run_id: str                      # a run id, or "*" for every run on the bus
+    storage: Path                    # root of run directories
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def run_dir(self, run_id: str) -> Path:
+        return run_dir(self.storage, run_id)
+
+    def config(self, run_id: str) -> Config:
+        return load_run_config(self.storage, run_id)
+
+
+ServiceMain = Callable[[ServiceContext], Awaitable[None]]
+
+
+def parse_args(name: str, argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"python -m tuneloop.{name.replace('-', '_')}", description=f"tuneloop {name} service")
+    p.add_argument("--run-id", default=os.environ.get("TUNELOOP_RUN_ID", subjects.ALL_RUNS),
+                   help="serve one run (default: every run on the bus)")
+    p.add_argument("--storage", default=os.environ.get("TUNELOOP_STORAGE", "runs"),
+                   help="root of the run directories (env TUNELOOP_STORAGE)")
+    p.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("TUNELOOP_METRICS_PORT", "-1")),
+                   help="serve /metrics and /healthz here (0: any free port, -1: off)")
+    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
+    p.add_argument("--log-level", default=os.environ.get("TUNELOOP_LOG_LEVEL", "INFO"))
+    return p.parse_args(argv)
+
+
+def setup_logging(name: str, level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_service(name: str, main: ServiceMain, argv: list[str] | None = None) -> None:
+    args = parse_args(name, argv)
+    setup_logging(name, args.log_level)
+    subjects.check_run_id(args.run_id)
+    telemetry.start_http(args.metrics_port)
+    try:
+        asyncio.run(_run(name, main, args))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _run(name: str, main: ServiceMain, args: argparse.Namespace) -> None:
+    bus = await Bus.connect(args.nats_url, name)
+    ctx = ServiceContext(name=name, bus=bus, run_id=args.run_id, storage=Path(args.storage).resolve())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, ctx.stop.set)
+    watchdog = asyncio.create_task(_watch_parent(args.parent_pid, ctx.stop)) if args.parent_pid else None
+    log.info("%s serving run %s on %s", name, args.run_id, args.nats_url)
+    try:
+        await main(ctx)
+    finally:
+        if watchdog:
+            watchdog.cancel()
+        await bus.close()
+        log.info("%s stopped", name)
+
+
+async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.warning("parent %d is gone; stopping", pid)
+            stop.set()
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)

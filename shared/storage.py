@@ -1,0 +1,70 @@
+"""Run storage: every run has one directory under a storage root, and every path that rides
+on an event is relative to it. ``confine`` is the one gate: a path from an event that would
+leave the run directory (``..``, absolute, symlink out) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .config import Config, load_config
+
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+
+
+class UnsafePath(ValueError):
+    """An event named a path outside its run's directory."""
+
+
+def run_dir(root: Path, run_id: str) -> Path:
+    return Path(root).resolve() / run_id
+
+
+def confine(base: Path, rel: str) -> Path:
+    """``base / rel`` resolved, or UnsafePath if it escapes ``base``."""
+    if not rel or Path(rel).is_absolute():
+        raise UnsafePath(f"path {rel!r} must be relative to the run directory")
+    base = Path(base).resolve()
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise UnsafePath(f"path {rel!r} leaves the run directory {base}")
+    return target
+
+
+def relative(base: Path, path: Path) -> str:
+    return str(Path(path).resolve().relative_to(Path(base).resolve()))
+
+
+def load_run_config(root: Path, run_id: str) -> Config:
+    return load_config(run_dir(root, run_id) / CONFIG_FILE)
+
+
+def read_run_info(root: Path, run_id: str) -> dict:
+    p = run_dir(root, run_id) / RUN_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"no run {run_id!r} under {Path(root).resolve()} ({p} missing)")
+    return json.loads(p.read_text())
+
+
+def write_run_info(root: Path, run_id: str, info: dict) -> None:
+    p = run_dir(root, run_id) / RUN_FILE
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(p)
+
+
+def resolve_model(base: Path, ref: str) -> Path | str:
+    """A model reference from an event: a path inside the run directory, or a hub id (``org/name``).
+
+    Anything else (absolute paths, ``..``) is refused, so an event cannot point a service at
+    arbitrary files.
+    """
+    candidate = Path(base).resolve() / ref
+    if not Path(ref).is_absolute() and ".." not in Path(ref).parts and candidate.exists():
+        return confine(base, ref)
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", ref) and ".." not in ref:
+        return ref
+    raise UnsafePath(f"model {ref!r} is neither inside the run directory nor a hub id")
