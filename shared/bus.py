@@ -35,6 +35,11 @@ Handler = Callable[[E], Awaitable[None]]
 MAX_DLQ_PAYLOAD = 64 * 1024
 
 
+class Reject(Exception):
+    """Raised by a handler for an event that can never succeed (e.g. a path outside the run):
+    dead-lettered at once instead of retried."""
+
+
 class BusError(RuntimeError):
     """A request could not be answered (timeout, no responder, or the responder said why)."""
 
@@ -189,6 +194,11 @@ class Bus:
             with contextlib.suppress(Exception):
                 await msg.nak()
             raise
+        except Reject as e:
+            heartbeat.cancel()
+            await self.dead_letter(msg.subject, f"rejected: {e}", msg.data)
+            await msg.ack()
+            return
         except Exception as e:
             heartbeat.cancel()
             delivered = msg.metadata.num_delivered if msg.metadata else 1

@@ -219,8 +219,8 @@ def summarize(state: RunState, rdir: Path, cfg: Config) -> dict:
 
 def print_summary(summary: dict, console: Console) -> None:
     t = Table(title=f"tuneloop run {summary['run_id']}", show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")
     t.add_row("steps", str(summary["steps"]))
     t.add_row("stopped", str(summary["stop_reason"]))
     t.add_row("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-")
@@ -235,6 +235,7 @@ def print_summary(summary: dict, console: Console) -> None:
     t.add_row("adapter", str(summary["adapter"]))
     t.add_row("merged model", str(summary["merged"]))
     console.print(t)
+    console.print(f"summary: {summary['run_dir']}/summary.json", soft_wrap=True)
 
 
 def tail(path: Path, lines: int = 20) -> str:

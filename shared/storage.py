@@ -9,13 +9,14 @@ import json
 import re
 from pathlib import Path
 
+from .bus import Reject
 from .config import Config, load_config
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 
 
-class UnsafePath(ValueError):
+class UnsafePath(Reject, ValueError):
     """An event named a path outside its run's directory."""
 
 

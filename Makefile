@@ -1,0 +1,42 @@
+# tuneloop: `make demo` runs the example job, `make test` runs the test suite.
+# Both set up everything from nothing (a venv in .venv with the CPU build of torch).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned here, not in pyproject: an unpinned torch pulls a multi-GB CUDA build.
+# On a GPU machine: make TORCH="torch" install
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit test-integration test-e2e proto lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[all,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install  ## the example job: NATS + five services, train, evaluate, export, summary
+	$(VENV)/bin/tuneloop run examples/protocol.yaml
+
+test: install  ## every test: unit, integration (real nats-server), end to end
+	$(PY) -m pytest -q -ra
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+test-integration: install
+	$(PY) -m pytest -q tests/integration
+
+test-e2e: install
+	$(PY) -m pytest -q tests/e2e
+
+proto: install  ## regenerate proto/ from the event models
+	$(VENV)/bin/tuneloop proto
+
+clean:
+	rm -rf runs build dist *.egg-info .pytest_cache

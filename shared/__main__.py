@@ -1,0 +1,5 @@
+"""`python -m tuneloop` is the `tuneloop` command."""
+
+from .cli import main
+
+main()

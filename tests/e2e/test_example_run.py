@@ -1,0 +1,113 @@
+"""The README's main job, end to end, and what a user does with its result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+from tuneloop.config import dump_config, load_config
+
+pytestmark = pytest.mark.e2e
+TUNELOOP = [sys.executable, "-m", "tuneloop"]
+
+
+def example_config(tmp_path: Path, **train) -> Path:
+    cfg = load_config(REPO / "examples" / "protocol.yaml")
+    cfg.run.output_dir = str(tmp_path / "runs")
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    path = tmp_path / "protocol.yaml"
+    dump_config(cfg, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("example")
+    proc = subprocess.run([*TUNELOOP, "run", str(example_config(tmp)), "--run-id", "example"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp / "runs" / "example" / "summary.json").read_text())
+    return summary, proc.stdout
+
+
+def test_example_run_reaches_the_protocol_target_on_held_out_prompts(example_run):
+    summary, stdout = example_run
+    print(json.dumps({k: summary[k] for k in ("steps", "stop_reason", "final_loss", "train_seconds", "test")}, indent=1))
+    assert summary["test"]["protocol"] >= 0.9 and summary["test"]["cases"] >= 50
+    assert "protocol adherence" in stdout and f"summary: {summary['run_dir']}/summary.json" in stdout
+    assert summary["evaluations"], "no periodic evaluation happened"
+
+
+LOAD_AND_GENERATE = textwrap.dedent('''
+    import json, sys
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tuneloop.checks import check
+    kind, path = sys.argv[1], sys.argv[2]
+    if kind == "adapter":
+        from peft import PeftConfig, PeftModel
+        base = PeftConfig.from_pretrained(path).base_model_name_or_path
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ["Compute 12 + 30.", "Uppercase kiwo.", "Reverse the word lamp.", "How many letters are in tree?"]]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(json.dumps([check(t).protocol for t in texts]), json.dumps(texts))
+''')
+
+
+@pytest.mark.parametrize("kind", ["adapter", "merged"])
+def test_exported_model_loads_in_a_fresh_process_and_follows_the_protocol(example_run, kind):
+    summary, _ = example_run
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, kind, summary[kind]], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok = json.loads(proc.stdout.strip().splitlines()[-1].split("] ", 1)[0] + "]")
+    assert sum(ok) >= 3, proc.stdout
+    if kind == "merged":
+        assert list(Path(summary["merged"]).glob("*.safetensors")) and not list(Path(summary["merged"]).glob("*.bin"))
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    cfg = example_config(tmp_path, max_steps=100000)
+    proc = subprocess.Popen([*TUNELOOP, "run", str(cfg), "--run-id", "interrupted"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "runs" / "interrupted"
+    deadline = time.time() + 180
+    while time.time() < deadline and "step" not in _read(run_dir / "logs" / "trainer.log"):
+        time.sleep(0.5)
+    assert "'loss'" in _read(run_dir / "logs" / "trainer.log") or "step" in _read(run_dir / "logs" / "trainer.log")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 130, out[-2000:]
+    assert _processes_mentioning(str(run_dir.parent)) == [], "processes left behind"
+    assert json.loads((run_dir / "run.json").read_text())["state"] == "interrupted"
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(cmd)
+    return found

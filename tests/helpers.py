@@ -1,0 +1,69 @@
+"""Helpers for tests: small configs, run directories, real service processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tuneloop.config import Config, dump_config
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_DATA = REPO / "examples" / "data" / "protocol.jsonl"
+
+
+def tiny_config(tmp_path: Path, **train) -> Config:
+    """A config for a very small, fast model on the first rows of the example data."""
+    return Config.model_validate({
+        "run": {"name": "t", "output_dir": str(tmp_path / "runs")},
+        "data": {"sources": [{"path": str(EXAMPLE_DATA)}], "max_rows": 600, "val_fraction": 0.05, "test_fraction": 0.05},
+        "model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "vocab_size": 300}},
+        "train": {"max_steps": 20, "batch_size": 8, "logging_steps": 1, "save_steps": 1000, "max_length": 96, **train},
+        "eval": {"max_cases": 8, "max_new_tokens": 16},
+        "base_dir": str(tmp_path),
+    })
+
+
+def make_run(tmp_path: Path, run_id: str, cfg: Config) -> Path:
+    storage = tmp_path / "runs"
+    rdir = storage / run_id
+    rdir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, rdir / "config.yaml")
+    return storage
+
+
+class Services:
+    """Real service processes for a test; all stopped (and checked stopped) at the end."""
+
+    def __init__(self, storage: Path, url: str, run_id: str):
+        self.storage, self.url, self.run_id = storage, url, run_id
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str) -> subprocess.Popen:
+        log = open(self.storage / f"{name}.log", "ab")
+        env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        p = subprocess.Popen([sys.executable, "-m", "tuneloop." + name.replace("-", "_"), "--run-id", self.run_id,
+                              "--storage", str(self.storage), "--nats-url", self.url, "--parent-pid", str(os.getpid())],
+                             stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.procs[name] = p
+        return p
+
+    def log(self, name: str) -> str:
+        return (self.storage / f"{name}.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def run_id_for(request) -> str:
+    return (request.node.name.replace("[", "-").replace("]", "")[:40] + f"-{int(time.time() * 1000) % 10**8}")

@@ -1,0 +1,96 @@
+"""The bus against a real nats-server: durable delivery, dead letters, request/reply."""
+
+import asyncio
+import json
+
+import pytest
+
+from tuneloop import subjects
+from tuneloop.bus import BusError
+from tuneloop.events import Control, DeadLetter, Feedback
+
+pytestmark = pytest.mark.integration
+
+
+async def collect(bus, cls, run_id):
+    got: list = []
+
+    async def on(ev):
+        got.append(ev)
+
+    await bus.subscribe(cls, run_id, on)
+    return got
+
+
+async def wait_for(pred, timeout=15.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_durable_event_reaches_a_consumer_that_starts_later_once(bus):
+    ev = Feedback(run_id="bus-late", step=1, action="continue", reason="r", score=0.5)
+    await bus.publish(ev)
+    await bus.publish(ev)  # same event_id: JetStream keeps one
+    got = []
+
+    async def on(e):
+        got.append(e)
+
+    await bus.consume(Feedback, "bus-late", on, group="late")
+    await wait_for(lambda: got)
+    await asyncio.sleep(0.5)
+    assert [e.event_id for e in got] == [ev.event_id] and got[0].source == "test"
+
+
+async def test_malformed_event_is_dead_lettered_and_the_consumer_goes_on(bus):
+    run = "bus-dlq"
+    dead = await collect(bus, DeadLetter, run)
+    got = []
+
+    async def on(e):
+        got.append(e)
+
+    await bus.consume(Control, run, on, group="dlq-test")
+    subj = subjects.subject(run, Control.KIND)
+    await bus.js.publish(subj, b'{"run_id": "bus-dlq", "comand": "stop"}')
+    await bus.js.publish(subj, b"\xff not json")
+    good = Control(run_id=run, command="stop")
+    await bus.publish(good)
+    await wait_for(lambda: len(dead) == 2 and got)
+    assert [e.event_id for e in got] == [good.event_id]
+    assert "command: Field required" in dead[0].reason and "comand" in dead[0].payload
+    assert dead[0].subject == subj and dead[0].service == "test"
+    assert "invalid Control" in dead[1].reason
+
+
+async def test_failing_handler_is_retried_then_dead_lettered(bus):
+    run = "bus-retry"
+    dead = await collect(bus, DeadLetter, run)
+    calls = []
+
+    async def on(e):
+        calls.append(e)
+        raise RuntimeError("boom")
+
+    await bus.consume(Control, run, on, group="retry", max_deliver=2)
+    await bus.publish(Control(run_id=run, command="stop"))
+    await wait_for(lambda: dead, timeout=20)
+    assert len(calls) == 2 and "handler failed 2 times" in dead[0].reason
+
+
+async def test_request_reply_with_timeout_and_error_answers(bus):
+    from tuneloop.events import RewardReply, RewardRequest
+
+    async def handler(req):
+        return RewardReply(run_id=req.run_id, rewards=[float(len(c)) for c in req.completions])
+
+    await bus.serve(RewardRequest, "bus-rr", handler, queue="q")
+    reply = await bus.request(RewardRequest(run_id="bus-rr", completions=["ab", "c"]), RewardReply, timeout=5)
+    assert reply.rewards == [2.0, 1.0]
+    msg = await bus.nc.request(subjects.subject("bus-rr", "reward.score"), b'{"run_id": "bus-rr"}', timeout=5)
+    assert "completions: Field required" in json.loads(msg.data)["error"]
+    with pytest.raises(BusError, match="no service answers"):
+        await bus.request(RewardRequest(run_id="bus-nobody", completions=["x"]), RewardReply, timeout=2)

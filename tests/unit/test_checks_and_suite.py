@@ -1,0 +1,35 @@
+from tuneloop.checks import check
+from tuneloop.evaluator.suite import Case, score
+from tuneloop.rl_reward.__main__ import score_batch
+from tuneloop.events import RewardRequest
+
+
+def test_protocol_check_explains_each_way_to_fail():
+    assert check('{"task": "math", "answer": "4"}', "4", "math") == check(' {"task":"math","answer":"4"} ', "4", "math")
+    assert check('{"task": "math", "answer": "4"}', "4", "math").correct
+    cases = {
+        "4": "expected an object", '{"task": "math"': "not JSON", '{"task": "math"}': "missing keys: answer",
+        '{"task": "math", "answer": "4", "x": 1}': "unexpected keys: x",
+        '{"task": "math", "answer": 4}': "must be strings", '{"task": "upper", "answer": "4"}': "expected 'math'",
+    }
+    for text, reason in cases.items():
+        r = check(text, "4", "math")
+        assert not r.protocol and reason in r.reason, (text, r)
+    wrong = check('{"task": "math", "answer": "5"}', "4", "math")
+    assert wrong.protocol and not wrong.correct
+
+
+def test_suite_scores_per_category_and_keeps_failures():
+    cases = [Case("p1", "math", "4"), Case("p2", "math", "5"), Case("p3", "upper", "AB")]
+    outs = ['{"task": "math", "answer": "4"}', "nonsense", '{"task": "upper", "answer": "Ab"}']
+    r = score(cases, outs)
+    assert r.scores == {"protocol": 2 / 3, "correctness": 1 / 3}
+    assert r.by_category["math"] == {"cases": 2, "protocol": 0.5, "correctness": 0.5}
+    assert [f.output for f in r.failures] == ["nonsense"]
+
+
+def test_reward_batch_gives_per_item_errors_not_a_failure():
+    req = RewardRequest(run_id="r", completions=['{"task": "math", "answer": "1"}', "{broken"], references=[None, "x"], categories=["math"])
+    reply = score_batch(req, {"protocol": 1.0, "correctness": 1.0})
+    assert reply.rewards == [None, 0.0]
+    assert "correctness needs a reference" in reply.errors[0] and reply.errors[1] is None

@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+from helpers import EXAMPLE_DATA, tiny_config
+from tuneloop.data_pipeline.prepare import DataError, prepare, read_source
+
+
+def write_rows(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+GOOD = {"messages": [{"role": "user", "content": "Compute 1 + 1."}, {"role": "assistant", "content": '{"task": "math", "answer": "2"}'}],
+        "category": "math", "reference": "2"}
+
+
+def test_bad_row_fails_naming_file_line_and_field(tmp_path):
+    bad = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 5}]}
+    p = write_rows(tmp_path / "d.jsonl", [GOOD, GOOD, bad])
+    with pytest.raises(DataError) as e:
+        read_source(p, "d", 1.0, "fail")
+    assert f"{p}:3:" in str(e.value) and "messages.1.content" in str(e.value)
+
+
+def test_bad_rows_are_skipped_and_counted_when_configured(tmp_path):
+    rows = [GOOD, "{not json", {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}, GOOD]
+    src = read_source(write_rows(tmp_path / "d.jsonl", rows), "d", 1.0, "skip")
+    assert len(src.rows) == 2 and len(src.rejected) == 2
+    assert ":2:" in src.rejected[0] and "last message must be the assistant" in src.rejected[1]
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl: data file not found"):
+        read_source(tmp_path / "nope.jsonl", "d", 1.0, "fail")
+
+
+def test_splits_are_deterministic_and_held_out_prompts_never_in_train(tmp_path):
+    cfg = tiny_config(tmp_path)
+    a = prepare(cfg, tmp_path / "a" / "data", tmp_path / "a")
+    b = prepare(cfg, tmp_path / "b" / "data", tmp_path / "b")
+    assert a.fingerprint == b.fingerprint
+    rows = {s: [json.loads(l) for l in open(tmp_path / "a" / p)] for s, (p, n, _) in a.splits.items()}
+    train_prompts = {r["prompt"] for r in rows["train"]}
+    assert rows["test"] and not any(r["prompt"] in train_prompts for r in rows["test"] + rows["val"])
+    assert rows["train"][0]["prompt"].startswith("<|user|>\n") and rows["train"][0]["prompt"].endswith("<|assistant|>\n")
+    assert sum(n for _, n, _ in a.splits.values()) <= 600
+    assert set(a.splits["train"][2]) == {"math", "reverse", "upper", "length"}
+
+
+def test_mixture_follows_weights(tmp_path):
+    math = write_rows(tmp_path / "m.jsonl", [GOOD] * 100)
+    other = dict(GOOD, category="upper")
+    up = write_rows(tmp_path / "u.jsonl", [other] * 100)
+    cfg = tiny_config(tmp_path).model_copy(deep=True)
+    cfg.data.sources = [type(cfg.data.sources[0])(path=str(math), weight=3), type(cfg.data.sources[0])(path=str(up), weight=1)]
+    cfg.data.val_fraction = cfg.data.test_fraction = 0.0
+    out = prepare(cfg, tmp_path / "r" / "data", tmp_path / "r")
+    assert out.splits["train"][2] == {"math": 150, "upper": 50}
+    assert out.mixture == {"m": 0.75, "u": 0.25}

@@ -1,0 +1,81 @@
+"""Pure logic of trainer controls, the feedback policy, the checkpoint catalogue, path confinement."""
+
+import pytest
+import torch
+
+from tuneloop.checkpoint.catalogue import Entry, best, pending
+from tuneloop.config import FeedbackSection
+from tuneloop.events import EvalVerdict
+from tuneloop.rl_reward.policy import PolicyState, decide
+from tuneloop.storage import UnsafePath, confine, resolve_model
+from tuneloop.trainer import controls
+from tuneloop.trainer.callback import set_learning_rate
+
+
+def test_controls_apply_or_reject_without_side_effects():
+    s = controls.RunState(learning_rate=3e-3, max_grad_norm=1.0)
+    out = controls.apply(s, "set-lr", "0.001")
+    assert (out.old, out.new, s.learning_rate) == (3e-3, 1e-3, 1e-3)
+    for cmd, value, why in [("set-lr", -1, "must be in"), ("set-lr", "fast", "needs a number"),
+                            ("set-lr", float("nan"), "must be in"), ("warp", None, "unknown command 'warp'")]:
+        with pytest.raises(controls.Rejected, match=why):
+            controls.apply(s, cmd, value)
+    assert s.learning_rate == 1e-3
+    stop = controls.apply(s, "stop", None)
+    assert stop.stop and stop.save
+
+
+def test_set_learning_rate_rescales_the_schedule_so_it_continues_from_the_new_value():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    sched.step()  # lr 0.5
+    set_learning_rate(opt, sched, 0.05)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    sched.step()  # schedule goes on from the new value: 0.05 * (1/3) / (1/2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 3)
+
+
+def verdict(step, score, vid=None):
+    return EvalVerdict(run_id="r", request_id="q", step=step, checkpoint=f"c{step}", split="val", purpose="periodic",
+                       cases=10, scores={"protocol": score, "correctness": 0.0},
+                       by_category={"math": {"protocol": score}, "upper": {"protocol": 1.0}}, **({"event_id": vid} if vid else {}))
+
+
+def test_policy_stops_on_target_or_patience_and_ignores_duplicates():
+    cfg = FeedbackSection(target=0.9, patience=2, min_step=10)
+    st = PolicyState()
+    assert decide(cfg, st, verdict(5, 0.95)).action == "continue"  # before min_step
+    st = PolicyState()
+    first = verdict(10, 0.5, "v1")
+    fb = decide(cfg, st, first)
+    assert fb.action == "continue" and fb.weak_categories == ["math"]
+    assert decide(cfg, st, first) is None
+    assert decide(cfg, st, verdict(20, 0.4)).action == "continue"
+    fb = decide(cfg, st, verdict(30, 0.45))
+    assert fb.action == "stop" and "no improvement for 2" in fb.reason and fb.best_step == 10
+    fb = decide(cfg, PolicyState(), verdict(40, 0.92))
+    assert fb.action == "stop" and fb.reason.startswith("target reached")
+
+
+def test_best_checkpoint_prefers_score_then_later_step():
+    e = lambda step, s: Entry(step=step, path=f"c{step}", base_model="base", adapter=True, sha256="x", bytes=1,
+                              scores=None if s is None else {"protocol": s})
+    entries = [e(50, 0.8), e(100, 0.9), e(150, 0.9), e(200, None)]
+    assert best(entries, "protocol").step == 150
+    assert pending(entries) == [200]
+
+
+def test_paths_from_events_stay_inside_the_run(tmp_path):
+    (tmp_path / "ck").mkdir()
+    assert confine(tmp_path, "ck") == (tmp_path / "ck").resolve()
+    for bad in ("../x", "/etc/passwd", "ck/../../x", ""):
+        with pytest.raises(UnsafePath):
+            confine(tmp_path, bad)
+    (tmp_path / "out").symlink_to("/etc")
+    with pytest.raises(UnsafePath):
+        confine(tmp_path, "out/passwd")
+    assert resolve_model(tmp_path, "ck") == (tmp_path / "ck").resolve()
+    assert resolve_model(tmp_path, "Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    with pytest.raises(UnsafePath):
+        resolve_model(tmp_path, "/etc")
