@@ -45,6 +45,26 @@ def run(
 
 
 @app.command()
+def init(
+    config: Path = typer.Argument(..., help="Run configuration (YAML)."),
+    run_id: str = typer.Option(..., help="Run id the services serve (TUNELOOP_RUN_ID)."),
+    storage: Path = STORAGE,
+) -> None:
+    """Create a run directory for services started elsewhere (compose, Kubernetes)."""
+    from .config import load_config
+    from .runner import init_run
+    from .subjects import check_run_id
+
+    try:
+        check_run_id(run_id)
+        cfg = load_config(config)
+    except (ConfigError, ValueError) as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2)
+    console.print(f"run {run_id}: {init_run(cfg, run_id, storage.resolve())}")
+
+
+@app.command()
 def ctl(
     run_id: str = typer.Argument(..., help="Run to steer."),
     command: str = typer.Argument(..., help="stop | checkpoint | set-lr VALUE | set-grad-clip VALUE"),

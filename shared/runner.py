@@ -65,6 +65,17 @@ def new_run_id(cfg: Config) -> str:
     return f"{cfg.run.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def init_run(cfg: Config, run_id: str, storage: Path) -> Path:
+    """Create the run directory with its config: all services need to serve the run.
+
+    Used by ``tuneloop run`` and, for compose and Kubernetes, by ``tuneloop init``.
+    """
+    rdir = run_dir(storage, run_id)
+    (rdir / "logs").mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, rdir / CONFIG_FILE)
+    return rdir
+
+
 def spawn(service: str, run_id: str, storage: Path, url: str, log_dir: Path, replica: int = 0) -> subprocess.Popen:
     module = "tuneloop." + service.replace("-", "_")
     log_path = log_dir / (f"{service}.log" if not replica else f"{service}-{replica}.log")
@@ -94,9 +105,7 @@ def run(config_path: Path, *, nats_url: str | None = None, run_id: str | None = 
     cfg = load_config(config_path)
     run_id = run_id or new_run_id(cfg)
     storage = cfg.resolve(cfg.run.output_dir).resolve()
-    rdir = run_dir(storage, run_id)
-    (rdir / "logs").mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, rdir / CONFIG_FILE)
+    rdir = init_run(cfg, run_id, storage)
 
     server = None
     if not nats_url:

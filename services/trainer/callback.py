@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from . import controls
 from .link import BusLink
 
 log = logging.getLogger(__name__)
+PAUSE_POLL_S = 2.0
+STATE_FILE = "tuneloop_state.json"  # written last: a checkpoint without it is incomplete
 
 
 def set_learning_rate(optimizer, scheduler, new: float) -> None:
@@ -32,6 +35,23 @@ def set_learning_rate(optimizer, scheduler, new: float) -> None:
         group["lr"] = group["lr"] * ratio if ratio else new
         if "initial_lr" in group:
             group["initial_lr"] = group["initial_lr"] * ratio if ratio else new
+
+
+def write_state(checkpoint: Path, run_state: controls.RunState) -> None:
+    """Controls applied so far, saved atomically as the checkpoint's last file."""
+    tmp = checkpoint / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(run_state.to_dict(), indent=1))
+    tmp.replace(checkpoint / STATE_FILE)
+
+
+def latest_complete(output_dir: Path) -> Path | None:
+    """Newest checkpoint that was fully written (has the state file); half-written ones are skipped."""
+    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / STATE_FILE).is_file() and p.name[11:].isdigit()]
+    return max(done, key=lambda p: int(p.name[11:]), default=None)
+
+
+def read_state(checkpoint: Path) -> controls.RunState:
+    return controls.RunState.from_dict(json.loads((checkpoint / STATE_FILE).read_text()))
 
 
 class BusCallback(TrainerCallback):
@@ -48,6 +68,7 @@ class BusCallback(TrainerCallback):
         self.final_checkpoint: str | None = None
         self._t_log = time.perf_counter()
         self._tokens_log = 0.0
+        self._last_pause_note = 0.0
 
     # ---------------------------------------------------------------- metrics
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -67,14 +88,10 @@ class BusCallback(TrainerCallback):
 
     # ---------------------------------------------------------------- step boundary
     def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        for event, done in self.link.drain():
-            try:
-                if isinstance(event, Control):
-                    self._apply_control(event, args, state, control, optimizer, lr_scheduler)
-                elif isinstance(event, Feedback):
-                    self._apply_feedback(event, state, control)
-            finally:
-                done()
+        self._handle(self.link.drain(), args, state, control, optimizer, lr_scheduler)
+        while self.run_state.paused and not control.should_training_stop and not self.link.stopping.is_set():
+            self._publish_paused(state)  # metrics keep saying "paused"; the process just holds
+            self._handle(self.link.wait(PAUSE_POLL_S), args, state, control, optimizer, lr_scheduler)
         if self.link.stopping.is_set() and not control.should_training_stop:
             log.info("termination requested: saving and stopping at step %d", state.global_step)
             self.stop_reason = ("control", "service asked to stop (SIGTERM)")
@@ -83,8 +100,28 @@ class BusCallback(TrainerCallback):
             control.should_save = True  # the last step is always a checkpoint
         return control
 
+    def _handle(self, items, args, state, control, optimizer, scheduler) -> None:
+        for event, done in items:
+            try:
+                if isinstance(event, Control):
+                    self._apply_control(event, args, state, control, optimizer, scheduler)
+                elif isinstance(event, Feedback):
+                    self._apply_feedback(event, state, control)
+            finally:
+                done()
+
+    def _publish_paused(self, state) -> None:
+        now = time.monotonic()
+        if now - self._last_pause_note >= PAUSE_POLL_S:
+            self._last_pause_note = now
+            self.link.publish(StepMetrics(run_id=self.run_id, step=state.global_step, max_steps=state.max_steps,
+                                          learning_rate=self.run_state.learning_rate, paused=True))
+
     def _apply_control(self, event: Control, args, state, control, optimizer, scheduler) -> None:
         step = state.global_step
+        if event.event_id in self.run_state.applied_ids():
+            log.info("control %s already applied (redelivered after a restart); skipped", event.event_id)
+            return
         try:
             outcome = controls.apply(self.run_state, event.command, event.value)
         except controls.Rejected as e:
@@ -92,17 +129,16 @@ class BusCallback(TrainerCallback):
             self.link.publish(ControlRejected(run_id=self.run_id, control_id=event.event_id,
                                               command=event.command, step=step, reason=str(e)), wait=True)
             return
+        rs = self.run_state
         if event.command == "set-lr":
-            set_learning_rate(optimizer, scheduler, self.run_state.learning_rate)
-        elif event.command == "set-grad-clip":
-            args.max_grad_norm = self.run_state.max_grad_norm
+            set_learning_rate(optimizer, scheduler, rs.learning_rate)
+        args.max_grad_norm, args.save_steps, args.logging_steps = rs.max_grad_norm, rs.save_steps, rs.logging_steps
         if outcome.stop:
             control.should_training_stop = True
             self.stop_reason = ("control", f"stop by {event.operator or event.source or 'operator'}")
         if outcome.save:
             control.should_save = True
-        self.run_state.applied.append({"control_id": event.event_id, "command": event.command,
-                                       "value": event.value, "step": step})
+        rs.applied.append({"control_id": event.event_id, "command": event.command, "value": event.value, "step": step})
         log.info("control %s applied at step %d: %r -> %r", event.command, step, outcome.old, outcome.new)
         self.link.publish(ControlApplied(run_id=self.run_id, control_id=event.event_id, command=event.command,
                                          step=step, old=outcome.old, new=outcome.new), wait=True)
@@ -116,6 +152,7 @@ class BusCallback(TrainerCallback):
     # ---------------------------------------------------------------- checkpoints
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        write_state(path, self.run_state)
         rel = str(path.resolve().relative_to(self.run_dir.resolve()))
         final = bool(control.should_training_stop) or state.global_step >= state.max_steps
         self.last_saved_step = state.global_step

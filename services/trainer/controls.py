@@ -1,13 +1,14 @@
 """What a control event does to a run, as pure logic the callback calls at a step boundary.
 
 Each command either returns an ``Outcome`` with the old and new value, or raises
-``Rejected`` with the reason; a rejected control changes nothing.
+``Rejected`` with the reason; a rejected control changes nothing. The state is saved in
+every checkpoint, so a resumed run keeps what operators decided.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 class Rejected(ValueError):
@@ -28,34 +29,66 @@ class RunState:
 
     learning_rate: float
     max_grad_norm: float
+    save_steps: int
+    logging_steps: int
+    paused: bool = False
     applied: list[dict] = field(default_factory=list)  # audit: every applied control, in order
 
+    def applied_ids(self) -> set[str]:
+        return {a["control_id"] for a in self.applied}
 
-def _positive_float(value, name: str, upper: float) -> float:
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunState":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def _number(value, name: str, upper: float, integer: bool = False) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
         raise Rejected(f"{name} needs a number, got {value!r}") from None
     if not math.isfinite(v) or v <= 0 or v > upper:
         raise Rejected(f"{name} must be in (0, {upper:g}], got {value!r}")
+    if integer:
+        if v != int(v):
+            raise Rejected(f"{name} needs a whole number, got {value!r}")
+        return int(v)
     return v
+
+
+def _set(state: RunState, attr: str, new) -> Outcome:
+    old = getattr(state, attr)
+    setattr(state, attr, new)
+    return Outcome(old=old, new=new)
 
 
 def apply(state: RunState, command: str, value) -> Outcome:
     """Apply ``command`` to ``state``; raises Rejected for unknown commands or bad values."""
     if command == "stop":
-        return Outcome(old="running", new="stopping", stop=True, save=True)
-    if command == "checkpoint":
+        return Outcome(old="paused" if state.paused else "running", new="stopping", stop=True, save=True)
+    if command in ("checkpoint", "eval"):  # every checkpoint is evaluated: eval = checkpoint now
         return Outcome(new="saving", save=True)
+    if command == "pause":
+        if state.paused:
+            raise Rejected("already paused")
+        return _set(state, "paused", True)
+    if command == "resume":
+        if not state.paused:
+            raise Rejected("not paused")
+        return _set(state, "paused", False)
     if command == "set-lr":
-        new = _positive_float(value, "set-lr", 10.0)
-        old, state.learning_rate = state.learning_rate, new
-        return Outcome(old=old, new=new)
+        return _set(state, "learning_rate", _number(value, command, 10.0))
     if command == "set-grad-clip":
-        new = _positive_float(value, "set-grad-clip", 1e6)
-        old, state.max_grad_norm = state.max_grad_norm, new
-        return Outcome(old=old, new=new)
+        return _set(state, "max_grad_norm", _number(value, command, 1e6))
+    if command == "set-save-interval":
+        return _set(state, "save_steps", _number(value, command, 1e9, integer=True))
+    if command == "set-log-interval":
+        return _set(state, "logging_steps", _number(value, command, 1e9, integer=True))
     raise Rejected(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
 
 
-COMMANDS = ("stop", "checkpoint", "set-lr", "set-grad-clip")
+COMMANDS = ("stop", "pause", "resume", "checkpoint", "eval", "set-lr", "set-grad-clip", "set-save-interval",
+            "set-log-interval")

@@ -45,6 +45,14 @@ class BusLink:
             except queue.Empty:
                 return items
 
+    def wait(self, timeout: float) -> list[tuple[Event, Callable[[], None]]]:
+        """Block up to ``timeout`` for at least one event (used while paused), then drain."""
+        try:
+            first = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        return [first, *self.drain()]
+
     def publish(self, event: Event, *, wait: bool = False, timeout: float = 30.0) -> None:
         """Publish from the training thread; ``wait`` blocks until JetStream stored it."""
         fut = asyncio.run_coroutine_threadsafe(self.bus.publish(event), self.loop)

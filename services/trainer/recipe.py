@@ -15,7 +15,7 @@ from tuneloop.events import DatasetReady, TrainingFinished
 from tuneloop.storage import confine
 
 from . import controls, model as models
-from .callback import BusCallback
+from .callback import BusCallback, latest_complete, read_state
 from .link import BusLink
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link: 
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     t0 = time.perf_counter()
@@ -77,15 +76,19 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link: 
         peft_config = LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
                                  target_modules=tc.lora.target_modules, modules_to_save=tc.lora.modules_to_save,
                                  task_type="CAUSAL_LM")
-    state = controls.RunState(learning_rate=tc.learning_rate, max_grad_norm=tc.max_grad_norm)
+    resume = latest_complete(out_dir)
+    if resume:  # what operators decided before the restart still holds
+        state = read_state(resume)
+        args.max_grad_norm, args.save_steps, args.logging_steps = state.max_grad_norm, state.save_steps, state.logging_steps
+        log.info("resuming from %s (%d controls applied so far)", resume, len(state.applied))
+    else:
+        state = controls.RunState(learning_rate=tc.learning_rate, max_grad_norm=tc.max_grad_norm,
+                                  save_steps=tc.save_steps, logging_steps=tc.logging_steps)
     callback = BusCallback(link, run_id, run_dir, base_ref, adapter=tc.lora.enabled, state=state)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[callback])
 
-    resume = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
-    if resume:
-        log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     step = trainer.state.global_step
     reason, detail = callback.stop_reason or ("completed", f"reached max_steps {tc.max_steps}")
     log.info("training finished at step %d (%s: %s), loss %.4f", step, reason, detail, result.training_loss)

@@ -13,16 +13,24 @@ from tuneloop.trainer.callback import set_learning_rate
 
 
 def test_controls_apply_or_reject_without_side_effects():
-    s = controls.RunState(learning_rate=3e-3, max_grad_norm=1.0)
+    s = controls.RunState(learning_rate=3e-3, max_grad_norm=1.0, save_steps=50, logging_steps=5)
     out = controls.apply(s, "set-lr", "0.001")
     assert (out.old, out.new, s.learning_rate) == (3e-3, 1e-3, 1e-3)
+    before = s.to_dict()
     for cmd, value, why in [("set-lr", -1, "must be in"), ("set-lr", "fast", "needs a number"),
-                            ("set-lr", float("nan"), "must be in"), ("warp", None, "unknown command 'warp'")]:
+                            ("set-lr", float("nan"), "must be in"), ("warp", None, "unknown command 'warp'"),
+                            ("set-save-interval", 2.5, "whole number"), ("resume", None, "not paused")]:
         with pytest.raises(controls.Rejected, match=why):
             controls.apply(s, cmd, value)
-    assert s.learning_rate == 1e-3
+    assert s.to_dict() == before
+    assert controls.apply(s, "pause", None).new is True
+    with pytest.raises(controls.Rejected, match="already paused"):
+        controls.apply(s, "pause", None)
+    assert controls.apply(s, "resume", None).new is False
+    assert controls.apply(s, "set-save-interval", "10").new == 10 and s.save_steps == 10
     stop = controls.apply(s, "stop", None)
     assert stop.stop and stop.save
+    assert controls.RunState.from_dict(s.to_dict()) == s
 
 
 def test_set_learning_rate_rescales_the_schedule_so_it_continues_from_the_new_value():
