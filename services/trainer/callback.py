@@ -133,6 +133,7 @@ class BusCallback(TrainerCallback):
         if event.command == "set-lr":
             set_learning_rate(optimizer, scheduler, rs.learning_rate)
         args.max_grad_norm, args.save_steps, args.logging_steps = rs.max_grad_norm, rs.save_steps, rs.logging_steps
+        state.save_steps, state.logging_steps = rs.save_steps, rs.logging_steps  # what DefaultFlowCallback reads
         if outcome.stop:
             control.should_training_stop = True
             self.stop_reason = ("control", f"stop by {event.operator or event.source or 'operator'}")

@@ -1,0 +1,107 @@
+"""The trainer service steered and restarted over a real nats-server, with real TRL training."""
+
+import asyncio
+import signal
+
+import pytest
+
+from helpers import make_run, run_id_for, tiny_config
+from test_bus import collect, wait_for
+from tuneloop.control import send_control
+from tuneloop.events import CheckpointSaved, ControlApplied, ControlRejected, StepMetrics, TrainingFinished
+
+pytestmark = pytest.mark.integration
+
+
+async def start_training(tmp_path, nats_url, bus, services, run, **train):
+    storage = make_run(tmp_path, run, tiny_config(tmp_path, **train))
+    events = {cls: await collect(bus, cls, run) for cls in (StepMetrics, CheckpointSaved, TrainingFinished)}
+    svc = services(storage, nats_url, run)
+    svc.start("data-pipeline")
+    svc.start("trainer")
+    return svc, events
+
+
+async def ctl(nats_url, bus, run, command, value=None):
+    return await send_control(nats_url, run, command, value, bus=bus, timeout=60)
+
+
+async def test_pause_holds_the_run_and_every_control_is_answered(tmp_path, nats_url, bus, services, request):
+    run = run_id_for(request)
+    svc, ev = await start_training(tmp_path, nats_url, bus, services, run, max_steps=100000)
+    steps, saved, done = ev[StepMetrics], ev[CheckpointSaved], ev[TrainingFinished]
+    await wait_for(lambda: steps, timeout=120)
+
+    paused = await ctl(nats_url, bus, run, "pause")
+    assert isinstance(paused, ControlApplied) and paused.new is True
+    again = await ctl(nats_url, bus, run, "pause")
+    assert isinstance(again, ControlRejected) and again.reason == "already paused"
+    n = len(steps)
+    await asyncio.sleep(5)
+    trained = [s for s in steps[n:] if not s.paused]
+    assert not trained, "training went on while paused"
+    assert any(s.paused and s.step == paused.step for s in steps[n:]), "no paused heartbeat"
+
+    interval = await ctl(nats_url, bus, run, "set-save-interval", 7)   # applied while paused
+    assert isinstance(interval, ControlApplied) and interval.step == paused.step
+    resumed = await ctl(nats_url, bus, run, "resume")
+    assert isinstance(resumed, ControlApplied) and resumed.step == paused.step
+    await wait_for(lambda: any(s.step > paused.step + 2 and not s.paused for s in steps), timeout=60)
+    await wait_for(lambda: any(c.step % 7 == 0 and c.step > paused.step for c in saved), timeout=60)
+
+    now = await ctl(nats_url, bus, run, "checkpoint")
+    assert isinstance(now, ControlApplied)
+    await wait_for(lambda: any(c.step == now.step for c in saved), timeout=60)
+    assert isinstance(await ctl(nats_url, bus, run, "set-grad-clip", 0), ControlRejected)
+    stop = await ctl(nats_url, bus, run, "stop")
+    await wait_for(lambda: done, timeout=60)
+    assert done[0].step == stop.step and done[0].reason == "control"
+
+
+def losses_by_step(steps):
+    out = {}
+    for s in steps:
+        if s.loss is not None:
+            out[s.step] = s.loss  # after a restart the replayed step overwrites the lost one
+    return out
+
+
+async def test_sigkill_and_restart_resumes_exactly(tmp_path, nats_url, bus, services, request):
+    common = dict(max_steps=30, save_steps=10, logging_steps=1, lr_scheduler="cosine", warmup_steps=3)
+    base = run_id_for(request)
+    ref_svc, ref = await start_training(tmp_path / "a", nats_url, bus, services, base + "a", **common)
+    await wait_for(lambda: ref[TrainingFinished], timeout=180)
+    expected = losses_by_step(ref[StepMetrics])
+    assert sorted(expected) == list(range(1, 31))
+
+    run = base + "b"
+    svc, ev = await start_training(tmp_path / "b", nats_url, bus, services, run, **common)
+    await wait_for(lambda: any(c.step == 20 for c in ev[CheckpointSaved]), timeout=180)
+    svc.procs["trainer"].send_signal(signal.SIGKILL)
+    svc.procs["trainer"].wait()
+    killed_at = max(s.step for s in ev[StepMetrics])
+    svc.start("trainer")
+    await wait_for(lambda: ev[TrainingFinished], timeout=180)
+    got = losses_by_step(ev[StepMetrics])
+    assert "resuming from" in svc.log("trainer")
+    for step in range(21, 31):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, killed_at)
+    assert ev[TrainingFinished][0].step == 30
+
+
+async def test_set_lr_survives_a_restart(tmp_path, nats_url, bus, services, request):
+    run = run_id_for(request)
+    svc, ev = await start_training(tmp_path, nats_url, bus, services, run, max_steps=100000, save_steps=5,
+                                   learning_rate=3e-3)
+    await wait_for(lambda: ev[StepMetrics], timeout=120)
+    applied = await ctl(nats_url, bus, run, "set-lr", 5e-4)
+    assert isinstance(applied, ControlApplied)
+    await wait_for(lambda: any(c.step > applied.step for c in ev[CheckpointSaved]), timeout=60)
+    svc.procs["trainer"].send_signal(signal.SIGKILL)
+    svc.procs["trainer"].wait()
+    n = len(ev[StepMetrics])
+    svc.start("trainer")
+    await wait_for(lambda: len([s for s in ev[StepMetrics][n:] if s.loss is not None]) >= 3, timeout=120)
+    after = [s.learning_rate for s in ev[StepMetrics][n:] if s.loss is not None]
+    assert after and all(lr == pytest.approx(5e-4) for lr in after), after
+    await ctl(nats_url, bus, run, "stop")
