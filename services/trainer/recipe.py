@@ -46,23 +46,13 @@ def prepare_base(cfg: Config, run_dir: Path, dataset: DatasetReady) -> tuple[str
     return cfg.model.name_or_path, cfg.model.name_or_path
 
 
-def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link: BusLink) -> TrainingFinished:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
-
-    t0 = time.perf_counter()
-    set_seed(cfg.run.seed)
-    base_ref, base_path = prepare_base(cfg, run_dir, dataset)
-    use_cpu, bf16 = precision(cfg)
-    model, tokenizer = models.load(base_path)
-    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_split(run_dir, dataset, "train")]
-    train_ds = Dataset.from_list(rows)
+def sft_args(cfg: Config, out_dir: Path):
+    """TRL's SFTConfig from our config: the same for the service and for plain-TRL baselines."""
+    from trl import SFTConfig
 
     tc = cfg.train
-    out_dir = run_dir / "checkpoints"
-    args = SFTConfig(
+    use_cpu, bf16 = precision(cfg)
+    return SFTConfig(
         output_dir=str(out_dir), max_steps=tc.max_steps, per_device_train_batch_size=tc.batch_size,
         gradient_accumulation_steps=tc.gradient_accumulation_steps, learning_rate=tc.learning_rate,
         lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay,
@@ -71,11 +61,39 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link: 
         gradient_checkpointing=False, seed=cfg.run.seed, data_seed=cfg.run.seed, disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    peft_config = None
-    if tc.lora.enabled:
-        peft_config = LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
-                                 target_modules=tc.lora.target_modules, modules_to_save=tc.lora.modules_to_save,
-                                 task_type="CAUSAL_LM")
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    lc = cfg.train.lora
+    if not lc.enabled:
+        return None
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                      modules_to_save=lc.modules_to_save, task_type="CAUSAL_LM")
+
+
+def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: list, args=None):
+    """Base model + data + TRL SFTTrainer. ``callbacks=[]`` is plain TRL (the benchmarks' baseline)."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    set_seed(cfg.run.seed)
+    _, base_path = prepare_base(cfg, run_dir, dataset)
+    model, tokenizer = models.load(base_path)
+    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_split(run_dir, dataset, "train")]
+    return SFTTrainer(model=model, args=args or sft_args(cfg, run_dir / "checkpoints"),
+                      train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                      peft_config=lora_config(cfg), callbacks=callbacks)
+
+
+def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link: BusLink) -> TrainingFinished:
+    """The whole SFT run: resume where a complete checkpoint exists, train, report why it ended."""
+    t0 = time.perf_counter()
+    tc = cfg.train
+    out_dir = run_dir / "checkpoints"
+    args = sft_args(cfg, out_dir)
     resume = latest_complete(out_dir)
     if resume:  # what operators decided before the restart still holds
         state = read_state(resume)
@@ -84,9 +102,9 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link: 
     else:
         state = controls.RunState(learning_rate=tc.learning_rate, max_grad_norm=tc.max_grad_norm,
                                   save_steps=tc.save_steps, logging_steps=tc.logging_steps)
+    base_ref, _ = prepare_base(cfg, run_dir, dataset)
     callback = BusCallback(link, run_id, run_dir, base_ref, adapter=tc.lora.enabled, state=state)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[callback])
+    trainer = build_trainer(cfg, run_dir, dataset, [callback], args=args)
 
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     step = trainer.state.global_step

@@ -1,0 +1,139 @@
+"""What does the bus cost the trainer? Plain TRL vs the tuneloop trainer, alternated in one run.
+
+Both train the same tiny model on the same data for the same steps (same seed, so the same
+batches). The tuneloop side has the bus live: a real nats-server, ``StepMetrics`` published
+every step, control and feedback drained every step. Prints tokens/s of each, their ratio
+(target >= 0.97), and the control latency: from ``ctl`` publish to ``ControlApplied``.
+
+    .venv/bin/python bench/trainer_overhead.py [--steps 60] [--rounds 3] [--controls 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tuneloop.bus import Bus
+from tuneloop.config import load_config
+from tuneloop.control import send_control
+from tuneloop.data_pipeline.prepare import prepare
+from tuneloop.embedded import NatsServer
+from tuneloop.events import Control, DatasetReady, Feedback, SplitInfo, StepMetrics
+from tuneloop.trainer import controls, recipe
+from tuneloop.trainer.callback import BusCallback
+from tuneloop.trainer.link import BusLink
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tokens_per_second(trainer, seconds: float) -> float:
+    tokens = max((h.get("num_tokens", 0) for h in trainer.state.log_history), default=0)
+    return tokens / seconds
+
+
+def setup(tmp: Path, steps: int):
+    cfg = load_config(REPO / "examples" / "protocol.yaml")
+    cfg.train.max_steps, cfg.train.logging_steps, cfg.train.save_steps = steps, 1, 10**9
+    rdir = tmp / "run"
+    p = prepare(cfg, rdir / "data", rdir)
+    ds = DatasetReady(run_id="bench", dataset_id=p.fingerprint[:16], fingerprint=p.fingerprint, chat_template="tuneloop",
+                      splits={k: SplitInfo(path=path, rows=n, categories=c) for k, (path, n, c) in p.splits.items()})
+    recipe.prepare_base(cfg, rdir, ds)  # build the base once, outside the timings
+    return cfg, rdir, ds
+
+
+def run_plain(cfg, rdir, ds) -> float:
+    trainer = recipe.build_trainer(cfg, rdir, ds, [])
+    t0 = time.perf_counter()
+    trainer.train()
+    return tokens_per_second(trainer, time.perf_counter() - t0)
+
+
+async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None) -> tuple[float, object]:
+    link = BusLink(bus, asyncio.get_running_loop())
+    await bus.consume(Control, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
+    await bus.consume(Feedback, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
+    state = controls.RunState(learning_rate=cfg.train.learning_rate, max_grad_norm=cfg.train.max_grad_norm,
+                              save_steps=cfg.train.save_steps, logging_steps=1)
+    callback = BusCallback(link, run_id, rdir, "base", adapter=True, state=state)
+    trainer = recipe.build_trainer(cfg, rdir, ds, [callback])
+    t0 = time.perf_counter()
+    job = asyncio.create_task(asyncio.to_thread(trainer.train))
+    extra = await during() if during else None
+    await job
+    return tokens_per_second(trainer, time.perf_counter() - t0), extra
+
+
+async def main(args) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats") as server:
+        cfg, rdir, ds = setup(Path(tmp), args.steps)
+        bus = await Bus.connect(server.url, "trainer")
+        operator = await Bus.connect(server.url, "ctl")
+        plain, ours = [], []
+        for r in range(args.rounds):  # alternate, so drift (thermal, cache) hits both sides alike
+            order = ["plain", "tuneloop"] if r % 2 == 0 else ["tuneloop", "plain"]
+            for side in order:
+                if side == "plain":
+                    plain.append(await asyncio.to_thread(run_plain, cfg, rdir, ds))
+                else:
+                    ours.append((await run_tuneloop(cfg, rdir, ds, bus, f"bench{r}"))[0])
+                print(f"round {r + 1} {side:9s} {(plain if side == 'plain' else ours)[-1]:10.0f} tokens/s", flush=True)
+
+        latencies = await measure_control_latency(cfg, rdir, ds, bus, operator, server.url, args.controls)
+        await bus.close()
+        await operator.close()
+
+    p, o = statistics.median(plain), statistics.median(ours)
+    print()
+    print(f"model: tiny llama, {args.steps} steps x {args.rounds} rounds, batch {cfg.train.batch_size}, CPU")
+    print(f"plain TRL          {p:10.0f} tokens/s (median)")
+    print(f"tuneloop (bus on)  {o:10.0f} tokens/s (median)")
+    print(f"ratio tuneloop/plain: {o / p:.3f}  (target >= 0.97)")
+    if latencies:
+        ms = sorted(m for m, _ in latencies)
+        steps = [s for _, s in latencies]
+        print(f"control latency over {len(ms)} controls: median {statistics.median(ms):.0f} ms, "
+              f"max {ms[-1]:.0f} ms; steps from publish to apply: median {statistics.median(steps):.0f}, max {max(steps)}")
+
+
+async def measure_control_latency(cfg, rdir, ds, bus, operator, url, n: int) -> list[tuple[float, int]]:
+    """On a long run: publish a control, wait for ControlApplied; (ms, steps) for each."""
+    if n <= 0:
+        return []
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.max_steps = 10**6
+    seen: list[int] = [0]
+
+    async def on_step(ev: StepMetrics) -> None:
+        seen.append(ev.step)
+
+    await operator.subscribe(StepMetrics, "latency", on_step)
+
+    async def probe():
+        while seen[-1] < 3:
+            await asyncio.sleep(0.05)
+        out = []
+        for _ in range(n):
+            step0, t0 = seen[-1], time.perf_counter()
+            ans = await send_control(url, "latency", "set-grad-clip", cfg.train.max_grad_norm, bus=operator)
+            out.append(((time.perf_counter() - t0) * 1000, ans.step - step0))
+            await asyncio.sleep(0.3)
+        await send_control(url, "latency", "stop", bus=operator)
+        return out
+
+    return (await run_tuneloop(cfg, rdir, ds, bus, "latency", during=probe))[1]
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--controls", type=int, default=10)
+    sys.exit(asyncio.run(main(ap.parse_args())))
