@@ -111,3 +111,20 @@ def _processes_mentioning(text: str) -> list[str]:
             if text in cmd:
                 found.append(cmd)
     return found
+
+
+def test_a_bad_row_fails_the_run_naming_file_line_and_field(tmp_path):
+    rows = (REPO / "examples" / "data" / "protocol.jsonl").read_text().splitlines()[:200]
+    rows[41] = rows[41].replace('"role": "assistant"', '"role": "robot"')
+    data = tmp_path / "broken.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    cfg = load_config(REPO / "examples" / "protocol.yaml")
+    cfg.run.output_dir = str(tmp_path / "runs")
+    cfg.data.sources[0].path = str(data)
+    dump_config(cfg, tmp_path / "broken.yaml")
+    proc = subprocess.run([*TUNELOOP, "run", str(tmp_path / "broken.yaml"), "--run-id", "broken"],
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout.replace("\n", "")
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "data-pipeline exited with code 2" in out and "broken.jsonl:42" in out and "messages.1.role" in out
+    assert _processes_mentioning(str(tmp_path / "runs")) == []
