@@ -5,7 +5,7 @@ batches). The tuneloop side has the bus live: a real nats-server, ``StepMetrics`
 every step, control and feedback drained every step. Prints tokens/s of each, their ratio
 (target >= 0.97), and the control latency: from ``ctl`` publish to ``ControlApplied``.
 
-    .venv/bin/python bench/trainer_overhead.py [--steps 60] [--rounds 3] [--controls 10]
+    .venv/bin/python bench/trainer_overhead.py [--steps 60] [--rounds 3] [--warmup 1] [--controls 10]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tuneloop.bus import Bus
@@ -30,6 +31,13 @@ from tuneloop.trainer.callback import BusCallback
 from tuneloop.trainer.link import BusLink
 
 REPO = Path(__file__).resolve().parents[1]
+# Every training run on one and the same thread: torch's OpenMP pool is per calling thread, and
+# idle pools of other threads spin, which would slow each later run (and bias the comparison).
+TRAIN_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+
+
+def on_train_thread(fn, *args):
+    return asyncio.get_running_loop().run_in_executor(TRAIN_THREAD, fn, *args)
 
 
 def tokens_per_second(trainer, seconds: float) -> float:
@@ -64,7 +72,7 @@ async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None) -> tup
     callback = BusCallback(link, run_id, rdir, "base", adapter=True, state=state)
     trainer = recipe.build_trainer(cfg, rdir, ds, [callback])
     t0 = time.perf_counter()
-    job = asyncio.create_task(asyncio.to_thread(trainer.train))
+    job = asyncio.ensure_future(on_train_thread(trainer.train))
     extra = await during() if during else None
     await job
     return tokens_per_second(trainer, time.perf_counter() - t0), extra
@@ -77,25 +85,33 @@ async def main(args) -> None:
         bus = await Bus.connect(server.url, "trainer")
         operator = await Bus.connect(server.url, "ctl")
         plain, ours = [], []
-        for r in range(args.rounds):  # alternate, so drift (thermal, cache) hits both sides alike
+        for r in range(args.warmup + args.rounds):  # alternate, so drift hits both sides alike
             order = ["plain", "tuneloop"] if r % 2 == 0 else ["tuneloop", "plain"]
+            got = {}
             for side in order:
                 if side == "plain":
-                    plain.append(await asyncio.to_thread(run_plain, cfg, rdir, ds))
+                    got[side] = await on_train_thread(run_plain, cfg, rdir, ds)
                 else:
-                    ours.append((await run_tuneloop(cfg, rdir, ds, bus, f"bench{r}"))[0])
-                print(f"round {r + 1} {side:9s} {(plain if side == 'plain' else ours)[-1]:10.0f} tokens/s", flush=True)
+                    got[side] = (await run_tuneloop(cfg, rdir, ds, bus, f"bench{r}"))[0]
+            label = "warm-up" if r < args.warmup else f"round {r - args.warmup + 1}"
+            print(f"{label:8s} plain {got['plain']:8.0f} tokens/s  tuneloop {got['tuneloop']:8.0f} tokens/s  "
+                  f"ratio {got['tuneloop'] / got['plain']:.3f}", flush=True)
+            if r >= args.warmup:
+                plain.append(got["plain"])
+                ours.append(got["tuneloop"])
 
         latencies = await measure_control_latency(cfg, rdir, ds, bus, operator, server.url, args.controls)
         await bus.close()
         await operator.close()
 
     p, o = statistics.median(plain), statistics.median(ours)
+    paired = statistics.median(b / a for a, b in zip(plain, ours))
     print()
-    print(f"model: tiny llama, {args.steps} steps x {args.rounds} rounds, batch {cfg.train.batch_size}, CPU")
+    print(f"model: tiny llama, {args.steps} steps x {args.rounds} rounds (+{args.warmup} warm-up), "
+          f"batch {cfg.train.batch_size}, CPU")
     print(f"plain TRL          {p:10.0f} tokens/s (median)")
     print(f"tuneloop (bus on)  {o:10.0f} tokens/s (median)")
-    print(f"ratio tuneloop/plain: {o / p:.3f}  (target >= 0.97)")
+    print(f"ratio tuneloop/plain: {o / p:.3f} of medians, {paired:.3f} median of per-round ratios (target >= 0.97)")
     if latencies:
         ms = sorted(m for m, _ in latencies)
         steps = [s for _, s in latencies]
@@ -136,4 +152,5 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--controls", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (the first run on a VM is often faster)")
     sys.exit(asyncio.run(main(ap.parse_args())))

@@ -12,8 +12,10 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from . import subjects, telemetry
 from .bus import Bus
@@ -21,6 +23,7 @@ from .config import Config
 from .storage import load_run_config, run_dir
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,6 +42,16 @@ class ServiceContext:
 
 
 ServiceMain = Callable[[ServiceContext], Awaitable[None]]
+
+# Model work (training, generation, export) always runs on this one thread. torch's OpenMP pool
+# belongs to the calling thread, and idle pools of other threads spin: spreading torch calls over
+# asyncio's default executor makes every later call slower.
+_TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+
+
+def on_torch_thread(fn: Callable[..., T], *args) -> Awaitable[T]:
+    """Run blocking model work off the event loop, on the one torch thread."""
+    return asyncio.get_running_loop().run_in_executor(_TORCH_THREAD, fn, *args)
 
 
 def parse_args(name: str, argv: list[str] | None = None) -> argparse.Namespace:

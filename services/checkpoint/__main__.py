@@ -12,7 +12,7 @@ from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, EvalRequest, EvalVerdict, ExportDone,
                              TrainingFinished)
-from tuneloop.service import ServiceContext, run_service
+from tuneloop.service import ServiceContext, on_torch_thread, run_service
 from tuneloop.storage import confine, relative, resolve_model
 
 from . import export
@@ -117,9 +117,9 @@ async def main(ctx: ServiceContext) -> None:
         base = resolve_model(run_dir, chosen.base_model)
         adapter_path = merged_path = None
         if cfg.export.adapter and chosen.adapter:
-            adapter_path = await asyncio.to_thread(export.export_adapter, ckpt, base, run_dir / "export" / "adapter")
+            adapter_path = await on_torch_thread(export.export_adapter, ckpt, base, run_dir / "export" / "adapter")
         if cfg.export.merged or not chosen.adapter:
-            merged_path = await asyncio.to_thread(export.export_merged, ckpt, base, chosen.adapter, run_dir / "export" / "merged")
+            merged_path = await on_torch_thread(export.export_merged, ckpt, base, chosen.adapter, run_dir / "export" / "merged")
         log.info("exported step %d (%s) in %.1fs", chosen.step, chosen.scores, time.perf_counter() - t0)
         # The exported model itself is scored on the held-out test split.
         final, final_adapter = (merged_path, False) if merged_path else (adapter_path, True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 
 from tuneloop.events import DatasetReady, EvalRequest, EvalVerdict
-from tuneloop.service import ServiceContext, run_service
+from tuneloop.service import ServiceContext, on_torch_thread, run_service
 from tuneloop.storage import confine, resolve_model
 
 from .generate import generate, load_for_eval
@@ -55,7 +54,7 @@ async def main(ctx: ServiceContext) -> None:
         dataset = await ctx.bus.latest(DatasetReady, req.run_id)
         if dataset is None:
             raise RuntimeError(f"run {req.run_id} has no data set yet")
-        verdict = await asyncio.to_thread(evaluate, ctx, req, dataset)
+        verdict = await on_torch_thread(evaluate, ctx, req, dataset)
         # event_id derives from the request: a redelivered request yields a duplicate JetStream drops.
         await ctx.bus.publish(verdict)
         log.info("step %d %s: protocol %.3f correctness %.3f (%d cases, %.1fs)", verdict.step, verdict.split,

@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from tuneloop.events import Control, ControlRejected, DatasetReady, Feedback, TrainingFinished
-from tuneloop.service import ServiceContext, run_service
+from tuneloop.service import ServiceContext, on_torch_thread, run_service
 
 from . import recipe
 from .link import BusLink
@@ -30,7 +30,7 @@ async def main(ctx: ServiceContext) -> None:
 
     cfg = ctx.config(run_id)
     try:
-        finished = await asyncio.to_thread(recipe.train, cfg, run_id, ctx.run_dir(run_id), dataset, link)
+        finished = await on_torch_thread(recipe.train, cfg, run_id, ctx.run_dir(run_id), dataset, link)
     except Exception as e:
         log.exception("training failed")
         finished = TrainingFinished(run_id=run_id, step=0, reason="error", detail=f"{type(e).__name__}: {e}")

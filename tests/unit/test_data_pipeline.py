@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from helpers import EXAMPLE_DATA, tiny_config
+from helpers import tiny_config
 from tuneloop.data_pipeline.prepare import DataError, prepare, read_source
 
 
