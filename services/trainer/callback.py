@@ -64,7 +64,6 @@ class BusCallback(TrainerCallback):
         self.run_state = state
         self.stop_reason: tuple[str, str] | None = None  # (reason, detail)
         self.last_loss: float | None = None
-        self.last_saved_step = -1
         self.final_checkpoint: str | None = None
         self._t_log = time.perf_counter()
         self._tokens_log = 0.0
@@ -156,7 +155,6 @@ class BusCallback(TrainerCallback):
         write_state(path, self.run_state)
         rel = str(path.resolve().relative_to(self.run_dir.resolve()))
         final = bool(control.should_training_stop) or state.global_step >= state.max_steps
-        self.last_saved_step = state.global_step
         if final:
             self.final_checkpoint = rel
         self.link.publish(CheckpointSaved(
