@@ -92,6 +92,37 @@ def ctl(
 
 
 @app.command()
+def export(
+    run_id: str = typer.Argument(..., help="Run whose checkpoint to export."),
+    step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the newest complete one)."),
+    merged: bool = typer.Option(False, "--merged", help="Write a merged model instead of the LoRA adapter."),
+    out: Optional[Path] = typer.Option(None, help="Target folder (default: <run>/export/<adapter|merged>-<step>)."),
+    storage: Path = STORAGE,
+) -> None:
+    """Export a checkpoint of a run as a PEFT adapter or a merged model (safetensors). Needs no broker."""
+    from .storage import load_run_config, resolve_model, run_dir
+
+    from tuneloop.checkpoint import export as exporter
+    from tuneloop.trainer.callback import STATE_FILE, latest_complete
+
+    rdir = run_dir(storage, run_id)
+    ckpt = latest_complete(rdir / "checkpoints") if step is None else rdir / "checkpoints" / f"checkpoint-{step}"
+    if ckpt is None or not (ckpt / STATE_FILE).is_file():
+        console.print(f"[red]no complete checkpoint {'' if step is None else f'for step {step} '}under {rdir / 'checkpoints'}[/]")
+        raise typer.Exit(2)
+    cfg = load_run_config(storage, run_id)
+    base = resolve_model(rdir, "base" if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path)
+    adapter = cfg.train.lora.enabled
+    kind = "merged" if merged or not adapter else "adapter"
+    dest = (out or rdir / "export" / f"{kind}-{ckpt.name.split('-')[-1]}").resolve()
+    if kind == "merged":
+        path = exporter.export_merged(ckpt, base, adapter, dest)
+    else:
+        path = exporter.export_adapter(ckpt, base, dest)
+    console.print(f"exported {ckpt.name} as {kind}: {path}", soft_wrap=True)
+
+
+@app.command()
 def proto(
     out: Path = typer.Option(Path("proto"), help="Folder to write."),
     check: bool = typer.Option(False, "--check", help="Only report whether the folder is up to date."),

@@ -80,6 +80,20 @@ def test_exported_model_loads_in_a_fresh_process_and_follows_the_protocol(exampl
         assert list(Path(summary["merged"]).glob("*.safetensors")) and not list(Path(summary["merged"]).glob("*.bin"))
 
 
+def test_export_command_writes_a_loadable_merged_model_from_any_checkpoint(example_run, tmp_path):
+    summary, _ = example_run
+    storage = str(Path(summary["run_dir"]).parent)
+    proc = subprocess.run([*TUNELOOP, "export", "example", "--step", "50", "--merged", "--out", str(tmp_path / "m50"),
+                           "--storage", storage], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, "merged", str(tmp_path / "m50")],
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-2000:]
+    missing = subprocess.run([*TUNELOOP, "export", "example", "--step", "7", "--storage", storage],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no complete checkpoint for step 7" in missing.stdout
+
+
 def test_ctrl_c_stops_every_process(tmp_path):
     cfg = example_config(tmp_path, max_steps=100000)
     proc = subprocess.Popen([*TUNELOOP, "run", str(cfg), "--run-id", "interrupted"], stdout=subprocess.PIPE,
