@@ -67,8 +67,7 @@ async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None) -> tup
     link = BusLink(bus, asyncio.get_running_loop())
     await bus.consume(Control, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
     await bus.consume(Feedback, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
-    state = controls.RunState(learning_rate=cfg.train.learning_rate, max_grad_norm=cfg.train.max_grad_norm,
-                              save_steps=cfg.train.save_steps, logging_steps=1)
+    state = controls.RunState.from_config(cfg.train)
     callback = BusCallback(link, run_id, rdir, "base", adapter=True, state=state)
     trainer = recipe.build_trainer(cfg, rdir, ds, [callback])
     t0 = time.perf_counter()

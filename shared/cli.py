@@ -104,6 +104,7 @@ def export(
 
     from tuneloop.checkpoint import export as exporter
     from tuneloop.trainer.callback import STATE_FILE, latest_complete
+    from tuneloop.trainer.recipe import base_ref
 
     rdir = run_dir(storage, run_id)
     ckpt = latest_complete(rdir / "checkpoints") if step is None else rdir / "checkpoints" / f"checkpoint-{step}"
@@ -111,7 +112,7 @@ def export(
         console.print(f"[red]no complete checkpoint {'' if step is None else f'for step {step} '}under {rdir / 'checkpoints'}[/]")
         raise typer.Exit(2)
     cfg = load_run_config(storage, run_id)
-    base = resolve_model(rdir, "base" if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path)
+    base = resolve_model(rdir, base_ref(cfg))
     adapter = cfg.train.lora.enabled
     kind = "merged" if merged or not adapter else "adapter"
     dest = (out or rdir / "export" / f"{kind}-{ckpt.name.split('-')[-1]}").resolve()

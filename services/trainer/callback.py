@@ -37,6 +37,11 @@ def set_learning_rate(optimizer, scheduler, new: float) -> None:
             group["initial_lr"] = group["initial_lr"] * ratio if ratio else new
 
 
+def sync_args(args, run_state: controls.RunState) -> None:
+    """Mirror the steerable values into TrainingArguments, which the training loop reads."""
+    args.max_grad_norm, args.save_steps, args.logging_steps = run_state.max_grad_norm, run_state.save_steps, run_state.logging_steps
+
+
 def write_state(checkpoint: Path, run_state: controls.RunState) -> None:
     """Controls applied so far, saved atomically as the checkpoint's last file."""
     tmp = checkpoint / (STATE_FILE + ".tmp")
@@ -131,7 +136,7 @@ class BusCallback(TrainerCallback):
         rs = self.run_state
         if event.command == "set-lr":
             set_learning_rate(optimizer, scheduler, rs.learning_rate)
-        args.max_grad_norm, args.save_steps, args.logging_steps = rs.max_grad_norm, rs.save_steps, rs.logging_steps
+        sync_args(args, rs)
         state.save_steps, state.logging_steps = rs.save_steps, rs.logging_steps  # what DefaultFlowCallback reads
         if outcome.stop:
             control.should_training_stop = True

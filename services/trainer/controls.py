@@ -41,6 +41,12 @@ class RunState:
         return asdict(self)
 
     @classmethod
+    def from_config(cls, train) -> "RunState":
+        """The state a fresh run starts with (``train`` is the config's train section)."""
+        return cls(learning_rate=train.learning_rate, max_grad_norm=train.max_grad_norm,
+                   save_steps=train.save_steps, logging_steps=train.logging_steps)
+
+    @classmethod
     def from_dict(cls, data: dict) -> "RunState":
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 

@@ -15,7 +15,7 @@ from tuneloop.events import DatasetReady, TrainingFinished
 from tuneloop.storage import confine
 
 from . import controls, model as models
-from .callback import BusCallback, latest_complete, read_state
+from .callback import BusCallback, latest_complete, read_state, sync_args
 from .link import BusLink
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,18 @@ def precision(cfg: Config) -> tuple[bool, bool]:
     return not cuda, bf16
 
 
+def base_ref(cfg: Config) -> str:
+    """The base model as events name it: ``base`` (inside the run directory) for the tiny model, else the hub id/path."""
+    return "base" if cfg.model.name_or_path == models.TINY else cfg.model.name_or_path
+
+
 def prepare_base(cfg: Config, run_dir: Path, dataset: DatasetReady) -> tuple[str, Path | str]:
     """(reference carried on events, what from_pretrained loads)."""
+    ref = base_ref(cfg)
     if cfg.model.name_or_path == models.TINY:
         train_file = confine(run_dir, dataset.splits["train"].path)
-        return "base", models.build_tiny(train_file, run_dir / "base", cfg.model.tiny, cfg.run.seed)
-    return cfg.model.name_or_path, cfg.model.name_or_path
+        return ref, models.build_tiny(train_file, run_dir / ref, cfg.model.tiny, cfg.run.seed)
+    return ref, ref
 
 
 def sft_args(cfg: Config, out_dir: Path):
@@ -97,11 +103,10 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link: 
     resume = latest_complete(out_dir)
     if resume:  # what operators decided before the restart still holds
         state = read_state(resume)
-        args.max_grad_norm, args.save_steps, args.logging_steps = state.max_grad_norm, state.save_steps, state.logging_steps
+        sync_args(args, state)
         log.info("resuming from %s (%d controls applied so far)", resume, len(state.applied))
     else:
-        state = controls.RunState(learning_rate=tc.learning_rate, max_grad_norm=tc.max_grad_norm,
-                                  save_steps=tc.save_steps, logging_steps=tc.logging_steps)
+        state = controls.RunState.from_config(tc)
     base_ref, _ = prepare_base(cfg, run_dir, dataset)
     callback = BusCallback(link, run_id, run_dir, base_ref, adapter=tc.lora.enabled, state=state)
     trainer = build_trainer(cfg, run_dir, dataset, [callback], args=args)
