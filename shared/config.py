@@ -74,8 +74,29 @@ class LoraSection(_Section):
     modules_to_save: list[str] | None = Field(default=None, description="Modules trained fully and saved with the adapter (e.g. lm_head for a model trained from scratch).")
 
 
+class DPOSection(_Section):
+    beta: float = Field(default=0.1, gt=0, description="Strength of the pull towards the reference model.")
+    loss_type: str = "sigmoid"
+
+
+REWARDS = ("protocol", "correctness", "brevity")
+
+
+class GRPOSection(_Section):
+    num_generations: int = Field(default=4, ge=2, description="Completions sampled per prompt (the group).")
+    max_completion_length: int = Field(default=32, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.0, ge=0, description="KL penalty to the reference model (0: no reference model).")
+    rewards: dict[Literal[REWARDS], float] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: {"protocol": 1.0},
+        description="Reward functions of the rl-reward service and their weights.")
+    reward_timeout: float = Field(default=60.0, gt=0, description="Seconds to wait for the rl-reward service.")
+
+
 class TrainSection(_Section):
-    method: Literal["sft"] = "sft"
+    method: Literal["sft", "dpo", "grpo"] = Field(default="sft", description="sft: prompt-completion; dpo: preference pairs; grpo: rewards from rl-reward.")
+    processes: int = Field(default=1, ge=1, le=64, description="Training processes on this machine (torchrun; DDP, or FSDP with `fsdp`).")
+    fsdp: bool = Field(default=False, description="Shard parameters, gradients and optimizer state over the processes (FSDP).")
     max_steps: int = Field(default=300, ge=1)
     batch_size: int = Field(default=32, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
@@ -90,6 +111,15 @@ class TrainSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool | Literal["auto"] = Field(default="auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU.")
     lora: LoraSection = LoraSection()
+    dpo: DPOSection = DPOSection()
+    grpo: GRPOSection = GRPOSection()
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> "TrainSection":
+        if self.method == "grpo" and (self.batch_size * self.processes) % self.grpo.num_generations:
+            raise ValueError(f"batch_size {self.batch_size} x processes {self.processes} is not divisible by "
+                             f"grpo.num_generations {self.grpo.num_generations}")
+        return self
 
 
 class EvalSection(_Section):

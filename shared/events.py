@@ -82,6 +82,8 @@ class StepMetrics(Event):
     learning_rate: float | None = None
     grad_norm: float | None = None
     tokens_per_second: float | None = None
+    reward: float | None = Field(default=None, description="GRPO: mean reward of the step's completions.")
+    method: str = "sft"
     paused: bool = False
 
 
@@ -107,6 +109,7 @@ class TrainingFinished(Event):
     final_loss: float | None = None
     final_checkpoint: RelPath | None = None
     train_seconds: float = 0.0
+    processes: int = Field(default=1, ge=1, description="Training processes (ranks) that took part.")
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -223,6 +226,7 @@ class RewardRequest(Event):
     completions: list[str] = Field(max_length=4096)
     references: list[str | None] = Field(default_factory=list)
     categories: list[str | None] = Field(default_factory=list)
+    weights: dict[str, float] = Field(default_factory=dict, description="Reward function -> weight; empty: the service's default.")
 
 
 class RewardReply(Event):

@@ -33,6 +33,7 @@ class ServiceContext:
     run_id: str                      # a run id, or "*" for every run on the bus
     storage: Path                    # root of run directories
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    args: argparse.Namespace = field(default_factory=argparse.Namespace)  # incl. a service's own flags
 
     def run_dir(self, run_id: str) -> Path:
         return run_dir(self.storage, run_id)
@@ -54,7 +55,8 @@ def on_torch_thread(fn: Callable[..., T], *args) -> Awaitable[T]:
     return asyncio.get_running_loop().run_in_executor(_TORCH_THREAD, fn, *args)
 
 
-def parse_args(name: str, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(name: str, argv: list[str] | None = None,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m tuneloop.{name.replace('-', '_')}", description=f"tuneloop {name} service")
     p.add_argument("--run-id", default=os.environ.get("TUNELOOP_RUN_ID", subjects.ALL_RUNS),
                    help="serve one run (default: every run on the bus)")
@@ -65,6 +67,8 @@ def parse_args(name: str, argv: list[str] | None = None) -> argparse.Namespace:
                    help="serve /metrics and /healthz here (0: any free port, -1: off)")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
     p.add_argument("--log-level", default=os.environ.get("TUNELOOP_LOG_LEVEL", "INFO"))
+    if extra:
+        extra(p)
     return p.parse_args(argv)
 
 
@@ -74,8 +78,10 @@ def setup_logging(name: str, level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_service(name: str, main: ServiceMain, argv: list[str] | None = None) -> None:
-    args = parse_args(name, argv)
+def run_service(name: str, main: ServiceMain, argv: list[str] | None = None,
+                args: argparse.Namespace | None = None) -> None:
+    """Run ``main`` until SIGTERM/SIGINT; ``args`` when the service parsed its own (extra flags)."""
+    args = args or parse_args(name, argv)
     setup_logging(name, args.log_level)
     subjects.check_run_id(args.run_id)
     telemetry.start_http(args.metrics_port)
@@ -87,11 +93,12 @@ def run_service(name: str, main: ServiceMain, argv: list[str] | None = None) -> 
 
 async def _run(name: str, main: ServiceMain, args: argparse.Namespace) -> None:
     bus = await Bus.connect(args.nats_url, name)
-    ctx = ServiceContext(name=name, bus=bus, run_id=args.run_id, storage=Path(args.storage).resolve())
+    ctx = ServiceContext(name=name, bus=bus, run_id=args.run_id, storage=Path(args.storage).resolve(), args=args)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ctx.stop.set)
-    watchdog = asyncio.create_task(_watch_parent(args.parent_pid, ctx.stop)) if args.parent_pid else None
+    parents = [pid for pid in (args.parent_pid, getattr(args, "launcher_pid", 0)) if pid]
+    watchdog = asyncio.create_task(_watch_parents(parents, ctx.stop)) if parents else None
     log.info("%s serving run %s on %s", name, args.run_id, args.nats_url)
     try:
         await main(ctx)
@@ -102,11 +109,19 @@ async def _run(name: str, main: ServiceMain, args: argparse.Namespace) -> None:
         log.info("%s stopped", name)
 
 
-async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
-    while not stop.is_set():
+def parent_gone(pids: list[int]) -> int | None:
+    """The first of ``pids`` that no longer runs, if any."""
+    for pid in pids:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            return pid
+    return None
+
+
+async def _watch_parents(pids: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        if (pid := parent_gone(pids)) is not None:
             log.warning("parent %d is gone; stopping", pid)
             stop.set()
             return

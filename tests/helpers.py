@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,14 +43,21 @@ class Services:
         self.storage, self.url, self.run_id = storage, url, run_id
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str) -> subprocess.Popen:
+    def start(self, name: str, *flags: str) -> subprocess.Popen:
         log = open(self.storage / f"{name}.log", "ab")
         env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
         p = subprocess.Popen([sys.executable, "-m", "tuneloop." + name.replace("-", "_"), "--run-id", self.run_id,
-                              "--storage", str(self.storage), "--nats-url", self.url, "--parent-pid", str(os.getpid())],
-                             stdout=log, stderr=subprocess.STDOUT, env=env)
+                              "--storage", str(self.storage), "--nats-url", self.url, "--parent-pid", str(os.getpid()),
+                              *flags],
+                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs[name] = p
         return p
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the service and every process it started (torchrun's ranks): a machine gone."""
+        p = self.procs[name]
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
     def log(self, name: str) -> str:
         return (self.storage / f"{name}.log").read_text(errors="replace")

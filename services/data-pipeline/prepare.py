@@ -5,9 +5,13 @@ Input rows (JSONL, one per line)::
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}],
      "category": "math", "reference": "26"}
 
-Output rows (prompt-completion, what TRL's SFTTrainer takes directly)::
+Output rows (prompt-completion for SFT, prompt-chosen-rejected for DPO, prompt + reference
+for GRPO's rewards: what TRL's trainers take directly)::
 
-    {"prompt": "<|user|>\\n...\\n<|assistant|>\\n", "completion": "...", "category": ..., "reference": ...}
+    {"prompt": "<|user|>\\n...\\n<|assistant|>\\n", "completion": "...", "chosen": "...", "rejected": "...",
+     "category": ..., "reference": ...}
+
+A row may bring its own ``rejected`` answer; otherwise one is derived (``augment.break_protocol``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from tuneloop.chat import render_prompt
 from tuneloop.config import Config
 from tuneloop.events import explain
 
+from .augment import break_protocol
+
 
 class DataError(ValueError):
     """A data set that cannot be used; names the file, line and field."""
@@ -42,6 +48,7 @@ class Row(BaseModel):
     messages: list[Message] = Field(min_length=2)
     category: str = "default"
     reference: str | None = None
+    rejected: str | None = Field(default=None, min_length=1, description="A dispreferred answer, for DPO.")
 
     def check_turns(self) -> None:
         if self.messages[-1].role != "assistant":
@@ -93,9 +100,12 @@ def to_example(row: Row, template: str) -> dict:
     answer = row.messages[-1].content
     if template == "model":  # conversational: TRL applies the tokenizer's own template
         prompt, completion = prompt_msgs, [{"role": "assistant", "content": answer}]
+        rejected = [{"role": "assistant", "content": row.rejected or break_protocol(answer)}]
     else:
         prompt, completion = render_prompt(prompt_msgs), answer
-    return {"prompt": prompt, "completion": completion, "category": row.category, "reference": row.reference}
+        rejected = row.rejected or break_protocol(answer)
+    return {"prompt": prompt, "completion": completion, "chosen": completion, "rejected": rejected,
+            "category": row.category, "reference": row.reference}
 
 
 def mix(sources: list[SourceRows], rng: random.Random) -> list[Row]:

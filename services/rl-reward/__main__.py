@@ -14,8 +14,9 @@ from .policy import PolicyState, decide
 log = logging.getLogger("tuneloop.rl_reward")
 
 
-def score_batch(req: RewardRequest, weights: dict[str, float]) -> RewardReply:
+def score_batch(req: RewardRequest) -> RewardReply:
     """One reward or one error per completion; a bad item never fails the batch."""
+    weights = rewards.check_weights(req.weights)
     out, errors = [], []
     for i, completion in enumerate(req.completions):
         ref = req.references[i] if i < len(req.references) else None
@@ -33,7 +34,7 @@ async def main(ctx: ServiceContext) -> None:
     states: dict[str, PolicyState] = defaultdict(PolicyState)
 
     async def on_reward(req: RewardRequest) -> RewardReply:
-        return score_batch(req, {"protocol": 1.0})
+        return score_batch(req)
 
     async def on_verdict(verdict: EvalVerdict) -> None:
         if verdict.purpose != "periodic":

@@ -3,6 +3,8 @@ ValueError for that item alone (the service turns it into a per-item error)."""
 
 from __future__ import annotations
 
+import json
+
 from tuneloop.checks import check
 
 
@@ -16,9 +18,29 @@ def correctness(completion: str, reference: str | None, category: str | None) ->
     return 1.0 if check(completion, reference, category).correct else 0.0
 
 
-REWARDS = {"protocol": protocol, "correctness": correctness}
+def brevity(completion: str, reference: str | None, category: str | None) -> float:
+    """Token efficiency: the length of the shortest protocol answer over this one's (1 = no waste)."""
+    if reference is None:
+        raise ValueError("brevity needs a reference answer")
+    shortest = len(json.dumps({"task": category or "", "answer": reference}, ensure_ascii=False))
+    return min(1.0, shortest / max(len(completion.strip()), 1))
+
+
+REWARDS = {"protocol": protocol, "correctness": correctness, "brevity": brevity}
+DEFAULT_WEIGHTS = {"protocol": 1.0}
+
+
+def check_weights(weights: dict[str, float]) -> dict[str, float]:
+    """The weights to use; unknown reward names are a whole-request error, named."""
+    weights = weights or DEFAULT_WEIGHTS
+    unknown = sorted(set(weights) - set(REWARDS))
+    if unknown:
+        raise ValueError(f"unknown reward function(s) {unknown}; known: {sorted(REWARDS)}")
+    if any(w < 0 for w in weights.values()) or not sum(weights.values()):
+        raise ValueError(f"reward weights must be >= 0 and not all 0, got {weights}")
+    return weights
 
 
 def combined(completion: str, reference: str | None, category: str | None, weights: dict[str, float]) -> float:
     total = sum(weights.values()) or 1.0
-    return sum(w * REWARDS[name](completion, reference, category) for name, w in weights.items()) / total
+    return sum(w * REWARDS[name](completion, reference, category) for name, w in weights.items() if w) / total

@@ -1,34 +1,47 @@
-"""trainer service: waits for the run's data set, trains, and answers controls meanwhile."""
+"""trainer service: waits for the run's data set, trains, and answers controls meanwhile.
+
+With ``--processes N`` (or ``train.processes`` in the config) the service re-executes itself
+under torchrun: rank 0 runs ``main`` (the bus), the other ranks run ``follow`` (no bus; they
+get everything from rank 0 at step boundaries, see ``distributed``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
+import signal
+import sys
+import threading
+import time
 
 from tuneloop.events import Control, ControlRejected, DatasetReady, Feedback, TrainingFinished
-from tuneloop.service import ServiceContext, on_torch_thread, run_service
+from tuneloop.service import ServiceContext, on_torch_thread, parent_gone, parse_args, run_service, setup_logging
+from tuneloop.storage import load_run_config, run_dir
 
-from . import recipe
-from .link import BusLink
+from . import distributed, recipe
+from .link import BusLink, FollowerLink
 
 log = logging.getLogger("tuneloop.trainer")
 
 
 async def main(ctx: ServiceContext) -> None:
-    if ctx.run_id == "*":
-        raise SystemExit("the trainer trains one run: pass --run-id or TUNELOOP_RUN_ID")
     run_id, bus = ctx.run_id, ctx.bus
+    cfg = ctx.config(run_id)
+    await on_torch_thread(distributed.init, recipe.uses_cuda(cfg))
     dataset = await bus.wait_latest(DatasetReady, run_id, ctx.stop)
+    await on_torch_thread(distributed.broadcast, dataset)  # None tells the other ranks to leave
     if dataset is None:
         return
     log.info("dataset %s: %s", dataset.dataset_id, {k: v.rows for k, v in dataset.splits.items()})
 
-    link = BusLink(bus, asyncio.get_running_loop())
+    link = BusLink(bus, asyncio.get_running_loop(), run_id)
+    await bus.consume(DatasetReady, run_id, link.remember_dataset, concurrency=8)
     await bus.consume(Control, run_id, link.deliver, concurrency=64, ack_wait=60)
     await bus.consume(Feedback, run_id, link.deliver, concurrency=64, ack_wait=60)
     stopper = asyncio.create_task(_forward_stop(ctx, link))
 
-    cfg = ctx.config(run_id)
     try:
         finished = await on_torch_thread(recipe.train, cfg, run_id, ctx.run_dir(run_id), dataset, link)
     except Exception as e:
@@ -51,5 +64,50 @@ async def _forward_stop(ctx: ServiceContext, link: BusLink) -> None:
     link.stopping.set()
 
 
+def follow(args: argparse.Namespace) -> None:
+    """Ranks 1..N-1: train in lockstep with rank 0, which speaks for all of them on the bus."""
+    setup_logging(f"trainer[{distributed.rank()}]", args.log_level)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 decides when to stop, at a step boundary
+        signal.signal(sig, signal.SIG_IGN)
+    _exit_with_parents([args.parent_pid, args.launcher_pid])
+    cfg = load_run_config(args.storage, args.run_id)
+    distributed.init(recipe.uses_cuda(cfg))
+    dataset = distributed.broadcast(None)
+    if dataset is None:
+        return
+    recipe.train(cfg, args.run_id, run_dir(args.storage, args.run_id), dataset, FollowerLink())
+
+
+def _exit_with_parents(pids: list[int]) -> None:
+    def watch():
+        while parent_gone([p for p in pids if p]) is None:
+            time.sleep(1.0)
+        os._exit(1)  # rank 0 saves what can be saved; a lone follower has nothing to add
+
+    threading.Thread(target=watch, daemon=True, name="watchdog").start()
+
+
+def _flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--processes", type=int, default=int(os.environ.get("TUNELOOP_PROCESSES", "0")),
+                   help="training processes on this machine (default: train.processes in the run's config)")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args("trainer", argv, extra=_flags)
+    if args.run_id == "*":
+        raise SystemExit("the trainer trains one run: pass --run-id or TUNELOOP_RUN_ID")
+    if distributed.launched():
+        distributed.die_with_launcher()
+        args.launcher_pid = os.getppid()  # torchrun (if it went before the line above took effect)
+        if distributed.rank() > 0:
+            return follow(args)
+        return run_service("trainer", main, args=args)
+    processes = args.processes or load_run_config(args.storage, args.run_id).train.processes
+    if processes > 1:
+        os.execv(sys.executable, distributed.torchrun_argv(processes, argv))
+    run_service("trainer", main, args=args)
+
+
 if __name__ == "__main__":
-    run_service("trainer", main)
+    cli()

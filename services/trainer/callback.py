@@ -4,6 +4,9 @@
 - ``on_step_end``: apply the control and feedback events that arrived during the step, in
   order, and answer each control with ``ControlApplied`` / ``ControlRejected``.
 - ``on_save``: announce the complete checkpoint with ``CheckpointSaved``.
+
+With several processes every rank runs this callback; rank 0's events are broadcast at the
+step boundary so every rank applies the same ones, and only rank 0 speaks on the bus.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from tuneloop.events import CheckpointSaved, Control, ControlApplied, ControlRejected, Feedback, StepMetrics
+from tuneloop.events import CheckpointSaved, Control, ControlApplied, ControlRejected, DatasetReady, Feedback, StepMetrics
 
-from . import controls
-from .link import BusLink
+from . import controls, distributed
+from .link import BusLink, FollowerLink
 
 log = logging.getLogger(__name__)
 PAUSE_POLL_S = 2.0
@@ -35,6 +38,8 @@ def set_learning_rate(optimizer, scheduler, new: float) -> None:
         group["lr"] = group["lr"] * ratio if ratio else new
         if "initial_lr" in group:
             group["initial_lr"] = group["initial_lr"] * ratio if ratio else new
+    if scheduler is not None and hasattr(scheduler, "_last_lr"):  # what the Trainer logs for the next step
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def sync_args(args, run_state: controls.RunState) -> None:
@@ -59,15 +64,31 @@ def read_state(checkpoint: Path) -> controls.RunState:
     return controls.RunState.from_dict(json.loads((checkpoint / STATE_FILE).read_text()))
 
 
+def _noop() -> None:
+    pass
+
+
+def weights_checksum(model) -> float:
+    """Sum of the trainable weights: equal on every rank unless the ranks drifted apart."""
+    import torch
+
+    with torch.no_grad():
+        return round(float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad)), 6)
+
+
 class BusCallback(TrainerCallback):
-    def __init__(self, link: BusLink, run_id: str, run_dir: Path, base_model: str, adapter: bool, state: controls.RunState):
+    def __init__(self, link: BusLink | FollowerLink, run_id: str, run_dir: Path, base_model: str, adapter: bool,
+                 state: controls.RunState, method: str = "sft", sharded: bool = False):
         self.link = link
         self.run_id = run_id
         self.run_dir = Path(run_dir)
         self.base_model = base_model
         self.adapter = adapter
         self.run_state = state
+        self.method = method
+        self.sharded = sharded  # FSDP: each rank holds other weights, so only the rest is compared
         self.stop_reason: tuple[str, str] | None = None  # (reason, detail)
+        self.switch_to: DatasetReady | None = None  # set-data: the recipe continues on this data set
         self.last_loss: float | None = None
         self.final_checkpoint: str | None = None
         self._t_log = time.perf_counter()
@@ -87,22 +108,37 @@ class BusCallback(TrainerCallback):
         self.link.publish(StepMetrics(
             run_id=self.run_id, step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
             loss=self.last_loss, learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
-            tokens_per_second=tps,
+            tokens_per_second=tps, reward=logs.get("reward"), method=self.method,
         ))
 
     # ---------------------------------------------------------------- step boundary
     def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        self._handle(self.link.drain(), args, state, control, optimizer, lr_scheduler)
-        while self.run_state.paused and not control.should_training_stop and not self.link.stopping.is_set():
+        items, stopping = self._exchange()
+        self._handle(items, args, state, control, optimizer, lr_scheduler)
+        while self.run_state.paused and not control.should_training_stop and not stopping:
             self._publish_paused(state)  # metrics keep saying "paused"; the process just holds
-            self._handle(self.link.wait(PAUSE_POLL_S), args, state, control, optimizer, lr_scheduler)
-        if self.link.stopping.is_set() and not control.should_training_stop:
+            items, stopping = self._exchange(PAUSE_POLL_S)
+            self._handle(items, args, state, control, optimizer, lr_scheduler)
+        if stopping and self.stop_reason is None:
             log.info("termination requested: saving and stopping at step %d", state.global_step)
             self.stop_reason = ("control", "service asked to stop (SIGTERM)")
             control.should_training_stop = True
         if control.should_training_stop:
             control.should_save = True  # the last step is always a checkpoint
         return control
+
+    def _exchange(self, wait_s: float = 0.0):
+        """(events, stop requested) for this boundary, the same on every rank: rank 0's, broadcast."""
+        items = self.link.wait(wait_s) if wait_s else self.link.drain()
+        stopping = self.link.stopping.is_set()
+        if distributed.world_size() == 1:
+            return items, stopping
+        events = [e for e, _ in items]
+        wanted = {e.value for e in events if isinstance(e, Control) and e.command == "set-data"}
+        datasets = {k: v for k, v in self.link.datasets.items() if k in wanted}
+        events, stopping, datasets = distributed.broadcast((events, stopping, datasets))
+        self.link.datasets.update(datasets)
+        return (items if distributed.rank() == 0 else [(e, _noop) for e in events]), stopping
 
     def _handle(self, items, args, state, control, optimizer, scheduler) -> None:
         for event, done in items:
@@ -127,7 +163,7 @@ class BusCallback(TrainerCallback):
             log.info("control %s already applied (redelivered after a restart); skipped", event.event_id)
             return
         try:
-            outcome = controls.apply(self.run_state, event.command, event.value)
+            outcome = controls.apply(self.run_state, event.command, event.value, frozenset(self.link.datasets))
         except controls.Rejected as e:
             log.warning("control %s rejected at step %d: %s", event.command, step, e)
             self.link.publish(ControlRejected(run_id=self.run_id, control_id=event.event_id,
@@ -143,6 +179,9 @@ class BusCallback(TrainerCallback):
             self.stop_reason = ("control", f"stop by {event.operator or event.source or 'operator'}")
         if outcome.save:
             control.should_save = True
+        if outcome.switch_data and not control.should_training_stop:
+            self.switch_to = self.link.datasets[rs.dataset_id]
+            control.should_training_stop = True  # the recipe goes on with the new data from this checkpoint
         rs.applied.append({"control_id": event.event_id, "command": event.command, "value": event.value, "step": step})
         log.info("control %s applied at step %d: %r -> %r", event.command, step, outcome.old, outcome.new)
         self.link.publish(ControlApplied(run_id=self.run_id, control_id=event.event_id, command=event.command,
@@ -150,16 +189,26 @@ class BusCallback(TrainerCallback):
 
     def _apply_feedback(self, event: Feedback, state, control) -> None:
         log.info("feedback at step %d (verdict of step %d): %s, %s", state.global_step, event.step, event.action, event.reason)
-        if event.action == "stop" and not control.should_training_stop:
+        if event.action == "stop" and self.stop_reason is None:
             control.should_training_stop = True
             self.stop_reason = ("feedback", event.reason)
 
     # ---------------------------------------------------------------- checkpoints
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if distributed.world_size() > 1:
+            rs = self.run_state
+            distributed.check_agreement({
+                "step": state.global_step, "lr": rs.learning_rate, "controls": len(rs.applied),
+                "dataset": rs.dataset_id, "stop": bool(control.should_training_stop),
+                "weights": None if self.sharded or model is None else weights_checksum(model),
+            })
+        if not state.is_world_process_zero:
+            return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         write_state(path, self.run_state)
         rel = str(path.resolve().relative_to(self.run_dir.resolve()))
-        final = bool(control.should_training_stop) or state.global_step >= state.max_steps
+        ending = bool(control.should_training_stop) and (self.switch_to is None or self.stop_reason is not None)
+        final = ending or state.global_step >= state.max_steps
         if final:
             self.final_checkpoint = rel
         self.link.publish(CheckpointSaved(

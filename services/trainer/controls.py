@@ -21,6 +21,7 @@ class Outcome:
     new: object = None
     stop: bool = False
     save: bool = False
+    switch_data: bool = False  # set-data: save, then go on with the new data set
 
 
 @dataclass
@@ -31,6 +32,7 @@ class RunState:
     max_grad_norm: float
     save_steps: int
     logging_steps: int
+    dataset_id: str = ""
     paused: bool = False
     applied: list[dict] = field(default_factory=list)  # audit: every applied control, in order
 
@@ -41,10 +43,10 @@ class RunState:
         return asdict(self)
 
     @classmethod
-    def from_config(cls, train) -> "RunState":
+    def from_config(cls, train, dataset_id: str = "") -> "RunState":
         """The state a fresh run starts with (``train`` is the config's train section)."""
         return cls(learning_rate=train.learning_rate, max_grad_norm=train.max_grad_norm,
-                   save_steps=train.save_steps, logging_steps=train.logging_steps)
+                   save_steps=train.save_steps, logging_steps=train.logging_steps, dataset_id=dataset_id)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunState":
@@ -71,8 +73,11 @@ def _set(state: RunState, attr: str, new) -> Outcome:
     return Outcome(old=old, new=new)
 
 
-def apply(state: RunState, command: str, value) -> Outcome:
-    """Apply ``command`` to ``state``; raises Rejected for unknown commands or bad values."""
+def apply(state: RunState, command: str, value, datasets: frozenset[str] = frozenset()) -> Outcome:
+    """Apply ``command`` to ``state``; raises Rejected for unknown commands or bad values.
+
+    ``datasets``: ids of the data sets announced for the run (what set-data may switch to).
+    """
     if command == "stop":
         return Outcome(old="paused" if state.paused else "running", new="stopping", stop=True, save=True)
     if command in ("checkpoint", "eval"):  # every checkpoint is evaluated: eval = checkpoint now
@@ -93,8 +98,17 @@ def apply(state: RunState, command: str, value) -> Outcome:
         return _set(state, "save_steps", _number(value, command, 1e9, integer=True))
     if command == "set-log-interval":
         return _set(state, "logging_steps", _number(value, command, 1e9, integer=True))
+    if command == "set-data":
+        if value not in datasets:
+            known = ", ".join(sorted(datasets)) or "none"
+            raise Rejected(f"no data set {value!r} was announced for this run (announced: {known})")
+        if value == state.dataset_id:
+            raise Rejected(f"already training on data set {value!r}")
+        outcome = _set(state, "dataset_id", value)
+        outcome.save = outcome.switch_data = True
+        return outcome
     raise Rejected(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
 
 
 COMMANDS = ("stop", "pause", "resume", "checkpoint", "eval", "set-lr", "set-grad-clip", "set-save-interval",
-            "set-log-interval")
+            "set-log-interval", "set-data")

@@ -16,20 +16,24 @@ import threading
 from collections.abc import Callable
 
 from tuneloop.bus import Bus
-from tuneloop.events import Event
+from tuneloop.events import DatasetReady, Event, RewardReply, RewardRequest
 
 log = logging.getLogger(__name__)
 
 
 class BusLink:
-    def __init__(self, bus: Bus, loop: asyncio.AbstractEventLoop):
+    def __init__(self, bus: Bus, loop: asyncio.AbstractEventLoop, run_id: str):
         self.bus = bus
         self.loop = loop
+        self.run_id = run_id
         self.inbox: queue.Queue[tuple[Event, Callable[[], None]]] = queue.Queue()
         self.stopping = threading.Event()  # set by SIGTERM: save and stop at the next boundary
-        self.closed = False
+        self.datasets: dict[str, DatasetReady] = {}  # every data set announced for the run, for set-data
 
     # loop side -----------------------------------------------------------
+    async def remember_dataset(self, event: DatasetReady) -> None:
+        self.datasets[event.dataset_id] = event
+
     async def deliver(self, event: Event) -> None:
         """Bus handler: hand ``event`` to the training thread; return once it was handled."""
         done = self.loop.create_future()
@@ -60,6 +64,33 @@ class BusLink:
             fut.result(timeout)
         else:
             fut.add_done_callback(_log_failure)
+
+    def score(self, request: RewardRequest, timeout: float = 60.0) -> RewardReply:
+        """Ask the rl-reward service (any member of its queue group) to score completions."""
+        return asyncio.run_coroutine_threadsafe(
+            self.bus.request(request, RewardReply, timeout=timeout), self.loop).result(timeout + 5)
+
+
+class FollowerLink:
+    """What ranks other than 0 have instead of the bus: nothing arrives, nothing is sent.
+
+    Their events come from rank 0's broadcast at each step boundary (see ``BusCallback``).
+    """
+
+    run_id = ""
+
+    def __init__(self):
+        self.stopping = threading.Event()
+        self.datasets: dict[str, DatasetReady] = {}
+
+    def drain(self) -> list:
+        return []
+
+    def wait(self, timeout: float) -> list:
+        return []
+
+    def publish(self, event: Event, *, wait: bool = False, timeout: float = 30.0) -> None:
+        pass
 
 
 def _resolve(fut: asyncio.Future) -> None:

@@ -1,6 +1,8 @@
-"""The SFT recipe, top to bottom: data set → base model → TRL SFTTrainer (+ LoRA) → done.
+"""The training recipe, top to bottom: data set → base model → TRL trainer (+ LoRA) → done.
 
-Runs in the training thread. Everything it says to the world goes through ``BusCallback``.
+One flow for the three methods; what differs is a row of ``METHODS``: TRL's config and
+trainer classes and the columns each one reads. Runs in the training thread; everything it
+says to the world goes through ``BusCallback``.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ from tuneloop.config import Config
 from tuneloop.events import DatasetReady, TrainingFinished
 from tuneloop.storage import confine
 
-from . import controls, model as models
+from . import controls, distributed, model as models
 from .callback import BusCallback, latest_complete, read_state, sync_args
-from .link import BusLink
+from .remote_reward import RemoteReward
 
 log = logging.getLogger(__name__)
+
+# method -> (TRL config class, TRL trainer class, columns of the prepared rows it trains on)
+METHODS = {
+    "sft": ("SFTConfig", "SFTTrainer", ("prompt", "completion")),
+    "dpo": ("DPOConfig", "DPOTrainer", ("prompt", "chosen", "rejected")),
+    "grpo": ("GRPOConfig", "GRPOTrainer", ("prompt", "category", "reference")),
+}
 
 
 def read_split(run_dir: Path, dataset: DatasetReady, split: str) -> list[dict]:
@@ -27,13 +36,20 @@ def read_split(run_dir: Path, dataset: DatasetReady, split: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def precision(cfg: Config) -> tuple[bool, bool]:
-    """(use_cpu, bf16) for the configured device."""
+def uses_cuda(cfg: Config) -> bool:
     import torch
 
     cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
     if cfg.train.device == "cuda" and not cuda:
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    return cuda
+
+
+def precision(cfg: Config) -> tuple[bool, bool]:
+    """(use_cpu, bf16) for the configured device."""
+    import torch
+
+    cuda = uses_cuda(cfg)
     bf16 = cuda and torch.cuda.is_bf16_supported() if cfg.train.bf16 == "auto" else bool(cfg.train.bf16)
     return not cuda, bf16
 
@@ -47,26 +63,40 @@ def prepare_base(cfg: Config, run_dir: Path, dataset: DatasetReady) -> tuple[str
     """(reference carried on events, what from_pretrained loads)."""
     ref = base_ref(cfg)
     if cfg.model.name_or_path == models.TINY:
-        train_file = confine(run_dir, dataset.splits["train"].path)
-        return ref, models.build_tiny(train_file, run_dir / ref, cfg.model.tiny, cfg.run.seed)
+        path = run_dir / ref
+        if distributed.rank() == 0:  # one rank builds the tokenizer and weights, the others load them
+            path = models.build_tiny(confine(run_dir, dataset.splits["train"].path), path, cfg.model.tiny, cfg.run.seed)
+        distributed.broadcast(None)  # barrier: the base exists on disk for everyone
+        return ref, path
     return ref, ref
 
 
-def sft_args(cfg: Config, out_dir: Path):
-    """TRL's SFTConfig from our config: the same for the service and for plain-TRL baselines."""
-    from trl import SFTConfig
+def trl_args(cfg: Config, out_dir: Path):
+    """TRL's config for the method, from ours: the same for the service and for plain-TRL baselines."""
+    import trl
 
     tc = cfg.train
     use_cpu, bf16 = precision(cfg)
-    return SFTConfig(
+    common = dict(
         output_dir=str(out_dir), max_steps=tc.max_steps, per_device_train_batch_size=tc.batch_size,
         gradient_accumulation_steps=tc.gradient_accumulation_steps, learning_rate=tc.learning_rate,
         lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay,
-        max_grad_norm=tc.max_grad_norm, max_length=tc.max_length, logging_steps=tc.logging_steps,
-        save_strategy="steps", save_steps=tc.save_steps, report_to=[], use_cpu=use_cpu, bf16=bf16,
-        gradient_checkpointing=False, seed=cfg.run.seed, data_seed=cfg.run.seed, disable_tqdm=True,
-        dataloader_num_workers=0,
+        max_grad_norm=tc.max_grad_norm, logging_steps=tc.logging_steps, save_strategy="steps",
+        save_steps=tc.save_steps, report_to=[], use_cpu=use_cpu, bf16=bf16, gradient_checkpointing=False,
+        seed=cfg.run.seed, data_seed=cfg.run.seed, disable_tqdm=True, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
     )
+    if tc.fsdp:
+        common.update(fsdp="full_shard auto_wrap", fsdp_config={"auto_wrap_policy": "TRANSFORMER_BASED_WRAP"})
+    if tc.method == "sft":
+        extra = dict(max_length=tc.max_length)
+    elif tc.method == "dpo":
+        extra = dict(max_length=tc.max_length, beta=tc.dpo.beta, loss_type=tc.dpo.loss_type)
+    else:
+        g = tc.grpo
+        extra = dict(num_generations=g.num_generations, max_completion_length=g.max_completion_length,
+                     temperature=g.temperature, beta=g.beta)
+    return getattr(trl, METHODS[tc.method][0])(**common, **extra)
 
 
 def lora_config(cfg: Config):
@@ -79,44 +109,67 @@ def lora_config(cfg: Config):
                       modules_to_save=lc.modules_to_save, task_type="CAUSAL_LM")
 
 
-def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: list, args=None):
-    """Base model + data + TRL SFTTrainer. ``callbacks=[]`` is plain TRL (the benchmarks' baseline)."""
+def train_rows(cfg: Config, run_dir: Path, dataset: DatasetReady) -> list[dict]:
+    """The train split with the columns the method reads; rows lacking one are named."""
+    columns = METHODS[cfg.train.method][2]
+    rows = read_split(run_dir, dataset, "train")
+    for i, r in enumerate(rows, 1):
+        missing = [c for c in columns if c not in r]
+        if missing:
+            raise ValueError(f"{dataset.splits['train'].path}:{i}: {cfg.train.method} needs {missing}")
+    return [{c: r[c] for c in columns} for r in rows]
+
+
+def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: list, args=None, link=None, run_id=""):
+    """Base model + data + the TRL trainer. ``callbacks=[]`` is plain TRL (the benchmarks' baseline)."""
+    import trl
     from datasets import Dataset
     from transformers import set_seed
-    from trl import SFTTrainer
 
     set_seed(cfg.run.seed)
     _, base_path = prepare_base(cfg, run_dir, dataset)
     model, tokenizer = models.load(base_path)
-    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_split(run_dir, dataset, "train")]
-    return SFTTrainer(model=model, args=args or sft_args(cfg, run_dir / "checkpoints"),
-                      train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                      peft_config=lora_config(cfg), callbacks=callbacks)
+    kwargs = {}
+    if cfg.train.method == "grpo":
+        g = cfg.train.grpo
+        kwargs["reward_funcs"] = RemoteReward(link, run_id, g.rewards, g.reward_timeout)
+    trainer_cls = getattr(trl, METHODS[cfg.train.method][1])
+    return trainer_cls(model=model, args=args or trl_args(cfg, run_dir / "checkpoints"),
+                       train_dataset=Dataset.from_list(train_rows(cfg, run_dir, dataset)), processing_class=tokenizer,
+                       peft_config=lora_config(cfg), callbacks=callbacks, **kwargs)
 
 
-def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link: BusLink) -> TrainingFinished:
-    """The whole SFT run: resume where a complete checkpoint exists, train, report why it ended."""
+def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) -> TrainingFinished:
+    """The whole run: resume where a complete checkpoint exists, train, switch data when told, report why it ended."""
     t0 = time.perf_counter()
     tc = cfg.train
     out_dir = run_dir / "checkpoints"
-    args = sft_args(cfg, out_dir)
+    args = trl_args(cfg, out_dir)
     resume = latest_complete(out_dir)
     if resume:  # what operators decided before the restart still holds
         state = read_state(resume)
         sync_args(args, state)
         log.info("resuming from %s (%d controls applied so far)", resume, len(state.applied))
     else:
-        state = controls.RunState.from_config(tc)
-    base_ref, _ = prepare_base(cfg, run_dir, dataset)
-    callback = BusCallback(link, run_id, run_dir, base_ref, adapter=tc.lora.enabled, state=state)
-    trainer = build_trainer(cfg, run_dir, dataset, [callback], args=args)
-
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        state = controls.RunState.from_config(tc, dataset.dataset_id)
+    ref = base_ref(cfg)
+    callback = BusCallback(link, run_id, run_dir, ref, adapter=tc.lora.enabled, state=state,
+                           method=tc.method, sharded=tc.fsdp)
+    while True:
+        trainer = build_trainer(cfg, run_dir, dataset, [callback], args=args, link=link, run_id=run_id)
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if callback.switch_to is None or callback.stop_reason is not None:
+            break
+        # set-data: the checkpoint just saved holds weights, optimizer and schedule; go on with the new rows.
+        dataset, callback.switch_to = callback.switch_to, None
+        resume = latest_complete(out_dir)
+        args.ignore_data_skip = True  # the new data set starts at its beginning
+        log.info("switching to data set %s at step %d", dataset.dataset_id, trainer.state.global_step)
     step = trainer.state.global_step
     reason, detail = callback.stop_reason or ("completed", f"reached max_steps {tc.max_steps}")
     log.info("training finished at step %d (%s: %s), loss %.4f", step, reason, detail, result.training_loss)
     return TrainingFinished(
         run_id=run_id, step=step, reason=reason, detail=detail,
         final_loss=callback.last_loss, final_checkpoint=callback.final_checkpoint,
-        train_seconds=time.perf_counter() - t0,
+        train_seconds=time.perf_counter() - t0, processes=distributed.world_size(),
     )

@@ -1,7 +1,6 @@
 """The trainer service steered and restarted over a real nats-server, with real TRL training."""
 
 import asyncio
-import signal
 
 import pytest
 
@@ -77,8 +76,7 @@ async def test_sigkill_and_restart_resumes_exactly(tmp_path, nats_url, bus, serv
     run = base + "b"
     svc, ev = await start_training(tmp_path / "b", nats_url, bus, services, run, **common)
     await wait_for(lambda: any(c.step == 20 for c in ev[CheckpointSaved]), timeout=180)
-    svc.procs["trainer"].send_signal(signal.SIGKILL)
-    svc.procs["trainer"].wait()
+    svc.kill("trainer")
     killed_at = max(s.step for s in ev[StepMetrics])
     svc.start("trainer")
     await wait_for(lambda: ev[TrainingFinished], timeout=180)
@@ -97,8 +95,7 @@ async def test_set_lr_survives_a_restart(tmp_path, nats_url, bus, services, requ
     applied = await ctl(nats_url, bus, run, "set-lr", 5e-4)
     assert isinstance(applied, ControlApplied)
     await wait_for(lambda: any(c.step > applied.step for c in ev[CheckpointSaved]), timeout=60)
-    svc.procs["trainer"].send_signal(signal.SIGKILL)
-    svc.procs["trainer"].wait()
+    svc.kill("trainer")
     n = len(ev[StepMetrics])
     svc.start("trainer")
     await wait_for(lambda: len([s for s in ev[StepMetrics][n:] if s.loss is not None]) >= 3, timeout=120)

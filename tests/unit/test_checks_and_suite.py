@@ -1,3 +1,4 @@
+import pytest
 from tuneloop.checks import check
 from tuneloop.evaluator.suite import Case, score
 from tuneloop.rl_reward.__main__ import score_batch
@@ -29,7 +30,19 @@ def test_suite_scores_per_category_and_keeps_failures():
 
 
 def test_reward_batch_gives_per_item_errors_not_a_failure():
-    req = RewardRequest(run_id="r", completions=['{"task": "math", "answer": "1"}', "{broken"], references=[None, "x"], categories=["math"])
-    reply = score_batch(req, {"protocol": 1.0, "correctness": 1.0})
+    req = RewardRequest(run_id="r", completions=['{"task": "math", "answer": "1"}', "{broken"], references=[None, "x"],
+                        categories=["math"], weights={"protocol": 1.0, "correctness": 1.0})
+    reply = score_batch(req)
     assert reply.rewards == [None, 0.0]
     assert "correctness needs a reference" in reply.errors[0] and reply.errors[1] is None
+
+
+def test_reward_weights_compose_and_unknown_rewards_are_named():
+    answer = '{"task": "math", "answer": "7"}'
+    padded = '{"task":   "math",     "answer":      "7"}'
+    req = RewardRequest(run_id="r", completions=[answer, padded], references=["7", "7"],
+                        categories=["math", "math"], weights={"correctness": 3.0, "brevity": 1.0})
+    exact, wordy = score_batch(req).rewards
+    assert exact == 1.0 and 0.75 < wordy < 1.0   # correct both times; the padded one loses on brevity only
+    with pytest.raises(ValueError, match="unknown reward function.*'speed'"):
+        score_batch(RewardRequest(run_id="r", completions=[answer], weights={"speed": 1.0}))
