@@ -22,12 +22,12 @@ from typing import TypeVar
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig, StreamSource
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from . import subjects, telemetry
-from .events import DeadLetter, Event, explain
+from .events import BY_KIND, DeadLetter, Event, explain
 
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
@@ -88,6 +88,39 @@ class Bus:
         except NotFoundError:
             with contextlib.suppress(nats.js.errors.BadRequestError):  # a peer created it meanwhile
                 await self.js.add_stream(config)
+        await self._ensure_audit_stream()
+
+    async def _ensure_audit_stream(self) -> None:
+        """The audit trail: a copy of every control, its answer and every mixture request, sourced
+        from the main stream, kept for a year and protected from deletes and purges."""
+        config = StreamConfig(
+            name=subjects.AUDIT_STREAM, max_age=365 * 24 * 3600, deny_delete=True, deny_purge=True,
+            sources=[StreamSource(name=subjects.STREAM, filter_subject=f"{subjects.PREFIX}.*.{kind}")
+                     for kind in subjects.AUDIT_KINDS],
+        )
+        try:
+            await self.js.stream_info(subjects.AUDIT_STREAM)
+        except NotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):
+                await self.js.add_stream(config)
+
+    async def audit_trail(self, run_id: str, timeout: float = 2.0) -> list[Event]:
+        """Every audited event of ``run_id``, oldest first (controls, answers, mixture requests)."""
+        out: list[Event] = []
+        subj = subjects.subject(run_id, ">")
+        info = await self.js.stream_info(subjects.AUDIT_STREAM, subjects_filter=subj)
+        stored = sum((info.state.subjects or {}).values())
+        sub = await self.js.subscribe(subj, stream=subjects.AUDIT_STREAM, ordered_consumer=True)
+        try:
+            for _ in range(stored):
+                msg = await sub.next_msg(timeout=timeout)
+                cls = BY_KIND.get(subjects.kind_of(msg.subject))
+                if cls is not None:
+                    with contextlib.suppress(ValidationError):
+                        out.append(cls.model_validate_json(msg.data))
+        finally:
+            await sub.unsubscribe()
+        return out
 
     async def close(self) -> None:
         self._closing = True
@@ -242,6 +275,23 @@ class Bus:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), poll)
         return None
+
+    async def follow(self, cls: type[E], run_id: str, handler: Handler) -> None:
+        """Every stored ``cls`` event of ``run_id``, then the new ones, for this process alone.
+
+        An ephemeral ordered consumer: nothing is shared or acked, so a restarted process
+        sees the whole history again (e.g. every data set announced for a run).
+        """
+
+        async def cb(msg: Msg) -> None:
+            try:
+                event = cls.model_validate_json(msg.data)
+            except ValidationError as e:
+                log.warning("ignoring invalid %s on %s: %s", cls.__name__, msg.subject, explain(e))
+                return
+            await handler(event)
+
+        await self.js.subscribe(subjects.subject(run_id, cls.KIND), stream=subjects.STREAM, ordered_consumer=True, cb=cb)
 
     # ------------------------------------------------------------ subscribe (live)
     async def subscribe(self, cls: type[E], run_id: str, handler: Handler) -> None:

@@ -67,7 +67,8 @@ def init(
 @app.command()
 def ctl(
     run_id: str = typer.Argument(..., help="Run to steer."),
-    command: str = typer.Argument(..., help="stop | checkpoint | set-lr VALUE | set-grad-clip VALUE"),
+    command: str = typer.Argument(..., help="stop | pause | resume | checkpoint | eval | set-lr V | set-grad-clip V | "
+                                            "set-save-interval N | set-log-interval N | set-data DATASET_ID"),
     value: Optional[str] = typer.Argument(None),
     nats_url: Optional[str] = NATS_URL,
     storage: Path = STORAGE,
@@ -78,10 +79,15 @@ def ctl(
 
     url = nats_url or _run_url(storage, run_id)
     try:
-        answer = asyncio.run(send_control(url, run_id, command, _number(value), timeout=timeout))
+        answer = asyncio.run(send_control(url, run_id, command, value if command == "set-data" else _number(value),
+                                          timeout=timeout))
     except TimeoutError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2)
+    _print_answer(answer)
+
+
+def _print_answer(answer) -> None:
     from .events import ControlApplied
 
     if isinstance(answer, ControlApplied):
@@ -89,6 +95,60 @@ def ctl(
     else:
         console.print(f"[red]rejected[/] {answer.command} at step {answer.step}: {answer.reason}")
         raise typer.Exit(1)
+
+
+@app.command()
+def data(
+    run_id: str = typer.Argument(..., help="Run whose data to prepare again."),
+    weight: list[str] = typer.Option(..., "--weight", "-w", help="SOURCE=WEIGHT (repeatable)."),
+    apply: bool = typer.Option(False, "--apply", help="Then switch the trainer to it (set-data)."),
+    nats_url: Optional[str] = NATS_URL,
+    storage: Path = STORAGE,
+    timeout: float = typer.Option(120.0, help="Seconds to wait for each answer."),
+) -> None:
+    """Ask data-pipeline for a new mixture of the run's sources; with --apply, train on it from the next step."""
+    from .control import MixtureRefused, request_mixture, send_control
+
+    weights = {}
+    for w in weight:
+        name, _, num = w.partition("=")
+        try:
+            weights[name] = float(num)
+        except ValueError:
+            console.print(f"[red]--weight {w!r}: expected SOURCE=NUMBER[/]")
+            raise typer.Exit(2)
+    url = nats_url or _run_url(storage, run_id)
+    try:
+        ready = asyncio.run(request_mixture(url, run_id, weights, timeout=timeout))
+    except (TimeoutError, MixtureRefused) as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1)
+    rows = {k: v.rows for k, v in ready.splits.items()}
+    console.print(f"data set [bold]{ready.dataset_id}[/]: mixture {ready.mixture}, rows {rows}")
+    if apply:
+        _print_answer(asyncio.run(send_control(url, run_id, "set-data", ready.dataset_id, timeout=timeout)))
+
+
+@app.command()
+def audit(
+    run_id: str = typer.Argument(..., help="Run whose interventions to list."),
+    nats_url: Optional[str] = NATS_URL,
+    storage: Path = STORAGE,
+) -> None:
+    """Every control, its answer and every mixture request of a run, from the audit stream."""
+    from .bus import Bus
+
+    async def read():
+        bus = await Bus.connect(nats_url or _run_url(storage, run_id), "audit")
+        try:
+            return await bus.audit_trail(run_id)
+        finally:
+            await bus.close()
+
+    for e in asyncio.run(read()):
+        what = {k: v for k, v in e.model_dump(exclude={"run_id", "event_id", "time", "schema_version"}).items()
+                if v not in (None, "", {}, [])}
+        console.print(f"{e.time:%Y-%m-%d %H:%M:%S} [bold]{e.KIND}[/] {what}", soft_wrap=True)
 
 
 @app.command()

@@ -1,38 +1,62 @@
-"""Operator side of the control plane: publish a ``Control`` and wait for its answer."""
+"""Operator side of the control plane: publish an event and wait for the answer to it."""
 
 from __future__ import annotations
 
 import asyncio
 import getpass
+from collections.abc import Callable
 
 from .bus import Bus
-from .events import Control, ControlApplied, ControlRejected
+from .events import Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter, Event, MixtureRequest
+
+
+async def _ask(url: str, event: Event, answers: dict[type[Event], Callable[[Event], bool]], timeout: float,
+               bus: Bus | None, what: str) -> Event:
+    """Publish ``event``; return the first event of ``answers`` whose predicate says it answers it."""
+    own = bus is None
+    bus = bus or await Bus.connect(url, "ctl")
+    try:
+        answer: asyncio.Future = asyncio.get_running_loop().create_future()
+        for cls, matches in answers.items():
+            async def on(ev, matches=matches) -> None:
+                if matches(ev) and not answer.done():
+                    answer.set_result(ev)
+
+            await bus.subscribe(cls, event.run_id, on)   # before publishing: no race
+        await bus.publish(event)
+        try:
+            return await asyncio.wait_for(answer, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no answer to {what} from run {event.run_id} within {timeout:.0f}s") from None
+    finally:
+        if own:
+            await bus.close()
 
 
 async def send_control(url: str, run_id: str, command: str, value=None, *, timeout: float = 120.0,
                        bus: Bus | None = None) -> ControlApplied | ControlRejected:
     """Publish ``command`` for ``run_id``; return the trainer's ControlApplied or ControlRejected."""
-    own = bus is None
-    bus = bus or await Bus.connect(url, "ctl")
-    try:
-        event = Control(run_id=run_id, command=command, value=value, operator=_whoami())
-        answer: asyncio.Future = asyncio.get_running_loop().create_future()
+    event = Control(run_id=run_id, command=command, value=value, operator=_whoami())
+    mine = lambda ev: ev.control_id == event.event_id  # noqa: E731
+    return await _ask(url, event, {ControlApplied: mine, ControlRejected: mine}, timeout, bus,
+                      f"{command!r} (is its trainer running?)")
 
-        async def on_answer(ev) -> None:
-            if ev.control_id == event.event_id and not answer.done():
-                answer.set_result(ev)
 
-        await bus.subscribe(ControlApplied, run_id, on_answer)   # before publishing: no race
-        await bus.subscribe(ControlRejected, run_id, on_answer)
-        await bus.publish(event)
-        try:
-            return await asyncio.wait_for(answer, timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"no answer to {command!r} from run {run_id} within {timeout:.0f}s "
-                               "(is its trainer running?)") from None
-    finally:
-        if own:
-            await bus.close()
+class MixtureRefused(ValueError):
+    """data-pipeline could not prepare the requested mixture; the message says why."""
+
+
+async def request_mixture(url: str, run_id: str, weights: dict[str, float], reason: str = "", *,
+                          timeout: float = 120.0, bus: Bus | None = None) -> DatasetReady:
+    """Ask data-pipeline for the run's data with other source weights; return the new ``DatasetReady``."""
+    event = MixtureRequest(run_id=run_id, weights=weights, reason=reason or f"requested by {_whoami()}")
+    answer = await _ask(url, event, {
+        DatasetReady: lambda ev: ev.requested_by == event.event_id,
+        DeadLetter: lambda ev: ev.subject.endswith(MixtureRequest.KIND) and event.event_id in ev.payload,
+    }, timeout, bus, "the mixture request (is its data-pipeline running?)")
+    if isinstance(answer, DeadLetter):
+        raise MixtureRefused(answer.reason)
+    return answer
 
 
 def _whoami() -> str:

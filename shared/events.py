@@ -68,6 +68,18 @@ class DatasetReady(Event):
     chat_template: str
     mixture: dict[str, float] = Field(default_factory=dict, description="Weight per source.")
     rejected_rows: int = Field(default=0, ge=0)
+    requested_by: str | None = Field(default=None, description="event_id of the MixtureRequest this answers.")
+
+
+class MixtureRequest(Event):
+    """operator / feedback policy → data-pipeline: prepare the run's data again with these source weights.
+
+    data-pipeline answers with a new ``DatasetReady``; the trainer switches to it on ``set-data``.
+    """
+
+    KIND: ClassVar[str] = "data.mixture"
+    weights: dict[str, float] = Field(min_length=1, description="Source name -> weight (> 0); unnamed sources keep theirs.")
+    reason: str = ""
 
 
 # ---------------------------------------------------------------- trainer
@@ -248,7 +260,7 @@ class DeadLetter(Event):
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (
-    DatasetReady, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, ExportDone,
+    DatasetReady, MixtureRequest, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, ExportDone,
     EvalRequest, EvalVerdict, Feedback, Control, ControlApplied, ControlRejected,
     RewardRequest, RewardReply, DeadLetter,
 )

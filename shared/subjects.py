@@ -8,6 +8,9 @@ from .events import DURABLE_KINDS, RUN_ID_PATTERN
 
 PREFIX = "tuneloop"
 STREAM = "TUNELOOP"
+AUDIT_STREAM = "TUNELOOP_AUDIT"
+# What operators (and the feedback policy) did to runs, and the answers: kept longer, never purged.
+AUDIT_KINDS = ("control", "control.applied", "control.rejected", "data.mixture")
 ALL_RUNS = "*"
 _RUN_RE = re.compile(RUN_ID_PATTERN)
 

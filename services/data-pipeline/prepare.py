@@ -129,13 +129,32 @@ class Prepared:
     rejected: list[str]
 
 
-def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop") -> Prepared:
-    """Read every source, mix, split (held-out prompts never seen in train) and write JSONL."""
+def source_weights(cfg: Config, override: dict[str, float] | None = None) -> dict[str, float]:
+    """Weight per source name: the config's, with ``override`` on top; unknown names are an error."""
+    weights = {s.name or Path(s.path).stem: s.weight for s in cfg.data.sources}
+    override = override or {}
+    unknown = sorted(set(override) - set(weights))
+    if unknown:
+        raise DataError(f"no data source named {', '.join(unknown)} (sources: {', '.join(weights)})")
+    bad = {k: v for k, v in override.items() if not v > 0}
+    if bad:
+        raise DataError(f"source weights must be > 0, got {bad}")
+    return {**weights, **override}
+
+
+def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop",
+            weights: dict[str, float] | None = None) -> Prepared:
+    """Read every source, mix, split (held-out prompts never seen in train) and write JSONL.
+
+    Each data set goes to its own folder ``out_dir/<dataset id>``: a run that switches data
+    (set-data) can still resume on the old one, and the same input lands in the same place.
+    """
     rng = random.Random(cfg.run.seed)
-    sources = [
-        read_source(cfg.resolve(s.path), s.name or Path(s.path).stem, s.weight, cfg.data.on_bad_row, cfg.data.max_rows)
-        for s in cfg.data.sources
-    ]
+    weight = source_weights(cfg, weights)
+    sources = []
+    for s in cfg.data.sources:
+        name = s.name or Path(s.path).stem
+        sources.append(read_source(cfg.resolve(s.path), name, weight[name], cfg.data.on_bad_row, cfg.data.max_rows))
     # Split each source before mixing, so held-out rows are never sampled into train.
     held: dict[str, list[Row]] = {"val": [], "test": []}
     for s in sources:
@@ -150,17 +169,19 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop
     seen = {_prompt_key(r) for r in train}
     held = {k: [r for r in v if _prompt_key(r) not in seen] for k, v in held.items()}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
+    texts, digest = {}, hashlib.sha256()
+    for name, rows in {"train": train, **held}.items():
+        lines = [json.dumps(to_example(r, template), ensure_ascii=False) for r in rows]
+        texts[name] = "\n".join(lines) + ("\n" if lines else "")
+        digest.update(name.encode() + b"\0" + texts[name].encode())
+    folder = out_dir / digest.hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
     splits = {}
     for name, rows in {"train": train, **held}.items():
-        path = out_dir / f"{name}.jsonl"
-        lines = [json.dumps(to_example(r, template), ensure_ascii=False) for r in rows]
-        text = "\n".join(lines) + ("\n" if lines else "")
+        path = folder / f"{name}.jsonl"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(texts[name], encoding="utf-8")
         tmp.replace(path)
-        digest.update(name.encode() + b"\0" + text.encode())
         splits[name] = (str(path.resolve().relative_to(run_dir.resolve())), len(rows), dict(Counter(r.category for r in rows)))
     wsum = sum(s.weight for s in sources)
     return Prepared(

@@ -21,6 +21,7 @@ from tuneloop.service import ServiceContext, on_torch_thread, parent_gone, parse
 from tuneloop.storage import load_run_config, run_dir
 
 from . import distributed, recipe
+from .callback import latest_complete, read_state
 from .link import BusLink, FollowerLink
 
 log = logging.getLogger("tuneloop.trainer")
@@ -30,14 +31,16 @@ async def main(ctx: ServiceContext) -> None:
     run_id, bus = ctx.run_id, ctx.bus
     cfg = ctx.config(run_id)
     await on_torch_thread(distributed.init, recipe.uses_cuda(cfg))
+    link = BusLink(bus, asyncio.get_running_loop(), run_id)
+    await bus.follow(DatasetReady, run_id, link.remember_dataset)
     dataset = await bus.wait_latest(DatasetReady, run_id, ctx.stop)
+    if dataset is not None:
+        dataset = await _dataset_to_resume(link, dataset, ctx.run_dir(run_id))
     await on_torch_thread(distributed.broadcast, dataset)  # None tells the other ranks to leave
     if dataset is None:
         return
     log.info("dataset %s: %s", dataset.dataset_id, {k: v.rows for k, v in dataset.splits.items()})
 
-    link = BusLink(bus, asyncio.get_running_loop(), run_id)
-    await bus.consume(DatasetReady, run_id, link.remember_dataset, concurrency=8)
     await bus.consume(Control, run_id, link.deliver, concurrency=64, ack_wait=60)
     await bus.consume(Feedback, run_id, link.deliver, concurrency=64, ack_wait=60)
     stopper = asyncio.create_task(_forward_stop(ctx, link))
@@ -57,6 +60,19 @@ async def main(ctx: ServiceContext) -> None:
         done()
     if finished.reason == "error":
         raise SystemExit(1)
+
+
+async def _dataset_to_resume(link: BusLink, latest: DatasetReady, rdir) -> DatasetReady:
+    """A fresh run trains on the newest data set; a resumed one on the data set its checkpoint names."""
+    ckpt = latest_complete(rdir / "checkpoints")
+    want = read_state(ckpt).dataset_id if ckpt else ""
+    if not want or want == latest.dataset_id:
+        return latest
+    for _ in range(100):  # the replay of announced data sets is under way
+        if want in link.datasets:
+            return link.datasets[want]
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"{ckpt} trains on data set {want}, which was never announced for this run")
 
 
 async def _forward_stop(ctx: ServiceContext, link: BusLink) -> None:

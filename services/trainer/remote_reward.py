@@ -8,6 +8,7 @@ so any number of replicas share the load) and hands each rank its rewards back.
 from __future__ import annotations
 
 import logging
+import time
 
 from tuneloop.events import RewardRequest
 
@@ -39,10 +40,7 @@ class RemoteReward:
         req = RewardRequest(run_id=self.run_id, completions=completions,
                             references=[r for b in batches for r in b[1]],
                             categories=[c for b in batches for c in b[2]], weights=self.weights)
-        try:
-            reply = self.link.score(req, timeout=self.timeout)
-        except Exception as e:
-            raise RewardServiceError(f"rl-reward could not score {len(completions)} completions: {e}") from e
+        reply = self._ask(req)
         if len(reply.rewards) != len(completions):
             raise RewardServiceError(f"rl-reward answered {len(reply.rewards)} rewards for {len(completions)} completions")
         for err in [e for e in reply.errors if e][:3]:
@@ -53,6 +51,18 @@ class RemoteReward:
             out.append(reply.rewards[i:i + len(b[0])])
             i += len(b[0])
         return out
+
+
+    def _ask(self, req: RewardRequest):
+        """One request; while no rl-reward replica answers yet (still starting), ask again until the timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self.link.score(req, timeout=max(deadline - time.monotonic(), 1.0))
+            except Exception as e:
+                if time.monotonic() >= deadline or "no service answers" not in str(e):
+                    raise RewardServiceError(f"rl-reward could not score {len(req.completions)} completions: {e}") from e
+                time.sleep(0.5)
 
 
 def _text(completion) -> str:
