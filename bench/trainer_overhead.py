@@ -20,6 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from tuneloop.bus import Bus
 from tuneloop.config import load_config
 from tuneloop.control import send_control
@@ -45,8 +47,8 @@ def tokens_per_second(trainer, seconds: float) -> float:
     return tokens / seconds
 
 
-def setup(tmp: Path, steps: int):
-    cfg = load_config(REPO / "examples" / "protocol.yaml")
+def setup(tmp: Path, steps: int, config: Path):
+    cfg = load_config(config)
     cfg.train.max_steps, cfg.train.logging_steps, cfg.train.save_steps = steps, 1, 10**9
     rdir = tmp / "run"
     p = prepare(cfg, rdir / "data", rdir)
@@ -64,7 +66,8 @@ def run_plain(cfg, rdir, ds) -> float:
 
 
 async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None) -> tuple[float, object]:
-    link = BusLink(bus, asyncio.get_running_loop())
+    link = BusLink(bus, asyncio.get_running_loop(), run_id)
+    link.start()
     await bus.consume(Control, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
     await bus.consume(Feedback, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
     state = controls.RunState.from_config(cfg.train)
@@ -74,13 +77,14 @@ async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None) -> tup
     job = asyncio.ensure_future(on_train_thread(trainer.train))
     extra = await during() if during else None
     await job
+    await link.close()
     return tokens_per_second(trainer, time.perf_counter() - t0), extra
 
 
 async def main(args) -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats") as server:
-        cfg, rdir, ds = setup(Path(tmp), args.steps)
+        cfg, rdir, ds = setup(Path(tmp), args.steps, args.config)
         bus = await Bus.connect(server.url, "trainer")
         operator = await Bus.connect(server.url, "ctl")
         plain, ours = [], []
@@ -106,8 +110,10 @@ async def main(args) -> None:
     p, o = statistics.median(plain), statistics.median(ours)
     paired = statistics.median(b / a for a, b in zip(plain, ours))
     print()
-    print(f"model: tiny llama, {args.steps} steps x {args.rounds} rounds (+{args.warmup} warm-up), "
-          f"batch {cfg.train.batch_size}, CPU")
+    use_cpu, bf16 = recipe.precision(cfg)
+    device = "CPU" if use_cpu else f"{torch.cuda.get_device_name()}{', bf16' if bf16 else ''}"
+    print(f"model: {cfg.model.name_or_path} ({args.config.name}), {args.steps} steps x {args.rounds} rounds "
+          f"(+{args.warmup} warm-up), batch {cfg.train.batch_size}, {device}")
     print(f"plain TRL          {p:10.0f} tokens/s (median)")
     print(f"tuneloop (bus on)  {o:10.0f} tokens/s (median)")
     print(f"ratio tuneloop/plain: {o / p:.3f} of medians, {paired:.3f} median of per-round ratios (target >= 0.97)")
@@ -148,6 +154,7 @@ async def measure_control_latency(cfg, rdir, ds, bus, operator, url, n: int) -> 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", type=Path, default=REPO / "examples" / "protocol.yaml")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--controls", type=int, default=10)

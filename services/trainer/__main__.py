@@ -32,6 +32,7 @@ async def main(ctx: ServiceContext) -> None:
     cfg = ctx.config(run_id)
     await on_torch_thread(distributed.init, recipe.uses_cuda(cfg))
     link = BusLink(bus, asyncio.get_running_loop(), run_id)
+    link.start()
     await bus.follow(DatasetReady, run_id, link.remember_dataset)
     dataset = await bus.wait_latest(DatasetReady, run_id, ctx.stop)
     if dataset is not None:
@@ -51,6 +52,7 @@ async def main(ctx: ServiceContext) -> None:
         log.exception("training failed")
         finished = TrainingFinished(run_id=run_id, step=0, reason="error", detail=f"{type(e).__name__}: {e}")
     stopper.cancel()
+    await link.close()
     await bus.publish(finished)
     # Whatever arrives now can no longer take effect: say so instead of leaving the operator waiting.
     for event, done in link.drain():

@@ -69,6 +69,9 @@ def init(cuda: bool) -> None:
     import torch
     import torch.distributed as dist
 
+    if cuda and world_size() > torch.cuda.device_count():
+        raise RuntimeError(f"{world_size()} processes but {torch.cuda.device_count()} visible GPU(s): NCCL needs one "
+                           "GPU per process; lower train.processes (or set train.device: cpu for gloo)")
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

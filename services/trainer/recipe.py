@@ -87,7 +87,11 @@ def trl_args(cfg: Config, out_dir: Path):
         ddp_find_unused_parameters=False,
     )
     if tc.fsdp:
-        common.update(fsdp="full_shard auto_wrap", fsdp_config={"auto_wrap_policy": "TRANSFORMER_BASED_WRAP"})
+        if use_cpu:  # accelerate shards on GPUs only; on CPU it would quietly fall back to DDP
+            raise ValueError("train.fsdp needs CUDA GPUs (accelerate's FSDP does not run on CPU); "
+                             "on CPU set fsdp: false: processes > 1 then trains data parallel over gloo")
+        common.update(fsdp=True, fsdp_config={"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                              "reshard_after_forward": True})
     if tc.method == "sft":
         extra = dict(max_length=tc.max_length)
     elif tc.method == "dpo":

@@ -33,6 +33,38 @@ def test_controls_apply_or_reject_without_side_effects():
     assert controls.RunState.from_dict(s.to_dict()) == s
 
 
+def test_set_data_only_switches_to_an_announced_other_data_set():
+    s = controls.RunState(learning_rate=3e-3, max_grad_norm=1.0, save_steps=50, logging_steps=5, dataset_id="aaa")
+    with pytest.raises(controls.Rejected, match=r"no data set 'zzz' was announced.*announced: aaa, bbb"):
+        controls.apply(s, "set-data", "zzz", frozenset({"aaa", "bbb"}))
+    with pytest.raises(controls.Rejected, match="already training on data set 'aaa'"):
+        controls.apply(s, "set-data", "aaa", frozenset({"aaa", "bbb"}))
+    out = controls.apply(s, "set-data", "bbb", frozenset({"aaa", "bbb"}))
+    assert (out.old, out.new, out.switch_data, out.save, s.dataset_id) == ("aaa", "bbb", True, True, "bbb")
+
+
+def test_fsdp_on_cpu_is_refused_not_silently_data_parallel(tmp_path):
+    from helpers import tiny_config
+    from tuneloop.trainer.recipe import trl_args
+
+    cfg = tiny_config(tmp_path, fsdp=True, processes=2, device="cpu")
+    with pytest.raises(ValueError, match="train.fsdp needs CUDA GPUs"):
+        trl_args(cfg, tmp_path / "out")
+
+
+def test_grpo_group_must_divide_the_global_batch(tmp_path):
+    from helpers import tiny_config
+    from tuneloop.config import ConfigError, load_config
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    raw = tiny_config(tmp_path).model_dump(mode="json")
+    raw["train"].update(method="grpo", batch_size=6, grpo={"num_generations": 4})
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="batch_size 6 x processes 1 is not divisible by grpo.num_generations 4"):
+        load_config(path)
+
+
 def test_set_learning_rate_rescales_the_schedule_so_it_continues_from_the_new_value():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
