@@ -24,13 +24,15 @@ def run(
     nats_url: Optional[str] = NATS_URL,
     run_id: Optional[str] = typer.Option(None, help="Run id (default: <run.name>-<timestamp>)."),
     evaluators: int = typer.Option(1, min=1, help="Evaluator processes."),
+    processes: Optional[int] = typer.Option(None, min=1, help="Training processes (default: train.processes)."),
 ) -> None:
     """Run a whole job on this machine: NATS, the five services, progress, summary."""
     from .runner import RunFailed, print_summary
     from .runner import run as run_job
 
     try:
-        summary = run_job(config, nats_url=nats_url, run_id=run_id, evaluators=evaluators, console=console)
+        summary = run_job(config, nats_url=nats_url, run_id=run_id, evaluators=evaluators, processes=processes,
+                          console=console)
     except ConfigError as e:
         console.print(f"[red]config error:[/] {e}")
         raise typer.Exit(2)

@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .bus import Bus
-from .config import Config, dump_config, load_config
+from .config import Config, ConfigError, dump_config, load_config
 from .embedded import NatsServer
 from .events import (CheckpointRecorded, ControlApplied, ControlRejected, DatasetReady, DeadLetter, EvalVerdict, Event,
-                     ExportDone, Feedback, StepMetrics, TrainingFinished)
+                     ExportDone, Feedback, StepMetrics, TrainingFinished, explain)
 from .storage import CONFIG_FILE, run_dir, write_run_info
 
 SERVICES = ("data-pipeline", "trainer", "checkpoint", "evaluator", "rl-reward")
@@ -65,6 +66,16 @@ def new_run_id(cfg: Config) -> str:
     return f"{cfg.run.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def with_processes(cfg: Config, processes: int, source: Path) -> Config:
+    """``cfg`` with train.processes overridden (validated like the file would be)."""
+    raw = cfg.model_dump(mode="json")
+    raw["train"]["processes"] = processes
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source} with --processes {processes}: {explain(e)}") from e
+
+
 def init_run(cfg: Config, run_id: str, storage: Path) -> Path:
     """Create the run directory with its config: all services need to serve the run.
 
@@ -100,9 +111,11 @@ def stop_all(procs: dict[str, subprocess.Popen], timeout: float = 20.0) -> None:
 
 
 def run(config_path: Path, *, nats_url: str | None = None, run_id: str | None = None, evaluators: int = 1,
-        console: Console | None = None) -> dict:
+        processes: int | None = None, console: Console | None = None) -> dict:
     console = console or Console()
     cfg = load_config(config_path)
+    if processes:
+        cfg = with_processes(cfg, processes, config_path)
     run_id = run_id or new_run_id(cfg)
     storage = cfg.resolve(cfg.run.output_dir).resolve()
     rdir = init_run(cfg, run_id, storage)
@@ -211,6 +224,8 @@ def summarize(state: RunState, rdir: Path, cfg: Config) -> dict:
     summary = {
         "run_id": state.run_id,
         "run_dir": str(rdir),
+        "method": cfg.train.method,
+        "processes": f.processes if f else cfg.train.processes,
         "steps": f.step if f else None,
         "stop_reason": f"{f.reason}: {f.detail}" if f else None,
         "final_loss": f.final_loss if f else None,
@@ -230,7 +245,8 @@ def print_summary(summary: dict, console: Console) -> None:
     t = Table(title=f"tuneloop run {summary['run_id']}", show_header=False)
     t.add_column(style="bold", no_wrap=True)
     t.add_column(overflow="fold")
-    t.add_row("steps", str(summary["steps"]))
+    t.add_row("steps", f"{summary['steps']} ({summary['method']}, {summary['processes']} process"
+                       f"{'es' if summary['processes'] != 1 else ''})")
     t.add_row("stopped", str(summary["stop_reason"]))
     t.add_row("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-")
     t.add_row("training time", f"{summary['train_seconds']} s")

@@ -28,7 +28,9 @@ def decide(cfg: FeedbackSection, state: PolicyState, verdict: EvalVerdict, weak_
         state.since_best += 1
     weak = sorted(c for c, s in verdict.by_category.items() if s.get(cfg.metric, 0.0) < weak_below)
     action, reason = "continue", f"{cfg.metric} {score:.3f} < target {cfg.target:.3f}"
-    if verdict.step >= cfg.min_step:
+    if verdict.step < cfg.min_step:
+        reason = f"{cfg.metric} {score:.3f}; no stop before step {cfg.min_step}"
+    else:
         if score >= cfg.target:
             action, reason = "stop", f"target reached: {cfg.metric} {score:.3f} >= {cfg.target:.3f}"
         elif state.since_best >= cfg.patience:
