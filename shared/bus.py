@@ -104,6 +104,15 @@ class Bus:
             with contextlib.suppress(nats.js.errors.BadRequestError):
                 await self.js.add_stream(config)
 
+    async def key_value(self, bucket: str, *, ttl: float | None = None):
+        """The JetStream KV bucket ``bucket``, created on first use (``ttl``: seconds a key lives)."""
+        try:
+            return await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            with contextlib.suppress(nats.js.errors.BadRequestError):  # a peer created it meanwhile
+                return await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl)
+            return await self.js.key_value(bucket)
+
     async def audit_trail(self, run_id: str, timeout: float = 2.0) -> list[Event]:
         """Every audited event of ``run_id``, oldest first (controls, answers, mixture requests)."""
         out: list[Event] = []

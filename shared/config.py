@@ -126,6 +126,7 @@ class EvalSection(_Section):
     max_cases: int = Field(default=100, ge=1, description="Held-out prompts per evaluation.")
     max_new_tokens: int = Field(default=48, ge=1)
     batch_size: int = Field(default=64, ge=1)
+    shard_size: int = Field(default=25, ge=1, description="Cases per shard: evaluators share an evaluation shard by shard.")
 
 
 class FeedbackSection(_Section):

@@ -159,6 +159,22 @@ class EvalRequest(Event):
     max_cases: int | None = Field(default=None, ge=1)
 
 
+class EvalShard(Event):
+    """evaluator (planner) → evaluators: one slice of an eval request, on a work queue.
+
+    Any evaluator process takes it; one killed mid-shard leaves it unacked and JetStream hands
+    it to another after the ack wait.
+    """
+
+    KIND: ClassVar[str] = "eval.shard"
+    request: EvalRequest
+    shard: int = Field(ge=0)
+    shards: int = Field(ge=1)
+    cases_path: RelPath = Field(description="The split file the cases come from (pinned when planned).")
+    start: int = Field(ge=0, description="First case (line) of the slice.")
+    end: int = Field(ge=0, description="One past the last case.")
+
+
 class Failure(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
@@ -181,7 +197,9 @@ class EvalVerdict(Event):
     by_category: dict[str, dict[str, float]] = Field(default_factory=dict)
     mean_new_tokens: float = 0.0
     failures: list[Failure] = Field(default_factory=list, max_length=20)
-    seconds: float = 0.0
+    seconds: float = Field(default=0.0, description="From the request to the verdict.")
+    shards: int = Field(default=1, ge=1)
+    workers: list[str] = Field(default_factory=list, description="Evaluator processes that scored shards.")
 
 
 # ---------------------------------------------------------------- feedback
@@ -261,7 +279,7 @@ class DeadLetter(Event):
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     DatasetReady, MixtureRequest, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, ExportDone,
-    EvalRequest, EvalVerdict, Feedback, Control, ControlApplied, ControlRejected,
+    EvalRequest, EvalShard, EvalVerdict, Feedback, Control, ControlApplied, ControlRejected,
     RewardRequest, RewardReply, DeadLetter,
 )
 BY_KIND: dict[str, type[Event]] = {cls.KIND: cls for cls in EVENT_TYPES}

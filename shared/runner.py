@@ -34,7 +34,7 @@ SERVICES = ("data-pipeline", "trainer", "checkpoint", "evaluator", "rl-reward")
 WATCHED = (DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, ControlApplied, ControlRejected,
            TrainingFinished, ExportDone, DeadLetter)
 # A dead letter of one of these means the run cannot finish: fail fast instead of waiting.
-CRITICAL_KINDS = ("data.ready", "ckpt.saved", "train.done", "eval.request")
+CRITICAL_KINDS = ("data.ready", "ckpt.saved", "train.done", "eval.request", "eval.shard")
 
 
 class RunFailed(RuntimeError):

@@ -41,7 +41,8 @@ class Services:
 
     def __init__(self, storage: Path, url: str, run_id: str):
         self.storage, self.url, self.run_id = storage, url, run_id
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen] = {}  # the latest process of each service
+        self.every: list[subprocess.Popen] = []         # replicas too: all are stopped at the end
 
     def start(self, name: str, *flags: str) -> subprocess.Popen:
         log = open(self.storage / f"{name}.log", "ab")
@@ -51,11 +52,13 @@ class Services:
                               *flags],
                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs[name] = p
+        self.every.append(p)
         return p
 
-    def kill(self, name: str) -> None:
-        """SIGKILL the service and every process it started (torchrun's ranks): a machine gone."""
-        p = self.procs[name]
+    def kill(self, which: str | subprocess.Popen) -> None:
+        """SIGKILL a service (by name: its latest process) and every process it started
+        (torchrun's ranks): a machine gone."""
+        p = self.procs[which] if isinstance(which, str) else which
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
 
@@ -63,10 +66,10 @@ class Services:
         return (self.storage / f"{name}.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        for p in self.procs.values():
+        for p in self.every:
             if p.poll() is None:
                 p.terminate()
-        for p in self.procs.values():
+        for p in self.every:
             try:
                 p.wait(20)
             except subprocess.TimeoutExpired:

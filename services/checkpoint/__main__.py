@@ -8,7 +8,7 @@ import json
 import logging
 import time
 
-from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import NoKeysError, NotFoundError
 
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, EvalRequest, EvalVerdict, ExportDone,
                              TrainingFinished)
@@ -53,11 +53,7 @@ class Catalogue:
 
 
 async def open_catalogue(ctx: ServiceContext) -> Catalogue:
-    try:
-        kv = await ctx.bus.js.key_value(BUCKET)
-    except BucketNotFoundError:
-        kv = await ctx.bus.js.create_key_value(bucket=BUCKET, history=1)
-    return Catalogue(kv)
+    return Catalogue(await ctx.bus.key_value(BUCKET))
 
 
 async def main(ctx: ServiceContext) -> None:

@@ -1,66 +1,146 @@
-"""evaluator service: one verdict per eval request. Replicas share the request queue."""
+"""evaluator service: one verdict per eval request, computed by any number of replicas.
+
+1. plan: the evaluator that takes an ``EvalRequest`` splits its cases into ``EvalShard``s
+   (deterministic ids, so a redelivered request plans the same shards, stored once).
+2. score: every evaluator takes shards from one work queue (a shared durable consumer), scores
+   them and keeps the counts in the KV bucket ``tuneloop-eval-shards``. A process killed
+   mid-shard never acks it; JetStream gives it to another after the ack wait.
+3. verdict: whoever stores the last shard combines all of them into the ``EvalVerdict``. Its id
+   derives from the request, so two evaluators finishing at once publish it once.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import socket
 import time
+from datetime import datetime, timezone
 
-from tuneloop.events import DatasetReady, EvalRequest, EvalVerdict
+from tuneloop.bus import Bus
+from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
 from tuneloop.storage import confine, resolve_model
 
 from .generate import generate, load_for_eval
-from .suite import Case, score
+from .suite import Case, ShardResult, combine, tally
 
 log = logging.getLogger("tuneloop.evaluator")
+SHARD_BUCKET = "tuneloop-eval-shards"
+SHARD_ACK_WAIT = 20.0  # a dead evaluator's shard goes to another after this long
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def load_cases(path, limit: int) -> list[Case]:
-    cases = []
+def load_cases(path, start: int, end: int) -> list[Case]:
+    """Cases ``start``..``end`` (0-based rows, blank lines skipped) of a prepared split."""
+    cases, i = [], 0
     with path.open() as f:
         for line in f:
-            if line.strip():
+            if not line.strip():
+                continue
+            if start <= i < end:
                 row = json.loads(line)
                 cases.append(Case(prompt=row["prompt"], category=row.get("category", "default"), reference=row.get("reference")))
-            if len(cases) >= limit:
+            i += 1
+            if i >= end:
                 break
     return cases
 
 
-def evaluate(ctx: ServiceContext, req: EvalRequest, dataset: DatasetReady) -> EvalVerdict:
-    """Blocking: load, generate, score. Runs in a worker thread."""
-    t0 = time.perf_counter()
-    run_dir = ctx.run_dir(req.run_id)
-    cfg = ctx.config(req.run_id)
-    checkpoint = confine(run_dir, req.checkpoint)
-    base = resolve_model(run_dir, req.base_model)
-    if req.split not in dataset.splits or not dataset.splits[req.split].rows:
+def plan(req: EvalRequest, dataset: DatasetReady, max_cases: int, shard_size: int) -> list[EvalShard]:
+    """The shards of a request: consecutive slices of the split, ``shard_size`` cases each."""
+    split = dataset.splits.get(req.split)
+    if split is None or not split.rows:
         raise ValueError(f"data set {dataset.dataset_id} has no {req.split!r} rows to evaluate on")
-    cases = load_cases(confine(run_dir, dataset.splits[req.split].path), req.max_cases or cfg.eval.max_cases)
-    model, tokenizer = load_for_eval(base, checkpoint, req.adapter)
+    n = min(split.rows, req.max_cases or max_cases)
+    count = math.ceil(n / shard_size)
+    return [EvalShard(run_id=req.run_id, event_id=f"shard-{req.event_id}-{i}"[:64], request=req, shard=i, shards=count,
+                      cases_path=split.path, start=i * shard_size, end=min((i + 1) * shard_size, n))
+            for i in range(count)]
+
+
+class Models:
+    """The last loaded checkpoint: the shards of one request mostly land on the same process."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, base, checkpoint, adapter: bool):
+        key = (str(base), str(checkpoint), adapter)
+        if key != self.key:
+            self.key, self.value = key, load_for_eval(base, checkpoint, adapter)
+        return self.value
+
+
+def score_shard(ctx: ServiceContext, models: Models, sh: EvalShard) -> ShardResult:
+    """Blocking: load (or reuse) the model, generate, count. Runs on the torch thread."""
+    t0 = time.perf_counter()
+    req, run_dir = sh.request, ctx.run_dir(sh.run_id)
+    cfg = ctx.config(sh.run_id)
+    cases = load_cases(confine(run_dir, sh.cases_path), sh.start, sh.end)
+    model, tokenizer = models.get(resolve_model(run_dir, req.base_model), confine(run_dir, req.checkpoint), req.adapter)
     outputs, counts = generate(model, tokenizer, [c.prompt for c in cases], cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    result = score(cases, outputs)
+    result = tally(sh.shard, cases, outputs, counts)
+    result.seconds, result.worker = time.perf_counter() - t0, WORKER
+    return result
+
+
+def verdict_of(req: EvalRequest, results: list[ShardResult]) -> EvalVerdict:
+    r = combine(results)
     return EvalVerdict(
         run_id=req.run_id, request_id=req.event_id, event_id=f"verdict-{req.event_id}"[:64],
-        step=req.step, checkpoint=req.checkpoint, split=req.split, purpose=req.purpose, cases=len(cases),
-        scores=result.scores, by_category=result.by_category, failures=result.failures,
-        mean_new_tokens=sum(counts) / max(len(counts), 1), seconds=time.perf_counter() - t0,
+        step=req.step, checkpoint=req.checkpoint, split=req.split, purpose=req.purpose, cases=r.cases,
+        scores=r.scores, by_category=r.by_category, failures=r.failures, mean_new_tokens=r.mean_new_tokens,
+        seconds=(datetime.now(timezone.utc) - req.time).total_seconds(), shards=len(results),
+        workers=sorted({x.worker for x in results}),
     )
 
 
+async def finish_if_complete(bus: Bus, kv, sh: EvalShard) -> EvalVerdict | None:
+    """Publish the verdict once every shard of the request is in KV (by whoever sees it first)."""
+    results = []
+    watcher = await kv.watch(f"{sh.run_id}.{sh.request.event_id}.*", ignore_deletes=True)  # a server-side filter
+    async for entry in watcher:
+        if entry is None:  # all stored entries seen
+            break
+        results.append(ShardResult.model_validate_json(entry.value))
+    await watcher.stop()
+    if len(results) < sh.shards:
+        return None
+    verdict = verdict_of(sh.request, results)
+    await bus.publish(verdict)  # same id from any evaluator: JetStream keeps one
+    return verdict
+
+
 async def main(ctx: ServiceContext) -> None:
+    kv = await ctx.bus.key_value(SHARD_BUCKET, ttl=24 * 3600)
+    models = Models()
+
     async def on_request(req: EvalRequest) -> None:
         dataset = await ctx.bus.latest(DatasetReady, req.run_id)
         if dataset is None:
             raise RuntimeError(f"run {req.run_id} has no data set yet")
-        verdict = await on_torch_thread(evaluate, ctx, req, dataset)
-        # event_id derives from the request: a redelivered request yields a duplicate JetStream drops.
-        await ctx.bus.publish(verdict)
-        log.info("step %d %s: protocol %.3f correctness %.3f (%d cases, %.1fs)", verdict.step, verdict.split,
-                 verdict.scores["protocol"], verdict.scores["correctness"], verdict.cases, verdict.seconds)
+        cfg = ctx.config(req.run_id).eval
+        shards = plan(req, dataset, cfg.max_cases, cfg.shard_size)
+        for sh in shards:
+            await ctx.bus.publish(sh)
+        log.info("step %d %s: %d cases in %d shards", req.step, req.split, shards[-1].end, len(shards))
 
-    await ctx.bus.consume(EvalRequest, ctx.run_id, on_request, ack_wait=120, max_deliver=3)
+    async def on_shard(sh: EvalShard) -> None:
+        log.info("shard %d/%d of step %d %s: cases %d-%d", sh.shard + 1, sh.shards, sh.request.step,
+                 sh.request.split, sh.start, sh.end)
+        result = await on_torch_thread(score_shard, ctx, models, sh)
+        await kv.put(f"{sh.run_id}.{sh.request.event_id}.{sh.shard:04d}", result.model_dump_json().encode())
+        verdict = await finish_if_complete(ctx.bus, kv, sh)
+        if verdict:
+            log.info("step %d %s: protocol %.3f correctness %.3f (%d cases, %d shards, %.1fs)", verdict.step,
+                     verdict.split, verdict.scores["protocol"], verdict.scores["correctness"], verdict.cases,
+                     verdict.shards, verdict.seconds)
+
+    await ctx.bus.consume(EvalRequest, ctx.run_id, on_request, ack_wait=60, max_deliver=3)
+    await ctx.bus.consume(EvalShard, ctx.run_id, on_shard, ack_wait=SHARD_ACK_WAIT, max_deliver=5)
     await ctx.stop.wait()
 
 

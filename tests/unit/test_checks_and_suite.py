@@ -1,6 +1,6 @@
 import pytest
 from tuneloop.checks import check
-from tuneloop.evaluator.suite import Case, score
+from tuneloop.evaluator.suite import Case, combine, score, tally
 from tuneloop.rl_reward.__main__ import score_batch
 from tuneloop.events import RewardRequest
 
@@ -27,6 +27,16 @@ def test_suite_scores_per_category_and_keeps_failures():
     assert r.scores == {"protocol": 2 / 3, "correctness": 1 / 3}
     assert r.by_category["math"] == {"cases": 2, "protocol": 0.5, "correctness": 0.5}
     assert [f.output for f in r.failures] == ["nonsense"]
+
+
+def test_shards_combine_to_the_same_result_in_any_order():
+    cases = [Case(f"p{i}", "math" if i % 2 else "upper", str(i)) for i in range(7)]
+    outs = [f'{{"task": "{c.category}", "answer": "{c.reference}"}}' if i % 3 else "no" for i, c in enumerate(cases)]
+    whole = score(cases, outs, [5] * 7)
+    parts = [tally(i, cases[a:b], outs[a:b], [5] * (b - a)) for i, (a, b) in enumerate([(0, 3), (3, 6), (6, 7)])]
+    merged = combine(list(reversed(parts)))
+    assert (merged.cases, merged.scores, merged.by_category) == (7, whole.scores, whole.by_category)
+    assert merged.failures == whole.failures and merged.mean_new_tokens == 5.0
 
 
 def test_reward_batch_gives_per_item_errors_not_a_failure():
