@@ -35,8 +35,17 @@ class Source(_Section):
     name: str | None = None
 
 
+class AdaptSection(_Section):
+    """Data that follows the evaluator: weak categories get more weight in train."""
+
+    enabled: bool = False
+    boost: float = Field(default=2.0, gt=1, description="Multiply a weak category's weight by this on each feedback naming it.")
+    max_weight: float = Field(default=8.0, ge=1, description="Never weigh a category more than this.")
+
+
 class DataSection(_Section):
     sources: list[Source] = Field(min_length=1)
+    adapt: AdaptSection = AdaptSection()
     on_bad_row: Literal["fail", "skip"] = Field(default="fail", description="fail: stop at the first bad row, naming it; skip: drop and count.")
     val_fraction: float = Field(default=0.05, ge=0, lt=0.5)
     test_fraction: float = Field(default=0.05, ge=0, lt=0.5)

@@ -67,6 +67,7 @@ class DatasetReady(Event):
     splits: dict[str, SplitInfo] = Field(description="train / val / test")
     chat_template: str
     mixture: dict[str, float] = Field(default_factory=dict, description="Weight per source.")
+    category_weights: dict[str, float] = Field(default_factory=dict, description="Train re-weighting per category (adaptive data).")
     rejected_rows: int = Field(default=0, ge=0)
     requested_by: str | None = Field(default=None, description="event_id of the MixtureRequest this answers.")
 

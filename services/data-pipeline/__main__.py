@@ -1,5 +1,11 @@
-"""data-pipeline service: prepares the run's data and announces it with ``DatasetReady``;
-prepares it again with other source weights on a ``MixtureRequest``."""
+"""data-pipeline service: prepares the run's data and announces it with ``DatasetReady``.
+
+- On a ``MixtureRequest`` (operator: ``tuneloop data``) it prepares the data again with other
+  source weights and announces the new data set.
+- With ``data.adapt.enabled``, on ``Feedback`` naming weak categories it weighs those up in
+  train, announces the new data set and tells the trainer to switch to it (a ``set-data``
+  control, so the switch is applied at a step boundary, answered and audited like any other).
+"""
 
 from __future__ import annotations
 
@@ -7,33 +13,33 @@ import asyncio
 import logging
 
 from tuneloop.bus import Reject
-from tuneloop.events import DatasetReady, MixtureRequest, SplitInfo
+from tuneloop.events import Control, DatasetReady, Feedback, MixtureRequest, SplitInfo
 from tuneloop.service import ServiceContext, run_service
 
-from .prepare import DataError, prepare
+from .prepare import DataError, adapt_weights, prepare
 
 log = logging.getLogger("tuneloop.data_pipeline")
 
 
-async def announce(ctx: ServiceContext, run_id: str, request: MixtureRequest | None = None) -> DatasetReady:
+async def announce(ctx: ServiceContext, run_id: str, *, weights: dict[str, float] | None = None,
+                   category_weights: dict[str, float] | None = None, requested_by: str | None = None) -> DatasetReady:
     cfg = ctx.config(run_id)
     rdir = ctx.run_dir(run_id)
-    weights = request.weights if request else None
-    prepared = await asyncio.to_thread(prepare, cfg, rdir / "data", rdir, "tuneloop", weights)
+    prepared = await asyncio.to_thread(prepare, cfg, rdir / "data", rdir, "tuneloop", weights, category_weights)
     for r in prepared.rejected[:20]:
         log.warning("skipped bad row %s", r)
     event = DatasetReady(
         run_id=run_id,
         # Same data, same id: a restarted pipeline re-announces and JetStream drops the copy.
-        event_id=f"data-{run_id}-{prepared.fingerprint[:24]}{'-' + request.event_id[:8] if request else ''}"[:64],
+        event_id=f"data-{run_id}-{prepared.fingerprint[:24]}{'-' + requested_by[:8] if requested_by else ''}"[:64],
         dataset_id=prepared.fingerprint[:16], fingerprint=prepared.fingerprint,
         splits={k: SplitInfo(path=p, rows=n, categories=c) for k, (p, n, c) in prepared.splits.items()},
-        chat_template="tuneloop", mixture=prepared.mixture, rejected_rows=len(prepared.rejected),
-        requested_by=request.event_id if request else None,
+        chat_template="tuneloop", mixture=prepared.mixture, category_weights=category_weights or {},
+        rejected_rows=len(prepared.rejected), requested_by=requested_by,
     )
     await ctx.bus.publish(event)
-    log.info("dataset %s ready: %s, mixture %s (rejected %d)", event.dataset_id,
-             {k: v.rows for k, v in event.splits.items()}, event.mixture, event.rejected_rows)
+    log.info("dataset %s ready: %s, mixture %s, category weights %s (rejected %d)", event.dataset_id,
+             {k: v.rows for k, v in event.splits.items()}, event.mixture, event.category_weights, event.rejected_rows)
     return event
 
 
@@ -46,12 +52,30 @@ async def main(ctx: ServiceContext) -> None:
             raise SystemExit(2) from e
 
     async def on_mixture(req: MixtureRequest) -> None:
+        current = await ctx.bus.latest(DatasetReady, req.run_id)
         try:
-            await announce(ctx, req.run_id, req)
+            await announce(ctx, req.run_id, weights=req.weights, requested_by=req.event_id,
+                           category_weights=current.category_weights if current else None)
         except DataError as e:  # a wrong request, not a broken service: dead-letter it with the reason
             raise Reject(str(e)) from e
 
+    async def on_feedback(fb: Feedback) -> None:
+        adapt = ctx.config(fb.run_id).data.adapt
+        if not adapt.enabled or fb.action != "continue" or not fb.weak_categories:
+            return
+        current = await ctx.bus.latest(DatasetReady, fb.run_id)
+        before = current.category_weights if current else {}
+        after = adapt_weights(before, fb.weak_categories, adapt.boost, adapt.max_weight)
+        if after == before:
+            return  # weak categories already at the cap: nothing new to train on
+        ready = await announce(ctx, fb.run_id, weights=dict(current.mixture) if current else None,
+                               category_weights=after, requested_by=fb.event_id)
+        log.info("feedback of step %d: weak %s -> category weights %s", fb.step, fb.weak_categories, after)
+        await ctx.bus.publish(Control(run_id=fb.run_id, event_id=f"adapt-{fb.event_id}"[:64], command="set-data",
+                                      value=ready.dataset_id, operator="data-pipeline (adaptive data)"))
+
     await ctx.bus.consume(MixtureRequest, ctx.run_id, on_mixture)
+    await ctx.bus.consume(Feedback, ctx.run_id, on_feedback)
     await ctx.stop.wait()
 
 

@@ -142,8 +142,23 @@ def source_weights(cfg: Config, override: dict[str, float] | None = None) -> dic
     return {**weights, **override}
 
 
+def reweight(rows: list[Row], weights: dict[str, float], rng: random.Random) -> list[Row]:
+    """As many rows, drawn with probability proportional to their category's weight (default 1)."""
+    if not weights or not rows:
+        return rows
+    return rng.choices(rows, weights=[weights.get(r.category, 1.0) for r in rows], k=len(rows))
+
+
+def adapt_weights(current: dict[str, float], weak: list[str], boost: float, cap: float) -> dict[str, float]:
+    """Category weights after a feedback naming ``weak`` categories: boosted, capped."""
+    out = dict(current)
+    for c in weak:
+        out[c] = min(out.get(c, 1.0) * boost, cap)
+    return out
+
+
 def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop",
-            weights: dict[str, float] | None = None) -> Prepared:
+            weights: dict[str, float] | None = None, category_weights: dict[str, float] | None = None) -> Prepared:
     """Read every source, mix, split (held-out prompts never seen in train) and write JSONL.
 
     Each data set goes to its own folder ``out_dir/<dataset id>``: a run that switches data
@@ -164,10 +179,12 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop
         held["test"] += s.rows[:n_test]
         held["val"] += s.rows[n_test:n_test + n_val]
         s.rows = s.rows[n_test + n_val:]
-    train = mix(sources, rng)
-    rng.shuffle(train)
-    seen = {_prompt_key(r) for r in train}
+    # Held-out prompts that could be drawn into train by any mixture are dropped: the held-out
+    # splits stay the same whatever the weights, so scores before and after a re-mix compare.
+    seen = {_prompt_key(r) for s in sources for r in s.rows}
     held = {k: [r for r in v if _prompt_key(r) not in seen] for k, v in held.items()}
+    train = reweight(mix(sources, rng), category_weights or {}, rng)
+    rng.shuffle(train)
 
     texts, digest = {}, hashlib.sha256()
     for name, rows in {"train": train, **held}.items():

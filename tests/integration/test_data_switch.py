@@ -13,7 +13,8 @@ from test_bus import collect, wait_for
 from test_trainer import ctl
 from tuneloop.config import Source
 from tuneloop.control import MixtureRefused, request_mixture
-from tuneloop.events import CheckpointSaved, ControlApplied, ControlRejected, DatasetReady, StepMetrics, TrainingFinished
+from tuneloop.events import (CheckpointSaved, Control, ControlApplied, ControlRejected, DatasetReady, Feedback, StepMetrics,
+                             TrainingFinished)
 
 pytestmark = pytest.mark.integration
 
@@ -76,3 +77,34 @@ async def test_set_data_switches_at_a_step_boundary_and_survives_a_restart(tmp_p
             break
         await asyncio.sleep(0.1)
     assert await trail() == expected
+
+
+async def test_feedback_naming_weak_categories_shifts_the_mixture_and_the_trainer_follows(
+        tmp_path, nats_url, bus, services, request):
+    run = run_id_for(request)
+    cfg = tiny_config(tmp_path, max_steps=100000)
+    cfg.data.adapt.enabled = True
+    storage = make_run(tmp_path, run, cfg)
+    ev = {cls: await collect(bus, cls, run) for cls in (StepMetrics, ControlApplied, DatasetReady, TrainingFinished)}
+    svc = services(storage, nats_url, run)
+    svc.start("data-pipeline")
+    svc.start("trainer")
+    await wait_for(lambda: ev[StepMetrics], timeout=120)
+    first = await bus.latest(DatasetReady, run)
+
+    weak = Feedback(run_id=run, step=1, action="continue", reason="math is weak", score=0.4, weak_categories=["math"])
+    await bus.publish(weak)
+    await wait_for(lambda: any(c.command == "set-data" for c in ev[ControlApplied]), timeout=60)
+    adapted = next(d for d in ev[DatasetReady] if d.requested_by == weak.event_id)
+    switch = next(c for c in ev[ControlApplied] if c.command == "set-data")
+    assert (switch.old, switch.new) == (first.dataset_id, adapted.dataset_id)
+    assert adapted.category_weights == {"math": 2.0}
+    share = lambda ds: ds.splits["train"].categories["math"] / ds.splits["train"].rows  # noqa: E731
+    p = share(first)
+    assert share(adapted) == pytest.approx(2 * p / (1 + p), abs=0.05)  # math drawn twice as often
+    assert adapted.splits["test"].categories == first.splits["test"].categories  # same held-out cases
+
+    trail = await bus.audit_trail(run)
+    assert any(isinstance(e, Control) and e.operator == "data-pipeline (adaptive data)" for e in trail)
+    await ctl(nats_url, bus, run, "stop")
+    await wait_for(lambda: ev[TrainingFinished], timeout=60)

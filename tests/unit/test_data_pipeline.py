@@ -58,3 +58,21 @@ def test_mixture_follows_weights(tmp_path):
     out = prepare(cfg, tmp_path / "r" / "data", tmp_path / "r")
     assert out.splits["train"][2] == {"math": 150, "upper": 50}
     assert out.mixture == {"m": 0.75, "u": 0.25}
+
+
+def test_weak_categories_are_weighed_up_in_train_only(tmp_path):
+    import random
+    from collections import Counter
+
+    from tuneloop.data_pipeline.prepare import adapt_weights, reweight
+
+    assert adapt_weights({}, ["math"], 2.0, 8.0) == {"math": 2.0}
+    assert adapt_weights({"math": 4.0}, ["math", "upper"], 3.0, 8.0) == {"math": 8.0, "upper": 3.0}
+    cfg = tiny_config(tmp_path)
+    plain = prepare(cfg, tmp_path / "a", tmp_path)
+    boosted = prepare(cfg, tmp_path / "b", tmp_path, category_weights={"math": 4.0})
+    share = lambda p, split: p.splits[split][2].get("math", 0) / p.splits[split][1]  # noqa: E731
+    assert share(boosted, "train") > 2 * share(plain, "train")
+    assert boosted.splits["test"][2] == plain.splits["test"][2]  # held-out data is never re-weighted
+    rows = [type("R", (), {"category": c})() for c in "aab"]
+    assert Counter(r.category for r in reweight(rows, {"b": 100.0}, random.Random(0)))["b"] > 1
