@@ -30,7 +30,8 @@ class RunSection(_Section):
 
 
 class Source(_Section):
-    path: str = Field(description="JSONL file (one chat per line), relative to the config file.")
+    path: str = Field(description="JSONL file (one chat per line), Parquet file, or a `datasets` save_to_disk folder; relative to the config file.")
+    split: str = Field(default="train", description="Split to read from a saved DatasetDict.")
     weight: float = Field(default=1.0, gt=0)
     name: str | None = None
 

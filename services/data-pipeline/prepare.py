@@ -1,6 +1,6 @@
 """Turn raw chat files into the prepared splits the trainer and evaluator read. Pure: no bus.
 
-Input rows (JSONL, one per line)::
+Input rows (JSONL, one per line; or Parquet; or a ``datasets`` folder from ``save_to_disk``)::
 
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}],
      "category": "math", "reference": "26"}
@@ -20,6 +20,7 @@ import hashlib
 import json
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -65,31 +66,53 @@ class SourceRows:
     rejected: list[str] = field(default_factory=list)
 
 
-def read_source(path: Path, name: str, weight: float, on_bad_row: str, max_rows: int | None = None) -> SourceRows:
-    """Read and validate one JSONL file; bad rows raise DataError (fail) or are counted (skip)."""
-    if not path.is_file():
+def records(path: Path, split: str = "train") -> Iterator[tuple[str, str | dict]]:
+    """(where, raw row) from a JSONL file (raw line), a Parquet file, or a ``datasets`` folder
+    saved with ``save_to_disk`` (dicts); ``where`` names the file and line or row."""
+    if path.is_dir():
+        from datasets import DatasetDict, load_from_disk
+
+        ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)})")
+            ds = ds[split]
+        for i, row in enumerate(ds):
+            yield f"{path}[{split}] row {i}", row
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path} row {i}", row
+    else:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield f"{path}:{lineno}", line
+
+
+def read_source(path: Path, name: str, weight: float, on_bad_row: str, max_rows: int | None = None,
+                split: str = "train") -> SourceRows:
+    """Read and validate one source; bad rows raise DataError (fail) or are counted (skip)."""
+    if not path.exists():
         raise DataError(f"{path}: data file not found")
     out = SourceRows(name=name, weight=weight, rows=[])
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = Row.model_validate_json(line)
-                row.check_turns()
-            except ValidationError as e:
-                problem = explain(e)
-            except ValueError as e:
-                problem = str(e)
-            else:
-                out.rows.append(row)
-                if max_rows and len(out.rows) >= max_rows:
-                    break
-                continue
-            where = f"{path}:{lineno}: {problem}"
-            if on_bad_row == "fail":
-                raise DataError(where)
-            out.rejected.append(where)
+    for where, raw in records(path, split):
+        try:
+            row = Row.model_validate_json(raw) if isinstance(raw, str) else Row.model_validate(raw)
+            row.check_turns()
+        except ValidationError as e:
+            problem = explain(e)
+        except ValueError as e:
+            problem = str(e)
+        else:
+            out.rows.append(row)
+            if max_rows and len(out.rows) >= max_rows:
+                break
+            continue
+        if on_bad_row == "fail":
+            raise DataError(f"{where}: {problem}")
+        out.rejected.append(f"{where}: {problem}")
     if not out.rows:
         raise DataError(f"{path}: no usable rows ({len(out.rejected)} rejected)")
     return out
@@ -169,7 +192,8 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop
     sources = []
     for s in cfg.data.sources:
         name = s.name or Path(s.path).stem
-        sources.append(read_source(cfg.resolve(s.path), name, weight[name], cfg.data.on_bad_row, cfg.data.max_rows))
+        sources.append(read_source(cfg.resolve(s.path), name, weight[name], cfg.data.on_bad_row, cfg.data.max_rows,
+                                   s.split))
     # Split each source before mixing, so held-out rows are never sampled into train.
     held: dict[str, list[Row]] = {"val": [], "test": []}
     for s in sources:

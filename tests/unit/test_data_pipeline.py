@@ -76,3 +76,25 @@ def test_weak_categories_are_weighed_up_in_train_only(tmp_path):
     assert boosted.splits["test"][2] == plain.splits["test"][2]  # held-out data is never re-weighted
     rows = [type("R", (), {"category": c})() for c in "aab"]
     assert Counter(r.category for r in reweight(rows, {"b": 100.0}, random.Random(0)))["b"] > 1
+
+
+def test_parquet_and_saved_datasets_read_like_jsonl_and_name_the_bad_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict
+
+    from helpers import EXAMPLE_DATA
+
+    rows = [json.loads(line) for line in EXAMPLE_DATA.read_text().splitlines()[:50]]
+    jsonl = read_source(EXAMPLE_DATA, "j", 1.0, "fail", max_rows=50)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "hf"))
+    for path in (tmp_path / "d.parquet", tmp_path / "hf"):
+        assert read_source(path, "x", 1.0, "fail").rows == jsonl.rows
+
+    rows[7]["messages"][1]["content"] = ""
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet row 7: messages.1.content"):
+        read_source(tmp_path / "bad.parquet", "x", 1.0, "fail")
+    with pytest.raises(DataError, match=r"no split 'test' \(splits: train\)"):
+        read_source(tmp_path / "hf", "x", 1.0, "fail", split="test")
