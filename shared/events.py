@@ -121,7 +121,7 @@ class TrainingFinished(Event):
     detail: str = ""
     final_loss: float | None = None
     final_checkpoint: RelPath | None = None
-    train_seconds: float = 0.0
+    train_seconds: float = Field(default=0.0, description="Seconds in the training loop (set-up aside).")
     processes: int = Field(default=1, ge=1, description="Training processes (ranks) that took part.")
 
 

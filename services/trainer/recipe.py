@@ -145,8 +145,8 @@ def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: 
 
 def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) -> TrainingFinished:
     """The whole run: resume where a complete checkpoint exists, train, switch data when told, report why it ended."""
-    t0 = time.perf_counter()
     tc = cfg.train
+    seconds = 0.0  # in trainer.train() itself: set-up (base model, tokenizing) aside
     out_dir = run_dir / "checkpoints"
     args = trl_args(cfg, out_dir)
     resume = latest_complete(out_dir)
@@ -161,7 +161,9 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) 
                            method=tc.method, sharded=tc.fsdp)
     while True:
         trainer = build_trainer(cfg, run_dir, dataset, [callback], args=args, link=link, run_id=run_id)
+        t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        seconds += time.perf_counter() - t0
         if callback.switch_to is None or callback.stop_reason is not None:
             break
         # set-data: the checkpoint just saved holds weights, optimizer and schedule; go on with the new rows.
@@ -175,5 +177,5 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) 
     return TrainingFinished(
         run_id=run_id, step=step, reason=reason, detail=detail,
         final_loss=callback.last_loss, final_checkpoint=callback.final_checkpoint,
-        train_seconds=time.perf_counter() - t0, processes=distributed.world_size(),
+        train_seconds=seconds, processes=distributed.world_size(),
     )
