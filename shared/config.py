@@ -132,11 +132,17 @@ class TrainSection(_Section):
         return self
 
 
+class SuiteSpec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    path: str = Field(description="JSONL of cases with checks (see shared/suites.py), relative to the config file.")
+
+
 class EvalSection(_Section):
     max_cases: int = Field(default=100, ge=1, description="Held-out prompts per evaluation.")
     max_new_tokens: int = Field(default=48, ge=1)
     batch_size: int = Field(default=64, ge=1)
     shard_size: int = Field(default=25, ge=1, description="Cases per shard: evaluators share an evaluation shard by shard.")
+    suites: list[SuiteSpec] = Field(default_factory=list, description="Test suites run on the exported model.")
 
 
 class FeedbackSection(_Section):

@@ -147,6 +147,9 @@ class ExportDone(Event):
 
 
 # ---------------------------------------------------------------- evaluation
+SPLIT_PATTERN = r"^(val|test|suite:[A-Za-z0-9_-]{1,40})$"
+
+
 class EvalRequest(Event):
     """checkpoint (or operator) → evaluator: evaluate a checkpoint."""
 
@@ -155,7 +158,7 @@ class EvalRequest(Event):
     checkpoint: RelPath
     base_model: RelPath | str
     adapter: bool = True
-    split: Literal["val", "test"] = "val"
+    split: str = Field(default="val", pattern=SPLIT_PATTERN, description="val, test, or suite:<name>.")
     purpose: Literal["periodic", "final", "manual"] = "periodic"
     max_cases: int | None = Field(default=None, ge=1)
 
@@ -191,7 +194,7 @@ class EvalVerdict(Event):
     request_id: str = Field(description="event_id of the EvalRequest this answers.")
     step: int = Field(ge=0)
     checkpoint: RelPath
-    split: Literal["val", "test"]
+    split: str = Field(pattern=SPLIT_PATTERN)
     purpose: Literal["periodic", "final", "manual"]
     cases: int = Field(ge=0)
     scores: dict[str, float] = Field(description="protocol, correctness (fractions in [0, 1]).")

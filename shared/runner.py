@@ -50,7 +50,9 @@ class RunState:
     fatal: str | None = None
     last_step: StepMetrics | None = None
     verdicts: list[EvalVerdict] = field(default_factory=list)
-    final_verdict: EvalVerdict | None = None
+    final_verdict: EvalVerdict | None = None  # the exported model on the test split
+    suite_verdicts: dict[str, EvalVerdict] = field(default_factory=dict)  # ... and on each test suite
+    suites: int = 0  # how many test suites the config declares
     finished: TrainingFinished | None = None
     exported: ExportDone | None = None
     controls: list[Event] = field(default_factory=list)
@@ -59,7 +61,8 @@ class RunState:
     def complete(self) -> bool:
         if self.finished and self.finished.reason == "error":
             return True
-        return self.finished is not None and self.exported is not None and self.final_verdict is not None
+        return (self.finished is not None and self.exported is not None and self.final_verdict is not None
+                and len(self.suite_verdicts) >= self.suites)
 
 
 def new_run_id(cfg: Config) -> str:
@@ -143,7 +146,8 @@ def run(config_path: Path, *, nats_url: str | None = None, run_id: str | None = 
     console.print(f"[bold]tuneloop[/] run [cyan]{run_id}[/]  nats {nats_url}  dir {rdir}")
     procs: dict[str, subprocess.Popen] = {}
     try:
-        state = asyncio.run(_drive(run_id, storage, rdir, nats_url, procs, evaluators, console))
+        state = asyncio.run(_drive(run_id, storage, rdir, nats_url, procs, evaluators, console,
+                                   len(cfg.eval.suites)))
         summary = summarize(state, rdir, cfg)
         info["state"] = "failed" if state.finished and state.finished.reason == "error" else "finished"
         return summary
@@ -162,9 +166,10 @@ def run(config_path: Path, *, nats_url: str | None = None, run_id: str | None = 
         write_run_info(storage, run_id, info)
 
 
-async def _drive(run_id: str, storage: Path, rdir: Path, url: str, procs: dict, evaluators: int, console: Console) -> RunState:
+async def _drive(run_id: str, storage: Path, rdir: Path, url: str, procs: dict, evaluators: int, console: Console,
+                 suites: int = 0) -> RunState:
     bus = await Bus.connect(url, "runner")
-    state = RunState(run_id)
+    state = RunState(run_id, suites=suites)
     progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console)
     task = progress.add_task("training", total=None, status="waiting for data")
@@ -207,7 +212,9 @@ def handle_event(state: RunState, ev: Event, progress: Progress, task, console: 
     elif isinstance(ev, CheckpointRecorded):
         console.log(f"checkpoint step {ev.step} recorded ({ev.bytes / 1e6:.1f} MB, sha256 {ev.sha256[:12]})")
     elif isinstance(ev, EvalVerdict):
-        if ev.purpose == "final":
+        if ev.purpose == "final" and ev.split.startswith("suite:"):
+            state.suite_verdicts[ev.split[6:]] = ev
+        elif ev.purpose == "final":
             state.final_verdict = ev
         else:
             state.verdicts.append(ev)
@@ -249,6 +256,10 @@ def summarize(state: RunState, rdir: Path, cfg: Config) -> dict:
         "merged": str(rdir / x.merged_path) if x and x.merged_path else None,
         "test": ({"cases": fv.cases, **fv.scores, "mean_new_tokens": fv.mean_new_tokens,
                   "by_category": fv.by_category} if fv else None),
+        "suites": {name: {"cases": v.cases, "pass": v.scores["protocol"], "mean_new_tokens": v.mean_new_tokens,
+                          "by_category": {c: s["protocol"] for c, s in v.by_category.items()},
+                          "failures": [f.reason for f in v.failures[:3]]}
+                   for name, v in sorted(state.suite_verdicts.items())},
     }
     (rdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -269,6 +280,8 @@ def print_summary(summary: dict, console: Console) -> None:
         s = summary["test"]
         t.add_row("held-out test", f"[bold green]protocol adherence {s['protocol']:.3f}[/]  correctness "
                   f"{s['correctness']:.3f}  ({s['cases']} prompts, {s['mean_new_tokens']:.1f} tokens/answer)")
+    for name, r in summary["suites"].items():
+        t.add_row(f"suite {name}", f"pass {r['pass']:.3f}  ({r['cases']} cases, {r['mean_new_tokens']:.1f} tokens/answer)")
     t.add_row("exported step", str(summary["exported_step"]))
     t.add_row("adapter", str(summary["adapter"]))
     t.add_row("merged model", str(summary["merged"]))

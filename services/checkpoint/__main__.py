@@ -117,11 +117,13 @@ async def main(ctx: ServiceContext) -> None:
         if cfg.export.merged or not chosen.adapter:
             merged_path = await on_torch_thread(export.export_merged, ckpt, base, chosen.adapter, run_dir / "export" / "merged")
         log.info("exported step %d (%s) in %.1fs", chosen.step, chosen.scores, time.perf_counter() - t0)
-        # The exported model itself is scored on the held-out test split.
+        # The exported model itself is scored on the held-out test split and on every test suite.
         final, final_adapter = (merged_path, False) if merged_path else (adapter_path, True)
-        await bus.publish(EvalRequest(run_id=done.run_id, event_id=f"final-{done.event_id}"[:64], step=chosen.step,
-                                      checkpoint=relative(run_dir, final), base_model=chosen.base_model,
-                                      adapter=final_adapter, split="test", purpose="final"))
+        for i, split in enumerate(["test"] + [f"suite:{s.name}" for s in cfg.eval.suites]):
+            await bus.publish(EvalRequest(run_id=done.run_id, event_id=f"final{i or ''}-{done.event_id}"[:64],
+                                          step=chosen.step, checkpoint=relative(run_dir, final),
+                                          base_model=chosen.base_model, adapter=final_adapter, split=split,
+                                          purpose="final"))
         await bus.publish(ExportDone(
             run_id=done.run_id, event_id=f"export-{done.event_id}"[:64], step=chosen.step,
             score=(chosen.scores or {}).get(cfg.feedback.metric),

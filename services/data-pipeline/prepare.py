@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tuneloop.chat import render_prompt
 from tuneloop.config import Config
 from tuneloop.events import explain
+from tuneloop.suites import SuiteCase, read_suite
 
 from .augment import break_protocol
 
@@ -131,6 +132,13 @@ def to_example(row: Row, template: str) -> dict:
             "category": row.category, "reference": row.reference}
 
 
+def suite_example(case: SuiteCase, template: str) -> dict:
+    """A suite case as the evaluator reads it: the rendered prompt and the case's own checks."""
+    prompt = case.chat() if template == "model" else render_prompt(case.chat())
+    return {"prompt": prompt, "category": case.category, "weight": case.weight, "reference": None,
+            "checks": [c.model_dump(by_alias=True) for c in case.checks]}
+
+
 def mix(sources: list[SourceRows], rng: random.Random) -> list[Row]:
     """Draw rows from each source in proportion to its weight (total = all rows read)."""
     if len(sources) == 1:
@@ -210,20 +218,27 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop
     train = reweight(mix(sources, rng), category_weights or {}, rng)
     rng.shuffle(train)
 
+    examples = {name: [to_example(r, template) for r in rows] for name, rows in {"train": train, **held}.items()}
+    for suite in cfg.eval.suites:
+        try:
+            cases = read_suite(cfg.resolve(suite.path))
+        except ValueError as e:
+            raise DataError(f"eval suite {suite.name!r}: {e}") from None
+        examples[f"suite:{suite.name}"] = [suite_example(c, template) for c in cases]
     texts, digest = {}, hashlib.sha256()
-    for name, rows in {"train": train, **held}.items():
-        lines = [json.dumps(to_example(r, template), ensure_ascii=False) for r in rows]
+    for name, rows in examples.items():
+        lines = [json.dumps(r, ensure_ascii=False) for r in rows]
         texts[name] = "\n".join(lines) + ("\n" if lines else "")
         digest.update(name.encode() + b"\0" + texts[name].encode())
     folder = out_dir / digest.hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     splits = {}
-    for name, rows in {"train": train, **held}.items():
-        path = folder / f"{name}.jsonl"
+    for name, rows in examples.items():
+        path = folder / f"{name.replace(':', '-')}.jsonl"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(texts[name], encoding="utf-8")
         tmp.replace(path)
-        splits[name] = (str(path.resolve().relative_to(run_dir.resolve())), len(rows), dict(Counter(r.category for r in rows)))
+        splits[name] = (str(path.resolve().relative_to(run_dir.resolve())), len(rows), dict(Counter(r["category"] for r in rows)))
     wsum = sum(s.weight for s in sources)
     return Prepared(
         splits=splits, fingerprint=digest.hexdigest(),

@@ -23,6 +23,7 @@ from tuneloop.bus import Bus
 from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
 from tuneloop.storage import confine, resolve_model
+from tuneloop.suites import parse_checks
 
 from .generate import generate, load_for_eval
 from .suite import Case, ShardResult, combine, tally
@@ -42,7 +43,9 @@ def load_cases(path, start: int, end: int) -> list[Case]:
                 continue
             if start <= i < end:
                 row = json.loads(line)
-                cases.append(Case(prompt=row["prompt"], category=row.get("category", "default"), reference=row.get("reference")))
+                checks = parse_checks(row["checks"]) if "checks" in row else None
+                cases.append(Case(prompt=row["prompt"], category=row.get("category", "default"),
+                                  reference=row.get("reference"), weight=row.get("weight", 1.0), checks=checks))
             i += 1
             if i >= end:
                 break
