@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration test-e2e proto lint clean
+.PHONY: install demo test test-unit test-integration test-e2e bench proto lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test-integration: install
 
 test-e2e: install
 	$(PY) -m pytest -q tests/e2e
+
+bench: install  ## benchmarks: bus overhead on the trainer, then the feedback loop (a few minutes each)
+	$(PY) bench/trainer_overhead.py
+	$(PY) bench/feedback_loop.py
 
 proto: install  ## regenerate proto/ from the event models
 	$(VENV)/bin/tuneloop proto
