@@ -52,7 +52,6 @@ class RemoteReward:
             i += len(b[0])
         return out
 
-
     def _ask(self, req: RewardRequest):
         """One request; while no rl-reward replica answers yet (still starting), ask again until the timeout."""
         deadline = time.monotonic() + self.timeout
