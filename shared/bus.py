@@ -114,7 +114,11 @@ class Bus:
             return await self.js.key_value(bucket)
 
     async def audit_trail(self, run_id: str, timeout: float = 2.0) -> list[Event]:
-        """Every audited event of ``run_id``, oldest first (controls, answers, mixture requests)."""
+        """Every audited event of ``run_id``, oldest first (controls, answers, mixture requests).
+
+        Sorted by the events' own time: the audit stream copies each kind through its own
+        source, so its order across kinds is not the order things happened.
+        """
         out: list[Event] = []
         subj = subjects.subject(run_id, ">")
         info = await self.js.stream_info(subjects.AUDIT_STREAM, subjects_filter=subj)
@@ -129,7 +133,7 @@ class Bus:
                         out.append(cls.model_validate_json(msg.data))
         finally:
             await sub.unsubscribe()
-        return out
+        return sorted(out, key=lambda e: e.time)
 
     async def close(self) -> None:
         self._closing = True

@@ -51,7 +51,9 @@ async def test_two_evaluators_share_the_shards_and_publish_one_verdict(tmp_path,
                                             max_new_tokens=24)
     svc.start("evaluator")
     svc.start("evaluator")
-    await asyncio.sleep(3)  # both subscribed before the work arrives
+    # Both pulling before the work arrives (a slow start would let one evaluator take every shard).
+    await wait_for(lambda: svc.log("evaluator").count("evaluator serving run") == 2, timeout=120)
+    await asyncio.sleep(2)
     await bus.publish(request_for(run, 120))
     await wait_for(lambda: verdicts, timeout=180)
     await asyncio.sleep(3)
@@ -67,7 +69,8 @@ async def test_a_shard_of_a_killed_evaluator_is_finished_by_another(tmp_path, na
     run, svc, verdicts = await prepared_run(tmp_path, nats_url, bus, services, request, shard_size=24,
                                             max_new_tokens=48)
     first = svc.start("evaluator")
-    await asyncio.sleep(3)
+    await wait_for(lambda: "evaluator serving run" in svc.log("evaluator"), timeout=120)
+    await asyncio.sleep(2)
     await bus.publish(request_for(run, 120))
     await wait_for(lambda: re.search(r"shard 2/5", svc.log("evaluator")), timeout=120)
     svc.kill(first)

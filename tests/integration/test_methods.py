@@ -36,11 +36,11 @@ async def test_grpo_gets_its_rewards_from_the_rl_reward_service_on_two_processes
     async def on_request(req):
         asked.append(req)
 
-    await bus.subscribe(RewardRequest, run, on_request)  # sees every request the trainer sends
-    svc, ev = await start_training(tmp_path, nats_url, bus, services, run, method="grpo", max_steps=3, batch_size=4,
-                                   processes=2, grpo={"num_generations": 4, "max_completion_length": 8,
-                                                      "rewards": {"protocol": 1.0, "brevity": 0.5}})
-    svc.start("rl-reward")
+    await bus.subscribe(RewardRequest, run, on_request)  # sees every request the trainer sends (it never answers)
+    svc, ev = await start_training(tmp_path, nats_url, bus, services, run, with_services=("rl-reward",), method="grpo",
+                                   max_steps=3, batch_size=4, processes=2,
+                                   grpo={"num_generations": 4, "max_completion_length": 8,
+                                         "rewards": {"protocol": 1.0, "brevity": 0.5}})
     await wait_for(lambda: ev[TrainingFinished], timeout=240)
     done = ev[TrainingFinished][0]
     assert done.reason == "completed" and done.step == 3 and done.processes == 2, done

@@ -12,11 +12,12 @@ from tuneloop.events import CheckpointSaved, ControlApplied, ControlRejected, St
 pytestmark = pytest.mark.integration
 
 
-async def start_training(tmp_path, nats_url, bus, services, run, **train):
+async def start_training(tmp_path, nats_url, bus, services, run, with_services=(), **train):
     storage = make_run(tmp_path, run, tiny_config(tmp_path, **train))
     events = {cls: await collect(bus, cls, run) for cls in (StepMetrics, CheckpointSaved, TrainingFinished)}
     svc = services(storage, nats_url, run)
-    svc.start("data-pipeline")
+    for name in ("data-pipeline", *with_services):
+        svc.start(name)
     svc.start("trainer")
     return svc, events
 
