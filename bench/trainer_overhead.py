@@ -66,7 +66,7 @@ def run_plain(cfg, rdir, ds) -> float:
 
 
 async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None) -> tuple[float, object]:
-    link = BusLink(bus, asyncio.get_running_loop(), run_id)
+    link = BusLink(bus, asyncio.get_running_loop())
     link.start()
     await bus.consume(Control, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
     await bus.consume(Feedback, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")

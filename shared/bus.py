@@ -295,34 +295,13 @@ class Bus:
         An ephemeral ordered consumer: nothing is shared or acked, so a restarted process
         sees the whole history again (e.g. every data set announced for a run).
         """
-
-        async def cb(msg: Msg) -> None:
-            try:
-                event = cls.model_validate_json(msg.data)
-            except ValidationError as e:
-                log.warning("ignoring invalid %s on %s: %s", cls.__name__, msg.subject, explain(e))
-                return
-            await handler(event)
-
-        await self.js.subscribe(subjects.subject(run_id, cls.KIND), stream=subjects.STREAM, ordered_consumer=True, cb=cb)
+        await self.js.subscribe(subjects.subject(run_id, cls.KIND), stream=subjects.STREAM, ordered_consumer=True,
+                                cb=_live_callback(cls, handler))
 
     # ------------------------------------------------------------ subscribe (live)
     async def subscribe(self, cls: type[E], run_id: str, handler: Handler) -> None:
         """Live core subscription (watchers, CLI). Invalid events are counted and skipped."""
-
-        async def cb(msg: Msg) -> None:
-            try:
-                event = cls.model_validate_json(msg.data)
-            except ValidationError as e:
-                telemetry.BUS_DEAD_LETTERS.labels(subjects.run_of(msg.subject), cls.KIND, "invalid").inc()
-                log.warning("ignoring invalid %s on %s: %s", cls.__name__, msg.subject, explain(e))
-                return
-            try:
-                await handler(event)
-            except Exception:
-                log.exception("subscriber for %s failed", msg.subject)
-
-        await self.nc.subscribe(subjects.subject(run_id, cls.KIND), cb=cb)
+        await self.nc.subscribe(subjects.subject(run_id, cls.KIND), cb=_live_callback(cls, handler))
 
     # ------------------------------------------------------------ request / reply
     async def request(self, event: Event, reply_cls: type[E], *, timeout: float = 30.0) -> E:
@@ -365,3 +344,22 @@ class Bus:
                 await msg.respond(data)
 
         await self.nc.subscribe(subjects.subject(run_id, cls.KIND), queue=queue, cb=cb)
+
+
+def _live_callback(cls: type[E], handler: Handler) -> Callable[[Msg], Awaitable[None]]:
+    """A NATS callback for subscribers that do not ack: invalid events are counted and skipped,
+    a failing handler is logged; neither ends the subscription."""
+
+    async def cb(msg: Msg) -> None:
+        try:
+            event = cls.model_validate_json(msg.data)
+        except ValidationError as e:
+            telemetry.BUS_DEAD_LETTERS.labels(subjects.run_of(msg.subject), cls.KIND, "invalid").inc()
+            log.warning("ignoring invalid %s on %s: %s", cls.__name__, msg.subject, explain(e))
+            return
+        try:
+            await handler(event)
+        except Exception:
+            log.exception("subscriber for %s failed", msg.subject)
+
+    return cb

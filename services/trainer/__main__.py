@@ -31,7 +31,7 @@ async def main(ctx: ServiceContext) -> None:
     run_id, bus = ctx.run_id, ctx.bus
     cfg = ctx.config(run_id)
     await on_torch_thread(distributed.init, recipe.uses_cuda(cfg))
-    link = BusLink(bus, asyncio.get_running_loop(), run_id)
+    link = BusLink(bus, asyncio.get_running_loop())
     link.start()
     await bus.follow(DatasetReady, run_id, link.remember_dataset)
     dataset = await bus.wait_latest(DatasetReady, run_id, ctx.stop)

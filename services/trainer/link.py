@@ -27,10 +27,9 @@ FLUSH_S = 0.2
 
 
 class BusLink:
-    def __init__(self, bus: Bus, loop: asyncio.AbstractEventLoop, run_id: str):
+    def __init__(self, bus: Bus, loop: asyncio.AbstractEventLoop):
         self.bus = bus
         self.loop = loop
-        self.run_id = run_id
         self.inbox: queue.Queue[tuple[Event, Callable[[], None]]] = queue.Queue()
         self.stopping = threading.Event()  # set by SIGTERM: save and stop at the next boundary
         self.datasets: dict[str, DatasetReady] = {}  # every data set announced for the run, for set-data
@@ -112,8 +111,6 @@ class FollowerLink:
 
     Their events come from rank 0's broadcast at each step boundary (see ``BusCallback``).
     """
-
-    run_id = ""
 
     def __init__(self):
         self.stopping = threading.Event()
