@@ -51,6 +51,17 @@ class DataSection(_Section):
     val_fraction: float = Field(default=0.05, ge=0, lt=0.5)
     test_fraction: float = Field(default=0.05, ge=0, lt=0.5)
     max_rows: int | None = Field(default=None, ge=1)
+    category_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Weight per category in train (default 1): rows are drawn in proportion. Adaptive data changes them.")
+
+    @field_validator("category_weights")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if not w > 0}
+        if bad:
+            raise ValueError(f"category weights must be > 0, got {bad}")
+        return v
 
 
 class TinyModel(_Section):
@@ -89,7 +100,7 @@ class DPOSection(_Section):
     loss_type: str = "sigmoid"
 
 
-REWARDS = ("protocol", "correctness", "brevity")
+REWARDS = ("protocol", "correctness", "similarity", "brevity")
 
 
 class GRPOSection(_Section):
@@ -97,6 +108,7 @@ class GRPOSection(_Section):
     max_completion_length: int = Field(default=32, ge=1)
     temperature: float = Field(default=1.0, gt=0)
     beta: float = Field(default=0.0, ge=0, description="KL penalty to the reference model (0: no reference model).")
+    loss_type: str = Field(default="grpo", description="TRL's GRPO loss normalisation: grpo, dapo, dr_grpo, bnpo, ...")
     rewards: dict[Literal[REWARDS], float] = Field(  # type: ignore[valid-type]
         default_factory=lambda: {"protocol": 1.0},
         description="Reward functions of the rl-reward service and their weights.")
@@ -143,6 +155,7 @@ class EvalSection(_Section):
     batch_size: int = Field(default=64, ge=1)
     shard_size: int = Field(default=25, ge=1, description="Cases per shard: evaluators share an evaluation shard by shard.")
     suites: list[SuiteSpec] = Field(default_factory=list, description="Test suites run on the exported model.")
+    baseline: bool = Field(default=False, description="Also score the starting model on the test split (the 'before' of the summary).")
 
 
 class FeedbackSection(_Section):
@@ -157,6 +170,20 @@ class ExportSection(_Section):
     merged: bool = True
 
 
+class Phase(_Section):
+    """One stage of a multi-phase job (e.g. SFT, then GRPO): its sections override the job's.
+
+    A phase starts from the model the previous phase exported and trains on the category
+    weights its data set ended with.
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,19}$")
+    train: dict = Field(default_factory=dict, description="Overrides of `train` (method, max_steps, lora, grpo, ...).")
+    data: dict = Field(default_factory=dict, description="Overrides of `data` (e.g. adapt).")
+    eval: dict = Field(default_factory=dict, description="Overrides of `eval`.")
+    feedback: dict = Field(default_factory=dict, description="Overrides of `feedback`.")
+
+
 class Config(_Section):
     run: RunSection = RunSection()
     data: DataSection
@@ -165,6 +192,7 @@ class Config(_Section):
     eval: EvalSection = EvalSection()
     feedback: FeedbackSection = FeedbackSection()
     export: ExportSection = ExportSection()
+    phases: list[Phase] = Field(default_factory=list, description="Run as a sequence of phases (see Phase); empty: one run.")
     base_dir: str = Field(default=".", description="Set by the loader: the config file's folder.")
 
     @field_validator("base_dir")
@@ -172,9 +200,45 @@ class Config(_Section):
     def _abs(cls, v: str) -> str:
         return str(Path(v).resolve())
 
+    @model_validator(mode="after")
+    def _phases_valid(self) -> "Config":
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must differ, got {names}")
+        if self.phases and not self.export.merged:
+            raise ValueError("phases start from the previous phase's merged model: set export.merged: true")
+        for i in range(len(self.phases)):
+            self.phase_config(i)  # each phase's merged config must itself be valid
+        return self
+
     def resolve(self, path: str) -> Path:
         p = Path(path)
         return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def phase_config(self, index: int, *, model: str | None = None,
+                     category_weights: dict[str, float] | None = None) -> "Config":
+        """The config of phase ``index``: the job's sections with the phase's overrides on top,
+        starting from ``model`` (the previous phase's export) with ``category_weights``."""
+        phase = self.phases[index]
+        raw = self.model_dump(mode="json", exclude={"phases"})
+        for section in ("train", "data", "eval", "feedback"):
+            raw[section] = merge(raw[section], getattr(phase, section))
+        if model is not None:
+            raw["model"]["name_or_path"] = model
+        if category_weights is not None:
+            raw["data"]["category_weights"] = category_weights
+        try:
+            return Config.model_validate(raw)
+        except ValidationError as e:
+            raise ValueError(f"phases[{index}] ({phase.name}): {explain(e)}") from None
+
+
+def merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` on top, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_config(path: str | Path) -> Config:

@@ -155,11 +155,11 @@ class EvalRequest(Event):
 
     KIND: ClassVar[str] = "eval.request"
     step: int = Field(ge=0)
-    checkpoint: RelPath
+    checkpoint: RelPath | None = Field(description="The checkpoint; None: the base model itself (a baseline).")
     base_model: RelPath | str
     adapter: bool = True
     split: str = Field(default="val", pattern=SPLIT_PATTERN, description="val, test, or suite:<name>.")
-    purpose: Literal["periodic", "final", "manual"] = "periodic"
+    purpose: Literal["periodic", "final", "manual", "baseline"] = "periodic"
     max_cases: int | None = Field(default=None, ge=1)
 
 
@@ -193,9 +193,9 @@ class EvalVerdict(Event):
     KIND: ClassVar[str] = "eval.verdict"
     request_id: str = Field(description="event_id of the EvalRequest this answers.")
     step: int = Field(ge=0)
-    checkpoint: RelPath
+    checkpoint: RelPath | None = Field(description="None: the base model itself (a baseline).")
     split: str = Field(pattern=SPLIT_PATTERN)
-    purpose: Literal["periodic", "final", "manual"]
+    purpose: Literal["periodic", "final", "manual", "baseline"]
     cases: int = Field(ge=0)
     scores: dict[str, float] = Field(description="protocol, correctness (fractions in [0, 1]).")
     by_category: dict[str, dict[str, float]] = Field(default_factory=dict)

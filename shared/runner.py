@@ -50,6 +50,8 @@ class RunState:
     fatal: str | None = None
     last_step: StepMetrics | None = None
     verdicts: list[EvalVerdict] = field(default_factory=list)
+    baseline: EvalVerdict | None = None  # the starting model on the test split (eval.baseline)
+    wants_baseline: bool = False
     final_verdict: EvalVerdict | None = None  # the exported model on the test split
     suite_verdicts: dict[str, EvalVerdict] = field(default_factory=dict)  # ... and on each test suite
     suites: int = 0  # how many test suites the config declares
@@ -62,7 +64,7 @@ class RunState:
         if self.finished and self.finished.reason == "error":
             return True
         return (self.finished is not None and self.exported is not None and self.final_verdict is not None
-                and len(self.suite_verdicts) >= self.suites)
+                and len(self.suite_verdicts) >= self.suites and (self.baseline is not None or not self.wants_baseline))
 
 
 def new_run_id(cfg: Config) -> str:
@@ -128,26 +130,61 @@ def stop_all(procs: dict[str, subprocess.Popen], timeout: float = 20.0) -> None:
 
 def run(config_path: Path, *, nats_url: str | None = None, run_id: str | None = None, evaluators: int = 1,
         processes: int | None = None, console: Console | None = None) -> dict:
+    """The job of ``config_path``: one run, or one run per phase when the config has ``phases``."""
     console = console or Console()
     cfg = load_config(config_path)
     if processes:
         cfg = with_processes(cfg, processes, config_path)
-    run_id = run_id or new_run_id(cfg)
+    job_id = run_id or new_run_id(cfg)
     storage = cfg.resolve(cfg.run.output_dir).resolve()
-    rdir = init_run(cfg, run_id, storage)
-
     server = None
     if not nats_url:
-        server = NatsServer(rdir / "nats")
+        server = NatsServer(run_dir(storage, job_id) / "nats")
         nats_url = server.start()
+    try:
+        if cfg.phases:
+            return run_phases(cfg, job_id, storage, nats_url, evaluators, console, config_path)
+        return run_one(cfg, job_id, storage, nats_url, evaluators, console, config_path)
+    finally:
+        if server:
+            server.stop()
+
+
+def run_phases(cfg: Config, job_id: str, storage: Path, nats_url: str, evaluators: int, console: Console,
+               source: Path) -> dict:
+    """Each phase is a run of its own (``<job>-<phase>``), started from the model the previous
+    one exported, on the category weights its data ended with."""
+    jdir = run_dir(storage, job_id)
+    jdir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, jdir / CONFIG_FILE)
+    model = weights = None
+    phases = []
+    for i, phase in enumerate(cfg.phases):
+        pcfg = cfg.phase_config(i, model=model, category_weights=weights)
+        console.rule(f"phase {i + 1}/{len(cfg.phases)}: {phase.name} ({pcfg.train.method})")
+        summary = run_one(pcfg, f"{job_id}-{phase.name}", storage, nats_url, evaluators, console, source)
+        phases.append({"phase": phase.name, **summary})
+        if not summary["merged"] or summary["test"] is None:
+            raise RunFailed(f"phase {phase.name} ended without a merged export and a test verdict "
+                            f"({summary['stop_reason']}); see {summary['run_dir']}")
+        model, weights = summary["merged"], summary["data"]["category_weights"]
+        print_summary(summary, console)
+    job = {"job_id": job_id, "run_dir": str(jdir), "phases": phases, **{k: phases[-1][k] for k in ("test", "adapter", "merged")}}
+    (jdir / "summary.json").write_text(json.dumps(job, indent=2))
+    return job
+
+
+def run_one(cfg: Config, run_id: str, storage: Path, nats_url: str, evaluators: int, console: Console,
+            source: Path) -> dict:
+    rdir = init_run(cfg, run_id, storage)
     info = {"run_id": run_id, "nats_url": nats_url, "pid": os.getpid(), "state": "running",
-            "started": datetime.now(timezone.utc).isoformat(), "config": str(Path(config_path).resolve())}
+            "started": datetime.now(timezone.utc).isoformat(), "config": str(Path(source).resolve())}
     write_run_info(storage, run_id, info)
     console.print(f"[bold]tuneloop[/] run [cyan]{run_id}[/]  nats {nats_url}  dir {rdir}")
     procs: dict[str, subprocess.Popen] = {}
     try:
-        state = asyncio.run(_drive(run_id, storage, rdir, nats_url, procs, evaluators, console,
-                                   len(cfg.eval.suites)))
+        state = RunState(run_id, suites=len(cfg.eval.suites), wants_baseline=cfg.eval.baseline)
+        asyncio.run(_drive(state, storage, rdir, nats_url, procs, evaluators, console))
         summary = summarize(state, rdir, cfg)
         info["state"] = "failed" if state.finished and state.finished.reason == "error" else "finished"
         return summary
@@ -160,16 +197,14 @@ def run(config_path: Path, *, nats_url: str | None = None, run_id: str | None = 
         raise
     finally:
         stop_all(procs)
-        if server:
-            server.stop()
         info["ended"] = datetime.now(timezone.utc).isoformat()
         write_run_info(storage, run_id, info)
 
 
-async def _drive(run_id: str, storage: Path, rdir: Path, url: str, procs: dict, evaluators: int, console: Console,
-                 suites: int = 0) -> RunState:
+async def _drive(state: RunState, storage: Path, rdir: Path, url: str, procs: dict, evaluators: int,
+                 console: Console) -> None:
+    run_id = state.run_id
     bus = await Bus.connect(url, "runner")
-    state = RunState(run_id, suites=suites)
     progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console)
     task = progress.add_task("training", total=None, status="waiting for data")
@@ -196,7 +231,6 @@ async def _drive(run_id: str, storage: Path, rdir: Path, url: str, procs: dict, 
                                         + tail(rdir / "logs" / f"{name}.log"))
     finally:
         await bus.close()
-    return state
 
 
 def handle_event(state: RunState, ev: Event, progress: Progress, task, console: Console) -> None:
@@ -212,7 +246,9 @@ def handle_event(state: RunState, ev: Event, progress: Progress, task, console: 
     elif isinstance(ev, CheckpointRecorded):
         console.log(f"checkpoint step {ev.step} recorded ({ev.bytes / 1e6:.1f} MB, sha256 {ev.sha256[:12]})")
     elif isinstance(ev, EvalVerdict):
-        if ev.purpose == "final" and ev.split.startswith("suite:"):
+        if ev.purpose == "baseline":
+            state.baseline = ev
+        elif ev.purpose == "final" and ev.split.startswith("suite:"):
             state.suite_verdicts[ev.split[6:]] = ev
         elif ev.purpose == "final":
             state.final_verdict = ev
@@ -250,12 +286,14 @@ def summarize(state: RunState, rdir: Path, cfg: Config) -> dict:
         "stop_reason": f"{f.reason}: {f.detail}" if f else None,
         "final_loss": f.final_loss if f else None,
         "train_seconds": round(f.train_seconds, 1) if f else None,
+        "data": {"dataset_id": state.dataset.dataset_id if state.dataset else None,
+                 "category_weights": state.dataset.category_weights if state.dataset else {}},
+        "baseline": _scores(state.baseline),
         "evaluations": [{"step": v.step, **v.scores} for v in state.verdicts],
         "exported_step": x.step if x else None,
         "adapter": str(rdir / x.adapter_path) if x and x.adapter_path else None,
         "merged": str(rdir / x.merged_path) if x and x.merged_path else None,
-        "test": ({"cases": fv.cases, **fv.scores, "mean_new_tokens": fv.mean_new_tokens,
-                  "by_category": fv.by_category} if fv else None),
+        "test": _scores(fv),
         "suites": {name: {"cases": v.cases, "pass": v.scores["protocol"], "mean_new_tokens": v.mean_new_tokens,
                           "by_category": {c: s["protocol"] for c, s in v.by_category.items()},
                           "failures": [f.reason for f in v.failures[:3]]}
@@ -265,7 +303,13 @@ def summarize(state: RunState, rdir: Path, cfg: Config) -> dict:
     return summary
 
 
+def _scores(v: EvalVerdict | None) -> dict | None:
+    return {"cases": v.cases, **v.scores, "mean_new_tokens": v.mean_new_tokens, "by_category": v.by_category} if v else None
+
+
 def print_summary(summary: dict, console: Console) -> None:
+    if "phases" in summary:
+        return print_phases(summary, console)
     t = Table(title=f"tuneloop run {summary['run_id']}", show_header=False)
     t.add_column(style="bold", no_wrap=True)
     t.add_column(overflow="fold")
@@ -274,6 +318,9 @@ def print_summary(summary: dict, console: Console) -> None:
     t.add_row("stopped", str(summary["stop_reason"]))
     t.add_row("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-")
     t.add_row("training time", f"{summary['train_seconds']} s")
+    if summary["baseline"]:
+        b = summary["baseline"]
+        t.add_row("before (test)", f"protocol {b['protocol']:.3f}  correctness {b['correctness']:.3f}  (the starting model)")
     for v in summary["evaluations"]:
         t.add_row(f"val @ step {v['step']}", f"protocol {v['protocol']:.3f}  correctness {v['correctness']:.3f}")
     if summary["test"]:
@@ -287,6 +334,26 @@ def print_summary(summary: dict, console: Console) -> None:
     t.add_row("merged model", str(summary["merged"]))
     console.print(t)
     console.print(f"summary: {summary['run_dir']}/summary.json", soft_wrap=True)
+
+
+def print_phases(job: dict, console: Console) -> None:
+    """The job at a glance: each phase's held-out scores before (its starting model) and after (its export)."""
+    t = Table(title=f"tuneloop job {job['job_id']}: held-out test scores before -> after each phase")
+    for col in ("phase", "method", "steps", "stopped", "protocol", "correctness", "category weights"):
+        t.add_column(col, overflow="fold")
+
+    def change(p: dict, metric: str) -> str:
+        before = p["baseline"][metric] if p["baseline"] else None
+        after = p["test"][metric]
+        return f"{before:.3f} -> [bold]{after:.3f}[/]" if before is not None else f"[bold]{after:.3f}[/]"
+
+    for p in job["phases"]:
+        weights = ", ".join(f"{k} {v:g}" for k, v in sorted(p["data"]["category_weights"].items())) or "-"
+        t.add_row(p["phase"], p["method"], str(p["steps"]), str(p["stop_reason"]).split(":")[0],
+                  change(p, "protocol"), change(p, "correctness"), weights)
+    console.print(t)
+    console.print(f"merged model: {job['merged']}", soft_wrap=True)
+    console.print(f"summary: {job['run_dir']}/summary.json", soft_wrap=True)
 
 
 def tail(path: Path, lines: int = 20) -> str:

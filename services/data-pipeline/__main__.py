@@ -25,6 +25,8 @@ async def announce(ctx: ServiceContext, run_id: str, *, weights: dict[str, float
                    category_weights: dict[str, float] | None = None, requested_by: str | None = None) -> DatasetReady:
     cfg = ctx.config(run_id)
     rdir = ctx.run_dir(run_id)
+    if category_weights is None:
+        category_weights = cfg.data.category_weights
     prepared = await asyncio.to_thread(prepare, cfg, rdir / "data", rdir, "tuneloop", weights, category_weights)
     for r in prepared.rejected[:20]:
         log.warning("skipped bad row %s", r)
@@ -65,9 +67,10 @@ async def main(ctx: ServiceContext) -> None:
             return
         current = await ctx.bus.latest(DatasetReady, fb.run_id)
         before = current.category_weights if current else {}
-        after = adapt_weights(before, fb.weak_categories, adapt.boost, adapt.max_weight)
+        categories = list(current.splits["train"].categories) if current else []
+        after = adapt_weights(before, fb.weak_categories, categories, adapt.boost, adapt.max_weight)
         if after == before:
-            return  # weak categories already at the cap: nothing new to train on
+            return  # weak categories already at the cap, or all of them weak: nothing to shift
         ready = await announce(ctx, fb.run_id, weights=dict(current.mixture) if current else None,
                                category_weights=after, requested_by=fb.event_id)
         log.info("feedback of step %d: weak %s -> category weights %s", fb.step, fb.weak_categories, after)

@@ -180,12 +180,20 @@ def reweight(rows: list[Row], weights: dict[str, float], rng: random.Random) -> 
     return rng.choices(rows, weights=[weights.get(r.category, 1.0) for r in rows], k=len(rows))
 
 
-def adapt_weights(current: dict[str, float], weak: list[str], boost: float, cap: float) -> dict[str, float]:
-    """Category weights after a feedback naming ``weak`` categories: boosted, capped."""
-    out = dict(current)
+def adapt_weights(current: dict[str, float], weak: list[str], categories: list[str], boost: float,
+                  cap: float) -> dict[str, float]:
+    """Category weights after a feedback naming ``weak`` categories: boosted, at most ``cap``
+    times the least weighted one. Only shares matter, so the weights are kept relative to the
+    least (categories at 1 are left out), and when every category is weak nothing shifts."""
+    weights = {c: current.get(c, 1.0) for c in {*categories, *current}}
+    weak = [c for c in weak if c in weights]
+    if not weak or len(weak) == len(weights):
+        return dict(current)
     for c in weak:
-        out[c] = min(out.get(c, 1.0) * boost, cap)
-    return out
+        weights[c] *= boost
+    low = min(weights.values())
+    relative = {c: min(w / low, cap) for c, w in weights.items()}
+    return {c: w for c, w in sorted(relative.items()) if w != 1.0}
 
 
 def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop",

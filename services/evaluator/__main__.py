@@ -83,7 +83,11 @@ def score_shard(ctx: ServiceContext, models: Models, sh: EvalShard) -> ShardResu
     req, run_dir = sh.request, ctx.run_dir(sh.run_id)
     cfg = ctx.config(sh.run_id)
     cases = load_cases(confine(run_dir, sh.cases_path), sh.start, sh.end)
-    model, tokenizer = models.get(resolve_model(run_dir, req.base_model), confine(run_dir, req.checkpoint), req.adapter)
+    base = resolve_model(run_dir, req.base_model)
+    if req.checkpoint is None:  # a baseline: the base model as it is
+        model, tokenizer = models.get(base, base, adapter=False)
+    else:
+        model, tokenizer = models.get(base, confine(run_dir, req.checkpoint), req.adapter)
     outputs, counts = generate(model, tokenizer, [c.prompt for c in cases], cfg.eval.max_new_tokens, cfg.eval.batch_size)
     result = tally(sh.shard, cases, outputs, counts)
     result.seconds, result.worker = time.perf_counter() - t0, WORKER

@@ -8,12 +8,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def load_for_eval(base: str | Path, checkpoint: Path, adapter: bool):
+def load_for_eval(base: str | Path, checkpoint: str | Path, adapter: bool):
     """Model in eval mode and its tokenizer. For an adapter checkpoint, base + LoRA merged in memory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok_src = checkpoint if (checkpoint / "tokenizer_config.json").exists() else base
+    tok_src = checkpoint if (Path(checkpoint) / "tokenizer_config.json").exists() else base
     tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

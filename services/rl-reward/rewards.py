@@ -3,6 +3,7 @@ ValueError for that item alone (the service turns it into a per-item error)."""
 
 from __future__ import annotations
 
+import difflib
 import json
 
 from tuneloop.checks import check
@@ -18,6 +19,19 @@ def correctness(completion: str, reference: str | None, category: str | None) ->
     return 1.0 if check(completion, reference, category).correct else 0.0
 
 
+def similarity(completion: str, reference: str | None, category: str | None) -> float:
+    """Partial credit: how close the answer is to the reference (0..1, 1 = exact; 0 off protocol).
+
+    A binary reward gives a group of samples that are all wrong no signal at all; this one
+    still ranks "37" above "12" for 36, so GRPO learns on prompts it cannot yet solve."""
+    if reference is None:
+        raise ValueError("similarity needs a reference answer")
+    if not check(completion, None, category).protocol:
+        return 0.0
+    answer = json.loads(completion.strip())["answer"]
+    return difflib.SequenceMatcher(None, answer, str(reference)).ratio()
+
+
 def brevity(completion: str, reference: str | None, category: str | None) -> float:
     """Token efficiency: the length of the shortest protocol answer over this one's (1 = no waste)."""
     if reference is None:
@@ -26,7 +40,7 @@ def brevity(completion: str, reference: str | None, category: str | None) -> flo
     return min(1.0, shortest / max(len(completion.strip()), 1))
 
 
-REWARDS = {"protocol": protocol, "correctness": correctness, "brevity": brevity}
+REWARDS = {"protocol": protocol, "correctness": correctness, "similarity": similarity, "brevity": brevity}
 DEFAULT_WEIGHTS = {"protocol": 1.0}
 
 

@@ -64,6 +64,31 @@ def build_tiny(train_file: Path, out_dir: Path, tiny, seed: int) -> Path:
     return out_dir
 
 
+def link_local(src: Path, out_dir: Path) -> Path:
+    """Put a local model folder into the run as ``base`` (hard links where the file system
+    allows, else copies): events name models by run-relative paths only, and a later change
+    to ``src`` cannot change what a resumed run trains on."""
+    import os
+    import shutil
+
+    if (out_dir / "complete").exists():
+        return out_dir
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"model.name_or_path {src} is a folder without config.json: not a model")
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.copytree(src, out_dir, copy_function=link)
+    (out_dir / "complete").write_text(f"linked from {src}\n")
+    log.info("base model %s -> %s", src, out_dir)
+    return out_dir
+
+
 def load(name_or_path: str | Path, *, dtype=None):
     """Model and tokenizer from a hub id or a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tuneloop.config import Config
-from tuneloop.events import DatasetReady, TrainingFinished
+from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished
 from tuneloop.storage import confine
 
 from . import controls, distributed, model as models
@@ -54,21 +54,34 @@ def precision(cfg: Config) -> tuple[bool, bool]:
     return not cuda, bf16
 
 
+def local_base(cfg: Config) -> Path | None:
+    """The configured model as a local folder (relative to the config file), if it is one."""
+    if cfg.model.name_or_path == models.TINY:
+        return None
+    path = cfg.resolve(cfg.model.name_or_path)
+    return path if path.is_dir() else None
+
+
 def base_ref(cfg: Config) -> str:
-    """The base model as events name it: ``base`` (inside the run directory) for the tiny model, else the hub id/path."""
-    return "base" if cfg.model.name_or_path == models.TINY else cfg.model.name_or_path
+    """The base model as events name it: ``base`` (inside the run directory) for the tiny
+    model and for a local folder (linked in), else the hub id."""
+    return "base" if cfg.model.name_or_path == models.TINY or local_base(cfg) else cfg.model.name_or_path
 
 
 def prepare_base(cfg: Config, run_dir: Path, dataset: DatasetReady) -> tuple[str, Path | str]:
     """(reference carried on events, what from_pretrained loads)."""
     ref = base_ref(cfg)
-    if cfg.model.name_or_path == models.TINY:
-        path = run_dir / ref
-        if distributed.rank() == 0:  # one rank builds the tokenizer and weights, the others load them
-            path = models.build_tiny(confine(run_dir, dataset.splits["train"].path), path, cfg.model.tiny, cfg.run.seed)
-        distributed.broadcast(None)  # barrier: the base exists on disk for everyone
-        return ref, path
-    return ref, ref
+    if ref != "base":
+        return ref, ref
+    path = run_dir / ref
+    if distributed.rank() == 0:  # one rank builds or links the base, the others load it
+        local = local_base(cfg)
+        if local:
+            models.link_local(local, path)
+        else:
+            models.build_tiny(confine(run_dir, dataset.splits["train"].path), path, cfg.model.tiny, cfg.run.seed)
+    distributed.broadcast(None)  # barrier: the base exists on disk for everyone
+    return ref, path
 
 
 def trl_args(cfg: Config, out_dir: Path):
@@ -99,7 +112,7 @@ def trl_args(cfg: Config, out_dir: Path):
     else:
         g = tc.grpo
         extra = dict(num_generations=g.num_generations, max_completion_length=g.max_completion_length,
-                     temperature=g.temperature, beta=g.beta)
+                     temperature=g.temperature, beta=g.beta, loss_type=g.loss_type)
     return getattr(trl, METHODS[tc.method][0])(**common, **extra)
 
 
@@ -156,7 +169,10 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) 
         log.info("resuming from %s (%d controls applied so far)", resume, len(state.applied))
     else:
         state = controls.RunState.from_config(tc, dataset.dataset_id)
-    ref = base_ref(cfg)
+    ref, _ = prepare_base(cfg, run_dir, dataset)
+    if cfg.eval.baseline and not resume:  # the "before" of this run: its starting model on the test split
+        link.publish(EvalRequest(run_id=run_id, event_id=f"baseline-{run_id}"[:64], step=0, checkpoint=None,
+                                 base_model=ref, adapter=False, split="test", purpose="baseline"))
     callback = BusCallback(link, run_id, run_dir, ref, adapter=tc.lora.enabled, state=state,
                            method=tc.method, sharded=tc.fsdp)
     while True:

@@ -1,3 +1,4 @@
+import json
 import pytest
 from tuneloop.checks import check
 from tuneloop.evaluator.suite import Case, combine, score, tally
@@ -56,3 +57,13 @@ def test_reward_weights_compose_and_unknown_rewards_are_named():
     assert exact == 1.0 and 0.75 < wordy < 1.0   # correct both times; the padded one loses on brevity only
     with pytest.raises(ValueError, match="unknown reward function.*'speed'"):
         score_batch(RewardRequest(run_id="r", completions=[answer], weights={"speed": 1.0}))
+
+
+def test_similarity_gives_partial_credit_that_ranks_near_misses_above_far_ones():
+    def sim(answer, task="math"):
+        completion = json.dumps({"task": task, "answer": answer})
+        return score_batch(RewardRequest(run_id="r", completions=[completion], references=["36"], categories=["math"],
+                                         weights={"similarity": 1.0})).rewards[0]
+
+    assert sim("36") == 1.0 and sim("12") < sim("37") < 1.0 and sim("37") > 0
+    assert sim("36", task="upper") == 0.0  # off protocol (wrong task): no credit

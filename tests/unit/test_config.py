@@ -8,7 +8,38 @@ REPO_EXAMPLE = __import__("pathlib").Path(__file__).resolve().parents[2] / "exam
 def test_example_config_loads_and_resolves_paths_next_to_it():
     cfg = load_config(REPO_EXAMPLE)
     assert cfg.resolve(cfg.data.sources[0].path).is_file()
-    assert cfg.train.lora.enabled
+    assert [p.name for p in cfg.phases] == ["sft", "grpo"]
+
+
+def test_a_phase_overrides_the_job_sections_and_starts_from_the_model_it_is_given():
+    cfg = load_config(REPO_EXAMPLE)
+    sft, grpo = cfg.phase_config(0), cfg.phase_config(1, model="/runs/job-sft/export/merged",
+                                                      category_weights={"math": 4.0})
+    assert (sft.train.method, sft.train.lora.enabled, sft.model.name_or_path) == ("sft", False, "tiny")
+    assert (grpo.train.method, grpo.train.lora.enabled) == ("grpo", True)
+    assert grpo.train.lora.r == 16 and grpo.train.learning_rate == cfg.train.learning_rate  # merged, not replaced
+    assert grpo.model.name_or_path == "/runs/job-sft/export/merged" and grpo.data.category_weights == {"math": 4.0}
+    assert not grpo.phases and grpo.data.sources == cfg.data.sources
+
+
+def test_a_bad_phase_is_named_with_its_index_and_field(tmp_path):
+    p = tmp_path / "c.yaml"
+    base = "data: {sources: [{path: x.jsonl}]}\n"
+    p.write_text(base + "phases: [{name: a}, {name: b, train: {method: grpo, batch_size: 6}}]\n")
+    with pytest.raises(ConfigError, match=r"phases\[1\] \(b\): train: .*not divisible by grpo.num_generations"):
+        load_config(p)
+    p.write_text(base + "phases: [{name: a, train: {max_step: 3}}]\n")
+    with pytest.raises(ConfigError, match=r"phases\[0\] \(a\): train.max_step: Extra inputs"):
+        load_config(p)
+    p.write_text(base + "phases: [{name: a}, {name: a}]\n")
+    with pytest.raises(ConfigError, match="phase names must differ"):
+        load_config(p)
+    p.write_text(base + "export: {merged: false}\nphases: [{name: a}]\n")
+    with pytest.raises(ConfigError, match="export.merged: true"):
+        load_config(p)
+    p.write_text("data: {sources: [{path: x}], category_weights: {math: 0}}\n")
+    with pytest.raises(ConfigError, match="category weights must be > 0"):
+        load_config(p)
 
 
 def test_unknown_key_is_named_with_the_file(tmp_path):

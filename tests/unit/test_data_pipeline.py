@@ -66,8 +66,13 @@ def test_weak_categories_are_weighed_up_in_train_only(tmp_path):
 
     from tuneloop.data_pipeline.prepare import adapt_weights, reweight
 
-    assert adapt_weights({}, ["math"], 2.0, 8.0) == {"math": 2.0}
-    assert adapt_weights({"math": 4.0}, ["math", "upper"], 3.0, 8.0) == {"math": 8.0, "upper": 3.0}
+    cats = ["length", "math", "upper"]
+    assert adapt_weights({}, ["math"], cats, 2.0, 8.0) == {"math": 2.0}
+    assert adapt_weights({"math": 4.0}, ["math", "upper"], cats, 3.0, 8.0) == {"math": 8.0, "upper": 3.0}
+    # Only shares matter: every category weak shifts nothing; weights stay relative to the least.
+    assert adapt_weights({"math": 2.0}, cats, cats, 2.0, 8.0) == {"math": 2.0}
+    assert adapt_weights({"math": 2.0}, ["length", "upper"], cats, 2.0, 8.0) == {}
+    assert adapt_weights({"math": 4.0}, ["math"], cats, 2.0, 4.0) == {"math": 4.0}  # capped
     cfg = tiny_config(tmp_path)
     plain = prepare(cfg, tmp_path / "a", tmp_path)
     boosted = prepare(cfg, tmp_path / "b", tmp_path, category_weights={"math": 4.0})
