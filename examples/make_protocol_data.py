@@ -4,6 +4,12 @@ Every answer is ``{"task": <category>, "answer": <string>}``. A tiny model learn
 *protocol* (valid JSON, the two keys, the right task name) quickly; the *answers*
 (arithmetic, reversing a word, ...) are harder, which leaves room for the feedback loop.
 
+Like real demonstration data, it is not clean: a share of the ``math`` and ``length``
+demonstrations (``--legacy``) come from an older assistant that answered in prose
+("18 + 8 = 26"). Every row still carries the right ``reference``. SFT imitates the prose;
+rewards that check the protocol and the answer do not, which is what the GRPO phase of the
+example shows.
+
     python examples/make_protocol_data.py --rows 3000 --seed 0 > examples/data/protocol.jsonl
 """
 
@@ -28,12 +34,20 @@ def make_word(rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3)))
 
 
-def make_row(rng: random.Random) -> dict:
+LEGACY = {  # the older assistant's prose answers
+    "math": "{a} + {b} = {answer}",
+    "length": "{w} has {answer} letters.",
+}
+
+
+def make_row(rng: random.Random, legacy: float = 0.0) -> dict:
     task = rng.choice(sorted(PHRASINGS))
     a, b, w = rng.randint(0, 49), rng.randint(0, 49), make_word(rng)
     prompt = rng.choice(PHRASINGS[task]).format(a=a, b=b, w=w)
     answer = {"math": str(a + b), "reverse": w[::-1], "upper": w.upper(), "length": str(len(w))}[task]
     reply = json.dumps({"task": task, "answer": answer})
+    if task in LEGACY and rng.random() < legacy:
+        reply = LEGACY[task].format(a=a, b=b, w=w, answer=answer)
     return {
         "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
         "category": task,
@@ -45,10 +59,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--legacy", type=float, default=0.4, help="share of math/length demonstrations in prose")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     for _ in range(args.rows):
-        sys.stdout.write(json.dumps(make_row(rng)) + "\n")
+        sys.stdout.write(json.dumps(make_row(rng, args.legacy)) + "\n")
 
 
 if __name__ == "__main__":

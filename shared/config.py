@@ -30,10 +30,22 @@ class RunSection(_Section):
 
 
 class Source(_Section):
-    path: str = Field(description="JSONL file (one chat per line), Parquet file, or a `datasets` save_to_disk folder; relative to the config file.")
-    split: str = Field(default="train", description="Split to read from a saved DatasetDict.")
+    path: str | None = Field(default=None, description="JSONL file (one chat per line), Parquet file, or a `datasets` save_to_disk folder; relative to the config file.")
+    hub: str | None = Field(default=None, description="Or a data set on the Hugging Face hub (org/name), where the hub is reachable.")
+    split: str = Field(default="train", description="Split to read from a saved DatasetDict or a hub data set.")
     weight: float = Field(default=1.0, gt=0)
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "Source":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("a source needs exactly one of path or hub")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name mixtures and errors use: ``name``, else the file's stem or the hub name."""
+        return self.name or (Path(self.path).stem if self.path else self.hub.rsplit("/", 1)[-1])
 
 
 class AdaptSection(_Section):

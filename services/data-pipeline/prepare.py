@@ -92,13 +92,26 @@ def records(path: Path, split: str = "train") -> Iterator[tuple[str, str | dict]
                     yield f"{path}:{lineno}", line
 
 
-def read_source(path: Path, name: str, weight: float, on_bad_row: str, max_rows: int | None = None,
+def hub_records(name: str, split: str) -> Iterator[tuple[str, dict]]:
+    """Rows of a data set on the Hugging Face hub (``datasets.load_dataset``)."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name, split=split)
+    except Exception as e:  # unreachable hub, unknown name or split: all mean "cannot use this source"
+        raise DataError(f"hub data set {name!r} (split {split!r}) could not be loaded: {type(e).__name__}: {e}") from None
+    for i, row in enumerate(ds):
+        yield f"{name}[{split}] row {i}", row
+
+
+def read_source(path: Path | str, name: str, weight: float, on_bad_row: str, max_rows: int | None = None,
                 split: str = "train") -> SourceRows:
-    """Read and validate one source; bad rows raise DataError (fail) or are counted (skip)."""
-    if not path.exists():
+    """Read and validate one source (a local path, or a hub name as a str); bad rows raise
+    DataError (fail) or are counted (skip)."""
+    if isinstance(path, Path) and not path.exists():
         raise DataError(f"{path}: data file not found")
     out = SourceRows(name=name, weight=weight, rows=[])
-    for where, raw in records(path, split):
+    for where, raw in (records(path, split) if isinstance(path, Path) else hub_records(path, split)):
         try:
             row = Row.model_validate_json(raw) if isinstance(raw, str) else Row.model_validate(raw)
             row.check_turns()
@@ -162,7 +175,7 @@ class Prepared:
 
 def source_weights(cfg: Config, override: dict[str, float] | None = None) -> dict[str, float]:
     """Weight per source name: the config's, with ``override`` on top; unknown names are an error."""
-    weights = {s.name or Path(s.path).stem: s.weight for s in cfg.data.sources}
+    weights = {s.label: s.weight for s in cfg.data.sources}
     override = override or {}
     unknown = sorted(set(override) - set(weights))
     if unknown:
@@ -207,9 +220,8 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop
     weight = source_weights(cfg, weights)
     sources = []
     for s in cfg.data.sources:
-        name = s.name or Path(s.path).stem
-        sources.append(read_source(cfg.resolve(s.path), name, weight[name], cfg.data.on_bad_row, cfg.data.max_rows,
-                                   s.split))
+        where = cfg.resolve(s.path) if s.path else s.hub
+        sources.append(read_source(where, s.label, weight[s.label], cfg.data.on_bad_row, cfg.data.max_rows, s.split))
     # Split each source before mixing, so held-out rows are never sampled into train.
     held: dict[str, list[Row]] = {"val": [], "test": []}
     for s in sources:

@@ -35,6 +35,18 @@ def test_missing_file_is_named(tmp_path):
         read_source(tmp_path / "nope.jsonl", "d", 1.0, "fail")
 
 
+def test_a_hub_source_that_cannot_be_loaded_is_named(tmp_path, monkeypatch):
+    from tuneloop.config import Source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub; offline fails fast the same way
+    cfg = tiny_config(tmp_path)
+    cfg.data.sources = [Source(hub="tuneloop/no-such-dataset", split="train")]
+    with pytest.raises(DataError, match="hub data set 'tuneloop/no-such-dataset' \\(split 'train'\\) could not be loaded"):
+        prepare(cfg, tmp_path / "out", tmp_path)
+    with pytest.raises(ValueError, match="exactly one of path or hub"):
+        Source(path="a.jsonl", hub="org/name")
+
+
 def test_splits_are_deterministic_and_held_out_prompts_never_in_train(tmp_path):
     cfg = tiny_config(tmp_path)
     a = prepare(cfg, tmp_path / "a" / "data", tmp_path / "a")
