@@ -26,7 +26,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig, StreamSourc
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from . import subjects, telemetry
+from . import metrics, subjects, telemetry
 from .events import BY_KIND, DeadLetter, Event, explain
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ class Bus:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
         telemetry.BUS_EVENTS.labels(event.run_id, event.KIND, "out").inc()
+        metrics.observe(event)
 
     async def dead_letter(self, subj: str, reason: str, payload: bytes) -> None:
         run_id = subjects.run_of(subj)
@@ -181,6 +182,11 @@ class Bus:
             return  # nowhere sensible to put it (or it is a dead letter already): logged and counted
         text = payload[:MAX_DLQ_PAYLOAD].decode("utf-8", errors="replace")
         await self.publish(DeadLetter(run_id=run_id, subject=subj, reason=reason, payload=text, service=self.service))
+
+    async def pending(self, cls: type[Event], run_id: str, group: str | None = None) -> int:
+        """Messages of ``cls`` not yet acked by the durable consumer ``group`` shares (its lag)."""
+        info = await self.js.consumer_info(subjects.STREAM, subjects.durable_name(group or self.service, run_id, cls.KIND))
+        return info.num_pending + info.num_ack_pending
 
     # ------------------------------------------------------------ consume (durable)
     async def consume(

@@ -110,7 +110,7 @@ def spawn(service: str, run_id: str, storage: Path, url: str, log_dir: Path, rep
     module = "tuneloop." + service.replace("-", "_")
     log_path = log_dir / (f"{service}.log" if not replica else f"{service}-{replica}.log")
     cmd = [sys.executable, "-m", module, "--run-id", run_id, "--storage", str(storage), "--nats-url", url,
-           "--parent-pid", str(os.getpid())]
+           "--parent-pid", str(os.getpid()), "--metrics-port", "0"]  # a free port, listed in <run>/prometheus/
     with open(log_path, "ab") as f:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=service_env(service), start_new_session=True)
 

@@ -84,11 +84,18 @@ def run_service(name: str, main: ServiceMain, argv: list[str] | None = None,
     args = args or parse_args(name, argv)
     setup_logging(name, args.log_level)
     subjects.check_run_id(args.run_id)
-    telemetry.start_http(args.metrics_port)
+    server = telemetry.start_http(args.metrics_port)
+    target = None
+    if server and args.run_id != subjects.ALL_RUNS:  # an embedded run: tell its Prometheus where we are
+        target = telemetry.register_target(Path(args.storage) / args.run_id / "prometheus", name,
+                                           server.server_address[1], args.run_id)
     try:
         asyncio.run(_run(name, main, args))
     except KeyboardInterrupt:
         pass
+    finally:
+        if target:
+            target.unlink(missing_ok=True)
 
 
 async def _run(name: str, main: ServiceMain, args: argparse.Namespace) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
@@ -50,3 +53,18 @@ def start_http(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer | None:
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
     return server
+
+
+def register_target(folder: Path, service: str, port: int, run_id: str) -> Path:
+    """Write a Prometheus ``file_sd`` entry for this process's /metrics into ``folder``.
+
+    An embedded run has no fixed ports (every service binds a free one); Prometheus finds them
+    by watching ``<run>/prometheus/*.json``. Removed again when the process exits cleanly.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{service}-{os.getpid()}.json"
+    entry = [{"targets": [f"127.0.0.1:{port}"], "labels": {"service": service, "run": run_id}}]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entry))
+    tmp.replace(path)
+    return path

@@ -10,6 +10,7 @@ import time
 
 from nats.js.errors import NoKeysError, NotFoundError
 
+from tuneloop import metrics
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, EvalRequest, EvalVerdict, ExportDone,
                              TrainingFinished)
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
@@ -65,7 +66,9 @@ async def main(ctx: ServiceContext) -> None:
         path = confine(run_dir, ev.path)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint {ev.path} of run {ev.run_id} does not exist")
+        t0 = time.perf_counter()
         sha, size, files = await asyncio.to_thread(digest_dir, path)
+        metrics.CHECKPOINT_SECONDS.labels(ev.run_id).observe(time.perf_counter() - t0)
         (path / MANIFEST).write_text(json.dumps({"sha256": sha, "bytes": size, "files": files}, indent=1))
         old = await catalogue.get(ev.run_id, ev.step)
         entry = Entry(step=ev.step, path=ev.path, base_model=str(ev.base_model), adapter=ev.adapter, sha256=sha,
@@ -116,6 +119,7 @@ async def main(ctx: ServiceContext) -> None:
             adapter_path = await on_torch_thread(export.export_adapter, ckpt, base, run_dir / "export" / "adapter")
         if cfg.export.merged or not chosen.adapter:
             merged_path = await on_torch_thread(export.export_merged, ckpt, base, chosen.adapter, run_dir / "export" / "merged")
+        metrics.EXPORT_SECONDS.labels(done.run_id).observe(time.perf_counter() - t0)
         log.info("exported step %d (%s) in %.1fs", chosen.step, chosen.scores, time.perf_counter() - t0)
         # The exported model itself is scored on the held-out test split and on every test suite.
         final, final_adapter = (merged_path, False) if merged_path else (adapter_path, True)

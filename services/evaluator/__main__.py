@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -19,6 +21,7 @@ import socket
 import time
 from datetime import datetime, timezone
 
+from tuneloop import metrics
 from tuneloop.bus import Bus
 from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
@@ -139,6 +142,8 @@ async def main(ctx: ServiceContext) -> None:
         log.info("shard %d/%d of step %d %s: cases %d-%d", sh.shard + 1, sh.shards, sh.request.step,
                  sh.request.split, sh.start, sh.end)
         result = await on_torch_thread(score_shard, ctx, models, sh)
+        metrics.EVAL_CASES.labels(sh.run_id).inc(sh.end - sh.start)
+        metrics.EVAL_SHARD_SECONDS.labels(sh.run_id).observe(result.seconds)
         await kv.put(f"{sh.run_id}.{sh.request.event_id}.{sh.shard:04d}", result.model_dump_json().encode())
         verdict = await finish_if_complete(ctx.bus, kv, sh)
         if verdict:
@@ -148,7 +153,18 @@ async def main(ctx: ServiceContext) -> None:
 
     await ctx.bus.consume(EvalRequest, ctx.run_id, on_request, ack_wait=60, max_deliver=3)
     await ctx.bus.consume(EvalShard, ctx.run_id, on_shard, ack_wait=SHARD_ACK_WAIT, max_deliver=5)
-    await ctx.stop.wait()
+    await watch_queue(ctx)
+
+
+async def watch_queue(ctx: ServiceContext, every: float = 2.0) -> None:
+    """Keep ``tuneloop_eval_shards_pending`` (the work queue's lag) current until stopped."""
+    while not ctx.stop.is_set():
+        try:
+            metrics.EVAL_PENDING.labels(ctx.run_id).set(await ctx.bus.pending(EvalShard, ctx.run_id))
+        except Exception as e:  # a metric is not worth failing the service for
+            log.debug("queue lag unavailable: %r", e)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(ctx.stop.wait(), every)
 
 
 if __name__ == "__main__":

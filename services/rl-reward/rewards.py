@@ -55,6 +55,7 @@ def check_weights(weights: dict[str, float]) -> dict[str, float]:
     return weights
 
 
-def combined(completion: str, reference: str | None, category: str | None, weights: dict[str, float]) -> float:
+def combine(values: dict[str, float], weights: dict[str, float]) -> float:
+    """The weighted mean of the functions' rewards."""
     total = sum(weights.values()) or 1.0
-    return sum(w * REWARDS[name](completion, reference, category) for name, w in weights.items() if w) / total
+    return sum(weights[name] * v for name, v in values.items()) / total
