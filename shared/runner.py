@@ -35,6 +35,9 @@ WATCHED = (DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback,
            TrainingFinished, ExportDone, DeadLetter)
 # A dead letter of one of these means the run cannot finish: fail fast instead of waiting.
 CRITICAL_KINDS = ("data.ready", "ckpt.saved", "train.done", "eval.request", "eval.shard")
+# After the last event, services keep serving /metrics this long before they are stopped: a
+# Prometheus scraping every second or two still gets the run's final values.
+FINAL_SCRAPE_S = 2.0
 
 
 class RunFailed(RuntimeError):
@@ -185,6 +188,7 @@ def run_one(cfg: Config, run_id: str, storage: Path, nats_url: str, evaluators: 
     try:
         state = RunState(run_id, suites=len(cfg.eval.suites), wants_baseline=cfg.eval.baseline)
         asyncio.run(_drive(state, storage, rdir, nats_url, procs, evaluators, console))
+        time.sleep(FINAL_SCRAPE_S)  # the services' last values (export time, final scores) reach Prometheus
         summary = summarize(state, rdir, cfg)
         info["state"] = "failed" if state.finished and state.finished.reason == "error" else "finished"
         return summary
