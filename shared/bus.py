@@ -295,14 +295,14 @@ class Bus:
                 await asyncio.wait_for(stop.wait(), poll)
         return None
 
-    async def follow(self, cls: type[E], run_id: str, handler: Handler) -> None:
+    async def follow(self, cls: type[E], run_id: str, handler: Handler):
         """Every stored ``cls`` event of ``run_id``, then the new ones, for this process alone.
 
         An ephemeral ordered consumer: nothing is shared or acked, so a restarted process
         sees the whole history again (e.g. every data set announced for a run).
         """
-        await self.js.subscribe(subjects.subject(run_id, cls.KIND), stream=subjects.STREAM, ordered_consumer=True,
-                                cb=_live_callback(cls, handler))
+        return await self.js.subscribe(subjects.subject(run_id, cls.KIND), stream=subjects.STREAM,
+                                       ordered_consumer=True, cb=_live_callback(cls, handler))
 
     # ------------------------------------------------------------ subscribe (live)
     async def subscribe(self, cls: type[E], run_id: str, handler: Handler) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -183,6 +184,128 @@ def export(
     else:
         path = exporter.export_adapter(ckpt, base, dest)
     console.print(f"exported {ckpt.name} as {kind}: {path}", soft_wrap=True)
+
+
+@app.command()
+def watch(
+    run_id: str = typer.Argument(..., help="Run to watch."),
+    nats_url: Optional[str] = NATS_URL,
+    storage: Path = STORAGE,
+    follow: bool = typer.Option(False, "--follow", help="Keep watching after the run has finished."),
+) -> None:
+    """Live view of a run (attach from any terminal): progress, curves, verdicts, controls."""
+    from .watch import watch as watch_run
+
+    try:
+        asyncio.run(watch_run(nats_url or _run_url(storage, run_id), run_id, console, exit_when_done=not follow))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+
+
+@app.command()
+def runs(storage: Path = STORAGE) -> None:
+    """The runs under the storage folder: state, steps, how they ended, held-out scores."""
+    from rich.table import Table
+
+    from .storage import RUN_FILE
+
+    t = Table("run", "state", "started", "steps", "stopped", "test protocol", "test correctness")
+    for info_file in sorted(Path(storage).glob(f"*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime):
+        info = json.loads(info_file.read_text())
+        summary_file = info_file.parent / "summary.json"
+        s = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        test = s.get("test") or {}
+        state = info.get("state", "?")
+        if state == "running" and not _alive(info.get("pid")):
+            state = "gone"  # the runner died without saying so
+        t.add_row(info["run_id"], state, str(info.get("started", ""))[:19], str(s.get("steps") or "-"),
+                  str(s.get("stop_reason") or "-").split(":")[0],
+                  *(f"{test[m]:.3f}" if m in test else "-" for m in ("protocol", "correctness")))
+    console.print(t)
+
+
+@app.command()
+def checkpoints(
+    run_id: str = typer.Argument(..., help="Run whose checkpoints to list."),
+    nats_url: Optional[str] = NATS_URL,
+    storage: Path = STORAGE,
+) -> None:
+    """A run's checkpoints: complete or not, size, sha256, and the evaluator's scores."""
+    from rich.table import Table
+
+    from tuneloop.checkpoint.integrity import MANIFEST
+    from tuneloop.trainer.callback import STATE_FILE
+
+    from .events import EvalVerdict
+    from .storage import run_dir
+
+    rdir = run_dir(storage, run_id)
+    folders = sorted((rdir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not folders:
+        console.print(f"[red]no checkpoints under {rdir / 'checkpoints'}[/]")
+        raise typer.Exit(2)
+    scores = {e.step: e.scores for e in _events(run_id, storage, nats_url)
+              if isinstance(e, EvalVerdict) and e.purpose == "periodic"}
+    t = Table("step", "complete", "MB", "sha256", "protocol", "correctness")
+    for f in folders:
+        step = int(f.name.split("-")[-1])
+        manifest = f / MANIFEST
+        m = json.loads(manifest.read_text()) if manifest.exists() else {}
+        sc = scores.get(step, {})
+        t.add_row(str(step), "yes" if (f / STATE_FILE).exists() else "[red]no[/]",
+                  f"{m['bytes'] / 1e6:.1f}" if m else "-", m.get("sha256", "-")[:12],
+                  *(f"{sc[k]:.3f}" if k in sc else "-" for k in ("protocol", "correctness")))
+    console.print(t)
+
+
+@app.command()
+def report(
+    run_id: str = typer.Argument(..., help="Run to plot."),
+    nats_url: Optional[str] = NATS_URL,
+    storage: Path = STORAGE,
+    out: Optional[Path] = typer.Option(None, help="Folder for report.png and report.html (default: the run's)."),
+) -> None:
+    """Training curves (loss, lr, reward, validation scores, controls marked) as PNG and HTML."""
+    from .report import write_report
+    from .storage import run_dir
+
+    try:
+        png, page = write_report(run_dir(storage, run_id), _events(run_id, storage, nats_url), out)
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1)
+    console.print(f"wrote {png} and {page}", soft_wrap=True)
+
+
+def _events(run_id: str, storage: Path, nats_url: Optional[str]) -> list:
+    """A run's recorded events: its timeline file (embedded runs), else a replay from NATS."""
+    from .report import TIMELINE_FILE, read_timeline, replay
+    from .storage import run_dir
+
+    timeline = run_dir(storage, run_id) / TIMELINE_FILE
+    if timeline.exists() and not nats_url:
+        return read_timeline(timeline)
+
+    async def fetch():
+        from .bus import Bus
+
+        bus = await Bus.connect(nats_url or _run_url(storage, run_id), "report")
+        try:
+            return await replay(bus, run_id)
+        finally:
+            await bus.close()
+
+    return asyncio.run(fetch())
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @app.command()

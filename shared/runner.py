@@ -28,6 +28,7 @@ from .config import Config, ConfigError, dump_config, load_config
 from .embedded import NatsServer
 from .events import (CheckpointRecorded, ControlApplied, ControlRejected, DatasetReady, DeadLetter, EvalVerdict, Event,
                      ExportDone, Feedback, StepMetrics, TrainingFinished, explain)
+from .report import TIMELINE_FILE, write_report, write_timeline
 from .storage import CONFIG_FILE, run_dir, write_run_info
 
 SERVICES = ("data-pipeline", "trainer", "checkpoint", "evaluator", "rl-reward")
@@ -61,6 +62,7 @@ class RunState:
     finished: TrainingFinished | None = None
     exported: ExportDone | None = None
     controls: list[Event] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)  # everything watched: the timeline of the report
 
     @property
     def complete(self) -> bool:
@@ -185,11 +187,12 @@ def run_one(cfg: Config, run_id: str, storage: Path, nats_url: str, evaluators: 
     write_run_info(storage, run_id, info)
     console.print(f"[bold]tuneloop[/] run [cyan]{run_id}[/]  nats {nats_url}  dir {rdir}")
     procs: dict[str, subprocess.Popen] = {}
+    state = RunState(run_id, suites=len(cfg.eval.suites), wants_baseline=cfg.eval.baseline)
     try:
-        state = RunState(run_id, suites=len(cfg.eval.suites), wants_baseline=cfg.eval.baseline)
         asyncio.run(_drive(state, storage, rdir, nats_url, procs, evaluators, console))
         time.sleep(FINAL_SCRAPE_S)  # the services' last values (export time, final scores) reach Prometheus
         summary = summarize(state, rdir, cfg)
+        _report(rdir, state.events, console)
         info["state"] = "failed" if state.finished and state.finished.reason == "error" else "finished"
         return summary
     except KeyboardInterrupt:
@@ -201,6 +204,7 @@ def run_one(cfg: Config, run_id: str, storage: Path, nats_url: str, evaluators: 
         raise
     finally:
         stop_all(procs)
+        write_timeline(rdir / TIMELINE_FILE, state.events)
         info["ended"] = datetime.now(timezone.utc).isoformat()
         write_run_info(storage, run_id, info)
 
@@ -238,6 +242,7 @@ async def _drive(state: RunState, storage: Path, rdir: Path, url: str, procs: di
 
 
 def handle_event(state: RunState, ev: Event, progress: Progress, task, console: Console) -> None:
+    state.events.append(ev)
     if isinstance(ev, DatasetReady):
         state.dataset = ev
         console.log(f"data set {ev.dataset_id}: " + ", ".join(f"{k} {v.rows}" for k, v in ev.splits.items())
@@ -358,6 +363,19 @@ def print_phases(job: dict, console: Console) -> None:
     console.print(t)
     console.print(f"merged model: {job['merged']}", soft_wrap=True)
     console.print(f"summary: {job['run_dir']}/summary.json", soft_wrap=True)
+
+
+def _report(rdir: Path, events: list[Event], console: Console) -> None:
+    """The training-curve report; a run without matplotlib (a slim install) just goes without."""
+    try:
+        png, page = write_report(rdir, events)
+    except ImportError:
+        console.print("no report: matplotlib is not installed (pip install 'tuneloop[report]')")
+        return
+    except ValueError as e:
+        console.print(f"no report: {e}")
+        return
+    console.print(f"report: {page} ({png.name})", soft_wrap=True)
 
 
 def tail(path: Path, lines: int = 20) -> str:

@@ -1,0 +1,165 @@
+"""Training-curve report of a run: a PNG (loss, lr, reward, eval scores over steps, controls
+marked) and an HTML page with the same plus the run's config and summary.
+
+The events come from ``<run>/timeline.jsonl`` (written by the embedded runner) or, for runs
+deployed elsewhere, from a replay of the run's stream (``replay``). Building the timeline is
+pure; only ``write_png`` / ``write_html`` touch files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .events import BY_KIND, CheckpointRecorded, ControlApplied, EvalVerdict, Event, StepMetrics
+
+TIMELINE_FILE = "timeline.jsonl"
+KINDS = (StepMetrics, EvalVerdict, ControlApplied, CheckpointRecorded)
+
+
+@dataclass
+class Timeline:
+    run_id: str
+    steps: list[StepMetrics] = field(default_factory=list)
+    verdicts: list[EvalVerdict] = field(default_factory=list)  # periodic, on the validation split
+    controls: list[ControlApplied] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, run_id: str, events: list[Event]) -> "Timeline":
+        t = cls(run_id)
+        for e in sorted(events, key=lambda e: e.time):
+            if isinstance(e, StepMetrics) and e.loss is not None:
+                t.steps.append(e)
+            elif isinstance(e, EvalVerdict) and e.purpose == "periodic":
+                t.verdicts.append(e)
+            elif isinstance(e, ControlApplied):
+                t.controls.append(e)
+            elif isinstance(e, CheckpointRecorded):
+                t.checkpoints.append(e.step)
+        return t
+
+
+def write_timeline(path: Path, events: list[Event]) -> None:
+    path.write_text("".join(json.dumps({"kind": e.KIND, "event": e.model_dump(mode="json")}) + "\n" for e in events))
+
+
+def read_timeline(path: Path) -> list[Event]:
+    """The events of a timeline file; a line that no longer parses is named, not skipped."""
+    events = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            events.append(BY_KIND[row["kind"]].model_validate(row["event"]))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{path}:{n}: not a timeline event: {e}") from None
+    return events
+
+
+async def replay(bus, run_id: str, settle_s: float = 1.0) -> list[Event]:
+    """Every event of ``KINDS`` the stream still holds for ``run_id``."""
+    import asyncio
+
+    events: list[Event] = []
+
+    async def keep(e: Event) -> None:
+        events.append(e)
+
+    subs = [await bus.follow(cls, run_id, keep) for cls in KINDS]
+    seen = -1
+    while seen != len(events):  # replay until nothing new arrives for settle_s
+        seen = len(events)
+        await asyncio.sleep(settle_s)
+    for s in subs:
+        await s.unsubscribe()
+    return events
+
+
+def write_png(t: Timeline, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rewards = [s for s in t.steps if s.reward is not None]
+    rows = 3 + bool(rewards)
+    fig, axes = plt.subplots(rows, 1, figsize=(9, 2.6 * rows), sharex=True)
+    loss, lr, scores = axes[0], axes[1], axes[-1]
+    loss.plot([s.step for s in t.steps], [s.loss for s in t.steps], color="tab:blue")
+    loss.set_ylabel("loss")
+    lr.plot([s.step for s in t.steps if s.learning_rate is not None],
+            [s.learning_rate for s in t.steps if s.learning_rate is not None], color="tab:orange")
+    lr.set_ylabel("learning rate")
+    if rewards:
+        axes[2].plot([s.step for s in rewards], [s.reward for s in rewards], color="tab:purple")
+        axes[2].set_ylabel("GRPO reward")
+    val = [v for v in t.verdicts if v.split == "val"]
+    for metric, color in (("protocol", "tab:green"), ("correctness", "tab:red")):
+        scores.plot([v.step for v in val], [v.scores.get(metric, 0.0) for v in val], marker="o", color=color, label=metric)
+    scores.set_ylim(-0.02, 1.02)
+    scores.set_ylabel("validation score")
+    scores.set_xlabel("step")
+    scores.legend(loc="lower right")
+    for c in t.controls:
+        for ax in axes:
+            ax.axvline(c.step, color="grey", linestyle="--", linewidth=0.8)
+        loss.annotate(c.command, (c.step, 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                      va="top", ha="right", color="grey")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"tuneloop run {t.run_id}")
+    fig.tight_layout()
+    # What was drawn, in the PNG's text chunk: a reader (or a test) can check the axes came from the run.
+    drawn = {"steps": [t.steps[0].step, t.steps[-1].step] if t.steps else [], "xlim": list(scores.get_xlim()),
+             "panels": [ax.get_ylabel() for ax in axes], "controls": [[c.step, c.command] for c in t.controls],
+             "evaluations": len(val)}
+    fig.savefig(path, dpi=100, metadata={"Title": f"tuneloop run {t.run_id}", "Description": json.dumps(drawn)})
+    plt.close(fig)
+    return path
+
+
+def write_html(t: Timeline, png: Path, path: Path, config_text: str = "", summary: dict | None = None) -> Path:
+    esc = html.escape
+    image = base64.b64encode(png.read_bytes()).decode()
+    controls = "".join(f"<tr><td>{c.step}</td><td>{esc(c.command)}</td><td>{esc(repr(c.old))}</td>"
+                       f"<td>{esc(repr(c.new))}</td></tr>" for c in t.controls) or "<tr><td colspan=4>none</td></tr>"
+    verdicts = "".join(f"<tr><td>{v.step}</td><td>{esc(v.split)}</td><td>{v.cases}</td>"
+                       + "".join(f"<td>{v.scores.get(m, 0.0):.3f}</td>" for m in ("protocol", "correctness"))
+                       + "</tr>" for v in t.verdicts) or "<tr><td colspan=5>none</td></tr>"
+    last = t.steps[-1] if t.steps else None
+    path.write_text(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>tuneloop run {esc(t.run_id)}</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
+</head><body>
+<h1>tuneloop run {esc(t.run_id)}</h1>
+<p>{len(t.steps)} logged steps{f", last step {last.step} of {last.max_steps}, loss {last.loss:.4f}" if last else ""};
+{len(t.checkpoints)} checkpoints; {len(t.verdicts)} evaluations; {len(t.controls)} controls applied.</p>
+<img alt="training curves" src="data:image/png;base64,{image}">
+<h2>Evaluations</h2><table><tr><th>step</th><th>split</th><th>cases</th><th>protocol</th><th>correctness</th></tr>{verdicts}</table>
+<h2>Controls applied</h2><table><tr><th>step</th><th>command</th><th>old</th><th>new</th></tr>{controls}</table>
+<h2>Summary</h2><pre>{esc(json.dumps(summary, indent=2)) if summary else "(no summary: the run has not finished)"}</pre>
+<h2>Config</h2><pre>{esc(config_text)}</pre>
+</body></html>
+""")
+    return path
+
+
+def write_report(run_dir: Path, events: list[Event], out_dir: Path | None = None) -> tuple[Path, Path]:
+    """``report.png`` and ``report.html`` for the run in ``run_dir`` (into ``out_dir``, default the run's)."""
+    out_dir = out_dir or run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = Timeline.of(run_dir.name, events)
+    if not t.steps:
+        raise ValueError(f"run {run_dir.name}: no training steps recorded yet, nothing to plot")
+    png = write_png(t, out_dir / "report.png")
+    config = run_dir / "config.yaml"
+    summary = run_dir / "summary.json"
+    page = write_html(t, png, out_dir / "report.html", config.read_text() if config.exists() else "",
+                      json.loads(summary.read_text()) if summary.exists() else None)
+    return png, page

@@ -1,0 +1,158 @@
+"""``tuneloop watch RUN``: a live terminal view of a run, attached from any terminal.
+
+It replays the run's stream from the start (so it shows the history of a run it joins late)
+and then follows it live: progress, loss / lr / reward / validation curves as sparklines, the
+latest verdict by category, controls pending and answered, and how the run ended.
+``WatchView`` only folds events into state and renders it; the bus part is ``watch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from .events import (CheckpointRecorded, Control, ControlApplied, ControlRejected, DatasetReady, EvalVerdict, Event,
+                     ExportDone, Feedback, StepMetrics, TrainingFinished)
+
+KINDS = (DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, Control, ControlApplied,
+         ControlRejected, TrainingFinished, ExportDone)
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 48) -> str:
+    """The last ``width`` values as block characters, scaled between their min and max."""
+    values = [v for v in values if v is not None][-width:]
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(BARS[min(int((v - lo) / span * (len(BARS) - 1) + 0.5), len(BARS) - 1)] for v in values)
+
+
+@dataclass
+class WatchView:
+    run_id: str
+    step: int = 0
+    max_steps: int = 0
+    paused: bool = False
+    method: str = ""
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    val: list[EvalVerdict] = field(default_factory=list)
+    latest: EvalVerdict | None = None
+    feedback: Feedback | None = None
+    pending: dict[str, Control] = field(default_factory=dict)
+    answered: deque = field(default_factory=lambda: deque(maxlen=6))
+    checkpoints: int = 0
+    dataset: str = ""
+    finished: TrainingFinished | None = None
+    exported: ExportDone | None = None
+
+    def update(self, e: Event) -> None:
+        if isinstance(e, StepMetrics):
+            self.step, self.max_steps, self.paused, self.method = e.step, e.max_steps, e.paused, e.method
+            if e.loss is not None:
+                self.losses.append(e.loss)
+                self.lrs.append(e.learning_rate)
+                if e.reward is not None:
+                    self.rewards.append(e.reward)
+        elif isinstance(e, EvalVerdict):
+            self.latest = e
+            if e.purpose == "periodic" and e.split == "val":
+                self.val.append(e)
+        elif isinstance(e, Control):
+            self.pending[e.event_id] = e
+        elif isinstance(e, (ControlApplied, ControlRejected)):
+            self.pending.pop(e.control_id, None)
+            self.answered.append(e)
+            if isinstance(e, ControlApplied) and e.command in ("pause", "resume"):
+                self.paused = e.command == "pause"
+        elif isinstance(e, Feedback):
+            self.feedback = e
+        elif isinstance(e, CheckpointRecorded):
+            self.checkpoints += 1
+        elif isinstance(e, DatasetReady):
+            self.dataset = e.dataset_id
+        elif isinstance(e, TrainingFinished):
+            self.finished = e
+        elif isinstance(e, ExportDone):
+            self.exported = e
+
+    @property
+    def state(self) -> str:
+        if self.finished:
+            return f"finished at step {self.finished.step}: {self.finished.reason} ({self.finished.detail})"
+        return "paused" if self.paused else ("training" if self.losses else "starting")
+
+    def __rich__(self) -> Group:
+        head = Table.grid(padding=(0, 2))
+        head.add_row(Text(f"run {self.run_id}", style="bold cyan"), Text(self.state, style="bold"),
+                     Text(f"{self.method} · data {self.dataset or '-'} · {self.checkpoints} checkpoints"))
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(ProgressBar(total=self.max_steps or 1, completed=self.step, width=50),
+                    Text(f"step {self.step}/{self.max_steps}"))
+        curves = Table("curve", "last", "history", box=None, padding=(0, 1))
+        curves.add_row("loss", _fmt(self.losses), sparkline(self.losses))
+        curves.add_row("lr", _fmt(self.lrs, ".2e"), sparkline(self.lrs))
+        if self.rewards:
+            curves.add_row("reward", _fmt(self.rewards), sparkline(self.rewards))
+        for metric in ("protocol", "correctness"):
+            scores = [v.scores.get(metric, 0.0) for v in self.val]
+            curves.add_row(f"val {metric}", _fmt(scores), sparkline(scores))
+        parts = [head, bar, curves]
+        if self.latest:
+            v = self.latest
+            cats = "  ".join(f"{c} {s.get('protocol', 0):.2f}/{s.get('correctness', 0):.2f}" for c, s in sorted(v.by_category.items()))
+            parts.append(Text(f"latest verdict: step {v.step} {v.split} ({v.cases} cases) protocol {v.scores['protocol']:.3f}"
+                              f" correctness {v.scores['correctness']:.3f} · by category (protocol/correct): {cats}"))
+        if self.feedback:
+            parts.append(Text(f"feedback after step {self.feedback.step}: {self.feedback.action} ({self.feedback.reason})"))
+        controls = Table("control", "value", "answer", box=None, padding=(0, 1))
+        for c in self.pending.values():
+            controls.add_row(c.command, str(c.value if c.value is not None else ""), Text("pending", style="yellow"))
+        for a in self.answered:
+            if isinstance(a, ControlApplied):
+                controls.add_row(a.command, f"{a.old!r} -> {a.new!r}", Text(f"applied at step {a.step}", style="green"))
+            else:
+                controls.add_row(a.command, "", Text(f"rejected at step {a.step}: {a.reason}", style="red"))
+        if controls.row_count:
+            parts.append(controls)
+        if self.exported:
+            parts.append(Text(f"exported step {self.exported.step}: {self.exported.merged_path or self.exported.adapter_path}"))
+        return Group(Panel(Group(*parts), title="tuneloop watch", border_style="blue"))
+
+
+def _fmt(values: list, spec: str = ".4f") -> str:
+    values = [v for v in values if v is not None]
+    return format(values[-1], spec) if values else "-"
+
+
+async def watch(url: str, run_id: str, console, *, exit_when_done: bool = True) -> WatchView:
+    """Show the run live until it has finished and exported (or Ctrl-C)."""
+    from rich.live import Live
+
+    from .bus import Bus
+
+    view = WatchView(run_id)
+    bus = await Bus.connect(url, "watch")
+    try:
+        async def on(e: Event) -> None:
+            view.update(e)
+
+        for cls in KINDS:
+            await bus.follow(cls, run_id, on)
+        with Live(view, console=console, refresh_per_second=4, transient=False):
+            while not (exit_when_done and view.finished and (view.exported or view.finished.reason == "error")):
+                await asyncio.sleep(0.25)
+            await asyncio.sleep(0.5)  # the last events, rendered once more
+    finally:
+        await bus.close()
+    return view
