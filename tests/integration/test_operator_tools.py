@@ -14,7 +14,6 @@ import sys
 import termios
 import threading
 import time
-from pathlib import Path
 
 import pyte
 import pytest
@@ -110,7 +109,7 @@ def test_watch_shows_a_live_run_and_the_control_it_answered(watched_run):
     screen = r["after"]
     assert f"run {r['run']}" in screen and "finished at step 80" in screen
     assert "step 80/80" in screen and "val protocol" in screen and "latest verdict" in screen
-    assert f"set-lr" in screen and f"applied at step {applied_at}" in screen and "0.001" in screen
+    assert "set-lr" in screen and f"applied at step {applied_at}" in screen and "0.001" in screen
     assert any(ch in screen for ch in "▁▂▃▄▅▆▇█"), "no curve drawn"
 
 
