@@ -85,8 +85,10 @@ ROWS: dict[str, list[Panel]] = {
     ],
 }
 
-# Applied controls as annotations on every time series panel.
-CONTROL_ANNOTATION = f'changes(tuneloop_controls_total{{{RUN}, outcome="applied"}}[1m]) > 0'
+# Applied controls as annotations on every time series panel. changes() misses a series born at
+# 1 (the first control of a command), hence the second half: series that are new this minute.
+_APPLIED = f'tuneloop_controls_total{{{RUN}, outcome="applied"}}'
+CONTROL_ANNOTATION = f"changes({_APPLIED}[1m]) > 0 or ({_APPLIED} unless {_APPLIED} offset 1m)"
 
 
 def expressions() -> list[str]:
