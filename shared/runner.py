@@ -1,7 +1,7 @@
 """Embedded mode: one command runs a whole job on this machine.
 
 Starts nats-server (unless a URL is given), the five services as separate processes, shows
-progress from the events, waits for the export and the final verdict, prints a summary,
+the run live from the events (``WatchView``, as ``tuneloop watch``), waits for the export and the final verdict, prints a summary,
 and stops everything (Ctrl-C included) so no process is left behind.
 """
 
@@ -20,20 +20,21 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.live import Live
 from rich.table import Table
 
 from .bus import Bus
 from .config import Config, ConfigError, dump_config, load_config
 from .embedded import NatsServer
-from .events import (CheckpointRecorded, ControlApplied, ControlRejected, DatasetReady, DeadLetter, EvalVerdict, Event,
+from .events import (CheckpointRecorded, Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter, EvalVerdict, Event,
                      ExportDone, Feedback, StepMetrics, TrainingFinished, explain)
 from .report import TIMELINE_FILE, write_report, write_timeline
 from .storage import CONFIG_FILE, run_dir, write_run_info
+from .watch import WatchView
 
 SERVICES = ("data-pipeline", "trainer", "checkpoint", "evaluator", "rl-reward")
-WATCHED = (DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, ControlApplied, ControlRejected,
-           TrainingFinished, ExportDone, DeadLetter)
+WATCHED = (DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, Control, ControlApplied,
+           ControlRejected, TrainingFinished, ExportDone, DeadLetter)
 # A dead letter of one of these means the run cannot finish: fail fast instead of waiting.
 CRITICAL_KINDS = ("data.ready", "ckpt.saved", "train.done", "eval.request", "eval.shard")
 # After the last event, services keep serving /metrics this long before they are stopped: a
@@ -213,12 +214,11 @@ async def _drive(state: RunState, storage: Path, rdir: Path, url: str, procs: di
                  console: Console) -> None:
     run_id = state.run_id
     bus = await Bus.connect(url, "runner")
-    progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console)
-    task = progress.add_task("training", total=None, status="waiting for data")
+    view = WatchView(run_id)  # the same live view as `tuneloop watch`, under the log lines
 
     async def on_event(ev: Event) -> None:
-        handle_event(state, ev, progress, task, console)
+        view.update(ev)
+        handle_event(state, ev, console)
 
     for cls in WATCHED:  # subscribe before the services start, so nothing is missed
         await bus.subscribe(cls, run_id, on_event)
@@ -227,7 +227,7 @@ async def _drive(state: RunState, storage: Path, rdir: Path, url: str, procs: di
     for i in range(1, evaluators):
         procs[f"evaluator-{i}"] = spawn("evaluator", run_id, storage, url, rdir / "logs", replica=i)
     try:
-        with progress:
+        with Live(view, console=console, refresh_per_second=4, transient=True):
             while not state.complete:
                 await asyncio.sleep(0.2)
                 if state.fatal:
@@ -241,17 +241,14 @@ async def _drive(state: RunState, storage: Path, rdir: Path, url: str, procs: di
         await bus.close()
 
 
-def handle_event(state: RunState, ev: Event, progress: Progress, task, console: Console) -> None:
+def handle_event(state: RunState, ev: Event, console: Console) -> None:
     state.events.append(ev)
     if isinstance(ev, DatasetReady):
         state.dataset = ev
         console.log(f"data set {ev.dataset_id}: " + ", ".join(f"{k} {v.rows}" for k, v in ev.splits.items())
                     + (f" ({ev.rejected_rows} rows rejected)" if ev.rejected_rows else ""))
-        progress.update(task, status="building model")
     elif isinstance(ev, StepMetrics):
         state.last_step = ev
-        progress.update(task, total=ev.max_steps, completed=ev.step,
-                        status=f"loss {ev.loss:.4f}  lr {ev.learning_rate or 0:.2e}" if ev.loss is not None else "")
     elif isinstance(ev, CheckpointRecorded):
         console.log(f"checkpoint step {ev.step} recorded ({ev.bytes / 1e6:.1f} MB, sha256 {ev.sha256[:12]})")
     elif isinstance(ev, EvalVerdict):
@@ -273,7 +270,6 @@ def handle_event(state: RunState, ev: Event, progress: Progress, task, console: 
         console.log(f"control {ev.command} {what} at step {ev.step}")
     elif isinstance(ev, TrainingFinished):
         state.finished = ev
-        progress.update(task, status=f"done: {ev.reason}")
         console.log(f"training finished at step {ev.step}: {ev.reason} ({ev.detail})")
     elif isinstance(ev, DeadLetter):
         console.log(f"[red]dead letter[/] from {ev.service} on {ev.subject}: {ev.reason}")
