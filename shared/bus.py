@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -44,6 +45,27 @@ class BusError(RuntimeError):
     """A request could not be answered (timeout, no responder, or the responder said why)."""
 
 
+def credentials(env: dict[str, str] | None = None) -> dict:
+    """Who this process is on the server, from the environment (deployments keep these in
+    Secrets, never in files of the repo): ``NATS_USER`` / ``NATS_PASSWORD``, or a
+    ``NATS_CREDS`` file (JWT + nkey), and TLS with ``NATS_TLS_CA`` (plus ``NATS_TLS_CERT`` /
+    ``NATS_TLS_KEY`` for client certificates). None set: no authentication (embedded runs)."""
+    env = os.environ if env is None else env
+    kw: dict = {}
+    if env.get("NATS_USER"):
+        kw.update(user=env["NATS_USER"], password=env.get("NATS_PASSWORD", ""))
+    if env.get("NATS_CREDS"):
+        kw["user_credentials"] = env["NATS_CREDS"]
+    if env.get("NATS_TLS_CA"):
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=env["NATS_TLS_CA"])
+        if env.get("NATS_TLS_CERT"):
+            ctx.load_cert_chain(env["NATS_TLS_CERT"], env.get("NATS_TLS_KEY"))
+        kw["tls"] = ctx
+    return kw
+
+
 class Bus:
     """One connection of one service (``service`` is stamped as the source of what it publishes)."""
 
@@ -70,6 +92,7 @@ class Bus:
             servers=[url], name=service, connect_timeout=timeout,
             max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+            **credentials(),
         )
         bus = cls(nc, service)
         await bus.ensure_stream()

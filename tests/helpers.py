@@ -44,9 +44,10 @@ class Services:
         self.procs: dict[str, subprocess.Popen] = {}  # the latest process of each service
         self.every: list[subprocess.Popen] = []         # replicas too: all are stopped at the end
 
-    def start(self, name: str, *flags: str) -> subprocess.Popen:
+    def start(self, name: str, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a service; ``env`` adds to the environment (e.g. its NATS identity)."""
         log = open(self.storage / f"{name}.log", "ab")
-        env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         p = subprocess.Popen([sys.executable, "-m", "tuneloop." + name.replace("-", "_"), "--run-id", self.run_id,
                               "--storage", str(self.storage), "--nats-url", self.url, "--parent-pid", str(os.getpid()),
                               *flags],

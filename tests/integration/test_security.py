@@ -1,0 +1,116 @@
+"""A real nats-server started from the deployment's own users and permissions
+(k8s/base/nats/nats.conf): only the operator (and data-pipeline's adaptive data) may publish
+control; a service identity's control is refused by the server; an event naming a path outside
+the run is rejected and dead-lettered, and the service goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+
+import nats
+import pytest
+
+from helpers import REPO, make_run, run_id_for, tiny_config
+from test_bus import collect, wait_for
+from tuneloop.bus import Bus
+from tuneloop.embedded import NatsServer
+from tuneloop.events import CheckpointRecorded, DeadLetter, StepMetrics
+
+CONF = REPO / "k8s" / "base" / "nats" / "nats.conf"
+USERS = ("operator", "trainer", "data-pipeline", "evaluator", "rl-reward", "checkpoint", "viewer")
+
+
+@pytest.fixture
+def secured(tmp_path, monkeypatch):
+    """The server from the deployment's config; passwords only in this process's environment."""
+    passwords = {u: secrets.token_hex(12) for u in USERS}
+    for user, pw in passwords.items():
+        monkeypatch.setenv(f"TUNELOOP_{user.upper().replace('-', '_')}_PASSWORD", pw)
+    server = NatsServer(tmp_path / "nats", config_file=CONF)
+    url = server.start()
+    yield url, passwords
+    server.stop()
+
+
+def identity(passwords: dict, user: str) -> dict[str, str]:
+    return {"NATS_USER": user, "NATS_PASSWORD": passwords[user]}
+
+
+async def refused_publish(url: str, passwords: dict, user: str, subject: str) -> list[str]:
+    """Publish as ``user``; the server's errors for it."""
+    errors: list[str] = []
+
+    async def on_error(e):
+        errors.append(str(e))
+
+    nc = await nats.connect(url, user=user, password=passwords[user], error_cb=on_error, max_reconnect_attempts=0)
+    await nc.publish(subject, json.dumps({"command": "stop"}).encode())
+    await nc.flush()
+    await asyncio.sleep(0.5)
+    await nc.close()
+    return errors
+
+
+async def test_only_the_operator_may_steer_and_strangers_may_not_connect(tmp_path, secured, services, request,
+                                                                         monkeypatch):
+    url, pw = secured
+    run = run_id_for(request)
+    storage = make_run(tmp_path, run, tiny_config(tmp_path, max_steps=100000))
+    svc = services(storage, url, run)
+    for name in ("data-pipeline", "trainer"):
+        svc.start(name, env=identity(pw, name))
+    monkeypatch.setenv("NATS_USER", "viewer")
+    monkeypatch.setenv("NATS_PASSWORD", pw["viewer"])
+    bus = await Bus.connect(url, "test-viewer")  # read-only identity: watches, cannot steer
+    steps = await collect(bus, StepMetrics, run)
+    await wait_for(lambda: steps, timeout=180)
+
+    for user in ("trainer", "evaluator", "rl-reward", "checkpoint", "viewer"):
+        errors = await refused_publish(url, pw, user, f"tuneloop.{run}.control")
+        assert any("permissions violation for publish" in e.lower() and f"tuneloop.{run}.control" in e for e in errors), (user, errors)
+    with pytest.raises(Exception, match="Authorization Violation"):
+        await nats.connect(url, max_reconnect_attempts=0, allow_reconnect=False)
+    with pytest.raises(Exception, match="Authorization Violation"):
+        await nats.connect(url, user="operator", password="wrong", max_reconnect_attempts=0, allow_reconnect=False)
+
+    ctl = [sys.executable, "-m", "tuneloop", "ctl", run, "--nats-url", url, "--timeout", "60"]
+    operator = identity(pw, "operator")
+    ok = subprocess.run([*ctl, "set-lr", "0.001"], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, **operator})
+    assert ok.returncode == 0 and "applied set-lr" in ok.stdout, ok.stdout + ok.stderr
+    assert steps[-1].max_steps == 100000  # the trainer is still running: nobody's refused "stop" got through
+    stop = subprocess.run([*ctl, "stop"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **operator})
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    await bus.close()
+
+
+async def test_an_event_naming_a_path_outside_the_run_is_rejected_and_the_service_goes_on(
+        tmp_path, secured, services, request, monkeypatch):
+    url, pw = secured
+    run = run_id_for(request)
+    storage = make_run(tmp_path, run, tiny_config(tmp_path, max_steps=40, save_steps=20))
+    (tmp_path / "secret.txt").write_text("not for you")
+    svc = services(storage, url, run)
+    svc.start("checkpoint", env=identity(pw, "checkpoint"))
+    monkeypatch.setenv("NATS_USER", "trainer")  # the identity that may announce checkpoints
+    monkeypatch.setenv("NATS_PASSWORD", pw["trainer"])
+    bus = await Bus.connect(url, "test-trainer")
+    dead, recorded = await collect(bus, DeadLetter, run), await collect(bus, CheckpointRecorded, run)
+    evil = {"run_id": run, "event_id": "evil-1", "step": 1, "path": "../../secret.txt", "base_model": "base",
+            "adapter": True}
+    await bus.js.publish(f"tuneloop.{run}.ckpt.saved", json.dumps(evil).encode(), headers={"Nats-Msg-Id": "evil-1"})
+    await wait_for(lambda: dead, timeout=60)
+    assert "leaves the run directory" in dead[0].reason and "../../secret.txt" in dead[0].reason
+    # The checkpoint service is alive and catalogues the real checkpoints of a real trainer.
+    svc.start("data-pipeline", env=identity(pw, "data-pipeline"))
+    svc.start("trainer", env=identity(pw, "trainer"))
+    await wait_for(lambda: len(recorded) >= 2, timeout=240)
+    assert svc.procs["checkpoint"].poll() is None and {r.step for r in recorded} >= {20, 40}
+    assert not list(storage.glob(f"{run}/**/secret.txt"))
+    await bus.close()
