@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration test-e2e bench proto lint clean
+.PHONY: install demo test test-unit test-integration test-e2e bench proto lint clean secrets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test-integration: install
 
 test-e2e: install
 	$(PY) -m pytest -q tests/e2e
+
+secrets:  ## .env for docker compose: a random password per NATS identity (never committed)
+	@test -e .env && echo ".env exists; delete it to make new passwords" || { \
+	  for u in OPERATOR TRAINER DATA_PIPELINE EVALUATOR RL_REWARD CHECKPOINT VIEWER; do \
+	    echo "TUNELOOP_$${u}_PASSWORD=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')"; \
+	  done > .env && chmod 600 .env && echo "wrote .env"; }
 
 bench: install  ## benchmarks: bus overhead on the trainer, then the feedback loop (a few minutes each)
 	$(PY) bench/trainer_overhead.py

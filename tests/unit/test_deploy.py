@@ -1,0 +1,165 @@
+"""Offline checks of what deploys tuneloop: every Kubernetes manifest the kustomizations build
+validates against the Kubernetes schemas, compose.yaml against the Compose spec, each image
+target installs an extra that provides what its service imports, and the NATS identities of
+compose, Kubernetes and nats.conf agree."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from helpers import REPO
+from tuneloop.subjects import durable_name
+
+KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/multinode"]
+CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        ("kubeflow.org/v1", "PyTorchJob")}
+KUBECTL = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+SERVICES = ("data-pipeline", "trainer", "evaluator", "rl-reward", "checkpoint")
+
+
+def build(kustomization: str) -> list[dict]:
+    out = subprocess.run([KUBECTL, "kustomize", str(REPO / "k8s" / kustomization)], capture_output=True, text=True,
+                         check=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_manifest_validates_against_the_kubernetes_schemas(kustomization):
+    docs = build(kustomization)
+    for d in docs:
+        if (d["apiVersion"], d["kind"]) in CRDS:
+            continue  # custom resources: checked below against what they point at
+        kubernetes_validate.validate(d, "1.30.0", strict=True)
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    # Every pod that serves metrics is found by Prometheus and by the ServiceMonitor's Service.
+    pods = [(d["metadata"]["name"], d["spec"]["template"]) for d in docs if d["kind"] in ("Deployment", "Job")]
+    for name, tmpl in pods:
+        if name in ("prometheus", "grafana"):
+            continue
+        assert tmpl["metadata"]["labels"].get("app.kubernetes.io/part-of") == "tuneloop", name
+        assert any(p.get("name") == "metrics" for c in tmpl["spec"]["containers"] for p in c.get("ports", [])), name
+        env = {e["name"]: e for c in tmpl["spec"]["containers"] for e in c.get("env", [])}
+        assert env["NATS_USER"]["value"] == name and env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "nats-users"
+    names = {n for n, _ in pods}
+    assert {"data-pipeline", "evaluator", "rl-reward", "checkpoint", "prometheus", "grafana"} <= names
+    assert ("trainer" in by_kind.get("Job", {})) != ("trainer" in by_kind.get("PyTorchJob", {}))
+
+
+def test_keda_scales_the_evaluators_on_their_own_work_queue():
+    docs = build("overlays/gpu")
+    scaled = next(d for d in docs if d["kind"] == "ScaledObject")
+    env = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("tuneloop-env"))
+    trigger = scaled["spec"]["triggers"][0]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "evaluator" and trigger["type"] == "nats-jetstream"
+    assert trigger["metadata"]["stream"] == "TUNELOOP"
+    assert trigger["metadata"]["consumer"] == durable_name("evaluator", env["data"]["TUNELOOP_RUN_ID"], "eval.shard")
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "tuneloop-metrics")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+
+
+def test_compose_file_follows_the_compose_spec_and_gives_each_service_its_identity():
+    schema = json.loads((REPO / "tests" / "schemas" / "compose-spec.json").read_text())
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    jsonschema.validate(compose, schema)
+    conf = (REPO / "k8s" / "base" / "nats" / "nats.conf").read_text()
+    users = set(re.findall(r"\{user: ([a-z-]+), password: \$(\w+)", conf))
+    for svc in SERVICES:
+        env = compose["services"][svc]["environment"]
+        var = re.fullmatch(r"\$\{(\w+):\?.*\}", env["NATS_PASSWORD"]).group(1)
+        assert (env["NATS_USER"], var) in users, svc
+    assert compose["services"]["cli"]["environment"]["NATS_USER"] == "operator"
+    mounted = [v.split(":")[0] for s in ("prometheus", "grafana", "nats") for v in compose["services"][s]["volumes"]]
+    assert all((REPO / m).exists() for m in mounted if m.startswith("./")), mounted
+    assert ".env" in (REPO / ".gitignore").read_text().split()  # the passwords never get committed
+
+
+def _targets() -> dict[str, str]:
+    """Dockerfile target -> the extra it installs ("" for the bare package)."""
+    text = (REPO / "Dockerfile").read_text()
+    out = {}
+    for block in re.split(r"\n(?=FROM )", text):
+        m = re.match(r"FROM \S+ AS ([\w-]+)", block)
+        extra = re.search(r'pip install --no-cache-dir "?\.(?:\[([\w-]+)\])?"?', block)
+        if m and extra:
+            out[m.group(1)] = extra.group(1) or ""
+    return out
+
+
+def _imports(folder: Path) -> set[str]:
+    mods = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods.add(node.module.split(".")[0])
+    return mods - set(sys.stdlib_module_names) - {"tuneloop"}
+
+
+# import name -> distribution (where they differ or the import is indirect)
+DIST = {"yaml": "pyyaml", "nats": "nats-py", "prometheus_client": "prometheus-client", "pyarrow": "pyarrow"}
+
+
+def _requirements(extra: str) -> set[str]:
+    """The distributions ``pip install .[extra]`` brings, following tuneloop's own extras."""
+    project = __import__("tomllib").loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs, todo, seen = set(), [extra] if extra else [], set()
+    for r in project["dependencies"]:
+        reqs.add(re.split(r"[<>=\[ ]", r)[0].lower())
+    while todo:
+        e = todo.pop()
+        if e in seen:
+            continue
+        seen.add(e)
+        for r in project["optional-dependencies"][e]:
+            m = re.fullmatch(r"tuneloop\[([\w,-]+)\]", r)
+            if m:
+                todo += m.group(1).split(",")
+            else:
+                reqs.add(re.split(r"[<>=\[ ]", r)[0].lower())
+    return reqs
+
+
+def test_each_image_target_installs_what_its_service_imports():
+    targets = _targets()
+    assert set(SERVICES) | {"cli"} <= set(targets), targets
+    core = _requirements("")
+    # The shared package needs only the core dependencies (matplotlib: the report, an extra of its own).
+    assert {DIST.get(m, m) for m in _imports(REPO / "shared")} - core == {"matplotlib"}
+    for svc in SERVICES:
+        have = _requirements(targets[svc]) | {"torch"}  # torch: the ml stage installs the pinned build
+        missing = {DIST.get(m, m) for m in _imports(REPO / "services" / svc)} - have
+        assert not missing, f"image target {svc} lacks {missing}"
+        if svc in ("data-pipeline", "rl-reward"):  # the slim images: no torch stage
+            assert "ml" not in re.search(rf"FROM (\S+) AS {svc}\b", (REPO / "Dockerfile").read_text()).group(1)
+
+
+@pytest.mark.timeout(600)
+def test_the_rl_reward_image_needs_no_ml_stack(tmp_path):
+    """The slim target for real: a fresh venv with only `pip install .[rl-reward]` imports and
+    starts the service (no torch, no transformers)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    install = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{REPO}[rl-reward]"], capture_output=True,
+                             text=True, timeout=540)
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    probe = subprocess.run([str(py), "-c", "import importlib.util, tuneloop.rl_reward.__main__ as m; "
+                            "print(importlib.util.find_spec('torch') is None, callable(m.score_batch))"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert probe.stdout.split() == ["True", "True"], probe.stdout + probe.stderr
