@@ -85,15 +85,20 @@ ROWS: dict[str, list[Panel]] = {
     ],
 }
 
-# Applied controls as annotations on every time series panel. changes() misses a series born at
-# 1 (the first control of a command), hence the second half: series that are new this minute.
-_APPLIED = f'tuneloop_controls_total{{{RUN}, outcome="applied"}}'
-CONTROL_ANNOTATION = f"changes({_APPLIED}[1m]) > 0 or ({_APPLIED} unless {_APPLIED} offset 1m)"
+# Applied controls and checkpoints as annotations on every time series panel. changes() misses a
+# series born at 1 (the first control of a command), hence the second half: series new this minute.
+def _changed(series: str) -> str:
+    return f"changes({series}[1m]) > 0 or ({series} unless {series} offset 1m)"
+
+
+CONTROL_ANNOTATION = _changed(f'tuneloop_controls_total{{{RUN}, outcome="applied"}}')
+CHECKPOINT_ANNOTATION = _changed(f"tuneloop_checkpoints_total{{{RUN}}}")
 
 
 def expressions() -> list[str]:
     """Every PromQL expression the dashboard runs (panels and annotations)."""
-    return [e for panels in ROWS.values() for p in panels for e, _ in p.exprs] + [CONTROL_ANNOTATION]
+    return [e for panels in ROWS.values() for p in panels for e, _ in p.exprs] + [CONTROL_ANNOTATION,
+                                                                                  CHECKPOINT_ANNOTATION]
 
 
 def dashboard() -> dict:
@@ -122,11 +127,13 @@ def dashboard() -> dict:
             "allValue": ".*", "refresh": 2, "query": {"query": "label_values(tuneloop_train_step, run_id)", "refId": "run"},
             "definition": "label_values(tuneloop_train_step, run_id)", "current": {"text": "All", "value": "$__all"},
         }]},
-        "annotations": {"list": [{
-            "name": "controls", "enable": True, "iconColor": "orange", "datasource": DATASOURCE,
-            "expr": CONTROL_ANNOTATION, "step": "5s", "titleFormat": "{{command}}", "textFormat": "control applied",
-            "tagKeys": "command,run_id",
-        }]},
+        "annotations": {"list": [
+            {"name": "controls", "enable": True, "iconColor": "orange", "datasource": DATASOURCE,
+             "expr": CONTROL_ANNOTATION, "step": "5s", "titleFormat": "{{command}}", "textFormat": "control applied",
+             "tagKeys": "command,run_id"},
+            {"name": "checkpoints", "enable": True, "iconColor": "blue", "datasource": DATASOURCE,
+             "expr": CHECKPOINT_ANNOTATION, "step": "5s", "titleFormat": "checkpoint", "tagKeys": "run_id"},
+        ]},
         "panels": panels,
     }
 
