@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -79,3 +80,40 @@ class Services:
 
 def run_id_for(request) -> str:
     return (request.node.name.replace("[", "-").replace("]", "")[:40] + f"-{int(time.time() * 1000) % 10**8}")
+
+
+async def collect(bus, cls, run_id):
+    """A list that fills with every live ``cls`` event of ``run_id`` from now on."""
+    got: list = []
+
+    async def on(ev):
+        got.append(ev)
+
+    await bus.subscribe(cls, run_id, on)
+    return got
+
+
+async def wait_for(pred, timeout=15.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def stored(url: str, run_id: str, kinds) -> dict:
+    """Every event of ``kinds`` the stream keeps for ``run_id`` (what the system holds, after
+    JetStream's de-duplication; live subscribers may also see a duplicate publish)."""
+    from tuneloop.bus import Bus
+
+    bus = await Bus.connect(url, "replay")
+    got = {k: [] for k in kinds}
+
+    async def keep(e):
+        got[type(e)].append(e)
+
+    for k in kinds:
+        await bus.follow(k, run_id, keep)
+    await asyncio.sleep(2.0)
+    await bus.close()
+    return got

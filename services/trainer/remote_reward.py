@@ -15,6 +15,8 @@ from tuneloop.events import RewardRequest
 from . import distributed
 
 log = logging.getLogger(__name__)
+# Scoring a batch takes milliseconds; no answer in this long means the replica is gone or hung.
+ATTEMPT_S = 10.0
 
 
 class RewardServiceError(RuntimeError):
@@ -27,6 +29,7 @@ class RemoteReward:
     def __init__(self, link, run_id: str, weights: dict[str, float], timeout: float):
         self.link, self.run_id, self.weights, self.timeout = link, run_id, dict(weights), timeout
         self.errors = 0  # completions the service could not score (they count as no reward)
+        self.retries = 0  # requests asked again (no replica yet, or one died mid-request)
 
     def __call__(self, prompts, completions, category=None, reference=None, **_) -> list[float | None]:
         n = len(completions)
@@ -53,14 +56,20 @@ class RemoteReward:
         return out
 
     def _ask(self, req: RewardRequest):
-        """One request; while no rl-reward replica answers yet (still starting), ask again until the timeout."""
+        """Ask until the timeout. While no replica answers yet (still starting), or the one that
+        got the request died or hangs (no answer within ``ATTEMPT_S``), ask again: the queue
+        group hands it to a replica that is there. Scoring is pure, so asking twice is safe."""
         deadline = time.monotonic() + self.timeout
         while True:
+            left = deadline - time.monotonic()
             try:
-                return self.link.score(req, timeout=max(deadline - time.monotonic(), 1.0))
+                return self.link.score(req, timeout=max(min(ATTEMPT_S, left), 1.0))
             except Exception as e:
-                if time.monotonic() >= deadline or "no service answers" not in str(e):
+                retry = "no service answers" in str(e) or "no answer on" in str(e)
+                if time.monotonic() >= deadline or not retry:
                     raise RewardServiceError(f"rl-reward could not score {len(req.completions)} completions: {e}") from e
+                self.retries += 1
+                log.warning("reward request: %s; asking again", e)
                 time.sleep(0.5)
 
 

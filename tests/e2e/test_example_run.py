@@ -78,7 +78,7 @@ LOAD_AND_GENERATE = textwrap.dedent('''
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in ["Compute 12 + 30.", "Uppercase kiwo.", "Reverse the word lamp.", "How many letters are in tree?"]]
+               for q in ["Compute 12 + 30.", "Uppercase kano.", "Reverse the word mizo.", "How many letters are in tesa?"]]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
     texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

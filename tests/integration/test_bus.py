@@ -5,29 +5,12 @@ import json
 
 import pytest
 
+from helpers import collect, wait_for
 from tuneloop import subjects
 from tuneloop.bus import BusError
 from tuneloop.events import Control, DeadLetter, Feedback
 
 pytestmark = pytest.mark.integration
-
-
-async def collect(bus, cls, run_id):
-    got: list = []
-
-    async def on(ev):
-        got.append(ev)
-
-    await bus.subscribe(cls, run_id, on)
-    return got
-
-
-async def wait_for(pred, timeout=15.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 async def test_durable_event_reaches_a_consumer_that_starts_later_once(bus):

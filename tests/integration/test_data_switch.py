@@ -9,7 +9,7 @@ import re
 import pytest
 
 from helpers import EXAMPLE_DATA, make_run, run_id_for, tiny_config
-from test_bus import collect, wait_for
+from helpers import collect, wait_for
 from test_trainer import ctl
 from tuneloop.config import Source
 from tuneloop.control import MixtureRefused, request_mixture

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from helpers import make_run, run_id_for, tiny_config
-from test_bus import wait_for
+from helpers import wait_for
 from tuneloop.events import DatasetReady, EvalRequest, EvalVerdict
 from tuneloop.storage import confine
 from tuneloop.trainer import model as models

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from helpers import run_id_for
-from test_bus import wait_for
+from helpers import wait_for
 from test_trainer import start_training
 from tuneloop.events import RewardRequest, StepMetrics, TrainingFinished
 

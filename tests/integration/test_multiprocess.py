@@ -9,7 +9,7 @@ import re
 import pytest
 
 from helpers import run_id_for
-from test_bus import wait_for
+from helpers import wait_for
 from test_trainer import ctl, losses_by_step, start_training
 from tuneloop.events import CheckpointSaved, ControlApplied, ControlRejected, StepMetrics, TrainingFinished
 

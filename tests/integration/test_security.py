@@ -16,7 +16,7 @@ import nats
 import pytest
 
 from helpers import REPO, make_run, run_id_for, tiny_config
-from test_bus import collect, wait_for
+from helpers import collect, wait_for
 from tuneloop.bus import Bus
 from tuneloop.embedded import NatsServer
 from tuneloop.events import CheckpointRecorded, DeadLetter, StepMetrics

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from helpers import make_run, run_id_for, tiny_config
-from test_bus import collect, wait_for
+from helpers import collect, wait_for
 from tuneloop import subjects
 from tuneloop.control import send_control
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, ControlApplied, ControlRejected, DeadLetter,
