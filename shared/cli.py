@@ -174,6 +174,12 @@ def export(
     if ckpt is None or not (ckpt / STATE_FILE).is_file():
         console.print(f"[red]no complete checkpoint {'' if step is None else f'for step {step} '}under {rdir / 'checkpoints'}[/]")
         raise typer.Exit(2)
+    from tuneloop.checkpoint.integrity import verify
+
+    problem = verify(ckpt)
+    if problem:
+        console.print(f"[red]{problem}[/]; not exporting it", soft_wrap=True)
+        raise typer.Exit(2)
     cfg = load_run_config(storage, run_id)
     base = resolve_model(rdir, base_ref(cfg))
     adapter = cfg.train.lora.enabled

@@ -21,6 +21,8 @@ import socket
 import time
 from datetime import datetime, timezone
 
+from nats.js.errors import KeyNotFoundError
+
 from tuneloop import metrics
 from tuneloop.bus import Bus
 from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict
@@ -109,16 +111,18 @@ def verdict_of(req: EvalRequest, results: list[ShardResult]) -> EvalVerdict:
 
 
 async def finish_if_complete(bus: Bus, kv, sh: EvalShard) -> EvalVerdict | None:
-    """Publish the verdict once every shard of the request is in KV (by whoever sees it first)."""
+    """Publish the verdict once every shard of the request is in KV (by whoever sees it first).
+
+    Each shard's key is known, so this reads them one by one: a KV *watch* can announce "no
+    more stored entries" before delivering one that was just written (seen under load: one
+    verdict in 300 went missing), a direct get cannot."""
     results = []
-    watcher = await kv.watch(f"{sh.run_id}.{sh.request.event_id}.*", ignore_deletes=True)  # a server-side filter
-    async for entry in watcher:
-        if entry is None:  # all stored entries seen
-            break
+    for i in range(sh.shards):
+        try:
+            entry = await kv.get(f"{sh.run_id}.{sh.request.event_id}.{i:04d}")
+        except KeyNotFoundError:
+            return None  # another evaluator still has this shard; it will finish the request
         results.append(ShardResult.model_validate_json(entry.value))
-    await watcher.stop()
-    if len(results) < sh.shards:
-        return None
     verdict = verdict_of(sh.request, results)
     await bus.publish(verdict)  # same id from any evaluator: JetStream keeps one
     return verdict

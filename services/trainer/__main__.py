@@ -21,7 +21,7 @@ from tuneloop.service import ServiceContext, on_torch_thread, parent_gone, parse
 from tuneloop.storage import load_run_config, run_dir
 
 from . import distributed, recipe
-from .callback import latest_complete, read_state
+from .callback import latest_intact, read_state
 from .link import BusLink, FollowerLink
 
 log = logging.getLogger("tuneloop.trainer")
@@ -66,7 +66,7 @@ async def main(ctx: ServiceContext) -> None:
 
 async def _dataset_to_resume(link: BusLink, latest: DatasetReady, rdir) -> DatasetReady:
     """A fresh run trains on the newest data set; a resumed one on the data set its checkpoint names."""
-    ckpt = latest_complete(rdir / "checkpoints")
+    ckpt = latest_intact(rdir / "checkpoints")
     want = read_state(ckpt).dataset_id if ckpt else ""
     if not want or want == latest.dataset_id:
         return latest

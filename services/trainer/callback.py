@@ -60,6 +60,27 @@ def latest_complete(output_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[11:]), default=None)
 
 
+def latest_intact(output_dir: Path) -> Path | None:
+    """Newest complete checkpoint whose files still match the checkpoint service's manifest.
+
+    A damaged one (truncated, edited, files missing) is moved aside as ``<name>.corrupt`` —
+    kept for inspection, never deleted or overwritten — and the one before it is used."""
+    from tuneloop.checkpoint.integrity import verify
+
+    while (ckpt := latest_complete(output_dir)) is not None:
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        aside = ckpt.with_name(f"{ckpt.name}.corrupt")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = ckpt.with_name(f"{ckpt.name}.corrupt{n}")
+        ckpt.rename(aside)
+        log.error("not resuming from %s; moved aside to %s", problem, aside.name)
+    return None
+
+
 def read_state(checkpoint: Path) -> controls.RunState:
     return controls.RunState.from_dict(json.loads((checkpoint / STATE_FILE).read_text()))
 

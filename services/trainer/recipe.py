@@ -17,7 +17,7 @@ from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished
 from tuneloop.storage import confine
 
 from . import controls, distributed, model as models
-from .callback import BusCallback, latest_complete, read_state, sync_args
+from .callback import BusCallback, latest_complete, latest_intact, read_state, sync_args
 from .remote_reward import RemoteReward
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) 
     seconds = 0.0  # in trainer.train() itself: set-up (base model, tokenizing) aside
     out_dir = run_dir / "checkpoints"
     args = trl_args(cfg, out_dir)
-    resume = latest_complete(out_dir)
+    resume = latest_intact(out_dir) if distributed.rank() == 0 else None
+    resume = distributed.broadcast(resume)  # one rank checks (and moves aside); all resume from the same
     if resume:  # what operators decided before the restart still holds
         state = read_state(resume)
         sync_args(args, state)

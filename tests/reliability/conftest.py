@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-FIGURES = Path(os.environ.get("TUNELOOP_RELIABILITY_FIGURES", "reliability-figures.json"))
+FIGURES = Path(os.environ.get("TUNELOOP_RELIABILITY_FIGURES", "runs/reliability-figures.json"))
 
 
 @pytest.fixture
@@ -19,4 +19,5 @@ def figures(request):
     print(f"\n{request.node.name}: {json.dumps(got)}")
     old = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
     old[request.node.name] = got
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
     FIGURES.write_text(json.dumps(old, indent=1, sort_keys=True))
