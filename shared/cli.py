@@ -246,7 +246,9 @@ def checkpoints(
     from .storage import run_dir
 
     rdir = run_dir(storage, run_id)
-    folders = sorted((rdir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    found = list((rdir / "checkpoints").glob("checkpoint-*"))
+    folders = sorted((p for p in found if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
+    aside = sorted(p.name for p in found if not p.name[11:].isdigit())  # damaged ones the trainer moved aside
     if not folders:
         console.print(f"[red]no checkpoints under {rdir / 'checkpoints'}[/]")
         raise typer.Exit(2)
@@ -254,7 +256,7 @@ def checkpoints(
               if isinstance(e, EvalVerdict) and e.purpose == "periodic"}
     t = Table("step", "complete", "MB", "sha256", "protocol", "correctness")
     for f in folders:
-        step = int(f.name.split("-")[-1])
+        step = int(f.name[11:])
         manifest = f / MANIFEST
         m = json.loads(manifest.read_text()) if manifest.exists() else {}
         sc = scores.get(step, {})
@@ -262,6 +264,8 @@ def checkpoints(
                   f"{m['bytes'] / 1e6:.1f}" if m else "-", m.get("sha256", "-")[:12],
                   *(f"{sc[k]:.3f}" if k in sc else "-" for k in ("protocol", "correctness")))
     console.print(t)
+    if aside:
+        console.print(f"[yellow]moved aside as damaged:[/] {', '.join(aside)}")
 
 
 @app.command()
