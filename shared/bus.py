@@ -208,7 +208,8 @@ class Bus:
 
     async def pending(self, cls: type[Event], run_id: str, group: str | None = None) -> int:
         """Messages of ``cls`` not yet acked by the durable consumer ``group`` shares (its lag)."""
-        info = await self.js.consumer_info(subjects.STREAM, subjects.durable_name(group or self.service, run_id, cls.KIND))
+        durable = subjects.durable_name(group or self.service, run_id, cls.KIND)
+        info = await self.js.consumer_info(subjects.STREAM, durable)
         return info.num_pending + info.num_ack_pending
 
     # ------------------------------------------------------------ consume (durable)

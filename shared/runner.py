@@ -1,8 +1,9 @@
 """Embedded mode: one command runs a whole job on this machine.
 
 Starts nats-server (unless a URL is given), the five services as separate processes, shows
-the run live from the events (``WatchView``, as ``tuneloop watch``), waits for the export and the final verdict, prints a summary,
-and stops everything (Ctrl-C included) so no process is left behind.
+the run live from the events (``WatchView``, as ``tuneloop watch``), waits for the export and
+the final verdict, prints a summary, and stops everything (Ctrl-C included) so no process is
+left behind. A config with ``phases`` runs them one after the other (``run_phases``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from rich.table import Table
 from .bus import Bus
 from .config import Config, ConfigError, dump_config, load_config
 from .embedded import NatsServer
-from .events import (CheckpointRecorded, Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter, EvalVerdict, Event,
-                     ExportDone, Feedback, StepMetrics, TrainingFinished, explain)
+from .events import (CheckpointRecorded, Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter,
+                     EvalVerdict, Event, ExportDone, Feedback, StepMetrics, TrainingFinished, explain)
 from .report import TIMELINE_FILE, write_report, write_timeline
 from .storage import CONFIG_FILE, run_dir, write_run_info
 from .watch import WatchView
@@ -175,7 +176,8 @@ def run_phases(cfg: Config, job_id: str, storage: Path, nats_url: str, evaluator
                             f"({summary['stop_reason']}); see {summary['run_dir']}")
         model, weights = summary["merged"], summary["data"]["category_weights"]
         print_summary(summary, console)
-    job = {"job_id": job_id, "run_dir": str(jdir), "phases": phases, **{k: phases[-1][k] for k in ("test", "adapter", "merged")}}
+    job = {"job_id": job_id, "run_dir": str(jdir), "phases": phases,
+           **{k: phases[-1][k] for k in ("test", "adapter", "merged")}}
     (jdir / "summary.json").write_text(json.dumps(job, indent=2))
     return job
 
