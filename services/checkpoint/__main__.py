@@ -11,8 +11,9 @@ import time
 from nats.js.errors import NoKeysError, NotFoundError
 
 from tuneloop import metrics
-from tuneloop.events import (CheckpointRecorded, CheckpointSaved, EvalRequest, EvalVerdict, ExportDone,
+from tuneloop.events import (CheckpointRecorded, CheckpointSaved, ControlApplied, EvalRequest, EvalVerdict, ExportDone,
                              TrainingFinished)
+from tuneloop.grafana import Annotator
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
 from tuneloop.storage import confine, relative, resolve_model
 
@@ -60,6 +61,7 @@ async def open_catalogue(ctx: ServiceContext) -> Catalogue:
 async def main(ctx: ServiceContext) -> None:
     bus = ctx.bus
     catalogue = await open_catalogue(ctx)
+    annotator = Annotator.from_env()  # GRAFANA_URL + GRAFANA_TOKEN: annotate checkpoints and controls
 
     async def on_saved(ev: CheckpointSaved) -> None:
         run_dir = ctx.run_dir(ev.run_id)
@@ -74,8 +76,11 @@ async def main(ctx: ServiceContext) -> None:
         entry = Entry(step=ev.step, path=ev.path, base_model=str(ev.base_model), adapter=ev.adapter, sha256=sha,
                       bytes=size, is_final=ev.is_final, scores=old.scores if old and old.sha256 == sha else None)
         await catalogue.put(ev.run_id, entry)
-        await bus.publish(CheckpointRecorded(run_id=ev.run_id, event_id=f"rec-{ev.event_id}"[:64], step=ev.step,
-                                             path=ev.path, sha256=sha, bytes=size))
+        record = CheckpointRecorded(run_id=ev.run_id, event_id=f"rec-{ev.event_id}"[:64], step=ev.step,
+                                    path=ev.path, sha256=sha, bytes=size)
+        await bus.publish(record)
+        if annotator:
+            await annotator.post(record)
         if entry.scores is None:
             await bus.publish(EvalRequest(run_id=ev.run_id, event_id=f"eval-{ev.event_id}"[:64], step=ev.step,
                                           checkpoint=ev.path, base_model=ev.base_model, adapter=ev.adapter))
@@ -136,6 +141,8 @@ async def main(ctx: ServiceContext) -> None:
         ))
 
     await bus.consume(CheckpointSaved, ctx.run_id, on_saved)
+    if annotator:  # applied controls become Grafana annotations too
+        await bus.consume(ControlApplied, ctx.run_id, annotator.post, group="checkpoint-grafana")
     await bus.consume(EvalVerdict, ctx.run_id, on_verdict)
     await bus.consume(TrainingFinished, ctx.run_id, on_done, ack_wait=60)
     await ctx.stop.wait()
