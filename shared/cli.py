@@ -80,10 +80,17 @@ def ctl(
     """Send a control event and wait until the trainer applies or rejects it."""
     from .control import send_control
 
+    from pydantic import ValidationError
+
+    from .events import explain
+
     url = nats_url or _run_url(storage, run_id)
     try:
         answer = asyncio.run(send_control(url, run_id, command, value if command == "set-data" else _number(value),
                                           timeout=timeout))
+    except ValidationError as e:  # refused before anything is sent (e.g. an empty command)
+        console.print(f"[red]not a valid control: {explain(e)}[/]")
+        raise typer.Exit(2)
     except TimeoutError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2)
