@@ -43,12 +43,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def job_config(tmp: Path, steps: int, every: int) -> Path:
-    """The example job, with periodic evaluation every ``every`` steps and no early stop."""
-    raw = yaml.safe_load((REPO / "examples" / "protocol.yaml").read_text())
+    """The example job's SFT phase, with periodic evaluation every ``every`` steps and no early stop."""
+    cfg = load_config(REPO / "examples" / "protocol.yaml")
+    raw = (cfg.phase_config(0) if cfg.phases else cfg).model_dump(mode="json")  # the example's SFT phase
     raw["run"]["output_dir"] = str(tmp / "runs")
     raw["data"]["sources"][0]["path"] = str(REPO / "examples" / "data" / "protocol.jsonl")
     raw["train"].update(max_steps=steps, save_steps=every)
     raw["feedback"].update(min_step=10**9)  # evaluate throughout, never stop early
+    raw["data"]["adapt"]["enabled"] = False  # the same data throughout: both variants train alike
+    raw["eval"]["baseline"] = False
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

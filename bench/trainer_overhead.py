@@ -49,6 +49,8 @@ def tokens_per_second(trainer, seconds: float) -> float:
 
 def setup(tmp: Path, steps: int, config: Path):
     cfg = load_config(config)
+    if cfg.phases:  # a phased job (the example): measure its first phase, SFT
+        cfg = cfg.phase_config(0)
     cfg.train.max_steps, cfg.train.logging_steps, cfg.train.save_steps = steps, 1, 10**9
     rdir = tmp / "run"
     p = prepare(cfg, rdir / "data", rdir)
