@@ -247,10 +247,9 @@ def checkpoints(
     from rich.table import Table
 
     from tuneloop.checkpoint.integrity import MANIFEST
-    from tuneloop.trainer.callback import STATE_FILE
 
     from .events import EvalVerdict
-    from .storage import run_dir
+    from .storage import STATE_FILE, run_dir
 
     rdir = run_dir(storage, run_id)
     found = list((rdir / "checkpoints").glob("checkpoint-*"))

@@ -14,6 +14,13 @@ from .config import Config, load_config
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
+STATE_FILE = "tuneloop_state.json"  # written last into a checkpoint: one without it is incomplete
+
+
+def complete_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """step -> folder of every fully written checkpoint of a run (moved-aside ones excluded)."""
+    return {int(p.name[11:]): p for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*")
+            if p.name[11:].isdigit() and (p / STATE_FILE).is_file()}
 
 
 class UnsafePath(Reject, ValueError):

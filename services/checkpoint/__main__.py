@@ -15,7 +15,7 @@ from tuneloop.events import (CheckpointRecorded, CheckpointSaved, ControlApplied
                              TrainingFinished)
 from tuneloop.grafana import Annotator
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
-from tuneloop.storage import confine, relative, resolve_model
+from tuneloop.storage import complete_checkpoints, confine, relative, resolve_model
 
 from . import export
 from .catalogue import Entry, best, pending
@@ -106,10 +106,14 @@ async def main(ctx: ServiceContext) -> None:
         while True:  # every checkpoint, the final one included, catalogued and scored
             entries = await catalogue.entries(done.run_id)
             have_final = done.final_checkpoint is None or any(e.path == done.final_checkpoint for e in entries)
-            if have_final and not pending(entries):
+            # A checkpoint on disk but not catalogued yet: its ckpt.saved is on its way (e.g. redelivered
+            # after this service was killed while hashing it). Export waits for it too.
+            uncatalogued = set(complete_checkpoints(run_dir)) - {e.step for e in entries}
+            if have_final and not pending(entries) and not uncatalogued:
                 break
             if time.monotonic() > deadline:
-                log.warning("export without verdicts for steps %s", pending(entries))
+                log.warning("export without verdicts for steps %s (not catalogued: %s)", pending(entries),
+                            sorted(uncatalogued))
                 break
             await asyncio.sleep(0.5)
         chosen = best(entries, cfg.feedback.metric)
@@ -140,7 +144,9 @@ async def main(ctx: ServiceContext) -> None:
             merged_path=relative(run_dir, merged_path) if merged_path else None,
         ))
 
-    await bus.consume(CheckpointSaved, ctx.run_id, on_saved)
+    # Short ack wait: a hashing handler keeps its message alive (in-progress acks), and a killed
+    # service's message comes back to the restarted one within seconds.
+    await bus.consume(CheckpointSaved, ctx.run_id, on_saved, ack_wait=5)
     if annotator:  # applied controls become Grafana annotations too
         await bus.consume(ControlApplied, ctx.run_id, annotator.post, group="checkpoint-grafana")
     await bus.consume(EvalVerdict, ctx.run_id, on_verdict)

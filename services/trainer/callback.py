@@ -18,6 +18,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from tuneloop.storage import STATE_FILE
 from tuneloop.events import CheckpointSaved, Control, ControlApplied, ControlRejected, DatasetReady, Feedback, StepMetrics
 
 from . import controls, distributed
@@ -25,7 +26,6 @@ from .link import BusLink, FollowerLink
 
 log = logging.getLogger(__name__)
 PAUSE_POLL_S = 2.0
-STATE_FILE = "tuneloop_state.json"  # written last: a checkpoint without it is incomplete
 
 
 def set_learning_rate(optimizer, scheduler, new: float) -> None:

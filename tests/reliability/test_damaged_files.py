@@ -61,8 +61,8 @@ async def test_a_truncated_checkpoint_is_moved_aside_and_the_run_resumes_from_th
     assert (ckpts / "checkpoint-40.corrupt" / weights.name).stat().st_size == truncated  # kept as found
     assert digest(ckpts / "checkpoint-20") == intact  # what it resumed from is unchanged
     assert {p.name for p in ckpts.iterdir()} >= {"checkpoint-20", "checkpoint-40", "checkpoint-40.corrupt", "checkpoint-60"}
-    listing = subprocess.run([sys.executable, "-m", "tuneloop", "checkpoints", run, "--storage", str(storage)],
-                             capture_output=True, text=True, timeout=120)
+    listing = subprocess.run([sys.executable, "-m", "tuneloop", "checkpoints", run, "--storage", str(storage),
+                              "--nats-url", nats_url], capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0 and "moved aside as damaged: checkpoint-40.corrupt" in listing.stdout, listing.stdout
     figures.update(detected=True, moved_aside="checkpoint-40.corrupt", resumed_from=20,
                    restart_to_finish_s=round(time.monotonic() - t0, 1))
