@@ -17,9 +17,10 @@ RUN_FILE = "run.json"
 STATE_FILE = "tuneloop_state.json"  # written last into a checkpoint: one without it is incomplete
 
 
-def complete_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """step -> folder of every fully written checkpoint of a run (moved-aside ones excluded)."""
-    return {int(p.name[11:]): p for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*")
+def complete_checkpoints(checkpoints: Path) -> dict[int, Path]:
+    """step -> folder of every fully written checkpoint in ``checkpoints`` (half-written and
+    moved-aside ones excluded)."""
+    return {int(p.name[11:]): p for p in Path(checkpoints).glob("checkpoint-*")
             if p.name[11:].isdigit() and (p / STATE_FILE).is_file()}
 
 

@@ -108,7 +108,7 @@ async def main(ctx: ServiceContext) -> None:
             have_final = done.final_checkpoint is None or any(e.path == done.final_checkpoint for e in entries)
             # A checkpoint on disk but not catalogued yet: its ckpt.saved is on its way (e.g. redelivered
             # after this service was killed while hashing it). Export waits for it too.
-            uncatalogued = set(complete_checkpoints(run_dir)) - {e.step for e in entries}
+            uncatalogued = set(complete_checkpoints(run_dir / "checkpoints")) - {e.step for e in entries}
             if have_final and not pending(entries) and not uncatalogued:
                 break
             if time.monotonic() > deadline:

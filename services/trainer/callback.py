@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from tuneloop.storage import STATE_FILE
+from tuneloop.storage import STATE_FILE, complete_checkpoints
 from tuneloop.events import CheckpointSaved, Control, ControlApplied, ControlRejected, DatasetReady, Feedback, StepMetrics
 
 from . import controls, distributed
@@ -56,8 +56,8 @@ def write_state(checkpoint: Path, run_state: controls.RunState) -> None:
 
 def latest_complete(output_dir: Path) -> Path | None:
     """Newest checkpoint that was fully written (has the state file); half-written ones are skipped."""
-    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / STATE_FILE).is_file() and p.name[11:].isdigit()]
-    return max(done, key=lambda p: int(p.name[11:]), default=None)
+    done = complete_checkpoints(output_dir)
+    return done[max(done)] if done else None
 
 
 def latest_intact(output_dir: Path) -> Path | None:
