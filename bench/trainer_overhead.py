@@ -112,8 +112,8 @@ async def main(args) -> None:
     p, o = statistics.median(plain), statistics.median(ours)
     paired = statistics.median(b / a for a, b in zip(plain, ours))
     print()
-    use_cpu, bf16 = recipe.precision(cfg)
-    device = "CPU" if use_cpu else f"{torch.cuda.get_device_name()}{', bf16' if bf16 else ''}"
+    dtype = recipe.precision(cfg)
+    device = "CPU" if not recipe.uses_cuda(cfg) else f"{torch.cuda.get_device_name()}, {dtype}"
     print(f"model: {cfg.model.name_or_path} ({args.config.name}), {args.steps} steps x {args.rounds} rounds "
           f"(+{args.warmup} warm-up), batch {cfg.train.batch_size}, {device}")
     print(f"plain TRL          {p:10.0f} tokens/s (median)")

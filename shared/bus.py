@@ -329,9 +329,9 @@ class Bus:
                                        ordered_consumer=True, cb=_live_callback(cls, handler))
 
     # ------------------------------------------------------------ subscribe (live)
-    async def subscribe(self, cls: type[E], run_id: str, handler: Handler) -> None:
+    async def subscribe(self, cls: type[E], run_id: str, handler: Handler):
         """Live core subscription (watchers, CLI). Invalid events are counted and skipped."""
-        await self.nc.subscribe(subjects.subject(run_id, cls.KIND), cb=_live_callback(cls, handler))
+        return await self.nc.subscribe(subjects.subject(run_id, cls.KIND), cb=_live_callback(cls, handler))
 
     # ------------------------------------------------------------ request / reply
     async def request(self, event: Event, reply_cls: type[E], *, timeout: float = 30.0) -> E:

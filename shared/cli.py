@@ -48,6 +48,32 @@ def run(
 
 
 @app.command()
+def sweep(
+    file: Path = typer.Argument(..., help="Sweep file (YAML): base config, parameters, sampler, pruner, concurrency."),
+    nats_url: Optional[str] = NATS_URL,
+) -> None:
+    """Search training configs: trials run as runs on one bus, sharing evaluators; the best is reported.
+
+    Run it again after a crash or Ctrl-C: the sweep goes on where it was (its state is in
+    JetStream KV); finished trials are not run again, running ones resume from a checkpoint.
+    """
+    from .sweep.driver import print_sweep
+    from .sweep.driver import sweep as run_sweep
+
+    try:
+        summary = run_sweep(file, nats_url=nats_url, console=console)
+    except ConfigError as e:
+        console.print(f"[red]sweep error:[/] {e}")
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: run the same command to continue the sweep[/]")
+        raise typer.Exit(130)
+    print_sweep(summary, console)
+    if summary["best"] is None:
+        raise typer.Exit(1)
+
+
+@app.command()
 def init(
     config: Path = typer.Argument(..., help="Run configuration (YAML)."),
     run_id: str = typer.Option(..., help="Run id the services serve (TUNELOOP_RUN_ID)."),
@@ -70,7 +96,7 @@ def init(
 @app.command()
 def ctl(
     run_id: str = typer.Argument(..., help="Run to steer."),
-    command: str = typer.Argument(..., help="stop | pause | resume | checkpoint | eval | set-lr V | set-grad-clip V | "
+    command: str = typer.Argument(..., help="stop | prune | pause | resume | checkpoint | eval | set-lr V | set-grad-clip V | "
                                             "set-save-interval N | set-log-interval N | set-data DATASET_ID"),
     value: Optional[str] = typer.Argument(None),
     nats_url: Optional[str] = NATS_URL,

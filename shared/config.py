@@ -143,10 +143,22 @@ class TrainSection(_Section):
     logging_steps: int = Field(default=5, ge=1)
     save_steps: int = Field(default=50, ge=1, description="Checkpoint (and so evaluate) every N steps.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool | Literal["auto"] = Field(default="auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="Mixed precision on GPU. auto: bf16 where the GPU supports it, else fp16; fp32 on CPU.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass: less memory, ~30% more compute.")
+    quantization: Literal["none", "4bit"] = Field(
+        default="none", description="4bit: QLoRA, the frozen base model in 4-bit NF4 (bitsandbytes, CUDA only); needs lora.enabled.")
+    auto_batch_size: bool = Field(
+        default=False, description="Start at batch_size and halve it on out-of-memory until a step fits (transformers' batch-size finder).")
     lora: LoraSection = LoraSection()
     dpo: DPOSection = DPOSection()
     grpo: GRPOSection = GRPOSection()
+
+    @model_validator(mode="after")
+    def _quantized_needs_lora(self) -> "TrainSection":
+        if self.quantization != "none" and not self.lora.enabled:
+            raise ValueError("quantization 4bit trains LoRA adapters on a frozen quantized model: set lora.enabled: true")
+        return self
 
     @model_validator(mode="after")
     def _groups_fit(self) -> "TrainSection":

@@ -15,6 +15,7 @@ async def _ask(url: str, event: Event, answers: dict[type[Event], Callable[[Even
     """Publish ``event``; return the first event of ``answers`` whose predicate says it answers it."""
     own = bus is None
     bus = bus or await Bus.connect(url, "ctl")
+    subs = []
     try:
         answer: asyncio.Future = asyncio.get_running_loop().create_future()
         for cls, matches in answers.items():
@@ -22,7 +23,7 @@ async def _ask(url: str, event: Event, answers: dict[type[Event], Callable[[Even
                 if matches(ev) and not answer.done():
                     answer.set_result(ev)
 
-            await bus.subscribe(cls, event.run_id, on)   # before publishing: no race
+            subs.append(await bus.subscribe(cls, event.run_id, on))   # before publishing: no race
         await bus.publish(event)
         try:
             return await asyncio.wait_for(answer, timeout)
@@ -31,12 +32,15 @@ async def _ask(url: str, event: Event, answers: dict[type[Event], Callable[[Even
     finally:
         if own:
             await bus.close()
+        else:  # a shared connection (the sweep's) keeps no subscription per question
+            for sub in subs:
+                await sub.unsubscribe()
 
 
 async def send_control(url: str, run_id: str, command: str, value=None, *, timeout: float = 120.0,
-                       bus: Bus | None = None) -> ControlApplied | ControlRejected:
+                       bus: Bus | None = None, operator: str | None = None) -> ControlApplied | ControlRejected:
     """Publish ``command`` for ``run_id``; return the trainer's ControlApplied or ControlRejected."""
-    event = Control(run_id=run_id, command=command, value=value, operator=_whoami())
+    event = Control(run_id=run_id, command=command, value=value, operator=operator or _whoami())
     mine = lambda ev: ev.control_id == event.event_id  # noqa: E731
     return await _ask(url, event, {ControlApplied: mine, ControlRejected: mine}, timeout, bus,
                       f"{command!r} (is its trainer running?)")

@@ -113,16 +113,24 @@ class CheckpointSaved(Event):
 
 
 class TrainingFinished(Event):
-    """trainer → all: training ended (completed, stopped by control or feedback, or failed)."""
+    """trainer → all: training ended (completed, stopped by control or feedback, pruned, or failed).
+
+    ``interrupted``: the process was told to stop (SIGTERM, its parent gone); it saved a
+    checkpoint and resumes from it when started again, so nothing is exported. ``pruned``:
+    a sweep stopped a trial that fell behind; its checkpoints are released, not exported.
+    """
 
     KIND: ClassVar[str] = "train.done"
     step: int = Field(ge=0)
-    reason: Literal["completed", "control", "feedback", "error"]
+    reason: Literal["completed", "control", "feedback", "pruned", "interrupted", "error"]
     detail: str = ""
     final_loss: float | None = None
     final_checkpoint: RelPath | None = None
     train_seconds: float = Field(default=0.0, description="Seconds in the training loop (set-up aside).")
     processes: int = Field(default=1, ge=1, description="Training processes (ranks) that took part.")
+    tokens_per_second: float | None = Field(default=None, description="Tokens trained on per second of training (all ranks).")
+    peak_memory_mb: float | None = Field(default=None, description="Peak memory of rank 0: GPU memory allocated by torch on CUDA, process RSS on CPU.")
+    batch_size: int | None = Field(default=None, description="Per-device batch size trained with (the finder's choice with batch_size: auto).")
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -134,6 +142,15 @@ class CheckpointRecorded(Event):
     path: RelPath
     sha256: str
     bytes: int = Field(ge=0)
+
+
+class CheckpointsReleased(Event):
+    """checkpoint → all: a pruned run's checkpoints were deleted from storage (the catalogue keeps their record)."""
+
+    KIND: ClassVar[str] = "ckpt.released"
+    steps: list[int] = Field(default_factory=list)
+    bytes: int = Field(ge=0, description="Bytes freed.")
+    reason: str = ""
 
 
 class ExportDone(Event):
@@ -282,7 +299,8 @@ class DeadLetter(Event):
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (
-    DatasetReady, MixtureRequest, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, ExportDone,
+    DatasetReady, MixtureRequest, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, CheckpointsReleased,
+    ExportDone,
     EvalRequest, EvalShard, EvalVerdict, Feedback, Control, ControlApplied, ControlRejected,
     RewardRequest, RewardReply, DeadLetter,
 )

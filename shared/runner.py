@@ -68,8 +68,8 @@ class RunState:
 
     @property
     def complete(self) -> bool:
-        if self.finished and self.finished.reason == "error":
-            return True
+        if self.finished and self.finished.reason in ("error", "pruned", "interrupted"):
+            return True  # nothing will be exported
         return (self.finished is not None and self.exported is not None and self.final_verdict is not None
                 and len(self.suite_verdicts) >= self.suites and (self.baseline is not None or not self.wants_baseline))
 
@@ -293,6 +293,9 @@ def summarize(state: RunState, rdir: Path, cfg: Config) -> dict:
         "stop_reason": f"{f.reason}: {f.detail}" if f else None,
         "final_loss": f.final_loss if f else None,
         "train_seconds": round(f.train_seconds, 1) if f else None,
+        "tokens_per_second": round(f.tokens_per_second, 1) if f and f.tokens_per_second else None,
+        "peak_memory_mb": round(f.peak_memory_mb) if f and f.peak_memory_mb else None,
+        "batch_size": f.batch_size if f else None,
         "data": {"dataset_id": state.dataset.dataset_id if state.dataset else None,
                  "category_weights": state.dataset.category_weights if state.dataset else {}},
         "baseline": _scores(state.baseline),
@@ -325,6 +328,8 @@ def print_summary(summary: dict, console: Console) -> None:
     t.add_row("stopped", str(summary["stop_reason"]))
     t.add_row("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-")
     t.add_row("training time", f"{summary['train_seconds']} s")
+    t.add_row("throughput", f"{summary['tokens_per_second'] or '-'} tokens/s  (batch {summary['batch_size']}, "
+                            f"peak memory {summary['peak_memory_mb'] or '-'} MB)")
     if summary["baseline"]:
         b = summary["baseline"]
         t.add_row("before (test)", f"protocol {b['protocol']:.3f}  correctness {b['correctness']:.3f}  (the starting model)")

@@ -1,18 +1,19 @@
 """checkpoint service: verifies and catalogues checkpoints, asks for their evaluation, and
-exports the best one when training is done."""
+exports the best one when training is done (or, for a pruned run, releases them all)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import shutil
 import time
 
 from nats.js.errors import NoKeysError, NotFoundError
 
 from tuneloop import metrics
-from tuneloop.events import (CheckpointRecorded, CheckpointSaved, ControlApplied, EvalRequest, EvalVerdict, ExportDone,
-                             TrainingFinished)
+from tuneloop.events import (CheckpointRecorded, CheckpointSaved, CheckpointsReleased, ControlApplied, EvalRequest,
+                             EvalVerdict, ExportDone, TrainingFinished)
 from tuneloop.grafana import Annotator
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
 from tuneloop.storage import complete_checkpoints, confine, relative, resolve_model
@@ -24,6 +25,7 @@ from .integrity import MANIFEST, digest_dir
 log = logging.getLogger("tuneloop.checkpoint")
 BUCKET = "tuneloop-checkpoints"
 VERDICT_WAIT_S = 900.0
+CATALOGUE_WAIT_S = 60.0
 
 
 class Catalogue:
@@ -96,26 +98,52 @@ async def main(ctx: ServiceContext) -> None:
         entry.scores = dict(v.scores)
         await catalogue.put(v.run_id, entry)
 
-    async def on_done(done: TrainingFinished) -> None:
-        if done.reason == "error":
-            log.warning("run %s failed (%s); nothing to export", done.run_id, done.detail)
-            return
-        cfg = ctx.config(done.run_id)
+    async def settled(done: TrainingFinished, scored: bool, wait_s: float) -> list[Entry]:
+        """The run's entries once every checkpoint on disk (the final one included) is catalogued
+        and, with ``scored``, has its verdict; after ``wait_s`` whatever is there."""
         run_dir = ctx.run_dir(done.run_id)
-        deadline = time.monotonic() + VERDICT_WAIT_S
-        while True:  # every checkpoint, the final one included, catalogued and scored
+        deadline = time.monotonic() + wait_s
+        while True:
             entries = await catalogue.entries(done.run_id)
             have_final = done.final_checkpoint is None or any(e.path == done.final_checkpoint for e in entries)
             # A checkpoint on disk but not catalogued yet: its ckpt.saved is on its way (e.g. redelivered
             # after this service was killed while hashing it). Export waits for it too.
             uncatalogued = set(complete_checkpoints(run_dir / "checkpoints")) - {e.step for e in entries}
-            if have_final and not pending(entries) and not uncatalogued:
-                break
+            waiting = pending(entries) if scored else []
+            if have_final and not waiting and not uncatalogued:
+                return entries
             if time.monotonic() > deadline:
-                log.warning("export without verdicts for steps %s (not catalogued: %s)", pending(entries),
-                            sorted(uncatalogued))
-                break
+                log.warning("going on without verdicts for steps %s (not catalogued: %s)", waiting, sorted(uncatalogued))
+                return entries
             await asyncio.sleep(0.5)
+
+    async def release(done: TrainingFinished) -> None:
+        """A pruned run: delete its checkpoints (the catalogue keeps their records, marked released)."""
+        entries = await settled(done, scored=False, wait_s=CATALOGUE_WAIT_S)
+        folders = list((ctx.run_dir(done.run_id) / "checkpoints").glob("checkpoint-*"))
+        freed = sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
+        for d in folders:
+            await asyncio.to_thread(shutil.rmtree, d, True)
+        for e in entries:
+            e.released = True
+            await catalogue.put(done.run_id, e)
+        steps = sorted(int(d.name[11:]) for d in folders if d.name[11:].isdigit())
+        await bus.publish(CheckpointsReleased(run_id=done.run_id, event_id=f"released-{done.event_id}"[:64],
+                                              steps=steps, bytes=freed, reason=done.detail))
+        log.info("run %s pruned: released %d checkpoints (%.1f MB)", done.run_id, len(folders), freed / 1e6)
+
+    async def on_done(done: TrainingFinished) -> None:
+        if done.reason == "error":
+            log.warning("run %s failed (%s); nothing to export", done.run_id, done.detail)
+            return
+        if done.reason == "interrupted":
+            log.info("run %s interrupted at step %d; it resumes from its checkpoint, nothing to export", done.run_id, done.step)
+            return
+        if done.reason == "pruned":
+            return await release(done)
+        cfg = ctx.config(done.run_id)
+        run_dir = ctx.run_dir(done.run_id)
+        entries = await settled(done, scored=True, wait_s=VERDICT_WAIT_S)
         chosen = best(entries, cfg.feedback.metric)
         if chosen is None:
             log.error("run %s has no checkpoint to export", done.run_id)

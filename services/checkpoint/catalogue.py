@@ -15,6 +15,7 @@ class Entry(BaseModel):
     bytes: int
     is_final: bool = False
     scores: dict[str, float] | None = None   # from the periodic verdict, once it arrived
+    released: bool = False  # files deleted (a pruned run); the record stays
 
 
 def best(entries: list[Entry], metric: str) -> Entry | None:

@@ -25,7 +25,7 @@ from nats.js.errors import KeyNotFoundError
 
 from tuneloop import metrics
 from tuneloop.bus import Bus
-from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict
+from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict, TrainingFinished
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
 from tuneloop.storage import confine, resolve_model
 from tuneloop.suites import parse_checks
@@ -128,11 +128,20 @@ async def finish_if_complete(bus: Bus, kv, sh: EvalShard) -> EvalVerdict | None:
     return verdict
 
 
+async def pruned(bus: Bus, run_id: str) -> bool:
+    """Whether ``run_id`` was pruned: its checkpoints are being released, its work is void."""
+    done = await bus.latest(TrainingFinished, run_id)
+    return done is not None and done.reason == "pruned"
+
+
 async def main(ctx: ServiceContext) -> None:
     kv = await ctx.bus.key_value(SHARD_BUCKET, ttl=24 * 3600)
     models = Models()
 
     async def on_request(req: EvalRequest) -> None:
+        if await pruned(ctx.bus, req.run_id):
+            log.info("run %s was pruned: not evaluating step %d", req.run_id, req.step)
+            return
         dataset = await ctx.bus.latest(DatasetReady, req.run_id)
         if dataset is None:
             raise RuntimeError(f"run {req.run_id} has no data set yet")
@@ -143,6 +152,8 @@ async def main(ctx: ServiceContext) -> None:
         log.info("step %d %s: %d cases in %d shards", req.step, req.split, shards[-1].end, len(shards))
 
     async def on_shard(sh: EvalShard) -> None:
+        if await pruned(ctx.bus, sh.run_id):  # the pool's time goes to trials still running
+            return
         log.info("shard %d/%d of step %d %s: cases %d-%d", sh.shard + 1, sh.shards, sh.request.step,
                  sh.request.split, sh.start, sh.end)
         result = await on_torch_thread(score_shard, ctx, models, sh)

@@ -112,20 +112,30 @@ class BusCallback(TrainerCallback):
         self.switch_to: DatasetReady | None = None  # set-data: the recipe continues on this data set
         self.last_loss: float | None = None
         self.final_checkpoint: str | None = None
-        self._t_log = time.perf_counter()
-        self._tokens_log = 0.0
+        # Throughput over the intervals between logs (TRL's num_tokens counts all ranks); the
+        # first interval of each train() call is skipped: it holds set-up, and after a resume the
+        # count starts from the checkpoint's total.
+        self.measured_tokens, self.measured_seconds = 0.0, 0.0
+        self._t_log, self._tokens_mark = time.perf_counter(), None
         self._last_pause_note = 0.0
 
     # ---------------------------------------------------------------- metrics
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t_log, self._tokens_mark = time.perf_counter(), None
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         if "loss" not in logs:
             return
         self.last_loss = float(logs["loss"])
         now = time.perf_counter()
-        tokens = float(logs.get("num_tokens", 0.0))
-        tps = (tokens - self._tokens_log) / (now - self._t_log) if tokens and now > self._t_log else None
-        self._t_log, self._tokens_log = now, tokens
+        tokens = logs.get("num_tokens")
+        tps = None
+        if tokens is not None and self._tokens_mark is not None and now > self._t_log:
+            tps = (tokens - self._tokens_mark) / (now - self._t_log)
+            self.measured_tokens += tokens - self._tokens_mark
+            self.measured_seconds += now - self._t_log
+        self._t_log, self._tokens_mark = now, tokens
         self.link.publish(StepMetrics(
             run_id=self.run_id, step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
             loss=self.last_loss, learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
@@ -142,10 +152,10 @@ class BusCallback(TrainerCallback):
             self._handle(items, args, state, control, optimizer, lr_scheduler)
         if stopping and self.stop_reason is None:
             log.info("termination requested: saving and stopping at step %d", state.global_step)
-            self.stop_reason = ("control", "service asked to stop (SIGTERM)")
+            self.stop_reason = ("interrupted", "service asked to stop (SIGTERM); resumes from this checkpoint")
             control.should_training_stop = True
-        if control.should_training_stop:
-            control.should_save = True  # the last step is always a checkpoint
+        if control.should_training_stop and not self.pruned:
+            control.should_save = True  # the last step is always a checkpoint (a pruned run's are released)
         return control
 
     def _exchange(self, wait_s: float = 0.0):
@@ -197,7 +207,9 @@ class BusCallback(TrainerCallback):
         state.save_steps, state.logging_steps = rs.save_steps, rs.logging_steps  # what DefaultFlowCallback reads
         if outcome.stop:
             control.should_training_stop = True
-            self.stop_reason = ("control", f"stop by {event.operator or event.source or 'operator'}")
+            who = event.operator or event.source or "operator"
+            self.stop_reason = (("pruned", f"pruned by {who}" + (f": {event.value}" if event.value else ""))
+                                if outcome.prune else ("control", f"stop by {who}"))
         if outcome.save:
             control.should_save = True
         if outcome.switch_data and not control.should_training_stop:
@@ -213,6 +225,14 @@ class BusCallback(TrainerCallback):
         if event.action == "stop" and self.stop_reason is None:
             control.should_training_stop = True
             self.stop_reason = ("feedback", event.reason)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.measured_tokens / self.measured_seconds if self.measured_seconds else None
+
+    @property
+    def pruned(self) -> bool:
+        return self.stop_reason is not None and self.stop_reason[0] == "pruned"
 
     # ---------------------------------------------------------------- checkpoints
     def on_save(self, args, state, control, model=None, **kwargs):

@@ -21,6 +21,7 @@ class Outcome:
     new: object = None
     stop: bool = False
     save: bool = False
+    prune: bool = False  # stop without a last checkpoint: the run's checkpoints are to be released
     switch_data: bool = False  # set-data: save, then go on with the new data set
 
 
@@ -80,6 +81,8 @@ def apply(state: RunState, command: str, value, datasets: frozenset[str] = froze
     """
     if command == "stop":
         return Outcome(old="paused" if state.paused else "running", new="stopping", stop=True, save=True)
+    if command == "prune":  # a sweep's trial that fell behind: stop now, nothing more to save
+        return Outcome(old="paused" if state.paused else "running", new="pruned", stop=True, prune=True)
     if command in ("checkpoint", "eval"):  # every checkpoint is evaluated: eval = checkpoint now
         return Outcome(new="saving", save=True)
     if command == "pause":
@@ -110,5 +113,5 @@ def apply(state: RunState, command: str, value, datasets: frozenset[str] = froze
     raise Rejected(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
 
 
-COMMANDS = ("stop", "pause", "resume", "checkpoint", "eval", "set-lr", "set-grad-clip", "set-save-interval",
+COMMANDS = ("stop", "prune", "pause", "resume", "checkpoint", "eval", "set-lr", "set-grad-clip", "set-save-interval",
             "set-log-interval", "set-data")

@@ -89,12 +89,18 @@ def link_local(src: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def load(name_or_path: str | Path, *, dtype=None):
-    """Model and tokenizer from a hub id or a local directory."""
+def load(name_or_path: str | Path, *, dtype=None, quantization=None):
+    """Model and tokenizer from a hub id or a local directory; ``quantization``: a
+    BitsAndBytesConfig (QLoRA), the model then prepared for k-bit training."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto")
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto",
+                                                 quantization_config=quantization)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
     return model, tokenizer

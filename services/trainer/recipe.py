@@ -45,13 +45,43 @@ def uses_cuda(cfg: Config) -> bool:
     return cuda
 
 
-def precision(cfg: Config) -> tuple[bool, bool]:
-    """(use_cpu, bf16) for the configured device."""
+def precision(cfg: Config) -> str:
+    """fp32, bf16 or fp16 for the configured device (mixed precision is for GPUs only)."""
     import torch
 
-    cuda = uses_cuda(cfg)
-    bf16 = cuda and torch.cuda.is_bf16_supported() if cfg.train.bf16 == "auto" else bool(cfg.train.bf16)
-    return not cuda, bf16
+    cuda, wanted = uses_cuda(cfg), cfg.train.precision
+    if not cuda:
+        if wanted in ("bf16", "fp16"):
+            raise RuntimeError(f"train.precision {wanted} needs a CUDA GPU; on CPU use fp32 (or auto)")
+        return "fp32"
+    if wanted == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return wanted
+
+
+def quantization_config(cfg: Config):
+    """QLoRA's 4-bit NF4 base model (bitsandbytes), computing in the training precision; None without."""
+    if cfg.train.quantization == "none":
+        return None
+    if not uses_cuda(cfg):
+        raise RuntimeError("train.quantization 4bit needs a CUDA GPU (bitsandbytes); set quantization: none on CPU")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg), torch.float32)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def peak_memory_mb(cuda: bool) -> float:
+    """Peak memory of this process: what torch allocated on the GPU, or the resident set on CPU."""
+    if cuda:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def local_base(cfg: Config) -> Path | None:
@@ -89,13 +119,14 @@ def trl_args(cfg: Config, out_dir: Path):
     import trl
 
     tc = cfg.train
-    use_cpu, bf16 = precision(cfg)
+    use_cpu, dtype = not uses_cuda(cfg), precision(cfg)
     common = dict(
         output_dir=str(out_dir), max_steps=tc.max_steps, per_device_train_batch_size=tc.batch_size,
         gradient_accumulation_steps=tc.gradient_accumulation_steps, learning_rate=tc.learning_rate,
         lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay,
         max_grad_norm=tc.max_grad_norm, logging_steps=tc.logging_steps, save_strategy="steps",
-        save_steps=tc.save_steps, report_to=[], use_cpu=use_cpu, bf16=bf16, gradient_checkpointing=False,
+        save_steps=tc.save_steps, report_to=[], use_cpu=use_cpu, bf16=dtype == "bf16", fp16=dtype == "fp16",
+        gradient_checkpointing=tc.gradient_checkpointing, auto_find_batch_size=tc.auto_batch_size,
         seed=cfg.run.seed, data_seed=cfg.run.seed, disable_tqdm=True, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
@@ -145,7 +176,7 @@ def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: 
 
     set_seed(cfg.run.seed)
     _, base_path = prepare_base(cfg, run_dir, dataset)
-    model, tokenizer = models.load(base_path)
+    model, tokenizer = models.load(base_path, quantization=quantization_config(cfg))
     kwargs = {}
     if cfg.train.method == "grpo":
         g = cfg.train.grpo
@@ -190,9 +221,12 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) 
         log.info("switching to data set %s at step %d", dataset.dataset_id, trainer.state.global_step)
     step = trainer.state.global_step
     reason, detail = callback.stop_reason or ("completed", f"reached max_steps {tc.max_steps}")
-    log.info("training finished at step %d (%s: %s), loss %.4f", step, reason, detail, result.training_loss)
+    tps, peak = callback.tokens_per_second, peak_memory_mb(not args.use_cpu)
+    log.info("training finished at step %d (%s: %s), loss %.4f, %s tokens/s, peak memory %.0f MB, batch %d",
+             step, reason, detail, result.training_loss, f"{tps:.0f}" if tps else "-", peak, trainer._train_batch_size)
     return TrainingFinished(
         run_id=run_id, step=step, reason=reason, detail=detail,
         final_loss=callback.last_loss, final_checkpoint=callback.final_checkpoint,
         train_seconds=seconds, processes=distributed.world_size(),
+        tokens_per_second=tps, peak_memory_mb=peak, batch_size=trainer._train_batch_size,
     )

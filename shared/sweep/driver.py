@@ -1,0 +1,432 @@
+"""``tuneloop sweep SWEEP.yaml``: a search over training configs, as runs on one bus.
+
+Top to bottom:
+
+1. NATS: the sweep's own embedded server (its store in ``<runs>/<sweep>/nats``), or the one
+   a killed sweep left running (adopted), or ``--nats-url``.
+2. State: the trial records in the JetStream KV bucket ``tuneloop-sweeps``; the Optuna study
+   is rebuilt from them (``search.replay``). Finished trials are never run again.
+3. Pools shared by every trial: ``evaluators`` evaluator processes and one rl-reward, serving
+   every run (``--run-id '*'``): one work queue of eval shards for all trials.
+4. Trials: up to ``concurrency`` at once, each a run of its own (``<sweep>-tNN``: trainer,
+   data-pipeline, checkpoint), so ``tuneloop ctl <sweep>-t03 ...`` steers one. A trial that
+   was running when the sweep died is resumed from its last checkpoint.
+5. Verdicts on val go to Optuna's pruner; a trial that falls behind gets a ``prune`` control
+   at its next step boundary, and its checkpoint service releases its checkpoints.
+6. A trial's value is its exported model's score on test; the best one is reported, its config
+   written to ``<sweep>/best.yaml`` and its export linked as ``<sweep>/best``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from rich.console import Console
+from rich.table import Table
+
+from ..bus import Bus
+from ..config import Config, ConfigError
+from ..control import send_control
+from ..embedded import NatsServer, _accepts
+from ..events import (CheckpointsReleased, ControlApplied, DeadLetter, EvalVerdict, ExportDone, TrainingFinished)
+from ..runner import CRITICAL_KINDS, init_run, spawn, stop_all, tail
+from ..storage import CONFIG_FILE, run_dir, write_run_info
+from . import search
+from .search import TrialRecord
+from .spec import SweepSpec, load_sweep, trial_config
+
+log = logging.getLogger(__name__)
+BUCKET = "tuneloop-sweeps"
+TRIAL_SERVICES = ("data-pipeline", "checkpoint", "trainer")
+SWEEP_FILE = "sweep.json"
+EXIT_GRACE_S = 10.0  # a trial process that died gets this long for its last event to arrive
+
+
+class SweepMismatch(ConfigError):
+    """A sweep of this name exists with other settings: continuing it would mix two searches."""
+
+
+# ---------------------------------------------------------------- state in KV
+class Store:
+    """The sweep's state in JetStream KV: ``<sweep>.spec`` and one ``<sweep>.trial-NNNN`` per trial."""
+
+    def __init__(self, kv, name: str):
+        self.kv, self.name = kv, name
+
+    @classmethod
+    async def open(cls, bus: Bus, spec: SweepSpec) -> "Store":
+        store = cls(await bus.key_value(BUCKET), spec.name)
+        key, mine = f"{spec.name}.spec", spec.fingerprint()
+        try:
+            stored = json.loads((await store.kv.get(key)).value)
+        except (KeyNotFoundError, NotFoundError):
+            await store.kv.put(key, json.dumps({"fingerprint": mine, "spec": spec.model_dump(mode="json")}).encode())
+            return store
+        if stored["fingerprint"] != mine:
+            changed = sorted(k for k, v in spec.model_dump(mode="json").items()
+                             if stored["spec"].get(k) != v and k not in ("concurrency", "evaluators", "base_dir"))
+            raise SweepMismatch(f"sweep {spec.name!r} already exists with other settings (changed: {', '.join(changed)}); "
+                                "give this one another name")
+        return store
+
+    async def records(self) -> list[TrialRecord]:
+        try:
+            keys = await self.kv.keys()
+        except (NoKeysError, NotFoundError):
+            return []
+        out = []
+        for k in sorted(k for k in keys if k.startswith(f"{self.name}.trial-")):
+            entry = await self.kv.get(k)
+            if entry.value:
+                out.append(TrialRecord.model_validate_json(entry.value))
+        return out
+
+    async def put(self, record: TrialRecord) -> None:
+        await self.kv.put(f"{self.name}.trial-{record.number:04d}", record.model_dump_json().encode())
+
+
+# ---------------------------------------------------------------- one trial in this process
+@dataclass
+class Trial:
+    record: TrialRecord
+    optuna: object
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    subs: list = field(default_factory=list)
+    finished: TrainingFinished | None = None
+    exported: ExportDone | None = None
+    final: EvalVerdict | None = None
+    released: CheckpointsReleased | None = None
+    fatal: str | None = None
+    prune_sent: bool = False
+    exited_at: float | None = None
+
+
+class Sweep:
+    def __init__(self, spec: SweepSpec, base: Config, storage: Path, url: str, console: Console):
+        self.spec, self.base, self.storage, self.url, self.console = spec, base, storage, url, console
+        self.metric = spec.metric or base.feedback.metric
+        self.dir = run_dir(storage, spec.name)
+        self.live: dict[int, Trial] = {}
+        self.pools: dict[tuple[str, int], subprocess.Popen] = {}
+        self.records: list[TrialRecord] = []
+
+    async def run(self) -> dict:
+        self.bus = await Bus.connect(self.url, "sweep")
+        try:
+            self.store = await Store.open(self.bus, self.spec)
+            self.records = await self.store.records()
+            self.study = search.make_study(self.spec)
+            running = search.replay(self.study, self.spec, self.records)
+            total = self.spec.total()
+            done = sum(r.state != "running" for r in self.records)
+            self.console.print(f"[bold]tuneloop sweep[/] [cyan]{self.spec.name}[/]: {total} trials, {self.spec.concurrency} "
+                               f"at a time, {self.spec.evaluators} shared evaluator(s); nats {self.url}"
+                               + (f"; continuing: {done} finished, {len(running)} to resume" if self.records else ""))
+            if len(self.records) < total or running:
+                self.start_pools()
+            for record in self.records:
+                if record.state == "running":
+                    await self.resume(record, running[record.number])
+            while True:
+                while len(self.live) < self.spec.concurrency and len(self.records) < total:
+                    await self.start_next()
+                if not self.live:
+                    break
+                await asyncio.sleep(0.5)
+                self.watch_pools()
+                for trial in list(self.live.values()):
+                    await self.check(trial)
+        finally:
+            for trial in self.live.values():
+                stop_all(trial.procs)
+            stop_all(self.pools)
+            await self.bus.close()
+        return summarize(self.spec, self.metric, self.records, self.storage)
+
+    # ------------------------------------------------------------ pools
+    def start_pools(self) -> None:
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        for i in range(self.spec.evaluators):
+            self.start_pool("evaluator", i)
+        self.start_pool("rl-reward", 0)
+
+    def start_pool(self, service: str, replica: int) -> None:
+        self.pools[(service, replica)] = spawn(service, "*", self.storage, self.url, self.dir / "logs", replica=replica)
+
+    def watch_pools(self) -> None:
+        """A pool replica that died is started again: the queue keeps its work meanwhile."""
+        for (service, replica), p in list(self.pools.items()):
+            if p.poll() is not None:
+                self.console.log(f"[yellow]{service} #{replica} exited with {p.returncode}; starting it again[/] "
+                                 f"(logs in {self.dir / 'logs'})")
+                self.start_pool(service, replica)
+
+    # ------------------------------------------------------------ trials
+    async def start_next(self) -> None:
+        trial = search.ask(self.study, self.spec, search.next_params(self.spec, self.records))
+        run_id = f"{self.spec.name}-t{trial.number:02d}"
+        record = TrialRecord(number=trial.number, run_id=run_id, params=trial.params)
+        self.records.append(record)
+        try:
+            cfg = trial_config(self.spec, self.base, trial.params, run_id)
+        except ValueError as e:  # a combination no single value showed at load (e.g. batch vs generations)
+            record.state, record.stop_reason = "failed", f"invalid config: {e}"
+            await self.store.put(record)
+            search.tell(self.study, trial, record)
+            self.console.log(f"[red]{run_id}[/] {trial.params}: {record.stop_reason}")
+            return
+        init_run(cfg, run_id, self.storage)
+        await self.store.put(record)
+        self.console.log(f"[bold]{run_id}[/] starts: {trial.params}")
+        await self.launch(Trial(record, trial), with_trainer=True)
+
+    async def resume(self, record: TrialRecord, optuna_trial) -> None:
+        """A trial that was running when the sweep process died: its processes stopped with it
+        (they watch their parent); the trainer resumes from its last checkpoint, unless training
+        had already ended (then only the export and final verdict are awaited)."""
+        await wait_gone(record.pids, record.run_id)
+        done = await self.bus.latest(TrainingFinished, record.run_id)
+        ended = done is not None and done.reason != "interrupted"
+        self.console.log(f"[bold]{record.run_id}[/] resumes" + (" (training had ended)" if ended else ""))
+        await self.launch(Trial(record, optuna_trial), with_trainer=not ended)
+
+    async def launch(self, trial: Trial, with_trainer: bool) -> None:
+        record = trial.record
+        rid = record.run_id
+        for cls, handler in ((EvalVerdict, self.on_verdict), (TrainingFinished, self.on_finished),
+                             (ExportDone, self.on_export), (CheckpointsReleased, self.on_released),
+                             (DeadLetter, self.on_dead_letter)):
+            trial.subs.append(await self.bus.follow(cls, rid, _for(trial, handler)))  # history first, then live
+        write_run_info(self.storage, rid, {"run_id": rid, "nats_url": self.url, "pid": os.getpid(), "state": "running",
+                                           "sweep": self.spec.name, "started": _now()})
+        rdir = run_dir(self.storage, rid)
+        for svc in TRIAL_SERVICES:
+            if svc != "trainer" or with_trainer:
+                trial.procs[svc] = spawn(svc, rid, self.storage, self.url, rdir / "logs")
+        record.pids = [p.pid for p in trial.procs.values()]
+        await self.store.put(record)
+        self.live[record.number] = trial
+
+    # ------------------------------------------------------------ events of a trial
+    async def on_verdict(self, trial: Trial, v: EvalVerdict) -> None:
+        if v.purpose == "final" and v.split == "test":
+            trial.final = v
+            return
+        if v.purpose != "periodic" or v.step in trial.record.values:
+            return  # another kind, or seen before (a replay after a restart)
+        score = v.scores.get(self.metric, 0.0)
+        trial.record.values[v.step] = score
+        await self.store.put(trial.record)
+        behind = search.report(trial.optuna, v.step, score)
+        if behind and not trial.prune_sent and trial.finished is None:
+            trial.prune_sent = True
+            asyncio.create_task(self.prune(trial, v.step, score))
+
+    async def prune(self, trial: Trial, step: int, score: float) -> None:
+        why = f"{self.metric} {score:.3f} on val at step {step} fell behind ({self.spec.pruner.kind} pruner)"
+        try:
+            answer = await send_control(self.url, trial.record.run_id, "prune", why, bus=self.bus, timeout=300,
+                                        operator=f"sweep {self.spec.name}")
+        except TimeoutError as e:
+            self.console.log(f"[yellow]{trial.record.run_id}: prune not answered: {e}[/]")
+            return
+        if isinstance(answer, ControlApplied):
+            trial.record.pruned_at = answer.step
+            self.console.log(f"[bold]{trial.record.run_id}[/] pruned at step {answer.step}: {why}")
+        else:  # e.g. training had just finished: the trial completes instead
+            self.console.log(f"{trial.record.run_id}: prune rejected: {answer.reason}")
+
+    async def on_finished(self, trial: Trial, ev: TrainingFinished) -> None:
+        if ev.reason != "interrupted":  # an interrupted trainer resumes: not an end
+            trial.finished = ev
+
+    async def on_export(self, trial: Trial, ev: ExportDone) -> None:
+        trial.exported = ev
+
+    async def on_released(self, trial: Trial, ev: CheckpointsReleased) -> None:
+        trial.released = ev
+
+    async def on_dead_letter(self, trial: Trial, ev: DeadLetter) -> None:
+        if any(ev.subject.endswith("." + k) for k in CRITICAL_KINDS):
+            trial.fatal = f"{ev.service} could not handle {ev.subject}: {ev.reason}"
+
+    # ------------------------------------------------------------ ends
+    async def check(self, trial: Trial) -> None:
+        f = trial.finished
+        if trial.fatal:
+            return await self.end(trial, "failed", trial.fatal)
+        if f and f.reason == "error":
+            return await self.end(trial, "failed", f.detail)
+        if f and f.reason == "pruned" and trial.released:
+            return await self.end(trial, "pruned", f.detail)
+        if f and f.reason != "pruned" and trial.exported and trial.final:
+            return await self.end(trial, "complete", f"{f.reason}: {f.detail}")
+        for name, p in trial.procs.items():
+            code = p.poll()
+            if code is None or (code == 0 and name == "trainer"):
+                continue
+            trial.exited_at = trial.exited_at or time.monotonic()
+            if time.monotonic() - trial.exited_at > EXIT_GRACE_S:  # its last event did not come: it died
+                logfile = run_dir(self.storage, trial.record.run_id) / "logs" / f"{name}.log"
+                return await self.end(trial, "failed", f"{name} exited with {code}; see {logfile}:\n{tail(logfile, 8)}")
+
+    async def end(self, trial: Trial, state: str, detail: str) -> None:
+        r, f = trial.record, trial.finished
+        stop_all(trial.procs)
+        for sub in trial.subs:
+            await sub.unsubscribe()
+        r.state, r.stop_reason, r.pids = state, detail, []
+        if f:
+            r.steps, r.train_seconds = f.step, round(f.train_seconds, 1)
+            r.tokens_per_second, r.peak_memory_mb = f.tokens_per_second, f.peak_memory_mb
+        if trial.final:
+            r.test, r.value = dict(trial.final.scores), trial.final.scores.get(self.metric)
+        if trial.exported:
+            r.export = trial.exported.merged_path or trial.exported.adapter_path
+        if trial.released:
+            r.released_bytes = trial.released.bytes
+        await self.store.put(r)
+        search.tell(self.study, trial.optuna, r)
+        del self.live[r.number]
+        write_run_info(self.storage, r.run_id, {"run_id": r.run_id, "nats_url": self.url, "state": state,
+                                                "sweep": self.spec.name, "ended": _now()})
+        value = f"test {self.metric} {r.value:.3f}" if r.value is not None else ""
+        color = {"complete": "green", "pruned": "yellow"}.get(state, "red")
+        self.console.log(f"[bold]{r.run_id}[/] [{color}]{state}[/] {value} ({detail.splitlines()[0] if detail else ''})")
+
+
+def _for(trial: Trial, handler):
+    async def on(ev) -> None:
+        await handler(trial, ev)
+    return on
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+async def wait_gone(pids: list[int], run_id: str, timeout: float = 30.0) -> None:
+    """Wait for a dead sweep's trial processes to finish stopping (they save a checkpoint);
+    SIGKILL what is left after ``timeout``. A pid is only theirs while its command names the run."""
+    def theirs() -> list[int]:
+        out = []
+        for pid in pids:
+            try:
+                if run_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out.append(pid)
+            except OSError:
+                pass
+        return out
+
+    deadline = time.monotonic() + timeout
+    while theirs() and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    for pid in theirs():
+        os.kill(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- NATS of an embedded sweep
+def attach_nats(sdir: Path) -> tuple[str, NatsServer | int]:
+    """The sweep's NATS: the server a killed sweep left running (its store holds the state),
+    else a new one on the same store. Returns the URL and what to stop at the end."""
+    info_file = sdir / SWEEP_FILE
+    if info_file.exists():
+        info = json.loads(info_file.read_text())
+        pid, url = info.get("nats_pid"), info.get("nats_url", "")
+        host, _, port = url.removeprefix("nats://").rpartition(":")
+        if pid and _alive(pid, b"nats-server") and port.isdigit() and _accepts(host, int(port)):
+            return url, pid
+    server = NatsServer(sdir / "nats")
+    url = server.start()
+    sdir.mkdir(parents=True, exist_ok=True)
+    info_file.write_text(json.dumps({"nats_url": url, "nats_pid": server.proc.pid, "pid": os.getpid()}, indent=1))
+    return url, server
+
+
+def _alive(pid: int, marker: bytes) -> bool:
+    try:
+        return marker in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def sweep(path: Path, *, nats_url: str | None = None, console: Console | None = None) -> dict:
+    """Run (or continue) the sweep of ``path``; returns its summary."""
+    console = console or Console()
+    spec, base = load_sweep(path)
+    storage = base.resolve(base.run.output_dir).resolve()
+    sdir = run_dir(storage, spec.name)
+    sdir.mkdir(parents=True, exist_ok=True)
+    server = None
+    if not nats_url:
+        nats_url, server = attach_nats(sdir)
+    try:
+        return asyncio.run(Sweep(spec, base, storage, nats_url, console).run())
+    finally:
+        if isinstance(server, NatsServer):
+            server.stop()
+        elif server:  # adopted from a killed sweep
+            os.kill(server, signal.SIGTERM)
+
+
+# ---------------------------------------------------------------- the result
+def summarize(spec: SweepSpec, metric: str, records: list[TrialRecord], storage: Path) -> dict:
+    sdir = run_dir(storage, spec.name)
+    top = search.best(records)
+    summary = {"sweep": spec.name, "metric": metric, "sampler": spec.sampler, "pruner": spec.pruner.kind,
+               "trials": [r.model_dump(mode="json", exclude={"pids"}) for r in sorted(records, key=lambda r: r.number)],
+               "best": None}
+    if top:
+        trial_dir = run_dir(storage, top.run_id)
+        (sdir / "best.yaml").write_text((trial_dir / CONFIG_FILE).read_text())
+        link = sdir / "best"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path("..") / top.run_id / Path(top.export).parent if top.export else Path("..") / top.run_id)
+        summary["best"] = {"trial": top.number, "run_id": top.run_id, "params": top.params, "value": top.value,
+                           "config": str(sdir / "best.yaml"),
+                           "export": str(trial_dir / top.export) if top.export else None}
+    (sdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def print_sweep(summary: dict, console: Console) -> None:
+    trials = summary["trials"]
+    names = list(trials[0]["params"]) if trials else []
+    best = (summary["best"] or {}).get("trial")
+    t = Table(title=f"sweep {summary['sweep']}: {summary['metric']} on val while training (step:score), on test at the end")
+    t.add_column("#", no_wrap=True)
+    for n in names:
+        t.add_column(n.rsplit(".", 1)[-1], overflow="fold")
+    t.add_column("state", no_wrap=True)
+    t.add_column("val", overflow="fold", min_width=12)
+    for col in ("test", "tok/s", "MB"):
+        t.add_column(col, no_wrap=True, justify="right")
+    for r in trials:
+        curve = " ".join(f"{s}:{v:.2f}".replace("0.", ".") for s, v in sorted((int(k), v) for k, v in r["values"].items()))
+        state = "pruned@" + str(r["pruned_at"]) if r["state"] == "pruned" and r["pruned_at"] is not None else r["state"]
+        t.add_row(f"{r['number']}{'*' if r['number'] == best else ''}", *(_fmt(r["params"][n]) for n in names), state,
+                  curve or "-", f"{r['value']:.3f}" if r["value"] is not None else "-",
+                  f"{r['tokens_per_second']:.0f}" if r["tokens_per_second"] else "-",
+                  f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] else "-")
+    console.print(t)
+    if summary["best"]:
+        b = summary["best"]
+        console.print(f"best (*): trial {b['trial']} ({b['run_id']}) {b['params']} -> test {summary['metric']} "
+                      f"{b['value']:.3f}; config {b['config']}; model {b['export']}", soft_wrap=True)
+    else:
+        console.print("[red]no trial completed[/]")
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)

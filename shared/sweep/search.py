@@ -1,0 +1,127 @@
+"""The search itself, by Optuna: samplers propose parameters, pruners judge verdicts.
+
+The sweep's records in JetStream KV are the truth; the Optuna study lives in memory and is
+rebuilt from them when the sweep process starts (``replay``): each recorded trial is asked
+again with its own parameters (``enqueue_trial``), its verdicts reported again, its end
+told again. So a restarted sweep samples and prunes knowing everything that happened.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from .spec import SweepSpec, Value, grid
+
+log = logging.getLogger(__name__)
+State = Literal["running", "complete", "pruned", "failed"]
+
+
+class TrialRecord(BaseModel):
+    """One trial as the sweep keeps it (KV ``<sweep>.trial-NNNN``)."""
+
+    number: int = Field(ge=0)
+    run_id: str
+    params: dict[str, Value]
+    state: State = "running"
+    values: dict[int, float] = Field(default_factory=dict, description="Training step -> the metric on val.")
+    value: float | None = Field(default=None, description="The metric of the exported model on test: the trial's result.")
+    test: dict[str, float] | None = None
+    steps: int | None = None
+    stop_reason: str | None = None
+    pruned_at: int | None = None
+    released_bytes: int | None = None
+    train_seconds: float | None = None
+    tokens_per_second: float | None = None
+    peak_memory_mb: float | None = None
+    export: str | None = Field(default=None, description="The exported model (merged, else adapter), run-relative.")
+    pids: list[int] = Field(default_factory=list, description="Processes of this trial (a restarted sweep waits for them).")
+
+
+def make_study(spec: SweepSpec):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    samplers = {"grid": optuna.samplers.RandomSampler, "random": optuna.samplers.RandomSampler,
+                "tpe": optuna.samplers.TPESampler}  # grid: every point is enqueued, the sampler is never asked
+    p = spec.pruner
+    pruners = {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_steps),
+        "percentile": lambda: optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.startup_trials,
+                                                              n_warmup_steps=p.warmup_steps),
+        "successive-halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=max(p.warmup_steps, 1)),
+        "none": optuna.pruners.NopPruner,
+    }
+    return optuna.create_study(study_name=spec.name, direction="maximize",
+                               sampler=samplers[spec.sampler](seed=spec.seed), pruner=pruners[p.kind]())
+
+
+def distributions(spec: SweepSpec) -> dict:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for name, p in spec.params.items():
+        if p.values is not None:
+            out[name] = CategoricalDistribution(p.values)
+        elif p.integer:
+            out[name] = IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        else:
+            out[name] = FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+    return out
+
+
+def ask(study, spec: SweepSpec, params: dict[str, Value] | None = None):
+    """A new Optuna trial: with ``params`` exactly those (a grid point, a replayed trial), else sampled."""
+    if params is not None:
+        study.enqueue_trial(params)
+    return study.ask(distributions(spec))
+
+
+def next_params(spec: SweepSpec, records: list[TrialRecord]) -> dict[str, Value] | None:
+    """For a grid, the first combination no trial has taken; for samplers, None (sample)."""
+    if spec.sampler != "grid":
+        return None
+    taken = [r.params for r in records]
+    return next((p for p in grid(spec) if p not in taken), None)
+
+
+def report(trial, step: int, value: float) -> bool:
+    """Tell Optuna the trial's verdict at ``step``; True when its pruner says the trial fell behind."""
+    trial.report(value, step)
+    return trial.should_prune()
+
+
+def tell(study, trial, record: TrialRecord) -> None:
+    """Close the Optuna trial as the record ended."""
+    from optuna.trial import TrialState
+
+    if record.state == "complete" and record.value is not None:
+        study.tell(trial, record.value)
+    elif record.state == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+
+
+def replay(study, spec: SweepSpec, records: list[TrialRecord]) -> dict[int, object]:
+    """Rebuild the study from the records; returns the Optuna trials still running, by number."""
+    running = {}
+    for record in sorted(records, key=lambda r: r.number):
+        trial = ask(study, spec, record.params)
+        if trial.number != record.number:  # a study is rebuilt in order, so numbers must agree
+            raise RuntimeError(f"replaying trial {record.number} gave Optuna trial {trial.number}")
+        for step, value in sorted(record.values.items()):
+            report(trial, step, value)  # pruners that keep state (successive halving) rebuild it
+        if record.state == "running":
+            running[record.number] = trial
+        else:
+            tell(study, trial, record)
+    return running
+
+
+def best(records: list[TrialRecord]) -> TrialRecord | None:
+    """The complete trial with the highest test value; ties go to the earlier trial."""
+    done = [r for r in records if r.state == "complete" and r.value is not None]
+    return max(done, key=lambda r: (r.value, -r.number), default=None)
