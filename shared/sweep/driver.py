@@ -75,8 +75,8 @@ class Store:
         if stored["fingerprint"] != mine:
             changed = sorted(k for k, v in spec.model_dump(mode="json").items()
                              if stored["spec"].get(k) != v and k not in ("concurrency", "evaluators", "base_dir"))
-            raise SweepMismatch(f"sweep {spec.name!r} already exists with other settings (changed: {', '.join(changed)}); "
-                                "give this one another name")
+            raise SweepMismatch(f"sweep {spec.name!r} already exists with other settings (changed: "
+                                f"{', '.join(changed) or 'the sweep file format'}); give this one another name")
         return store
 
     async def records(self) -> list[TrialRecord]:

@@ -68,7 +68,8 @@ class Pruner(_Section):
 
 class SweepSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,40}$", description="The sweep's id: restarting with the same name continues it.")
-    config: str = Field(description="Run config every trial starts from (relative to the sweep file); one phase only.")
+    config: str = Field(description="Run config every trial starts from (relative to the sweep file).")
+    phase: str | None = Field(default=None, description="With a phased config: the phase whose settings the trials use (run alone).")
     overrides: dict = Field(default_factory=dict, description="Changes to that config for every trial (e.g. fewer steps).")
     params: dict[str, Param] = Field(min_length=1, description="Dotted config paths (train.learning_rate, train.lora.r) -> what to try.")
     sampler: Literal["grid", "random", "tpe"] = Field(
@@ -151,16 +152,22 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Config]:
     except ValidationError as e:
         raise ConfigError(f"{path}: {explain(e)}") from e
     base = load_config(Path(spec.base_dir) / spec.config)
-    if base.phases:
-        raise ConfigError(f"{path}: config {spec.config} has phases; a sweep searches one run (use a phase's config)")
+    names = [p.name for p in base.phases]
+    if spec.phase is not None:
+        if spec.phase not in names:
+            raise ConfigError(f"{path}: phase {spec.phase!r} is not in {spec.config} (phases: {', '.join(names) or 'none'})")
+        base = base.phase_config(names.index(spec.phase))
+    elif base.phases:
+        raise ConfigError(f"{path}: config {spec.config} has phases ({', '.join(names)}); "
+                          "a trial is one run: say which with phase: NAME")
+    try:
+        trial_config(spec, base, {}, spec.name)
+    except ValueError as e:
+        raise ConfigError(f"{path}: overrides make an invalid config: {e}") from None
     for name, param in spec.params.items():
         for value in param.candidates():
             try:
                 trial_config(spec, base, {name: value}, spec.name)
             except ValueError as e:
                 raise ConfigError(f"{path}: params.{name} = {value!r} makes an invalid config: {e}") from None
-    try:
-        trial_config(spec, base, {}, spec.name)
-    except ValueError as e:
-        raise ConfigError(f"{path}: overrides make an invalid config: {e}") from None
     return spec, base

@@ -103,3 +103,26 @@ async def test_set_lr_survives_a_restart(tmp_path, nats_url, bus, services, requ
     after = [s.learning_rate for s in ev[StepMetrics][n:] if s.loss is not None]
     assert after and all(lr == pytest.approx(5e-4) for lr in after), after
     await ctl(nats_url, bus, run, "stop")
+
+
+async def test_sigterm_interrupts_and_a_restart_finishes_with_throughput_and_memory(tmp_path, nats_url, bus, services,
+                                                                                   request):
+    """SIGTERM (a pod evicted, a sweep gone) is no end: the trainer saves, says ``interrupted``
+    and goes on when started again; the last TrainingFinished carries what the summary shows.
+    Gradient checkpointing and the batch-size finder are on: on CPU nothing runs out of memory,
+    so the finder keeps the configured batch."""
+    run = run_id_for(request)
+    svc, ev = await start_training(tmp_path, nats_url, bus, services, run, max_steps=40, save_steps=1000,
+                                   logging_steps=2, gradient_checkpointing=True, auto_batch_size=True)
+    steps, saved, done = ev[StepMetrics], ev[CheckpointSaved], ev[TrainingFinished]
+    await wait_for(lambda: any(s.step >= 6 for s in steps), timeout=120)
+    svc.procs["trainer"].terminate()
+    await wait_for(lambda: done, timeout=60)
+    first = done[0]
+    assert first.reason == "interrupted" and any(c.step == first.step for c in saved), first
+    svc.procs["trainer"].wait(30)
+    svc.start("trainer")
+    await wait_for(lambda: len(done) == 2, timeout=180)
+    last = done[1]
+    assert (last.reason, last.step) == ("completed", 40) and "resuming from" in svc.log("trainer")
+    assert last.batch_size == 8 and last.tokens_per_second > 0 and last.peak_memory_mb > 50, last

@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from tuneloop.config import ConfigError, load_config
 
@@ -63,3 +64,25 @@ def test_bad_values_and_missing_or_broken_files(tmp_path):
     p.write_text("model: {tiny: {hidden_size: 30, num_attention_heads: 4}}\ndata: {sources: [{path: x}]}\n")
     with pytest.raises(ConfigError, match="divisible"):
         load_config(p)
+
+
+def test_resource_settings_are_checked_where_they_cannot_work(tmp_path):
+    from helpers import tiny_config
+    from tuneloop.trainer import recipe
+
+    with pytest.raises(ValidationError, match="quantization 4bit trains LoRA adapters"):
+        tiny_config(tmp_path, quantization="4bit", lora={"enabled": False})
+    args = recipe.trl_args(tiny_config(tmp_path, gradient_checkpointing=True, auto_batch_size=True), tmp_path)
+    assert args.gradient_checkpointing and args.auto_find_batch_size and not (args.bf16 or args.fp16)
+    if not torch_cuda():
+        for bad, message in (({"precision": "fp16"}, "train.precision fp16 needs a CUDA GPU"),
+                             ({"quantization": "4bit"}, "train.quantization 4bit needs a CUDA GPU")):
+            with pytest.raises(RuntimeError, match=message):
+                recipe.trl_args(tiny_config(tmp_path, **bad), tmp_path)
+                recipe.quantization_config(tiny_config(tmp_path, **bad))
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,161 @@
+"""A real sweep: 4 trials of the tiny model, 2 at a time, on the sweep's own nats-server; the
+sweep process is SIGKILLed mid-way and started again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import EXAMPLE_DATA, stored
+from tuneloop.events import Control, ControlApplied, EvalVerdict, TrainingFinished
+
+pytestmark = pytest.mark.integration
+TUNELOOP = [sys.executable, "-m", "tuneloop"]
+
+
+def write_sweep(tmp_path: Path) -> Path:
+    """Two learning rates that learn the protocol in 60 steps and two that cannot: the grid's
+    order puts the slow ones last, so they run when two trials have completed and the median
+    pruner has something to compare with."""
+    base = {
+        "run": {"name": "base", "output_dir": "runs"},
+        "data": {"sources": [{"path": str(EXAMPLE_DATA)}], "max_rows": 600, "val_fraction": 0.05, "test_fraction": 0.05},
+        "model": {"tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                           "num_attention_heads": 2, "vocab_size": 300}},
+        "train": {"max_steps": 60, "batch_size": 16, "logging_steps": 5, "save_steps": 20, "max_length": 96,
+                  "lora": {"enabled": False}},
+        "eval": {"max_cases": 16, "max_new_tokens": 24, "shard_size": 8},
+        "feedback": {"target": 1.0, "patience": 10},
+    }
+    sweep = {
+        "name": "sw", "config": "base.yaml",
+        "params": {"train.learning_rate": {"values": [0.003, 0.00001]}, "train.weight_decay": {"values": [0.0, 0.1]}},
+        "concurrency": 2, "evaluators": 2, "pruner": {"kind": "median", "startup_trials": 2},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    return tmp_path / "sweep.yaml"
+
+
+async def records(url: str) -> dict[str, dict]:
+    from tuneloop.bus import Bus
+
+    bus = await Bus.connect(url, "test")
+    try:
+        kv = await bus.key_value("tuneloop-sweeps")
+        return {k: json.loads((await kv.get(k)).value) for k in await kv.keys() if ".trial-" in k}
+    finally:
+        await bus.close()
+
+
+def _env() -> dict:
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("NATS_URL", None)  # the sweep's own server: the restart must find its state there
+    return env
+
+
+def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
+    sweep_file = write_sweep(tmp_path)
+    runs = tmp_path / "runs"
+    first = subprocess.Popen([*TUNELOOP, "sweep", str(sweep_file)], stdout=open(tmp_path / "first.log", "w"),
+                             stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+    try:  # kill the sweep once a trial has finished and another one has a checkpoint (and its verdict)
+        deadline = time.time() + 400
+        before: dict = {}
+        while time.time() < deadline and first.poll() is None:
+            time.sleep(2)
+            info = runs / "sw" / "sweep.json"
+            if info.exists():
+                before = asyncio.run(records(json.loads(info.read_text())["nats_url"]))
+                states = [r["state"] for r in before.values()]
+                if "complete" in states and any(r["state"] == "running" and r["values"] for r in before.values()):
+                    break
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert "complete" in [r["state"] for r in before.values()], "no trial finished in time"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finished_before = {r["run_id"]: r for r in before.values() if r["state"] != "running"}
+    cut_short = [r["run_id"] for r in before.values() if r["state"] == "running" and r["values"]]
+
+    second = subprocess.run([*TUNELOOP, "sweep", str(sweep_file)], capture_output=True, text=True, timeout=600,
+                            env=_env(), cwd=tmp_path)
+    out = second.stdout
+    assert second.returncode == 0, out[-4000:] + second.stderr[-2000:]
+    continued = re.search(r"continuing: (\d+) finished", out)
+    assert continued and int(continued.group(1)) >= len(finished_before), out[:2000]
+    summary = json.loads((runs / "sw" / "summary.json").read_text())
+    trials = {t["run_id"]: t for t in summary["trials"]}
+    assert sorted(trials) == ["sw-t00", "sw-t01", "sw-t02", "sw-t03"]
+    assert all(t["state"] in ("complete", "pruned") for t in trials.values()), trials
+
+    # Finished trials were not run again: same record, one training in their trainer log.
+    for run_id, rec in finished_before.items():
+        assert trials[run_id]["value"] == rec["value"] and trials[run_id]["steps"] == rec["steps"]
+        log = (runs / run_id / "logs" / "trainer.log").read_text()
+        assert log.count("training finished") == 1 and "resuming from" not in log
+    # A trial cut short by the kill went on from its checkpoint.
+    assert cut_short and all("resuming from" in (runs / r / "logs" / "trainer.log").read_text() for r in cut_short)
+
+    from tuneloop.embedded import NatsServer
+
+    server = NatsServer(runs / "sw" / "nats")  # the sweep stopped its server; read what the store kept
+    url = server.start()
+    try:
+        events = {run_id: asyncio.run(stored(url, run_id, [EvalVerdict, Control, ControlApplied, TrainingFinished]))
+                  for run_id in trials}
+    finally:
+        server.stop()
+
+    # At least one trial was pruned by a control event, and its checkpoints released.
+    pruned = [r for r, t in trials.items() if t["state"] == "pruned"]
+    assert pruned, trials
+    for run_id in pruned:
+        control = [c for c in events[run_id][Control] if c.command == "prune"]
+        applied = [a for a in events[run_id][ControlApplied] if a.command == "prune"]
+        assert control and control[0].operator == "sweep sw" and "fell behind" in control[0].value
+        assert applied and applied[0].control_id == control[0].event_id and trials[run_id]["pruned_at"] == applied[0].step
+        assert events[run_id][TrainingFinished][-1].reason == "pruned"
+        assert not list((runs / run_id / "checkpoints").glob("checkpoint-*")) and trials[run_id]["released_bytes"] > 0
+        assert trials[run_id]["steps"] < 60
+
+    # The trials shared the evaluator pool: one evaluator process scored shards of several trials.
+    workers: dict[str, set] = {}
+    for run_id, ev in events.items():
+        for v in ev[EvalVerdict]:
+            for w in v.workers:
+                workers.setdefault(w, set()).add(run_id)
+    assert any(len(runs_scored) >= 2 for runs_scored in workers.values()), workers
+    assert not any((runs / r / "logs" / "evaluator.log").exists() for r in trials)  # no trial had its own
+
+    # The best trial is the one whose exported model has the best test verdict.
+    finals = {r: max(v.scores["protocol"] for v in ev[EvalVerdict] if v.purpose == "final" and v.split == "test")
+              for r, ev in events.items() if trials[r]["state"] == "complete"}
+    top = max(finals.values())
+    assert summary["best"]["value"] == top and finals[summary["best"]["run_id"]] == top
+    assert summary["best"]["run_id"] == min(r for r, v in finals.items() if v == top)  # ties: the earlier trial
+    assert (runs / "sw" / "best.yaml").exists() and (runs / "sw" / "best" / "merged" / "config.json").exists()
+    assert _processes_under(tmp_path) == [], "processes left behind"
+
+
+def _processes_under(path: Path) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if str(path) in cmd:
+                found.append(cmd)
+    return found
