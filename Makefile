@@ -41,9 +41,10 @@ secrets:  ## .env for docker compose: a random password per NATS identity (never
 	    echo "TUNELOOP_$${u}_PASSWORD=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')"; \
 	  done > .env && chmod 600 .env && echo "wrote .env"; }
 
-bench: install  ## benchmarks: bus overhead on the trainer, then the feedback loop (a few minutes each)
+bench: install  ## benchmarks: bus overhead on the trainer, the feedback loop, a sweep (minutes each)
 	$(PY) bench/trainer_overhead.py
 	$(PY) bench/feedback_loop.py
+	$(PY) bench/sweep.py
 
 proto: install  ## regenerate proto/ from the event models
 	$(VENV)/bin/tuneloop proto

@@ -150,7 +150,8 @@ async def watch(url: str, run_id: str, console, *, exit_when_done: bool = True) 
         for cls in KINDS:
             await bus.follow(cls, run_id, on)
         with Live(view, console=console, refresh_per_second=4, transient=False):
-            while not (exit_when_done and view.finished and (view.exported or view.finished.reason == "error")):
+            # an interrupted trainer resumes when started again: keep watching; a pruned run exports nothing
+            while not (exit_when_done and view.finished and (view.exported or view.finished.reason in ("error", "pruned"))):
                 await asyncio.sleep(0.25)
             await asyncio.sleep(0.5)  # the last events, rendered once more
     finally:
