@@ -114,19 +114,27 @@ def prepare_base(cfg: Config, run_dir: Path, dataset: DatasetReady) -> tuple[str
     return ref, path
 
 
+def _checkpointing_arg() -> str:
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__  # transformers 5 renamed it (the old name warns)
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
 def trl_args(cfg: Config, out_dir: Path):
     """TRL's config for the method, from ours: the same for the service and for plain-TRL baselines."""
     import trl
 
     tc = cfg.train
     use_cpu, dtype = not uses_cuda(cfg), precision(cfg)
+    checkpointing = _checkpointing_arg()
     common = dict(
         output_dir=str(out_dir), max_steps=tc.max_steps, per_device_train_batch_size=tc.batch_size,
         gradient_accumulation_steps=tc.gradient_accumulation_steps, learning_rate=tc.learning_rate,
         lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay,
         max_grad_norm=tc.max_grad_norm, logging_steps=tc.logging_steps, save_strategy="steps",
         save_steps=tc.save_steps, report_to=[], use_cpu=use_cpu, bf16=dtype == "bf16", fp16=dtype == "fp16",
-        gradient_checkpointing=tc.gradient_checkpointing, auto_find_batch_size=tc.auto_batch_size,
+        auto_find_batch_size=tc.auto_batch_size, **{checkpointing: tc.gradient_checkpointing},
         seed=cfg.run.seed, data_seed=cfg.run.seed, disable_tqdm=True, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )

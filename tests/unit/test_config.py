@@ -73,7 +73,7 @@ def test_resource_settings_are_checked_where_they_cannot_work(tmp_path):
     with pytest.raises(ValidationError, match="quantization 4bit trains LoRA adapters"):
         tiny_config(tmp_path, quantization="4bit", lora={"enabled": False})
     args = recipe.trl_args(tiny_config(tmp_path, gradient_checkpointing=True, auto_batch_size=True), tmp_path)
-    assert args.gradient_checkpointing and args.auto_find_batch_size and not (args.bf16 or args.fp16)
+    assert getattr(args, recipe._checkpointing_arg()) and args.auto_find_batch_size and not (args.bf16 or args.fp16)
     if not torch_cuda():
         for bad, message in (({"precision": "fp16"}, "train.precision fp16 needs a CUDA GPU"),
                              ({"quantization": "4bit"}, "train.quantization 4bit needs a CUDA GPU")):
