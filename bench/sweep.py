@@ -91,8 +91,9 @@ def main(args) -> None:
         sweep_wall = time.perf_counter() - t0
 
     console = Console(width=120)
-    print(f"\n{len(points)} trials of {spec.name} ({base.train.max_steps} steps each, evaluation every "
-          f"{base.train.save_steps} steps on {base.eval.max_cases} val cases), {os.cpu_count()} CPU cores")
+    first = trial_config(spec, base, points[0], "x")  # what every trial trains: the base with the overrides
+    print(f"\n{len(points)} trials of {spec.name} ({first.train.max_steps} steps each, evaluation every "
+          f"{first.train.save_steps} steps on {first.eval.max_cases} val cases), {os.cpu_count()} CPU cores")
     print("(1) plain TRL, one after another, in-process evaluation:")
     for params, protocol, seconds in plain:
         print(f"    {params}: test protocol {protocol:.3f}, {seconds:.1f} s")
