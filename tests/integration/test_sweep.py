@@ -58,6 +58,11 @@ async def records(url: str) -> dict[str, dict]:
         await bus.close()
 
 
+def early(record: dict) -> bool:
+    """Running, with a checkpoint (its step-20 verdict is in) and most of its 60 steps ahead."""
+    return record["state"] == "running" and list(record["values"]) == ["20"]
+
+
 def _env() -> dict:
     env = {**os.environ, "COLUMNS": "200"}
     env.pop("NATS_URL", None)  # the sweep's own server: the restart must find its state there
@@ -69,7 +74,7 @@ def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
     runs = tmp_path / "runs"
     first = subprocess.Popen([*TUNELOOP, "sweep", str(sweep_file)], stdout=open(tmp_path / "first.log", "w"),
                              stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
-    try:  # kill the sweep once a trial has finished and another one has a checkpoint (and its verdict)
+    try:  # kill the sweep once a trial has finished and another is early in training (one verdict, at step 20)
         deadline = time.time() + 400
         before: dict = {}
         while time.time() < deadline and first.poll() is None:
@@ -78,7 +83,7 @@ def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
             if info.exists():
                 before = asyncio.run(records(json.loads(info.read_text())["nats_url"]))
                 states = [r["state"] for r in before.values()]
-                if "complete" in states and any(r["state"] == "running" and r["values"] for r in before.values()):
+                if "complete" in states and any(early(r) for r in before.values()):
                     break
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert "complete" in [r["state"] for r in before.values()], "no trial finished in time"
@@ -86,7 +91,7 @@ def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait()
     finished_before = {r["run_id"]: r for r in before.values() if r["state"] != "running"}
-    cut_short = [r["run_id"] for r in before.values() if r["state"] == "running" and r["values"]]
+    cut_short = [r["run_id"] for r in before.values() if early(r)]
 
     second = subprocess.run([*TUNELOOP, "sweep", str(sweep_file)], capture_output=True, text=True, timeout=600,
                             env=_env(), cwd=tmp_path)
