@@ -265,10 +265,10 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path) -> Config:
-    path = Path(path)
+def read_yaml(path: Path, what: str = "config") -> dict:
+    """A YAML mapping from ``path`` with ``base_dir`` (its folder) set; errors name the file."""
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} file not found")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -276,6 +276,12 @@ def load_config(path: str | Path) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     raw.setdefault("base_dir", str(path.resolve().parent))
+    return raw
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    raw = read_yaml(path)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

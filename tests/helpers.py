@@ -117,3 +117,17 @@ async def stored(url: str, run_id: str, kinds) -> dict:
     await asyncio.sleep(2.0)
     await bus.close()
     return got
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes that contain ``text`` (e.g. a test's tmp path): what was left behind."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(cmd)
+    return found

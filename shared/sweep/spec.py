@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import Config, ConfigError, load_config, merge
+from ..config import Config, ConfigError, load_config, merge, read_yaml
 from ..events import explain
 
 Value = bool | int | float | str
@@ -138,15 +137,7 @@ def trial_config(spec: SweepSpec, base: Config, params: dict[str, Value], run_na
 def load_sweep(path: str | Path) -> tuple[SweepSpec, Config]:
     """The sweep file and its base config, both checked; errors name the file and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    raw.setdefault("base_dir", str(path.resolve().parent))
+    raw = read_yaml(path, "sweep")
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:

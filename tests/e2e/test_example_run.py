@@ -1,7 +1,6 @@
 """The README's main job, end to end, and what a user does with its result."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, processes_mentioning
 from tuneloop.config import dump_config, load_config
 
 pytestmark = pytest.mark.e2e
@@ -124,25 +123,12 @@ def test_ctrl_c_stops_every_process(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 130, out[-2000:]
-    assert _processes_mentioning(str(run_dir.parent)) == [], "processes left behind"
+    assert processes_mentioning(str(run_dir.parent)) == [], "processes left behind"
     assert json.loads((run_dir / "run.json").read_text())["state"] == "interrupted"
 
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmd:
-                found.append(cmd)
-    return found
 
 
 def test_a_bad_row_fails_the_run_naming_file_line_and_field(tmp_path):
@@ -159,4 +145,4 @@ def test_a_bad_row_fails_the_run_naming_file_line_and_field(tmp_path):
     out = proc.stdout.replace("\n", "")
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "data-pipeline exited with code 2" in out and "broken.jsonl:42" in out and "messages.1.role" in out
-    assert _processes_mentioning(str(tmp_path / "runs")) == []
+    assert processes_mentioning(str(tmp_path / "runs")) == []

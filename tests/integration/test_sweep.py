@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import EXAMPLE_DATA, stored
+from helpers import EXAMPLE_DATA, processes_mentioning, stored
 from tuneloop.events import Control, ControlApplied, EvalVerdict, TrainingFinished
 
 pytestmark = pytest.mark.integration
@@ -150,17 +150,5 @@ def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
     assert summary["best"]["value"] == top and finals[summary["best"]["run_id"]] == top
     assert summary["best"]["run_id"] == min(r for r, v in finals.items() if v == top)  # ties: the earlier trial
     assert (runs / "sw" / "best.yaml").exists() and (runs / "sw" / "best" / "merged" / "config.json").exists()
-    assert _processes_under(tmp_path) == [], "processes left behind"
+    assert processes_mentioning(str(tmp_path)) == [], "processes left behind"
 
-
-def _processes_under(path: Path) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if str(path) in cmd:
-                found.append(cmd)
-    return found
