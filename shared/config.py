@@ -180,6 +180,11 @@ class EvalSection(_Section):
     shard_size: int = Field(default=25, ge=1, description="Cases per shard: evaluators share an evaluation shard by shard.")
     suites: list[SuiteSpec] = Field(default_factory=list, description="Test suites run on the exported model.")
     baseline: bool = Field(default=False, description="Also score the starting model on the test split (the 'before' of the summary).")
+    every: int | None = Field(
+        default=None, ge=1,
+        description="Evaluate every N steps on a weights-only snapshot (no optimizer state: cheaper than a checkpoint), "
+                    "apart from train.save_steps, which then only keeps resumable checkpoints (the last one is evaluated "
+                    "too). Default: evaluate every checkpoint.")
 
 
 class FeedbackSection(_Section):
@@ -223,6 +228,13 @@ class Config(_Section):
     @classmethod
     def _abs(cls, v: str) -> str:
         return str(Path(v).resolve())
+
+    @model_validator(mode="after")
+    def _snapshots_fit(self) -> "Config":
+        if self.eval.every and self.train.fsdp:
+            raise ValueError("eval.every saves snapshots from one rank's weights; with train.fsdp each rank holds a "
+                             "shard: leave eval.every unset (checkpoints are evaluated)")
+        return self
 
     @model_validator(mode="after")
     def _phases_valid(self) -> "Config":

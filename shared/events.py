@@ -101,7 +101,7 @@ class StepMetrics(Event):
 
 
 class CheckpointSaved(Event):
-    """trainer → checkpoint: a complete checkpoint directory exists."""
+    """trainer → checkpoint: a complete checkpoint (or evaluation snapshot) directory exists."""
 
     KIND: ClassVar[str] = "ckpt.saved"
     step: int = Field(ge=0)
@@ -110,6 +110,8 @@ class CheckpointSaved(Event):
     adapter: bool = Field(description="True when the checkpoint holds a LoRA adapter, False for full weights.")
     is_final: bool = False
     loss: float | None = None
+    snapshot: bool = Field(default=False, description="Weights (or adapter) only, for evaluation (eval.every): not resumable.")
+    evaluate: bool = Field(default=True, description="Ask for its evaluation (False: a checkpoint kept for resume only).")
 
 
 class TrainingFinished(Event):

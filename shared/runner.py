@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from . import cores
 from .bus import Bus
 from .config import Config, ConfigError, dump_config, load_config
 from .embedded import NatsServer
@@ -41,6 +42,8 @@ CRITICAL_KINDS = ("data.ready", "ckpt.saved", "train.done", "eval.request", "eva
 # After the last event, services keep serving /metrics this long before they are stopped: a
 # Prometheus scraping every second or two still gets the run's final values.
 FINAL_SCRAPE_S = 2.0
+# Priority of the services beside the trainer (nice): they never hold up a training step.
+SERVICE_NICE = 5
 
 
 class RunFailed(RuntimeError):
@@ -100,16 +103,21 @@ def init_run(cfg: Config, run_id: str, storage: Path) -> Path:
 
 
 def service_env(service: str) -> dict[str, str]:
-    """Environment of a spawned service.
+    """Environment of a service that shares this machine with the trainer.
 
-    Services beside the trainer put their idle OpenMP threads to sleep (``OMP_WAIT_POLICY=
-    PASSIVE``): by default torch's threads spin after each op, and an idle evaluator spinning on
-    the trainer's cores made training 4.7x slower on 2 cores (bench/feedback_loop.py). The
-    trainer keeps spinning threads: for its own ops they are faster. An explicit setting wins.
+    The trainer goes first: the services beside it run one torch thread each at a lower
+    priority (``TUNELOOP_NICE``), put their idle OpenMP threads to sleep (``OMP_WAIT_POLICY=
+    PASSIVE``; by default they spin on the trainer's cores), and borrow cores for their model
+    work through the machine's lease folder, which the trainer reads at each step boundary
+    (``tuneloop.cores``). The trainer keeps spinning threads: for its own ops they are
+    faster. An explicit setting in the environment wins.
     """
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env.setdefault(cores.ENV_DIR, str(cores.machine_folder()))
     if service != "trainer":
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault(cores.ENV_NICE, str(SERVICE_NICE))
     return env
 
 

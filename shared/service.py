@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from . import subjects, telemetry
+from . import cores, subjects, telemetry
 from .bus import Bus
 from .config import Config
 from .storage import load_run_config, run_dir
@@ -84,6 +84,7 @@ def run_service(name: str, main: ServiceMain, argv: list[str] | None = None,
     args = args or parse_args(name, argv)
     setup_logging(name, args.log_level)
     subjects.check_run_id(args.run_id)
+    cores.priority_from_env()
     server = telemetry.start_http(args.metrics_port)
     target = None
     if server and args.run_id != subjects.ALL_RUNS:  # an embedded run: tell its Prometheus where we are

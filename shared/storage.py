@@ -15,6 +15,7 @@ from .config import Config, load_config
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 STATE_FILE = "tuneloop_state.json"  # written last into a checkpoint: one without it is incomplete
+SNAPSHOTS = "snapshots"  # evaluation snapshots (eval.every): <run>/snapshots/step-<N>, weights only
 
 
 def complete_checkpoints(checkpoints: Path) -> dict[int, Path]:

@@ -16,10 +16,10 @@ from tuneloop.events import (CheckpointRecorded, CheckpointSaved, CheckpointsRel
                              EvalVerdict, ExportDone, TrainingFinished)
 from tuneloop.grafana import Annotator
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
-from tuneloop.storage import complete_checkpoints, confine, relative, resolve_model
+from tuneloop.storage import SNAPSHOTS, complete_checkpoints, confine, relative, resolve_model
 
 from . import export
-from .catalogue import Entry, best, pending
+from .catalogue import Entry, best, pending, stale_snapshots
 from .integrity import MANIFEST, digest_dir
 
 log = logging.getLogger("tuneloop.checkpoint")
@@ -76,14 +76,15 @@ async def main(ctx: ServiceContext) -> None:
         (path / MANIFEST).write_text(json.dumps({"sha256": sha, "bytes": size, "files": files}, indent=1))
         old = await catalogue.get(ev.run_id, ev.step)
         entry = Entry(step=ev.step, path=ev.path, base_model=str(ev.base_model), adapter=ev.adapter, sha256=sha,
-                      bytes=size, is_final=ev.is_final, scores=old.scores if old and old.sha256 == sha else None)
+                      bytes=size, is_final=ev.is_final, scores=old.scores if old and old.sha256 == sha else None,
+                      snapshot=ev.snapshot, evaluated=ev.evaluate or ev.is_final)
         await catalogue.put(ev.run_id, entry)
         record = CheckpointRecorded(run_id=ev.run_id, event_id=f"rec-{ev.event_id}"[:64], step=ev.step,
                                     path=ev.path, sha256=sha, bytes=size)
         await bus.publish(record)
         if annotator:
             await annotator.post(record)
-        if entry.scores is None:
+        if entry.scores is None and entry.evaluated:
             await bus.publish(EvalRequest(run_id=ev.run_id, event_id=f"eval-{ev.event_id}"[:64], step=ev.step,
                                           checkpoint=ev.path, base_model=ev.base_model, adapter=ev.adapter))
         log.info("recorded step %d (%s, %.1f MB)", ev.step, sha[:12], size / 1e6)
@@ -97,6 +98,17 @@ async def main(ctx: ServiceContext) -> None:
             return
         entry.scores = dict(v.scores)
         await catalogue.put(v.run_id, entry)
+        if entry.snapshot:
+            await drop_stale_snapshots(v.run_id)
+
+    async def drop_stale_snapshots(run_id: str) -> None:
+        """Delete the snapshots that lost to another entry (retention; the records stay)."""
+        metric = ctx.config(run_id).feedback.metric
+        for e in stale_snapshots(await catalogue.entries(run_id), metric):
+            await asyncio.to_thread(shutil.rmtree, confine(ctx.run_dir(run_id), e.path), True)
+            e.released = True
+            await catalogue.put(run_id, e)
+            log.info("snapshot of step %d released: outscored on %s", e.step, metric)
 
     async def settled(done: TrainingFinished, scored: bool, wait_s: float) -> list[Entry]:
         """The run's entries once every checkpoint on disk (the final one included) is catalogued
@@ -120,14 +132,15 @@ async def main(ctx: ServiceContext) -> None:
     async def release(done: TrainingFinished) -> None:
         """A pruned run: delete its checkpoints (the catalogue keeps their records, marked released)."""
         entries = await settled(done, scored=False, wait_s=CATALOGUE_WAIT_S)
-        folders = list((ctx.run_dir(done.run_id) / "checkpoints").glob("checkpoint-*"))
+        rdir = ctx.run_dir(done.run_id)
+        folders = [*(rdir / "checkpoints").glob("checkpoint-*"), *(rdir / SNAPSHOTS).glob("step-*")]
         freed = sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
         for d in folders:
             await asyncio.to_thread(shutil.rmtree, d, True)
         for e in entries:
             e.released = True
             await catalogue.put(done.run_id, e)
-        steps = sorted(int(d.name[11:]) for d in folders if d.name[11:].isdigit())
+        steps = sorted({int(d.name.rsplit("-", 1)[1]) for d in folders if d.name.rsplit("-", 1)[1].isdigit()})
         await bus.publish(CheckpointsReleased(run_id=done.run_id, event_id=f"released-{done.event_id}"[:64],
                                               steps=steps, bytes=freed, reason=done.detail))
         log.info("run %s pruned: released %d checkpoints (%.1f MB)", done.run_id, len(folders), freed / 1e6)

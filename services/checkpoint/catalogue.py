@@ -15,17 +15,29 @@ class Entry(BaseModel):
     bytes: int
     is_final: bool = False
     scores: dict[str, float] | None = None   # from the periodic verdict, once it arrived
-    released: bool = False  # files deleted (a pruned run); the record stays
+    released: bool = False  # files deleted (a pruned run, a snapshot outscored); the record stays
+    snapshot: bool = False  # weights only, for evaluation (eval.every); not resumable
+    evaluated: bool = True  # a verdict was asked for (False: a checkpoint kept for resume only)
 
 
 def best(entries: list[Entry], metric: str) -> Entry | None:
     """Highest score on ``metric``; ties go to the later step (more training, same score)."""
-    scored = [e for e in entries if e.scores is not None]
+    live = [e for e in entries if not e.released]
+    scored = [e for e in live if e.scores is not None]
     if not scored:
-        return max(entries, key=lambda e: e.step, default=None)
+        return max(live, key=lambda e: e.step, default=None)
     return max(scored, key=lambda e: (e.scores.get(metric, 0.0), e.step))
 
 
 def pending(entries: list[Entry]) -> list[int]:
     """Steps still waiting for a verdict."""
-    return sorted(e.step for e in entries if e.scores is None)
+    return sorted(e.step for e in entries if e.evaluated and e.scores is None and not e.released)
+
+
+def stale_snapshots(entries: list[Entry], metric: str) -> list[Entry]:
+    """Scored snapshots that can no longer be exported (another entry scores at least as
+    well): their files can go. A snapshot exists to be evaluated and, if best, exported;
+    keeping every one would fill the disk with full copies of the weights."""
+    top = best(entries, metric)
+    return [e for e in entries if e.snapshot and not e.released and e.scores is not None
+            and top is not None and e.step != top.step]

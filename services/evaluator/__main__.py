@@ -25,6 +25,7 @@ from nats.js.errors import KeyNotFoundError
 
 from tuneloop import metrics
 from tuneloop.bus import Bus
+from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict, TrainingFinished
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
 from tuneloop.storage import confine, resolve_model
@@ -93,9 +94,14 @@ def score_shard(ctx: ServiceContext, models: Models, sh: EvalShard) -> ShardResu
         model, tokenizer = models.get(base, base, adapter=False)
     else:
         model, tokenizer = models.get(base, confine(run_dir, req.checkpoint), req.adapter)
+    t1 = time.perf_counter()
     outputs, counts = generate(model, tokenizer, [c.prompt for c in cases], cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    t2 = time.perf_counter()
     result = tally(sh.shard, cases, outputs, counts)
-    result.seconds, result.worker = time.perf_counter() - t0, WORKER
+    t3 = time.perf_counter()
+    result.seconds, result.worker = t3 - t0, WORKER
+    result.load_seconds, result.generate_seconds, result.score_seconds = t1 - t0, t2 - t1, t3 - t2
+    result.finished = datetime.now(timezone.utc)
     return result
 
 
@@ -137,6 +143,8 @@ async def pruned(bus: Bus, run_id: str) -> bool:
 async def main(ctx: ServiceContext) -> None:
     kv = await ctx.bus.key_value(SHARD_BUCKET, ttl=24 * 3600)
     models = Models()
+    budget = CoreBudget.from_env()  # beside a trainer (tuneloop run): borrow cores while scoring
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or os.cpu_count() or 1
 
     async def on_request(req: EvalRequest) -> None:
         if await pruned(ctx.bus, req.run_id):
@@ -156,7 +164,8 @@ async def main(ctx: ServiceContext) -> None:
             return
         log.info("shard %d/%d of step %d %s: cases %d-%d", sh.shard + 1, sh.shards, sh.request.step,
                  sh.request.split, sh.start, sh.end)
-        result = await on_torch_thread(score_shard, ctx, models, sh)
+        with budget.borrow(threads) if budget else contextlib.nullcontext():
+            result = await on_torch_thread(score_shard, ctx, models, sh)
         metrics.EVAL_CASES.labels(sh.run_id).inc(sh.end - sh.start)
         metrics.EVAL_SHARD_SECONDS.labels(sh.run_id).observe(result.seconds)
         await kv.put(f"{sh.run_id}.{sh.request.event_id}.{sh.shard:04d}", result.model_dump_json().encode())
@@ -168,7 +177,8 @@ async def main(ctx: ServiceContext) -> None:
 
     await ctx.bus.consume(EvalRequest, ctx.run_id, on_request, ack_wait=60, max_deliver=3)
     await ctx.bus.consume(EvalShard, ctx.run_id, on_shard, ack_wait=SHARD_ACK_WAIT, max_deliver=5)
-    await watch_queue(ctx)
+    with budget.present(threads) if budget else contextlib.nullcontext():
+        await watch_queue(ctx)
 
 
 async def watch_queue(ctx: ServiceContext, every: float = 2.0) -> None:

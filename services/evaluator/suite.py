@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 
 from pydantic import BaseModel, Field
 
@@ -47,6 +48,11 @@ class ShardResult(BaseModel):
     new_tokens: int = 0
     seconds: float = 0.0
     worker: str = ""
+    # Where the shard's time went (bench/feedback_loop.py prints them per stage).
+    load_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    score_seconds: float = 0.0
+    finished: datetime | None = None
 
 
 @dataclass

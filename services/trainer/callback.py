@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from tuneloop.storage import STATE_FILE, complete_checkpoints
+from tuneloop.storage import SNAPSHOTS, STATE_FILE, complete_checkpoints
 from tuneloop.events import CheckpointSaved, Control, ControlApplied, ControlRejected, DatasetReady, Feedback, StepMetrics
 
 from . import controls, distributed
@@ -99,8 +100,13 @@ def weights_checksum(model) -> float:
 
 class BusCallback(TrainerCallback):
     def __init__(self, link: BusLink | FollowerLink, run_id: str, run_dir: Path, base_model: str, adapter: bool,
-                 state: controls.RunState, method: str = "sft", sharded: bool = False):
+                 state: controls.RunState, method: str = "sft", sharded: bool = False, eval_every: int | None = None):
         self.link = link
+        # eval.every: evaluate weights-only snapshots at this cadence; checkpoints then only serve
+        # resume (the last one, and one an operator's `eval` asked for, are evaluated too).
+        self.eval_every = eval_every
+        self.evaluate_next_save = False
+        self.awaiting: dict[int, float] = {}  # step -> when announced for evaluation, until its feedback
         self.run_id = run_id
         self.run_dir = Path(run_dir)
         self.base_model = base_model
@@ -156,7 +162,35 @@ class BusCallback(TrainerCallback):
             control.should_training_stop = True
         if control.should_training_stop and not self.pruned:
             control.should_save = True  # the last step is always a checkpoint (a pruned run's are released)
+        if self._snapshot_due(state, control):
+            self._snapshot(kwargs.get("model"), state)
         return control
+
+    # ---------------------------------------------------------------- evaluation snapshots
+    def _snapshot_due(self, state, control) -> bool:
+        """A snapshot step that no checkpoint covers (a checkpoint at that step is evaluated instead)."""
+        return (self.eval_every is not None and state.global_step % self.eval_every == 0 and not control.should_save
+                and not control.should_training_stop and state.is_world_process_zero)
+
+    def _snapshot(self, model, state) -> None:
+        """Weights (or the adapter) only, written aside and renamed into place, then announced."""
+        step = state.global_step
+        final = self.run_dir / SNAPSHOTS / f"step-{step}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        shutil.rmtree(final, ignore_errors=True)  # a snapshot of this step from before a resume
+        tmp.rename(final)
+        self.link.publish(CheckpointSaved(
+            run_id=self.run_id, step=step, path=f"{SNAPSHOTS}/{final.name}", base_model=self.base_model,
+            adapter=self.adapter, loss=self.last_loss, snapshot=True,
+        ), wait=True)
+        self.awaiting[step] = time.monotonic()
+
+    def expecting_verdicts(self, within_s: float = 60.0) -> bool:
+        """Whether evaluations announced in the last ``within_s`` still lack their feedback."""
+        now = time.monotonic()
+        return any(now - t < within_s for t in self.awaiting.values())
 
     def _exchange(self, wait_s: float = 0.0):
         """(events, stop requested) for this boundary, the same on every rank: rank 0's, broadcast."""
@@ -215,12 +249,15 @@ class BusCallback(TrainerCallback):
         if outcome.switch_data and not control.should_training_stop:
             self.switch_to = self.link.datasets[rs.dataset_id]
             control.should_training_stop = True  # the recipe goes on with the new data from this checkpoint
+        if event.command == "eval":
+            self.evaluate_next_save = True
         rs.applied.append({"control_id": event.event_id, "command": event.command, "value": event.value, "step": step})
         log.info("control %s applied at step %d: %r -> %r", event.command, step, outcome.old, outcome.new)
         self.link.publish(ControlApplied(run_id=self.run_id, control_id=event.event_id, command=event.command,
                                          step=step, old=outcome.old, new=outcome.new), wait=True)
 
     def _apply_feedback(self, event: Feedback, state, control) -> None:
+        self.awaiting.pop(event.step, None)
         log.info("feedback at step %d (verdict of step %d): %s, %s", state.global_step, event.step, event.action, event.reason)
         if event.action == "stop" and self.stop_reason is None:
             control.should_training_stop = True
@@ -252,7 +289,12 @@ class BusCallback(TrainerCallback):
         final = ending or state.global_step >= state.max_steps
         if final:
             self.final_checkpoint = rel
+        evaluate = (self.eval_every is None or final or self.evaluate_next_save
+                    or state.global_step % self.eval_every == 0)
+        self.evaluate_next_save = False
         self.link.publish(CheckpointSaved(
             run_id=self.run_id, step=state.global_step, path=rel, base_model=self.base_model,
-            adapter=self.adapter, is_final=final, loss=self.last_loss,
+            adapter=self.adapter, is_final=final, loss=self.last_loss, evaluate=evaluate,
         ), wait=True)
+        if evaluate:
+            self.awaiting[state.global_step] = time.monotonic()

@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 
 from tuneloop.config import Config
+from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished
 from tuneloop.storage import confine
 
 from . import controls, distributed, model as models
 from .callback import BusCallback, latest_complete, latest_intact, read_state, sync_args
 from .remote_reward import RemoteReward
+from .threads import CoreShareCallback
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,15 @@ def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: 
                        peft_config=lora_config(cfg), callbacks=callbacks, **kwargs)
 
 
+def core_sharing(bus_callback: BusCallback) -> list:
+    """The callback that shares this machine's cores with the services beside the trainer
+    (``TUNELOOP_CORE_DIR``, set by ``tuneloop run``); none for several training processes."""
+    budget = CoreBudget.from_env()
+    if budget is None or distributed.world_size() > 1:
+        return []
+    return [CoreShareCallback(budget, bus_callback.expecting_verdicts)]
+
+
 def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) -> TrainingFinished:
     """The whole run: resume where a complete checkpoint exists, train, switch data when told, report why it ended."""
     tc = cfg.train
@@ -214,9 +225,10 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) 
         link.publish(EvalRequest(run_id=run_id, event_id=f"baseline-{run_id}"[:64], step=0, checkpoint=None,
                                  base_model=ref, adapter=False, split="test", purpose="baseline"))
     callback = BusCallback(link, run_id, run_dir, ref, adapter=tc.lora.enabled, state=state,
-                           method=tc.method, sharded=tc.fsdp)
+                           method=tc.method, sharded=tc.fsdp, eval_every=cfg.eval.every)
+    callbacks = [callback, *core_sharing(callback)]
     while True:
-        trainer = build_trainer(cfg, run_dir, dataset, [callback], args=args, link=link, run_id=run_id)
+        trainer = build_trainer(cfg, run_dir, dataset, callbacks, args=args, link=link, run_id=run_id)
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds += time.perf_counter() - t0
