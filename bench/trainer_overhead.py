@@ -1,18 +1,23 @@
 """What does the bus cost the trainer? Plain TRL vs the tuneloop trainer, alternated in one run.
 
 Both train the same tiny model on the same data for the same steps (same seed, so the same
-batches). The tuneloop side has the bus live: a real nats-server, ``StepMetrics`` published
-every step, control and feedback drained every step. Prints tokens/s of each, their ratio
+batches), with a checkpoint every ``--save-steps`` steps. The tuneloop side runs as a real
+run does: a real nats-server, ``StepMetrics`` published every step, control and feedback
+drained every step, every checkpoint announced, and an operator's control every
+``--control-every`` steps, each applied and answered. Prints tokens/s of each, their ratio
 (target >= 0.97), and the control latency: from ``ctl`` publish to ``ControlApplied``.
 
-    .venv/bin/python bench/trainer_overhead.py [--steps 60] [--rounds 3] [--warmup 1] [--controls 10]
+    .venv/bin/python bench/trainer_overhead.py [--steps 60] [--rounds 5] [--warmup 1] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import shutil
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -47,11 +52,11 @@ def tokens_per_second(trainer, seconds: float) -> float:
     return tokens / seconds
 
 
-def setup(tmp: Path, steps: int, config: Path):
+def setup(tmp: Path, steps: int, config: Path, save_steps: int):
     cfg = load_config(config)
     if cfg.phases:  # a phased job (the example): measure its first phase, SFT
         cfg = cfg.phase_config(0)
-    cfg.train.max_steps, cfg.train.logging_steps, cfg.train.save_steps = steps, 1, 10**9
+    cfg.train.max_steps, cfg.train.logging_steps, cfg.train.save_steps = steps, 1, save_steps
     rdir = tmp / "run"
     p = prepare(cfg, rdir / "data", rdir)
     ds = DatasetReady(run_id="bench", dataset_id=p.fingerprint[:16], fingerprint=p.fingerprint, chat_template="tuneloop",
@@ -60,33 +65,59 @@ def setup(tmp: Path, steps: int, config: Path):
     return cfg, rdir, ds
 
 
-def run_plain(cfg, rdir, ds) -> float:
-    trainer = recipe.build_trainer(cfg, rdir, ds, [])
+def run_plain(cfg, rdir, ds, out: Path) -> float:
+    trainer = recipe.build_trainer(cfg, rdir, ds, [], args=recipe.trl_args(cfg, out))
     t0 = time.perf_counter()
     trainer.train()
-    return tokens_per_second(trainer, time.perf_counter() - t0)
+    tps = tokens_per_second(trainer, time.perf_counter() - t0)
+    shutil.rmtree(out, ignore_errors=True)
+    return tps
 
 
-async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None) -> tuple[float, object]:
+async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: Path | None = None) -> tuple[float, object]:
     link = BusLink(bus, asyncio.get_running_loop())
     link.start()
     await bus.consume(Control, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
     await bus.consume(Feedback, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
     state = controls.RunState.from_config(cfg.train)
     callback = BusCallback(link, run_id, rdir, "base", adapter=True, state=state)
-    trainer = recipe.build_trainer(cfg, rdir, ds, [callback])
+    out = out or rdir / f"checkpoints-{run_id}"
+    trainer = recipe.build_trainer(cfg, rdir, ds, [callback], args=recipe.trl_args(cfg, out))
     t0 = time.perf_counter()
     job = asyncio.ensure_future(on_train_thread(trainer.train))
-    extra = await during() if during else None
+    extra = await during(job) if during else None
     await job
     await link.close()
+    shutil.rmtree(out, ignore_errors=True)
     return tokens_per_second(trainer, time.perf_counter() - t0), extra
+
+
+def control_every(operator: Bus, url: str, run_id: str, every: int, value: float):
+    """While the run trains: a control each ``every`` steps, waiting for its answer; the answers."""
+
+    async def during(job) -> list:
+        seen = [0]
+
+        async def on_step(ev: StepMetrics) -> None:
+            seen.append(ev.step)
+
+        sub = await operator.subscribe(StepMetrics, run_id, on_step)
+        answers, mark = [], every
+        while not job.done():
+            if seen[-1] >= mark:
+                answers.append(await send_control(url, run_id, "set-grad-clip", value, bus=operator))
+                mark += every
+            await asyncio.sleep(0.02)
+        await sub.unsubscribe()
+        return answers
+
+    return during
 
 
 async def main(args) -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp) / "nats") as server:
-        cfg, rdir, ds = setup(Path(tmp), args.steps, args.config)
+        cfg, rdir, ds = setup(Path(tmp), args.steps, args.config, args.save_steps)
         bus = await Bus.connect(server.url, "trainer")
         operator = await Bus.connect(server.url, "ctl")
         plain, ours = [], []
@@ -95,12 +126,14 @@ async def main(args) -> None:
             got = {}
             for side in order:
                 if side == "plain":
-                    got[side] = await on_train_thread(run_plain, cfg, rdir, ds)
+                    got[side] = await on_train_thread(run_plain, cfg, rdir, ds, rdir / f"plain-{r}")
                 else:
-                    got[side] = (await run_tuneloop(cfg, rdir, ds, bus, f"bench{r}"))[0]
+                    probe = control_every(operator, server.url, f"bench{r}", args.control_every, cfg.train.max_grad_norm)
+                    got[side], answers = await run_tuneloop(cfg, rdir, ds, bus, f"bench{r}", during=probe)
+                    applied = sum(a.KIND == "control.applied" for a in answers)
             label = "warm-up" if r < args.warmup else f"round {r - args.warmup + 1}"
             print(f"{label:8s} plain {got['plain']:8.0f} tokens/s  tuneloop {got['tuneloop']:8.0f} tokens/s  "
-                  f"ratio {got['tuneloop'] / got['plain']:.3f}", flush=True)
+                  f"ratio {got['tuneloop'] / got['plain']:.3f}  ({applied} controls applied)", flush=True)
             if r >= args.warmup:
                 plain.append(got["plain"])
                 ours.append(got["tuneloop"])
@@ -115,15 +148,29 @@ async def main(args) -> None:
     dtype = recipe.precision(cfg)
     device = "CPU" if not recipe.uses_cuda(cfg) else f"{torch.cuda.get_device_name()}, {dtype}"
     print(f"model: {cfg.model.name_or_path} ({args.config.name}), {args.steps} steps x {args.rounds} rounds "
-          f"(+{args.warmup} warm-up), batch {cfg.train.batch_size}, {device}")
+          f"(+{args.warmup} warm-up), batch {cfg.train.batch_size}, {device}; a checkpoint every {args.save_steps} "
+          f"steps (both), a control every {args.control_every} steps (tuneloop)")
     print(f"plain TRL          {p:10.0f} tokens/s (median)")
     print(f"tuneloop (bus on)  {o:10.0f} tokens/s (median)")
-    print(f"ratio tuneloop/plain: {o / p:.3f} of medians, {paired:.3f} median of per-round ratios (target >= 0.97)")
+    ratios = [b / a for a, b in zip(plain, ours)]
+    print(f"ratio tuneloop/plain: {o / p:.3f} of medians, {paired:.3f} median of per-round ratios "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}; target >= 0.97)")
     if latencies:
         ms = sorted(m for m, _ in latencies)
         steps = [s for _, s in latencies]
         print(f"control latency over {len(ms)} controls: median {statistics.median(ms):.0f} ms, "
               f"max {ms[-1]:.0f} ms; steps from publish to apply: median {statistics.median(steps):.0f}, max {max(steps)}")
+    if args.json:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        args.json.write_text(json.dumps({
+            "ratio_of_medians": round(o / p, 4), "median_of_ratios": round(paired, 4),
+            "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4),
+            "plain_tokens_per_s": round(p, 1), "tuneloop_tokens_per_s": round(o, 1), "rounds": args.rounds,
+            "steps": args.steps, "save_steps": args.save_steps, "control_every": args.control_every, "device": device,
+            "control_latency_median_ms": round(statistics.median(m for m, _ in latencies), 1) if latencies else None,
+            "commit": commit,
+        }, indent=2))
+        print(f"figures: {args.json}")
 
 
 async def measure_control_latency(cfg, rdir, ds, bus, operator, url, n: int) -> list[tuple[float, int]]:
@@ -139,7 +186,7 @@ async def measure_control_latency(cfg, rdir, ds, bus, operator, url, n: int) -> 
 
     await operator.subscribe(StepMetrics, "latency", on_step)
 
-    async def probe():
+    async def probe(job):
         while seen[-1] < 3:
             await asyncio.sleep(0.05)
         out = []
@@ -158,7 +205,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=REPO / "examples" / "protocol.yaml")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--save-steps", type=int, default=20, help="a checkpoint every N steps, in both arms")
+    ap.add_argument("--control-every", type=int, default=10, help="an operator's control every N steps (tuneloop arm)")
+    ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--controls", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (the first run on a VM is often faster)")
     sys.exit(asyncio.run(main(ap.parse_args())))
