@@ -98,8 +98,7 @@ async def main(ctx: ServiceContext) -> None:
             return
         entry.scores = dict(v.scores)
         await catalogue.put(v.run_id, entry)
-        if entry.snapshot:
-            await drop_stale_snapshots(v.run_id)
+        await drop_stale_snapshots(v.run_id)
 
     async def drop_stale_snapshots(run_id: str) -> None:
         """Delete the snapshots that lost to another entry (retention; the records stay)."""
