@@ -41,10 +41,14 @@ secrets:  ## .env for docker compose: a random password per NATS identity (never
 	    echo "TUNELOOP_$${u}_PASSWORD=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')"; \
 	  done > .env && chmod 600 .env && echo "wrote .env"; }
 
-bench: install  ## benchmarks: bus overhead on the trainer, the feedback loop, a sweep (minutes each)
-	$(PY) bench/trainer_overhead.py
-	$(PY) bench/feedback_loop.py
-	$(PY) bench/sweep.py
+BENCH_OUT ?= bench/results
+
+bench: install  ## benchmarks (minutes each; nothing else running): figures to $(BENCH_OUT)/*.json
+	mkdir -p $(BENCH_OUT)
+	$(PY) bench/trainer_overhead.py --json $(BENCH_OUT)/trainer_overhead.json
+	$(PY) bench/startup.py --json $(BENCH_OUT)/startup.json
+	$(PY) bench/feedback_loop.py --json $(BENCH_OUT)/feedback_loop.json
+	$(PY) bench/sweep.py --json $(BENCH_OUT)/sweep.json
 
 proto: install  ## regenerate proto/ from the event models
 	$(VENV)/bin/tuneloop proto

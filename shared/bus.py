@@ -233,22 +233,35 @@ class Bus:
         psub = await self.js.pull_subscribe(subj, durable=durable, stream=subjects.STREAM, config=config)
 
         async def loop() -> None:
-            while not self._closing:
-                try:
-                    msgs = await psub.fetch(concurrency, timeout=1.0)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                    continue
-                except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
-                    raise
-                except Exception as e:  # broker restart, reconnecting: wait and go on
-                    log.warning("fetch %s: %r", subj, e)
-                    await asyncio.sleep(0.5)
-                    continue
-                await asyncio.gather(*(self._handle(m, cls, handler, max_deliver, ack_wait) for m in msgs))
+            try:
+                while not self._closing:
+                    try:
+                        msgs = await psub.fetch(concurrency, timeout=1.0)
+                    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                        continue
+                    except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
+                        raise
+                    except Exception as e:  # broker restart, reconnecting: wait and go on
+                        log.warning("fetch %s: %r", subj, e)
+                        await asyncio.sleep(0.5)
+                        continue
+                    await asyncio.gather(*(self._handle(m, cls, handler, max_deliver, ack_wait) for m in msgs))
+            finally:
+                if not self._closing:  # one consumer stopped (a pool worker done with a run), the bus goes on
+                    with contextlib.suppress(Exception):
+                        await psub.unsubscribe()
 
         task = asyncio.create_task(loop(), name=f"consume:{durable}")
         self._tasks.append(task)
         return task
+
+    async def stop_consuming(self, task: asyncio.Task) -> None:
+        """End one ``consume`` (the durable consumer stays on the server, for whoever serves it next)."""
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if task in self._tasks:
+            self._tasks.remove(task)
 
     async def _handle(self, msg: Msg, cls: type[E], handler: Handler, max_deliver: int, ack_wait: float) -> None:
         try:
@@ -308,16 +321,6 @@ class Bus:
         except ValidationError as e:
             await self.dead_letter(msg.subject, f"invalid {cls.__name__}: {explain(e)}", msg.data or b"")
             return None
-
-    async def wait_latest(self, cls: type[E], run_id: str, stop: asyncio.Event, poll: float = 0.5) -> E | None:
-        """Wait until a ``cls`` event of ``run_id`` is stored (None if ``stop`` is set first)."""
-        while not stop.is_set():
-            event = await self.latest(cls, run_id)
-            if event is not None:
-                return event
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), poll)
-        return None
 
     async def follow(self, cls: type[E], run_id: str, handler: Handler):
         """Every stored ``cls`` event of ``run_id``, then the new ones, for this process alone.

@@ -72,6 +72,20 @@ class DatasetReady(Event):
     requested_by: str | None = Field(default=None, description="event_id of the MixtureRequest this answers.")
 
 
+class RunQueued(Event):
+    """sweep (or an operator) → trainer and data-pipeline pools: serve this run.
+
+    Its config is already in its run directory. Pool processes (``--run-id '*'``) take runs
+    from a work queue one after another, so a sweep's trials pay for no process start-up; a
+    worker that dies mid-run leaves the message unacked, and another one resumes the run from
+    its last checkpoint. A newer ``RunQueued`` of the same run supersedes older ones.
+    """
+
+    KIND: ClassVar[str] = "run.queued"
+    attempt: int = Field(default=0, ge=0, description="0 for the first start; a restart queues the run again with the next.")
+    reason: str = ""
+
+
 class MixtureRequest(Event):
     """operator / feedback policy → data-pipeline: prepare the run's data again with these source weights.
 
@@ -301,7 +315,7 @@ class DeadLetter(Event):
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (
-    DatasetReady, MixtureRequest, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, CheckpointsReleased,
+    RunQueued, DatasetReady, MixtureRequest, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, CheckpointsReleased,
     ExportDone,
     EvalRequest, EvalShard, EvalVerdict, Feedback, Control, ControlApplied, ControlRejected,
     RewardRequest, RewardReply, DeadLetter,

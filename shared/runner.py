@@ -38,11 +38,11 @@ SERVICES = ("data-pipeline", "trainer", "checkpoint", "evaluator", "rl-reward")
 WATCHED = (DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, Control, ControlApplied,
            ControlRejected, TrainingFinished, ExportDone, DeadLetter)
 # A dead letter of one of these means the run cannot finish: fail fast instead of waiting.
-CRITICAL_KINDS = ("data.ready", "ckpt.saved", "train.done", "eval.request", "eval.shard")
+CRITICAL_KINDS = ("run.queued", "data.ready", "ckpt.saved", "train.done", "eval.request", "eval.shard")
 # After the last event, services keep serving /metrics this long before they are stopped: a
 # Prometheus scraping every second or two still gets the run's final values.
 FINAL_SCRAPE_S = 2.0
-# Priority of the services beside the trainer (nice): they never hold up a training step.
+# Priority (nice) of the services that do no model work while the trainer trains: they never hold up a step.
 SERVICE_NICE = 5
 
 
@@ -105,29 +105,35 @@ def init_run(cfg: Config, run_id: str, storage: Path) -> Path:
 def service_env(service: str) -> dict[str, str]:
     """Environment of a service that shares this machine with the trainer.
 
-    The trainer goes first: the services beside it run one torch thread each at a lower
-    priority (``TUNELOOP_NICE``), put their idle OpenMP threads to sleep (``OMP_WAIT_POLICY=
-    PASSIVE``; by default they spin on the trainer's cores), and borrow cores for their model
-    work through the machine's lease folder, which the trainer reads at each step boundary
-    (``tuneloop.cores``). The trainer keeps spinning threads: for its own ops they are
-    faster. An explicit setting in the environment wins.
+    The services beside the trainer run one torch thread each, put their idle OpenMP threads
+    to sleep (``OMP_WAIT_POLICY=PASSIVE``; by default they spin on the trainer's cores), and
+    evaluators borrow cores for their work through the machine's lease folder, which the
+    trainer reads at each step boundary (``tuneloop.cores``). The services that do no model
+    work during training (checkpoint, data-pipeline, rl-reward) run at a lower priority
+    (``TUNELOOP_NICE``); evaluators do not: a verdict that comes late is feedback that comes
+    late (in a sweep, trials trained to the end before their verdicts could prune them). The
+    trainer keeps spinning threads: for its own ops they are faster. An explicit setting in
+    the environment wins.
     """
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     env.setdefault(cores.ENV_DIR, str(cores.machine_folder()))
     if service != "trainer":
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.setdefault("OMP_NUM_THREADS", "1")
+    if service in ("checkpoint", "data-pipeline", "rl-reward"):
         env.setdefault(cores.ENV_NICE, str(SERVICE_NICE))
     return env
 
 
-def spawn(service: str, run_id: str, storage: Path, url: str, log_dir: Path, replica: int = 0) -> subprocess.Popen:
+def spawn(service: str, run_id: str, storage: Path, url: str, log_dir: Path, replica: int = 0,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     module = "tuneloop." + service.replace("-", "_")
     log_path = log_dir / (f"{service}.log" if not replica else f"{service}-{replica}.log")
     cmd = [sys.executable, "-m", module, "--run-id", run_id, "--storage", str(storage), "--nats-url", url,
            "--parent-pid", str(os.getpid()), "--metrics-port", "0"]  # a free port, listed in <run>/prometheus/
     with open(log_path, "ab") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=service_env(service), start_new_session=True)
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**service_env(service), **(env or {})},
+                                start_new_session=True)
 
 
 def stop_all(procs: dict[str, subprocess.Popen], timeout: float = 20.0) -> None:

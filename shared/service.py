@@ -78,6 +78,23 @@ def setup_logging(name: str, level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def run_log(path: Path):
+    """While a pool process serves one run, its log lines go to that run's own log file too
+    (``<run>/logs/<service>.log``, as when the run had a process of its own)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    root = logging.getLogger()
+    if root.handlers:
+        handler.setFormatter(root.handlers[0].formatter)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def run_service(name: str, main: ServiceMain, argv: list[str] | None = None,
                 args: argparse.Namespace | None = None) -> None:
     """Run ``main`` until SIGTERM/SIGINT; ``args`` when the service parsed its own (extra flags)."""

@@ -1,5 +1,6 @@
 """data-pipeline service: prepares the run's data and announces it with ``DatasetReady``.
 
+- Serving every run (``--run-id '*'``, a pool), it prepares each run queued (``RunQueued``).
 - On a ``MixtureRequest`` (operator: ``tuneloop data``) it prepares the data again with other
   source weights and announces the new data set.
 - With ``data.adapt.enabled``, on ``Feedback`` naming weak categories it weighs those up in
@@ -13,7 +14,7 @@ import asyncio
 import logging
 
 from tuneloop.bus import Reject
-from tuneloop.events import Control, DatasetReady, Feedback, MixtureRequest, SplitInfo
+from tuneloop.events import Control, DatasetReady, Feedback, MixtureRequest, RunQueued, SplitInfo
 from tuneloop.service import ServiceContext, run_service
 
 from .prepare import DataError, adapt_weights, prepare
@@ -53,6 +54,13 @@ async def main(ctx: ServiceContext) -> None:
             log.error("data set for run %s rejected: %s", ctx.run_id, e)
             raise SystemExit(2) from e
 
+    async def on_queued(ev: RunQueued) -> None:
+        """A pool serving every run: prepare each queued run's data (a sweep's trials)."""
+        try:
+            await announce(ctx, ev.run_id)
+        except DataError as e:  # the run cannot start; the dead letter names why, the pool goes on
+            raise Reject(f"data set for run {ev.run_id} rejected: {e}") from e
+
     async def on_mixture(req: MixtureRequest) -> None:
         current = await ctx.bus.latest(DatasetReady, req.run_id)
         try:
@@ -77,6 +85,8 @@ async def main(ctx: ServiceContext) -> None:
         await ctx.bus.publish(Control(run_id=fb.run_id, event_id=f"adapt-{fb.event_id}"[:64], command="set-data",
                                       value=ready.dataset_id, operator="data-pipeline (adaptive data)"))
 
+    if ctx.run_id == "*":
+        await ctx.bus.consume(RunQueued, ctx.run_id, on_queued)
     await ctx.bus.consume(MixtureRequest, ctx.run_id, on_mixture)
     await ctx.bus.consume(Feedback, ctx.run_id, on_feedback)
     await ctx.stop.wait()

@@ -1,5 +1,8 @@
 """trainer service: waits for the run's data set, trains, and answers controls meanwhile.
 
+With ``--run-id '*'`` it is a pool worker: it takes queued runs (``RunQueued``, e.g. a sweep's
+trials) from a work queue one after another, in one process.
+
 With ``--processes N`` (or ``train.processes`` in the config) the service re-executes itself
 under torchrun: rank 0 runs ``main`` (the bus), the other ranks run ``follow`` (no bus; they
 get everything from rank 0 at step boundaries, see ``distributed``).
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -16,8 +20,9 @@ import sys
 import threading
 import time
 
-from tuneloop.events import Control, ControlRejected, DatasetReady, Feedback, TrainingFinished
-from tuneloop.service import ServiceContext, on_torch_thread, parent_gone, parse_args, run_service, setup_logging
+from tuneloop.events import Control, ControlRejected, DatasetReady, DeadLetter, Feedback, RunQueued, TrainingFinished
+from tuneloop.service import ServiceContext, on_torch_thread, parent_gone, parse_args, run_log, run_service, setup_logging
+from tuneloop.subjects import ALL_RUNS
 from tuneloop.storage import load_run_config, run_dir
 
 from . import distributed, recipe
@@ -28,22 +33,72 @@ log = logging.getLogger("tuneloop.trainer")
 
 
 async def main(ctx: ServiceContext) -> None:
-    run_id, bus = ctx.run_id, ctx.bus
+    if ctx.run_id == ALL_RUNS:
+        return await serve_pool(ctx)
+    await train_run(ctx, ctx.run_id)
+
+
+async def serve_pool(ctx: ServiceContext) -> None:
+    """A trainer worker: runs queued (``RunQueued``) one after another, in this process, so
+    torch and transformers are imported once for all of them (a sweep's trials)."""
+
+    async def on_queued(ev: RunQueued) -> None:
+        if ctx.stop.is_set():
+            raise asyncio.CancelledError  # not acked: whoever serves the queue next takes it
+        latest = await ctx.bus.latest(RunQueued, ev.run_id)
+        if latest is not None and latest.event_id != ev.event_id:
+            log.info("run %s: queued again since (attempt %d); this older request is void", ev.run_id, latest.attempt)
+            return
+        done = await ctx.bus.latest(TrainingFinished, ev.run_id)
+        if done is not None and done.reason != "interrupted" and done.time > ev.time:
+            log.info("run %s already finished (%s); nothing to train", ev.run_id, done.reason)
+            return
+        idle.clear()
+        try:
+            with run_log(ctx.run_dir(ev.run_id) / "logs" / "trainer.log"):
+                log.info("worker %d takes run %s (attempt %d)", os.getpid(), ev.run_id, ev.attempt)
+                await train_run(ctx, ev.run_id, in_pool=True)
+        finally:
+            idle.set()
+
+    idle = asyncio.Event()
+    idle.set()
+    # One run at a time; the message stays in progress while it trains (a dead worker's run goes to another).
+    await ctx.bus.consume(RunQueued, ALL_RUNS, on_queued, ack_wait=30, max_deliver=20)
+    await ctx.stop.wait()
+    await idle.wait()  # a run in progress saves its checkpoint and says 'interrupted' before the process ends
+
+
+async def train_run(ctx: ServiceContext, run_id: str, in_pool: bool = False) -> None:
+    """Serve one run: wait for its data set, train, answer controls meanwhile, say how it ended."""
+    bus = ctx.bus
     cfg = ctx.config(run_id)
+    if in_pool and cfg.train.processes > 1:
+        await bus.publish(TrainingFinished(run_id=run_id, step=0, reason="error",
+                                           detail="a pool trainer trains one process per run; start a trainer "
+                                                  f"with --run-id {run_id} for train.processes {cfg.train.processes}"))
+        return
     await on_torch_thread(distributed.init, recipe.uses_cuda(cfg))
     link = BusLink(bus, asyncio.get_running_loop())
     link.start()
-    await bus.follow(DatasetReady, run_id, link.remember_dataset)
-    dataset = await bus.wait_latest(DatasetReady, run_id, ctx.stop)
+    replay = await bus.follow(DatasetReady, run_id, link.remember_dataset)
+    try:
+        dataset = await wait_for_data(ctx, run_id)
+    except DataUnavailable as e:
+        await bus.publish(TrainingFinished(run_id=run_id, step=0, reason="error", detail=str(e)))
+        dataset = None
     if dataset is not None:
         dataset = await _dataset_to_resume(link, dataset, ctx.run_dir(run_id))
-    await on_torch_thread(distributed.broadcast, dataset)  # None tells the other ranks to leave
+    if not in_pool:
+        await on_torch_thread(distributed.broadcast, dataset)  # None tells the other ranks to leave
     if dataset is None:
+        await replay.unsubscribe()
+        await link.close()
         return
     log.info("dataset %s: %s", dataset.dataset_id, {k: v.rows for k, v in dataset.splits.items()})
 
-    await bus.consume(Control, run_id, link.deliver, concurrency=64, ack_wait=60)
-    await bus.consume(Feedback, run_id, link.deliver, concurrency=64, ack_wait=60)
+    consumers = [await bus.consume(Control, run_id, link.deliver, concurrency=64, ack_wait=60),
+                 await bus.consume(Feedback, run_id, link.deliver, concurrency=64, ack_wait=60)]
     stopper = asyncio.create_task(_forward_stop(ctx, link))
 
     try:
@@ -60,8 +115,30 @@ async def main(ctx: ServiceContext) -> None:
             await bus.publish(ControlRejected(run_id=run_id, control_id=event.event_id, command=event.command,
                                               step=finished.step, reason="training has finished"))
         done()
-    if finished.reason == "error":
+    for task in consumers:
+        await bus.stop_consuming(task)
+    await replay.unsubscribe()
+    if finished.reason == "error" and not in_pool:
         raise SystemExit(1)
+
+
+class DataUnavailable(RuntimeError):
+    """data-pipeline could not prepare the run's data (its dead letter says why)."""
+
+
+async def wait_for_data(ctx: ServiceContext, run_id: str, poll: float = 0.5) -> DatasetReady | None:
+    """The run's newest data set, once there; None when the service is stopping. A pool worker
+    must not wait forever for a run whose data was rejected: that raises DataUnavailable."""
+    while not ctx.stop.is_set():
+        dataset = await ctx.bus.latest(DatasetReady, run_id)
+        if dataset is not None:
+            return dataset
+        dead = await ctx.bus.latest(DeadLetter, run_id)
+        if dead is not None and dead.subject.endswith("." + RunQueued.KIND):
+            raise DataUnavailable(f"no data for run {run_id}: {dead.reason}")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(ctx.stop.wait(), poll)
+    return None
 
 
 async def _dataset_to_resume(link: BusLink, latest: DatasetReady, rdir) -> DatasetReady:
@@ -113,13 +190,15 @@ def _flags(p: argparse.ArgumentParser) -> None:
 def cli(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args("trainer", argv, extra=_flags)
-    if args.run_id == "*":
-        raise SystemExit("the trainer trains one run: pass --run-id or TUNELOOP_RUN_ID")
+    if args.run_id == ALL_RUNS and (distributed.launched() or args.processes > 1):
+        raise SystemExit("a pool trainer (--run-id '*') trains one process per run; pass --run-id for --processes")
     if distributed.launched():
         distributed.die_with_launcher()
         args.launcher_pid = os.getppid()  # torchrun (if it went before the line above took effect)
         if distributed.rank() > 0:
             return follow(args)
+        return run_service("trainer", main, args=args)
+    if args.run_id == ALL_RUNS:
         return run_service("trainer", main, args=args)
     processes = args.processes or load_run_config(args.storage, args.run_id).train.processes
     if processes > 1:

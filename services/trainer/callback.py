@@ -228,6 +228,8 @@ class BusCallback(TrainerCallback):
             log.info("control %s already applied (redelivered after a restart); skipped", event.event_id)
             return
         try:
+            if event.command in ("stop", "prune") and self.stop_reason is not None:
+                raise controls.Rejected(f"already stopping ({self.stop_reason[0]})")
             outcome = controls.apply(self.run_state, event.command, event.value, frozenset(self.link.datasets))
         except controls.Rejected as e:
             log.warning("control %s rejected at step %d: %s", event.command, step, e)

@@ -6,15 +6,19 @@ Top to bottom:
    a killed sweep left running (adopted), or ``--nats-url``.
 2. State: the trial records in the JetStream KV bucket ``tuneloop-sweeps``; the Optuna study
    is rebuilt from them (``search.replay``). Finished trials are never run again.
-3. Pools shared by every trial: ``evaluators`` evaluator processes and one rl-reward, serving
-   every run (``--run-id '*'``): one work queue of eval shards for all trials.
-4. Trials: up to ``concurrency`` at once, each a run of its own (``<sweep>-tNN``: trainer,
-   data-pipeline, checkpoint), so ``tuneloop ctl <sweep>-t03 ...`` steers one. A trial that
-   was running when the sweep died is resumed from its last checkpoint.
+3. Pools shared by every trial, serving every run (``--run-id '*'``): ``concurrency`` trainer
+   workers, one data-pipeline, one checkpoint service, ``evaluators`` evaluators and one
+   rl-reward. Torch and transformers are imported once per worker, not once per trial.
+4. Trials: up to ``concurrency`` at once, each a run of its own (``<sweep>-tNN``), queued with
+   ``RunQueued``: a trainer worker takes it from the work queue (workers on other machines
+   on the same NATS take trials too), data-pipeline prepares its data. ``tuneloop ctl
+   <sweep>-t03 ...`` steers one. A trial that was running when the sweep died is queued again
+   and resumes from its last checkpoint.
 5. Verdicts on val go to Optuna's pruner; a trial that falls behind gets a ``prune`` control
    at its next step boundary, and its checkpoint service releases its checkpoints.
 6. A trial's value is its exported model's score on test; the best one is reported, its config
-   written to ``<sweep>/best.yaml`` and its export linked as ``<sweep>/best``.
+   written to ``<sweep>/best.yaml`` and its export linked as ``<sweep>/best``. LoRA trials
+   export their adapter; only the winner's is merged, at the end.
 """
 
 from __future__ import annotations
@@ -38,18 +42,18 @@ from ..bus import Bus
 from ..config import Config, ConfigError
 from ..control import send_control
 from ..embedded import NatsServer, _accepts
-from ..events import (CheckpointsReleased, ControlApplied, DeadLetter, EvalVerdict, ExportDone, TrainingFinished)
-from ..runner import CRITICAL_KINDS, init_run, spawn, stop_all, tail
-from ..storage import CONFIG_FILE, run_dir, write_run_info
+from ..events import (CheckpointsReleased, Control, ControlApplied, DeadLetter, EvalVerdict, ExportDone, RunQueued,
+                      TrainingFinished)
+from ..runner import CRITICAL_KINDS, init_run, spawn, stop_all
+from ..storage import CONFIG_FILE, confine, relative, run_dir, write_run_info
 from . import search
 from .search import TrialRecord
 from .spec import SweepSpec, load_sweep, trial_config
 
 log = logging.getLogger(__name__)
 BUCKET = "tuneloop-sweeps"
-TRIAL_SERVICES = ("data-pipeline", "checkpoint", "trainer")
+POOLS = ("trainer", "data-pipeline", "checkpoint", "evaluator", "rl-reward")  # every trial is served by these
 SWEEP_FILE = "sweep.json"
-EXIT_GRACE_S = 10.0  # a trial process that died gets this long for its last event to arrive
 
 
 class SweepMismatch(ConfigError):
@@ -100,7 +104,6 @@ class Store:
 class Trial:
     record: TrialRecord
     optuna: object
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     subs: list = field(default_factory=list)
     finished: TrainingFinished | None = None
     exported: ExportDone | None = None
@@ -108,7 +111,6 @@ class Trial:
     released: CheckpointsReleased | None = None
     fatal: str | None = None
     prune_sent: bool = False
-    exited_at: float | None = None
 
 
 class Sweep:
@@ -133,7 +135,7 @@ class Sweep:
                                f"at a time, {self.spec.evaluators} shared evaluator(s); nats {self.url}"
                                + (f"; continuing: {done} finished, {len(running)} to resume" if self.records else ""))
             if len(self.records) < total or running:
-                self.start_pools()
+                await self.start_pools()
             for record in self.records:
                 if record.state == "running":
                     await self.resume(record, running[record.number])
@@ -146,25 +148,40 @@ class Sweep:
                 self.watch_pools()
                 for trial in list(self.live.values()):
                     await self.check(trial)
+            await self.merge_best()
         finally:
-            for trial in self.live.values():
-                stop_all(trial.procs)
             stop_all(self.pools)
             await self.bus.close()
         return summarize(self.spec, self.metric, self.records, self.storage)
 
     # ------------------------------------------------------------ pools
-    def start_pools(self) -> None:
+    def pool_sizes(self) -> dict[str, int]:
+        return {"trainer": self.spec.concurrency, "data-pipeline": 1, "checkpoint": 1,
+                "evaluator": self.spec.evaluators, "rl-reward": 1}
+
+    async def start_pools(self) -> None:
+        """The pools of this sweep, after the ones a killed sweep left have stopped (they save
+        the checkpoint of the trial they were training when they notice their parent is gone)."""
+        info_file = self.dir / SWEEP_FILE
+        info = json.loads(info_file.read_text()) if info_file.exists() else {}
+        await wait_gone(info.get("pool_pids", []), str(self.storage))
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
-        for i in range(self.spec.evaluators):
-            self.start_pool("evaluator", i)
-        self.start_pool("rl-reward", 0)
+        for service, n in self.pool_sizes().items():
+            for i in range(n):
+                self.start_pool(service, i)
+        info["pool_pids"] = [p.pid for p in self.pools.values()]
+        info_file.write_text(json.dumps(info, indent=1))
 
     def start_pool(self, service: str, replica: int) -> None:
-        self.pools[(service, replica)] = spawn(service, "*", self.storage, self.url, self.dir / "logs", replica=replica)
+        env = None
+        if service == "trainer" and "OMP_NUM_THREADS" not in os.environ:  # trials training at once share the cores
+            env = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // self.spec.concurrency))}
+        self.pools[(service, replica)] = spawn(service, "*", self.storage, self.url, self.dir / "logs", replica=replica,
+                                               env=env)
 
     def watch_pools(self) -> None:
-        """A pool replica that died is started again: the queue keeps its work meanwhile."""
+        """A pool replica that died is started again: the queues keep its work meanwhile (a
+        trainer worker's trial is handed to another worker, which resumes it)."""
         for (service, replica), p in list(self.pools.items()):
             if p.poll() is not None:
                 self.console.log(f"[yellow]{service} #{replica} exited with {p.returncode}; starting it again[/] "
@@ -188,19 +205,25 @@ class Sweep:
         init_run(cfg, run_id, self.storage)
         await self.store.put(record)
         self.console.log(f"[bold]{run_id}[/] starts: {trial.params}")
-        await self.launch(Trial(record, trial), with_trainer=True)
+        await self.launch(Trial(record, trial), queue=True)
 
     async def resume(self, record: TrialRecord, optuna_trial) -> None:
-        """A trial that was running when the sweep process died: its processes stopped with it
-        (they watch their parent); the trainer resumes from its last checkpoint, unless training
-        had already ended (then only the export and final verdict are awaited)."""
-        await wait_gone(record.pids, record.run_id)
+        """A trial that was running when the sweep process died: queued again, the trainer
+        resumes from its last checkpoint, unless training had already ended (then only the
+        export and final verdict are awaited, from the checkpoint pool)."""
         done = await self.bus.latest(TrainingFinished, record.run_id)
         ended = done is not None and done.reason != "interrupted"
         self.console.log(f"[bold]{record.run_id}[/] resumes" + (" (training had ended)" if ended else ""))
-        await self.launch(Trial(record, optuna_trial), with_trainer=not ended)
+        trial = Trial(record, optuna_trial)
+        await self.launch(trial, queue=not ended)
+        if not ended and record.values and optuna_trial.should_prune():  # it fell behind before the sweep died
+            trail = await self.bus.audit_trail(record.run_id)
+            trial.prune_sent = True
+            if not any(isinstance(e, Control) and e.command == "prune" for e in trail):  # else it is on its way
+                step = max(record.values)
+                asyncio.create_task(self.prune(trial, step, record.values[step]))
 
-    async def launch(self, trial: Trial, with_trainer: bool) -> None:
+    async def launch(self, trial: Trial, queue: bool) -> None:
         record = trial.record
         rid = record.run_id
         for cls, handler in ((EvalVerdict, self.on_verdict), (TrainingFinished, self.on_finished),
@@ -209,13 +232,27 @@ class Sweep:
             trial.subs.append(await self.bus.follow(cls, rid, _for(trial, handler)))  # history first, then live
         write_run_info(self.storage, rid, {"run_id": rid, "nats_url": self.url, "pid": os.getpid(), "state": "running",
                                            "sweep": self.spec.name, "started": _now()})
-        rdir = run_dir(self.storage, rid)
-        for svc in TRIAL_SERVICES:
-            if svc != "trainer" or with_trainer:
-                trial.procs[svc] = spawn(svc, rid, self.storage, self.url, rdir / "logs")
-        record.pids = [p.pid for p in trial.procs.values()]
-        await self.store.put(record)
+        if queue:
+            last = await self.bus.latest(RunQueued, rid)
+            attempt = last.attempt + 1 if last else 0
+            await self.bus.publish(RunQueued(run_id=rid, event_id=f"queued-{rid}-{attempt}"[:64], attempt=attempt,
+                                             reason=f"sweep {self.spec.name}" + (" (resumed)" if attempt else "")))
         self.live[record.number] = trial
+
+    async def merge_best(self) -> None:
+        """The winner's merged model: the one trial that needs it (LoRA trials export adapters)."""
+        top = search.best(self.records)
+        if top is None or not top.export or Path(top.export).name != "adapter":
+            return
+        from ..checkpoint.export import export_merged
+
+        rdir = run_dir(self.storage, top.run_id)
+        adapter = confine(rdir, top.export)
+        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        merged = await asyncio.to_thread(export_merged, adapter, base, True, adapter.parent / "merged")
+        top.export = relative(rdir, merged)
+        await self.store.put(top)
+        self.console.log(f"[bold]{top.run_id}[/] (best) merged: {merged}")
 
     # ------------------------------------------------------------ events of a trial
     async def on_verdict(self, trial: Trial, v: EvalVerdict) -> None:
@@ -271,21 +308,12 @@ class Sweep:
             return await self.end(trial, "pruned", f.detail)
         if f and f.reason != "pruned" and trial.exported and trial.final:
             return await self.end(trial, "complete", f"{f.reason}: {f.detail}")
-        for name, p in trial.procs.items():
-            code = p.poll()
-            if code is None or (code == 0 and name == "trainer"):
-                continue
-            trial.exited_at = trial.exited_at or time.monotonic()
-            if time.monotonic() - trial.exited_at > EXIT_GRACE_S:  # its last event did not come: it died
-                logfile = run_dir(self.storage, trial.record.run_id) / "logs" / f"{name}.log"
-                return await self.end(trial, "failed", f"{name} exited with {code}; see {logfile}:\n{tail(logfile, 8)}")
 
     async def end(self, trial: Trial, state: str, detail: str) -> None:
         r, f = trial.record, trial.finished
-        stop_all(trial.procs)
         for sub in trial.subs:
             await sub.unsubscribe()
-        r.state, r.stop_reason, r.pids = state, detail, []
+        r.state, r.stop_reason = state, detail
         if f:
             r.steps, r.train_seconds = f.step, round(f.train_seconds, 1)
             r.tokens_per_second, r.peak_memory_mb = f.tokens_per_second, f.peak_memory_mb
@@ -315,14 +343,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-async def wait_gone(pids: list[int], run_id: str, timeout: float = 30.0) -> None:
-    """Wait for a dead sweep's trial processes to finish stopping (they save a checkpoint);
-    SIGKILL what is left after ``timeout``. A pid is only theirs while its command names the run."""
+async def wait_gone(pids: list[int], marker: str, timeout: float = 30.0) -> None:
+    """Wait for a dead sweep's pool processes to finish stopping (a trainer saves a checkpoint);
+    SIGKILL what is left after ``timeout``. A pid is only theirs while its command names ``marker``."""
     def theirs() -> list[int]:
         out = []
         for pid in pids:
             try:
-                if run_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                     out.append(pid)
             except OSError:
                 pass
@@ -340,16 +368,16 @@ def attach_nats(sdir: Path) -> tuple[str, NatsServer | int]:
     """The sweep's NATS: the server a killed sweep left running (its store holds the state),
     else a new one on the same store. Returns the URL and what to stop at the end."""
     info_file = sdir / SWEEP_FILE
-    if info_file.exists():
-        info = json.loads(info_file.read_text())
-        pid, url = info.get("nats_pid"), info.get("nats_url", "")
-        host, _, port = url.removeprefix("nats://").rpartition(":")
-        if pid and _alive(pid, b"nats-server") and port.isdigit() and _accepts(host, int(port)):
-            return url, pid
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    pid, url = info.get("nats_pid"), info.get("nats_url", "")
+    host, _, port = url.removeprefix("nats://").rpartition(":")
+    if pid and _alive(pid, b"nats-server") and port.isdigit() and _accepts(host, int(port)):
+        return url, pid
     server = NatsServer(sdir / "nats")
     url = server.start()
     sdir.mkdir(parents=True, exist_ok=True)
-    info_file.write_text(json.dumps({"nats_url": url, "nats_pid": server.proc.pid, "pid": os.getpid()}, indent=1))
+    info.update(nats_url=url, nats_pid=server.proc.pid, pid=os.getpid())  # the old pool pids stay: they are waited for
+    info_file.write_text(json.dumps(info, indent=1))
     return url, server
 
 
@@ -384,7 +412,7 @@ def summarize(spec: SweepSpec, metric: str, records: list[TrialRecord], storage:
     sdir = run_dir(storage, spec.name)
     top = search.best(records)
     summary = {"sweep": spec.name, "metric": metric, "sampler": spec.sampler, "pruner": spec.pruner.kind,
-               "trials": [r.model_dump(mode="json", exclude={"pids"}) for r in sorted(records, key=lambda r: r.number)],
+               "trials": [r.model_dump(mode="json") for r in sorted(records, key=lambda r: r.number)],
                "best": None}
     if top:
         trial_dir = run_dir(storage, top.run_id)

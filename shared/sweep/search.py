@@ -37,7 +37,6 @@ class TrialRecord(BaseModel):
     tokens_per_second: float | None = None
     peak_memory_mb: float | None = None
     export: str | None = Field(default=None, description="The exported model (merged, else adapter), run-relative.")
-    pids: list[int] = Field(default_factory=list, description="Processes of this trial (a restarted sweep waits for them).")
 
 
 def make_study(spec: SweepSpec):

@@ -128,6 +128,8 @@ def trial_config(spec: SweepSpec, base: Config, params: dict[str, Value], run_na
     raw["run"]["name"] = run_name
     for path, value in params.items():
         set_path(raw, path, value)
+    if raw["train"]["lora"]["enabled"] and "merged" not in spec.overrides.get("export", {}):
+        raw["export"]["merged"] = False  # a trial exports its adapter; the sweep merges the winner's alone
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

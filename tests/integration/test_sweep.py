@@ -23,16 +23,19 @@ pytestmark = pytest.mark.integration
 TUNELOOP = [sys.executable, "-m", "tuneloop"]
 
 
+STEPS = 150
+
+
 def write_sweep(tmp_path: Path) -> Path:
-    """Two learning rates that learn the protocol in 60 steps and two that cannot: the grid's
-    order puts the slow ones last, so they run when two trials have completed and the median
-    pruner has something to compare with."""
+    """Two learning rates that learn the protocol in about 60 steps (feedback stops them at the
+    target) and two that cannot: the grid's order puts the slow ones last, so they run when two
+    trials have completed and the median pruner has something to compare with."""
     base = {
         "run": {"name": "base", "output_dir": "runs"},
         "data": {"sources": [{"path": str(EXAMPLE_DATA)}], "max_rows": 600, "val_fraction": 0.05, "test_fraction": 0.05},
         "model": {"tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                            "num_attention_heads": 2, "vocab_size": 300}},
-        "train": {"max_steps": 60, "batch_size": 16, "logging_steps": 5, "save_steps": 20, "max_length": 96,
+        "train": {"max_steps": STEPS, "batch_size": 16, "logging_steps": 5, "save_steps": 20, "max_length": 96,
                   "lora": {"enabled": False}},
         "eval": {"max_cases": 16, "max_new_tokens": 24, "shard_size": 8},
         "feedback": {"target": 1.0, "patience": 10},
@@ -59,7 +62,7 @@ async def records(url: str) -> dict[str, dict]:
 
 
 def early(record: dict) -> bool:
-    """Running, with a checkpoint (its step-20 verdict is in) and most of its 60 steps ahead."""
+    """Running, with a checkpoint (its step-20 verdict is in) and most of its steps ahead."""
     return record["state"] == "running" and list(record["values"]) == ["20"]
 
 
@@ -132,7 +135,7 @@ def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
         assert applied and applied[0].control_id == control[0].event_id and trials[run_id]["pruned_at"] == applied[0].step
         assert events[run_id][TrainingFinished][-1].reason == "pruned"
         assert not list((runs / run_id / "checkpoints").glob("checkpoint-*")) and trials[run_id]["released_bytes"] > 0
-        assert trials[run_id]["steps"] < 60
+        assert trials[run_id]["steps"] < STEPS
 
     # The trials shared the evaluator pool: one evaluator process scored shards of several trials.
     workers: dict[str, set] = {}
@@ -142,6 +145,12 @@ def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
                 workers.setdefault(w, set()).add(run_id)
     assert any(len(runs_scored) >= 2 for runs_scored in workers.values()), workers
     assert not any((runs / r / "logs" / "evaluator.log").exists() for r in trials)  # no trial had its own
+    # ... and the trainer pool: a worker process trained several trials, one after another.
+    taken: dict[str, set] = {}
+    for r in trials:
+        for pid in re.findall(r"worker (\d+) takes run", (runs / r / "logs" / "trainer.log").read_text()):
+            taken.setdefault(pid, set()).add(r)
+    assert any(len(rs) >= 2 for rs in taken.values()), taken
 
     # The best trial is the one whose exported model has the best test verdict.
     finals = {r: max(v.scores["protocol"] for v in ev[EvalVerdict] if v.purpose == "final" and v.split == "test")
