@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -36,11 +35,12 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from common import order, spread, write_figures
 
 from tuneloop import cores
 from tuneloop.bus import Bus
@@ -230,9 +230,8 @@ class Bench:
     async def rounds(self, setting: str) -> list[dict]:
         out = []
         for r in range(self.args.warmup + self.args.rounds):
-            order = ["inline", "remote"] if r % 2 == 0 else ["remote", "inline"]
             got = {}
-            for arm in order:
+            for arm in order(r, "inline", "remote"):
                 got[arm] = await getattr(self, arm)(f"{setting.replace('_', '')}-{arm}-{r}")
             ratio = got["remote"]["train_s"] / got["inline"]["train_s"]
             label = "warm-up" if r < self.args.warmup else f"round {r - self.args.warmup + 1}"
@@ -345,10 +344,6 @@ class Bench:
         return results
 
 
-def spread(values: list[float]) -> str:
-    return f"median {statistics.median(values):.3f} (min {min(values):.3f}, max {max(values):.3f}, n={len(values)})"
-
-
 def report(res: dict, args) -> dict:
     out = {"cpus": res["cpus"], "rounds": args.rounds, "steps": args.steps, "eval_every": args.every,
            "cases": args.cases, "max_new_tokens": args.tokens}
@@ -388,13 +383,7 @@ def main(args) -> None:
         with NatsServer(tmp / "nats") as server:
             bench = Bench(tmp, args)
             res = asyncio.run(bench.run(server.url))
-    out = report(res, args)
-    out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                   text=True).stdout.strip()
-    out["time"] = datetime.now().isoformat(timespec="seconds")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-        print(f"figures: {args.json}")
+    write_figures(args.json, report(res, args))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import yaml
+
+from common import order, write_figures
 
 REPO = Path(__file__).resolve().parents[1]
 TUNELOOP = Path(sys.executable).parent / "tuneloop"
@@ -129,9 +130,8 @@ def main(args) -> None:
         config = bench_config(tmp)
         plain, ours = [], []
         for r in range(args.warmup + args.rounds):
-            order = ["plain", "tuneloop"] if r % 2 == 0 else ["tuneloop", "plain"]
             got = {}
-            for side in order:
+            for side in order(r, "plain", "tuneloop"):
                 got[side] = (time_plain if side == "plain" else time_tuneloop)(config, tmp, r)
             label = "warm-up" if r < args.warmup else f"round {r - args.warmup + 1}"
             print(f"{label:8s} plain {got['plain']:6.2f} s  tuneloop {got['tuneloop']:6.2f} s  "
@@ -146,14 +146,10 @@ def main(args) -> None:
     print(f"tuneloop run       {o:6.2f} s (median)")
     print(f"first_step_over_plain: {o / p:.3f} of medians (per round: median {statistics.median(ratios):.3f}, "
           f"min {min(ratios):.3f}, max {max(ratios):.3f}; target <= 1.5)")
-    if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        args.json.write_text(json.dumps({
-            "first_step_over_plain": round(o / p, 4), "plain_s": round(p, 3), "tuneloop_s": round(o, 3),
-            "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4), "rounds": args.rounds,
-            "cpus": os.cpu_count(), "commit": commit, "time": datetime.now().isoformat(timespec="seconds"),
-        }, indent=2))
-        print(f"figures: {args.json}")
+    write_figures(args.json, {
+        "first_step_over_plain": round(o / p, 4), "plain_s": round(p, 3), "tuneloop_s": round(o, 3),
+        "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4), "rounds": args.rounds,
+    })
 
 
 if __name__ == "__main__":

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import yaml
 from rich.console import Console
 from transformers import TrainerCallback
+
+from common import order, write_figures
 
 from tuneloop.data_pipeline.prepare import prepare
 from tuneloop.evaluator.__main__ import load_cases
@@ -189,7 +188,7 @@ def main(args) -> None:
             path = bench_sweep_file(args.sweep.resolve(), tmp, f"bench-r{r}", args.steps, args.every)
             spec, base = load_sweep(path)
             got = {}
-            for arm in (["baseline", "tuneloop"] if r % 2 == 0 else ["tuneloop", "baseline"]):
+            for arm in order(r, "baseline", "tuneloop"):
                 if arm == "baseline":
                     got[arm] = baseline(spec, base, tmp / f"baseline-{r}")
                 else:
@@ -225,16 +224,12 @@ def main(args) -> None:
     if plain_s is not None:
         print(f"plain sequential TRL (every trial to the end, in-loop evaluation, no pruning): {plain_s:.1f} s, "
               f"best test {plain_best:.3f}; tuneloop / plain {statistics.median(r['tuneloop_s'] for r in rounds) / plain_s:.3f}")
-    if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        args.json.write_text(json.dumps({
-            "tuneloop_over_baseline": round(statistics.median(ratios), 4), "ratio_min": round(min(ratios), 4),
-            "ratio_max": round(max(ratios), 4), "rounds": rounds, "trials": spec.total(), "steps": first.train.max_steps,
-            "plain_sequential_s": plain_s, "plain_best_test": plain_best,
-            "tuneloop_over_plain": round(statistics.median(r["tuneloop_s"] for r in rounds) / plain_s, 4) if plain_s else None,
-            "cpus": os.cpu_count(), "commit": commit, "time": datetime.now().isoformat(timespec="seconds"),
-        }, indent=2))
-        print(f"figures: {args.json}")
+    write_figures(args.json, {
+        "tuneloop_over_baseline": round(statistics.median(ratios), 4), "ratio_min": round(min(ratios), 4),
+        "ratio_max": round(max(ratios), 4), "rounds": rounds, "trials": spec.total(), "steps": first.train.max_steps,
+        "plain_sequential_s": plain_s, "plain_best_test": plain_best,
+        "tuneloop_over_plain": round(statistics.median(r["tuneloop_s"] for r in rounds) / plain_s, 4) if plain_s else None,
+    })
 
 
 if __name__ == "__main__":

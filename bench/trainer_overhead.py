@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import shutil
-import subprocess
 import statistics
 import sys
 import tempfile
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from common import order, write_figures
 from tuneloop.bus import Bus
 from tuneloop.config import load_config
 from tuneloop.control import send_control
@@ -122,9 +121,8 @@ async def main(args) -> None:
         operator = await Bus.connect(server.url, "ctl")
         plain, ours = [], []
         for r in range(args.warmup + args.rounds):  # alternate, so drift hits both sides alike
-            order = ["plain", "tuneloop"] if r % 2 == 0 else ["tuneloop", "plain"]
             got = {}
-            for side in order:
+            for side in order(r, "plain", "tuneloop"):
                 if side == "plain":
                     got[side] = await on_train_thread(run_plain, cfg, rdir, ds, rdir / f"plain-{r}")
                 else:
@@ -160,17 +158,13 @@ async def main(args) -> None:
         steps = [s for _, s in latencies]
         print(f"control latency over {len(ms)} controls: median {statistics.median(ms):.0f} ms, "
               f"max {ms[-1]:.0f} ms; steps from publish to apply: median {statistics.median(steps):.0f}, max {max(steps)}")
-    if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        args.json.write_text(json.dumps({
-            "ratio_of_medians": round(o / p, 4), "median_of_ratios": round(paired, 4),
-            "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4),
-            "plain_tokens_per_s": round(p, 1), "tuneloop_tokens_per_s": round(o, 1), "rounds": args.rounds,
-            "steps": args.steps, "save_steps": args.save_steps, "control_every": args.control_every, "device": device,
-            "control_latency_median_ms": round(statistics.median(m for m, _ in latencies), 1) if latencies else None,
-            "commit": commit,
-        }, indent=2))
-        print(f"figures: {args.json}")
+    write_figures(args.json, {
+        "ratio_of_medians": round(o / p, 4), "median_of_ratios": round(paired, 4),
+        "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4),
+        "plain_tokens_per_s": round(p, 1), "tuneloop_tokens_per_s": round(o, 1), "rounds": args.rounds,
+        "steps": args.steps, "save_steps": args.save_steps, "control_every": args.control_every, "device": device,
+        "control_latency_median_ms": round(statistics.median(m for m, _ in latencies), 1) if latencies else None,
+    })
 
 
 async def measure_control_latency(cfg, rdir, ds, bus, operator, url, n: int) -> list[tuple[float, int]]:
