@@ -8,8 +8,9 @@
   ``concurrency`` at a time, evaluation by the shared evaluator pool, pruning by ``prune``
   controls, each trial's value its export's score on test.
 
-Both in alternating paired rounds (``--rounds``, >= 3: a round is minutes long), the baseline
-of each round measured in the same run. Prints the wall time of each, the ratio, the best
+Both run as a user runs them, each a command of its own timed from its start to its exit
+(imports, NATS and pools included), in alternating paired rounds (``--rounds``, >= 3: a round
+is minutes long). Prints the wall time of each, the ratio, the best
 trial of each; then, once, plain sequential TRL with in-loop evaluation and no pruning.
 
     .venv/bin/python bench/sweep.py [--rounds 3] [--steps 100] [--json PATH]
@@ -18,7 +19,9 @@ trial of each; then, once, plain sequential TRL with in-loop evaluation and no p
 from __future__ import annotations
 
 import argparse
-import io
+import json
+import subprocess
+import sys
 import os
 import statistics
 import tempfile
@@ -37,7 +40,7 @@ from tuneloop.evaluator.generate import generate
 from tuneloop.evaluator.suite import score
 from tuneloop.events import DatasetReady, SplitInfo
 from tuneloop.storage import confine
-from tuneloop.sweep.driver import print_sweep, sweep
+from tuneloop.sweep.driver import print_sweep
 from tuneloop.sweep.spec import grid, load_sweep, trial_config
 from tuneloop.trainer import model as models
 from tuneloop.trainer import recipe
@@ -114,11 +117,19 @@ def baseline(spec, base, rdir: Path) -> tuple[float, list[dict]]:
     results: dict[int, dict] = {}
 
     def peft_model(r: int):
-        cfg = trial_config(spec, base, {**points[0], "train.lora.r": r}, "baseline")
-        return get_peft_model(models.load(base_path)[0], recipe.lora_config(cfg))
+        """What SFTTrainer's __init__ does to its model, for each trial's fresh one: LoRA, and
+        TRL's fused LM head (its loss reads the log-probabilities that head returns)."""
+        from trl.trainer.sft_trainer import add_fused_lm_head
 
-    def model_init(trial):
-        return peft_model(trial.params["lora_r"])
+        cfg = trial_config(spec, base, {**points[0], "train.lora.r": r}, "baseline")
+        model = get_peft_model(models.load(base_path)[0], recipe.lora_config(cfg))
+        add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+        return model
+
+    space = {"learning_rate": LEARNING_RATES, "lora_r": sorted({p["train.lora.r"] for p in points})}
+
+    def model_init(trial):  # transformers calls it before hp_space; suggesting twice gives the same value
+        return peft_model(trial.suggest_categorical("lora_r", space["lora_r"]))
 
     class InlineEvalSFT(trl.SFTTrainer):
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -137,7 +148,6 @@ def baseline(spec, base, rdir: Path) -> tuple[float, list[dict]]:
                             train_dataset=_dataset(first, rdir, ds), processing_class=tokenizer,
                             callbacks=[EvalEvery(first.eval.every)])
     trainer.model_init = model_init
-    space = {"learning_rate": LEARNING_RATES, "lora_r": sorted({p["train.lora.r"] for p in points})}
     pruner = make_study(spec).pruner  # the very pruner tuneloop's sweep uses
     trainer.hyperparameter_search(
         hp_space=lambda t: {k: t.suggest_categorical(k, v) for k, v in space.items()},
@@ -179,22 +189,35 @@ def plain_sequential(spec, base, rdir: Path) -> tuple[float, float]:
     return time.perf_counter() - t0, best
 
 
+def time_baseline(path: Path, tmp: Path, r: int) -> tuple[float, list[dict]]:
+    """The baseline as a user runs it: a fresh ``python`` process, imports included; (wall s, trials)."""
+    out = tmp / f"baseline-{r}.json"
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--baseline-child", str(path), str(tmp / f"baseline-{r}"), str(out)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0, json.loads(out.read_text())
+
+
+def time_tuneloop(path: Path, tmp: Path, name: str) -> tuple[float, dict]:
+    """``tuneloop sweep`` as a user types it: NATS, pools and all; (wall s, its summary)."""
+    t0 = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "tuneloop"), "sweep", str(path)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0, json.loads((tmp / "runs" / name / "summary.json").read_text())
+
+
 def main(args) -> None:
     console = Console(width=130)
     rounds = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for r in range(args.rounds):
-            path = bench_sweep_file(args.sweep.resolve(), tmp, f"bench-r{r}", args.steps, args.every)
+            name = f"bench-r{r}"
+            path = bench_sweep_file(args.sweep.resolve(), tmp, name, args.steps, args.every)
             spec, base = load_sweep(path)
             got = {}
             for arm in order(r, "baseline", "tuneloop"):
-                if arm == "baseline":
-                    got[arm] = baseline(spec, base, tmp / f"baseline-{r}")
-                else:
-                    t0 = time.perf_counter()
-                    summary = sweep(path, console=Console(file=io.StringIO()))
-                    got[arm] = (time.perf_counter() - t0, summary)
+                got[arm] = time_baseline(path, tmp, r) if arm == "baseline" else time_tuneloop(path, tmp, name)
             (b_s, b_trials), (t_s, summary) = got["baseline"], got["tuneloop"]
             b_best = max((t["test"] for t in b_trials if t["state"] == "complete"), default=None)
             t_best = (summary["best"] or {}).get("value")
@@ -233,6 +256,11 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--baseline-child":
+        spec, base = load_sweep(Path(sys.argv[2]))
+        _, trials = baseline(spec, base, Path(sys.argv[3]))
+        Path(sys.argv[4]).write_text(json.dumps(trials))
+        sys.exit(0)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", type=Path, default=REPO / "examples" / "sweep.yaml")
     ap.add_argument("--rounds", type=int, default=3)
