@@ -104,7 +104,12 @@ def control_every(operator: Bus, url: str, run_id: str, every: int, value: float
         answers, mark = [], every
         while not job.done():
             if seen[-1] >= mark:
-                answers.append(await send_control(url, run_id, "set-grad-clip", value, bus=operator))
+                send = asyncio.ensure_future(send_control(url, run_id, "set-grad-clip", value, bus=operator, timeout=60))
+                await asyncio.wait({send, job}, return_when=asyncio.FIRST_COMPLETED)
+                if not send.done():  # training ended first: a control after the last step is not answered here
+                    send.cancel()
+                    break
+                answers.append(send.result())
                 mark += every
             await asyncio.sleep(0.02)
         await sub.unsubscribe()
