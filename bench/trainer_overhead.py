@@ -7,7 +7,7 @@ drained every step, every checkpoint announced, and an operator's control every
 ``--control-every`` steps, each applied and answered. Prints tokens/s of each, their ratio
 (target >= 0.97), and the control latency: from ``ctl`` publish to ``ControlApplied``.
 
-    .venv/bin/python bench/trainer_overhead.py [--steps 60] [--rounds 5] [--warmup 1] [--json PATH]
+    .venv/bin/python bench/trainer_overhead.py [--steps 80] [--rounds 7] [--warmup 1] [--json PATH]
 """
 
 from __future__ import annotations
@@ -203,8 +203,8 @@ async def measure_control_latency(cfg, rdir, ds, bus, operator, url, n: int) -> 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=REPO / "examples" / "protocol.yaml")
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--rounds", type=int, default=7, help="paired rounds measured (per-round ratios scatter on a shared VM: read the medians)")
     ap.add_argument("--save-steps", type=int, default=20, help="a checkpoint every N steps, in both arms")
     ap.add_argument("--control-every", type=int, default=10, help="an operator's control every N steps (tuneloop arm)")
     ap.add_argument("--json", type=Path, default=None)

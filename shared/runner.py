@@ -35,6 +35,10 @@ from .storage import CONFIG_FILE, run_dir, write_run_info
 from .watch import WatchView
 
 SERVICES = ("data-pipeline", "trainer", "checkpoint", "evaluator", "rl-reward")
+# On the path to the first training step (GRPO asks rl-reward for rewards at its first step;
+# rl-reward imports no torch); the others start when training runs, or after this long.
+FIRST = ("data-pipeline", "trainer", "rl-reward")
+LATER_WITHIN_S = 120.0
 WATCHED = (DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, Control, ControlApplied,
            ControlRejected, TrainingFinished, ExportDone, DeadLetter)
 # A dead letter of one of these means the run cannot finish: fail fast instead of waiting.
@@ -42,7 +46,7 @@ CRITICAL_KINDS = ("run.queued", "data.ready", "ckpt.saved", "train.done", "eval.
 # After the last event, services keep serving /metrics this long before they are stopped: a
 # Prometheus scraping every second or two still gets the run's final values.
 FINAL_SCRAPE_S = 2.0
-# Priority (nice) of the services that do no model work while the trainer trains: they never hold up a step.
+# Priority (nice) of the checkpoint service: hashing and exports never hold up a step.
 SERVICE_NICE = 5
 
 
@@ -108,10 +112,11 @@ def service_env(service: str) -> dict[str, str]:
     The services beside the trainer run one torch thread each, put their idle OpenMP threads
     to sleep (``OMP_WAIT_POLICY=PASSIVE``; by default they spin on the trainer's cores), and
     evaluators borrow cores for their work through the machine's lease folder, which the
-    trainer reads at each step boundary (``tuneloop.cores``). The services that do no model
-    work during training (checkpoint, data-pipeline, rl-reward) run at a lower priority
-    (``TUNELOOP_NICE``); evaluators do not: a verdict that comes late is feedback that comes
-    late (in a sweep, trials trained to the end before their verdicts could prune them). The
+    trainer reads at each step boundary (``tuneloop.cores``). The checkpoint service (hashing,
+    exports: never what a step waits for) runs at a lower priority (``TUNELOOP_NICE``); the
+    others do not: data-pipeline and rl-reward are on the trainer's path (its data, GRPO's
+    rewards), and a verdict that comes late is feedback that comes late (in a sweep, trials
+    trained to the end before their verdicts could prune them). The
     trainer keeps spinning threads: for its own ops they are faster. An explicit setting in
     the environment wins.
     """
@@ -120,7 +125,7 @@ def service_env(service: str) -> dict[str, str]:
     if service != "trainer":
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.setdefault("OMP_NUM_THREADS", "1")
-    if service in ("checkpoint", "data-pipeline", "rl-reward"):
+    if service == "checkpoint":
         env.setdefault(cores.ENV_NICE, str(SERVICE_NICE))
     return env
 
@@ -238,16 +243,23 @@ async def _drive(state: RunState, storage: Path, rdir: Path, url: str, procs: di
 
     for cls in WATCHED:  # subscribe before the services start, so nothing is missed
         await bus.subscribe(cls, run_id, on_event)
-    for svc in SERVICES:
+    # What the first step waits for starts now; the rest once training runs, so that their
+    # start-up (torch imports) does not compete with the trainer's on the same cores. Nothing
+    # is lost meanwhile: checkpoints and evaluation requests wait in JetStream.
+    for svc in FIRST:
         procs[svc] = spawn(svc, run_id, storage, url, rdir / "logs")
-    for i in range(1, evaluators):
-        procs[f"evaluator-{i}"] = spawn("evaluator", run_id, storage, url, rdir / "logs", replica=i)
+    later = [(svc, 0) for svc in SERVICES if svc not in FIRST] + [("evaluator", i) for i in range(1, evaluators)]
+    started = time.monotonic()
     try:
         with Live(view, console=console, refresh_per_second=4, transient=True):
             while not state.complete:
                 await asyncio.sleep(0.2)
                 if state.fatal:
                     raise RunFailed(state.fatal)
+                if later and (state.last_step or state.finished or time.monotonic() - started > LATER_WITHIN_S):
+                    for svc, i in later:
+                        procs[svc if not i else f"{svc}-{i}"] = spawn(svc, run_id, storage, url, rdir / "logs", replica=i)
+                    later = []
                 for name, p in procs.items():
                     code = p.poll()
                     if code not in (None, 0) or (code == 0 and name != "trainer"):
