@@ -57,6 +57,7 @@ def test_every_dashboard_expression_returns_data_from_a_real_run(tmp_path, nats_
     run = run_id_for(request)
     cfg = tiny_config(tmp_path, method="grpo", max_steps=60, batch_size=8, save_steps=10, logging_steps=1,
                       grpo={"num_generations": 4, "max_completion_length": 16, "rewards": {"protocol": 1, "correctness": 1}})
+    cfg.feedback.min_step = 10**6  # feedback may not stop it while paused (verdicts can arrive in a burst)
     cfg_path = tmp_path / "prom.yaml"
     dump_config(cfg, cfg_path)
     storage = tmp_path / "runs"
