@@ -10,7 +10,8 @@ inline would (bench/feedback_loop.py measures both).
 So a service that does model work beside the trainer *borrows* cores for it: it leaves a
 lease file ``<pid>.lease`` (its thread count) in a folder on this machine
 (``TUNELOOP_CORE_DIR``) while it works. The trainer looks at the leases at each step boundary
-and trains on the cores nobody borrowed (at least one). Leases of dead processes are ignored,
+and trains on the cores nobody borrowed (at least one). Leases of dead processes (or of a pid
+now used by something else) are ignored,
 and a lease only counts on the cores the borrower may run on (its CPU affinity), so an
 evaluator pinned to other cores takes nothing from the trainer.
 """
@@ -32,13 +33,11 @@ def my_cores() -> set[int]:
 
 
 def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live tuneloop process (a killed borrower's pid may be reused by another)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return b"tuneloop" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def threads_left(total: set[int], leases: list[tuple[set[int], int]], reserve: int = 0) -> int:
