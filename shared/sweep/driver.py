@@ -277,8 +277,7 @@ class Sweep:
         except TimeoutError as e:
             self.console.log(f"[yellow]{trial.record.run_id}: prune not answered: {e}[/]")
             return
-        if isinstance(answer, ControlApplied):
-            trial.record.pruned_at = answer.step
+        if isinstance(answer, ControlApplied):  # the record's pruned_at comes from train.done (see end)
             self.console.log(f"[bold]{trial.record.run_id}[/] pruned at step {answer.step}: {why}")
         else:  # e.g. training had just finished: the trial completes instead
             self.console.log(f"{trial.record.run_id}: prune rejected: {answer.reason}")
@@ -316,6 +315,8 @@ class Sweep:
         r.state, r.stop_reason = state, detail
         if f:
             r.steps, r.train_seconds = f.step, round(f.train_seconds, 1)
+            if state == "pruned":  # from the trainer's own event: a sweep killed mid-prune never saw the answer
+                r.pruned_at = f.step
             r.tokens_per_second, r.peak_memory_mb = f.tokens_per_second, f.peak_memory_mb
         if trial.final:
             r.test, r.value = dict(trial.final.scores), trial.final.scores.get(self.metric)
