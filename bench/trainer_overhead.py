@@ -4,8 +4,10 @@ Both train the same tiny model on the same data for the same steps (same seed, s
 batches), with a checkpoint every ``--save-steps`` steps. The tuneloop side runs as a real
 run does: a real nats-server, ``StepMetrics`` published every step, control and feedback
 drained every step, every checkpoint announced, and an operator's control every
-``--control-every`` steps, each applied and answered. Prints tokens/s of each, their ratio
-(target >= 0.97), and the control latency: from ``ctl`` publish to ``ControlApplied``.
+``--control-every`` steps, each applied and answered. The operator is a process of its own
+(``operator_probe.py``), as ``tuneloop ctl`` is: what it costs is not the trainer's. Prints
+tokens/s of each, their ratio (target >= 0.97), and the control latency: from ``ctl`` publish
+to ``ControlApplied``.
 
     .venv/bin/python bench/trainer_overhead.py [--steps 80] [--rounds 7] [--warmup 1] [--json PATH]
 """
@@ -17,6 +19,7 @@ import asyncio
 import logging
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,7 +76,7 @@ def run_plain(cfg, rdir, ds, out: Path) -> float:
     return tps
 
 
-async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: Path | None = None) -> tuple[float, object]:
+async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: Path | None = None) -> tuple[float, object, BusCallback]:
     link = BusLink(bus, asyncio.get_running_loop())
     link.start()
     await bus.consume(Control, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
@@ -88,34 +91,7 @@ async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: P
     await job
     await link.close()
     shutil.rmtree(out, ignore_errors=True)
-    return tokens_per_second(trainer, time.perf_counter() - t0), extra
-
-
-def control_every(operator: Bus, url: str, run_id: str, every: int, value: float):
-    """While the run trains: a control each ``every`` steps, waiting for its answer; the answers."""
-
-    async def during(job) -> list:
-        seen = [0]
-
-        async def on_step(ev: StepMetrics) -> None:
-            seen.append(ev.step)
-
-        sub = await operator.subscribe(StepMetrics, run_id, on_step)
-        answers, mark = [], every
-        while not job.done():
-            if seen[-1] >= mark:
-                send = asyncio.ensure_future(send_control(url, run_id, "set-grad-clip", value, bus=operator, timeout=60))
-                await asyncio.wait({send, job}, return_when=asyncio.FIRST_COMPLETED)
-                if not send.done():  # training ended first: a control after the last step is not answered here
-                    send.cancel()
-                    break
-                answers.append(send.result())
-                mark += every
-            await asyncio.sleep(0.02)
-        await sub.unsubscribe()
-        return answers
-
-    return during
+    return tokens_per_second(trainer, time.perf_counter() - t0), extra, callback
 
 
 async def main(args) -> None:
@@ -124,6 +100,10 @@ async def main(args) -> None:
         cfg, rdir, ds = setup(Path(tmp), args.steps, args.config, args.save_steps)
         bus = await Bus.connect(server.url, "trainer")
         operator = await Bus.connect(server.url, "ctl")
+        probe = subprocess.Popen([sys.executable, str(Path(__file__).with_name("operator_probe.py")), server.url,
+                                  "--every", str(args.control_every), "--value", str(cfg.train.max_grad_norm)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert probe.stdout.readline().strip() == "ready", "the operator process did not start"
         plain, ours = [], []
         for r in range(args.warmup + args.rounds):  # alternate, so drift hits both sides alike
             got = {}
@@ -131,9 +111,8 @@ async def main(args) -> None:
                 if side == "plain":
                     got[side] = await on_train_thread(run_plain, cfg, rdir, ds, rdir / f"plain-{r}")
                 else:
-                    probe = control_every(operator, server.url, f"bench{r}", args.control_every, cfg.train.max_grad_norm)
-                    got[side], answers = await run_tuneloop(cfg, rdir, ds, bus, f"bench{r}", during=probe)
-                    applied = sum(a.KIND == "control.applied" for a in answers)
+                    got[side], _, callback = await run_tuneloop(cfg, rdir, ds, bus, f"bench{r}")
+                    applied = len(callback.run_state.applied)
             label = "warm-up" if r < args.warmup else f"round {r - args.warmup + 1}"
             print(f"{label:8s} plain {got['plain']:8.0f} tokens/s  tuneloop {got['tuneloop']:8.0f} tokens/s  "
                   f"ratio {got['tuneloop'] / got['plain']:.3f}  ({applied} controls applied)", flush=True)
@@ -141,6 +120,8 @@ async def main(args) -> None:
                 plain.append(got["plain"])
                 ours.append(got["tuneloop"])
 
+        probe.terminate()
+        probe.wait()
         latencies = await measure_control_latency(cfg, rdir, ds, bus, operator, server.url, args.controls)
         await bus.close()
         await operator.close()
