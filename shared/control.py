@@ -7,7 +7,8 @@ import getpass
 from collections.abc import Callable
 
 from .bus import Bus
-from .events import Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter, Event, MixtureRequest
+from .events import (Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter, Event, ExportDone, ExportRequest,
+                     MixtureRequest)
 
 
 async def _ask(url: str, event: Event, answers: dict[type[Event], Callable[[Event], bool]], timeout: float,
@@ -60,6 +61,23 @@ async def request_mixture(url: str, run_id: str, weights: dict[str, float], reas
     }, timeout, bus, "the mixture request (is its data-pipeline running?)")
     if isinstance(answer, DeadLetter):
         raise MixtureRefused(answer.reason)
+    return answer
+
+
+class ExportRefused(ValueError):
+    """The checkpoint service could not export; the message says why."""
+
+
+async def request_merged_export(url: str, run_id: str, reason: str = "", *, timeout: float = 300.0,
+                                bus: Bus | None = None) -> ExportDone:
+    """Ask the checkpoint service to merge ``run_id``'s exported adapter; return its ``ExportDone``."""
+    event = ExportRequest(run_id=run_id, reason=reason or f"requested by {_whoami()}")
+    answer = await _ask(url, event, {
+        ExportDone: lambda ev: ev.requested_by == event.event_id,
+        DeadLetter: lambda ev: ev.subject.endswith(ExportRequest.KIND) and event.event_id in ev.payload,
+    }, timeout, bus, "the export request (is its checkpoint service running?)")
+    if isinstance(answer, DeadLetter):
+        raise ExportRefused(answer.reason)
     return answer
 
 

@@ -177,6 +177,19 @@ class ExportDone(Event):
     score: float | None = None
     adapter_path: RelPath | None = None
     merged_path: RelPath | None = None
+    requested_by: str | None = Field(default=None, description="event_id of the ExportRequest this answers.")
+
+
+class ExportRequest(Event):
+    """operator (a sweep for its winner) → checkpoint: merge a finished run's exported adapter.
+
+    A run that exported only its LoRA adapter gets its merged model too, made by the
+    checkpoint service, which has torch loaded already; it answers with an ``ExportDone``
+    naming this request (``requested_by``), or a dead letter saying why it could not.
+    """
+
+    KIND: ClassVar[str] = "export.request"
+    reason: str = ""
 
 
 # ---------------------------------------------------------------- evaluation
@@ -316,7 +329,7 @@ class DeadLetter(Event):
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     RunQueued, DatasetReady, MixtureRequest, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, CheckpointsReleased,
-    ExportDone,
+    ExportDone, ExportRequest,
     EvalRequest, EvalShard, EvalVerdict, Feedback, Control, ControlApplied, ControlRejected,
     RewardRequest, RewardReply, DeadLetter,
 )

@@ -1,5 +1,6 @@
 """checkpoint service: verifies and catalogues checkpoints, asks for their evaluation, and
-exports the best one when training is done (or, for a pruned run, releases them all)."""
+exports the best one when training is done (or, for a pruned run, releases them all).
+Asked with ``export.request``, it merges a finished run's exported adapter (a sweep's winner)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import time
 from nats.js.errors import NoKeysError, NotFoundError
 
 from tuneloop import metrics
+from tuneloop.bus import Reject
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, CheckpointsReleased, ControlApplied, EvalRequest,
-                             EvalVerdict, ExportDone, TrainingFinished)
+                             EvalVerdict, ExportDone, ExportRequest, TrainingFinished)
 from tuneloop.grafana import Annotator
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
 from tuneloop.storage import SNAPSHOTS, complete_checkpoints, confine, relative, resolve_model
@@ -184,6 +186,23 @@ async def main(ctx: ServiceContext) -> None:
             merged_path=relative(run_dir, merged_path) if merged_path else None,
         ))
 
+    async def on_export_request(req: ExportRequest) -> None:
+        """The merged model of a run that exported its adapter only; answered with ExportDone."""
+        done = await bus.latest(ExportDone, req.run_id)
+        if done is None or done.adapter_path is None:
+            raise Reject(f"run {req.run_id} has no exported adapter to merge (export.done: "
+                         f"{'none yet' if done is None else 'a merged model already'})")
+        rdir = ctx.run_dir(req.run_id)
+        adapter = confine(rdir, done.adapter_path)
+        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        t0 = time.perf_counter()
+        merged = await on_torch_thread(export.export_merged, adapter, base, True, adapter.parent / "merged")
+        log.info("run %s: merged its adapter (step %d) in %.1fs, asked: %s", req.run_id, done.step,
+                 time.perf_counter() - t0, req.reason)
+        await bus.publish(ExportDone(run_id=req.run_id, event_id=f"export-{req.event_id}"[:64], step=done.step,
+                                     score=done.score, adapter_path=done.adapter_path,
+                                     merged_path=relative(rdir, merged), requested_by=req.event_id))
+
     # Short ack wait: a hashing handler keeps its message alive (in-progress acks), and a killed
     # service's message comes back to the restarted one within seconds.
     await bus.consume(CheckpointSaved, ctx.run_id, on_saved, ack_wait=5)
@@ -191,6 +210,7 @@ async def main(ctx: ServiceContext) -> None:
         await bus.consume(ControlApplied, ctx.run_id, annotator.post, group="checkpoint-grafana")
     await bus.consume(EvalVerdict, ctx.run_id, on_verdict)
     await bus.consume(TrainingFinished, ctx.run_id, on_done, ack_wait=60)
+    await bus.consume(ExportRequest, ctx.run_id, on_export_request, ack_wait=60)
     await ctx.stop.wait()
 
 

@@ -17,7 +17,7 @@ from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished
 from tuneloop.storage import confine
 
-from . import controls, distributed, model as models
+from . import controls, distributed, model as models, prepared
 from .callback import BusCallback, latest_complete, latest_intact, read_state, sync_args
 from .remote_reward import RemoteReward
 from .threads import CoreShareCallback
@@ -192,9 +192,24 @@ def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: 
         g = cfg.train.grpo
         kwargs["reward_funcs"] = RemoteReward(link, run_id, g.rewards, g.reward_timeout)
     trainer_cls = getattr(trl, METHODS[cfg.train.method][1])
-    return trainer_cls(model=model, args=args or trl_args(cfg, run_dir / "checkpoints"),
-                       train_dataset=Dataset.from_list(train_rows(cfg, run_dir, dataset)), processing_class=tokenizer,
-                       peft_config=lora_config(cfg), callbacks=callbacks, **kwargs)
+    args = args or trl_args(cfg, run_dir / "checkpoints")
+    rows = train_rows(cfg, run_dir, dataset)
+    if cfg.train.method != "sft":
+        return trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                           peft_config=lora_config(cfg), callbacks=callbacks, **kwargs)
+    # SFT: a set this process tokenized before (an earlier trial on the same data) is not tokenized again.
+    k = prepared.key(rows, tokenizer, args)
+    ready, given = prepared.get(k), args.dataset_kwargs
+    if ready is not None:
+        log.info("train set tokenized by this process before (%d rows): not tokenized again", len(ready))
+        args.dataset_kwargs = {**(given or {}), "skip_prepare_dataset": True}
+    try:
+        trainer = trainer_cls(model=model, args=args, train_dataset=ready if ready is not None else Dataset.from_list(rows),
+                              processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks, **kwargs)
+    finally:
+        args.dataset_kwargs = given
+    prepared.keep(k, trainer.train_dataset)
+    return trainer
 
 
 def core_sharing(bus_callback: BusCallback) -> list:

@@ -8,7 +8,8 @@ Top to bottom:
    is rebuilt from them (``search.replay``). Finished trials are never run again.
 3. Pools shared by every trial, serving every run (``--run-id '*'``): ``concurrency`` trainer
    workers, one data-pipeline, one checkpoint service, ``evaluators`` evaluators and one
-   rl-reward. Torch and transformers are imported once per worker, not once per trial.
+   rl-reward. Torch and transformers are imported once per worker, not once per trial, and
+   a worker tokenizes a train set once for all the trials that share it.
 4. Trials: up to ``concurrency`` at once, each a run of its own (``<sweep>-tNN``), queued with
    ``RunQueued``: a trainer worker takes it from the work queue (workers on other machines
    on the same NATS take trials too), data-pipeline prepares its data. ``tuneloop ctl
@@ -18,7 +19,8 @@ Top to bottom:
    at its next step boundary, and its checkpoint service releases its checkpoints.
 6. A trial's value is its exported model's score on test; the best one is reported, its config
    written to ``<sweep>/best.yaml`` and its export linked as ``<sweep>/best``. LoRA trials
-   export their adapter; only the winner's is merged, at the end.
+   export their adapter; only the winner's is merged, at the end, by the checkpoint pool
+   (``export.request``).
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ from rich.table import Table
 
 from ..bus import Bus
 from ..config import Config, ConfigError
-from ..control import send_control
+from ..control import ExportRefused, request_merged_export, send_control
 from ..embedded import NatsServer, _accepts
 from ..events import (CheckpointsReleased, Control, ControlApplied, DeadLetter, EvalVerdict, ExportDone, RunQueued,
-                      TrainingFinished)
-from ..runner import CRITICAL_KINDS, init_run, spawn, stop_all
-from ..storage import CONFIG_FILE, confine, relative, run_dir, write_run_info
+                      StepMetrics, TrainingFinished)
+from ..runner import CRITICAL_KINDS, FIRST, LATER_WITHIN_S, init_run, spawn, stop_all
+from ..storage import CONFIG_FILE, run_dir, write_run_info
 from . import search
 from .search import TrialRecord
 from .spec import SweepSpec, load_sweep, trial_config
@@ -121,6 +123,7 @@ class Sweep:
         self.live: dict[int, Trial] = {}
         self.pools: dict[tuple[str, int], subprocess.Popen] = {}
         self.records: list[TrialRecord] = []
+        self.later: list[tuple[str, int]] = []  # pools not started yet (see start_pools)
 
     async def run(self) -> dict:
         self.bus = await Bus.connect(self.url, "sweep")
@@ -145,6 +148,7 @@ class Sweep:
                 if not self.live:
                     break
                 await asyncio.sleep(0.5)
+                await self.start_later_pools()
                 self.watch_pools()
                 for trial in list(self.live.values()):
                     await self.check(trial)
@@ -161,16 +165,40 @@ class Sweep:
 
     async def start_pools(self) -> None:
         """The pools of this sweep, after the ones a killed sweep left have stopped (they save
-        the checkpoint of the trial they were training when they notice their parent is gone)."""
-        info_file = self.dir / SWEEP_FILE
-        info = json.loads(info_file.read_text()) if info_file.exists() else {}
+        the checkpoint of the trial they were training when they notice their parent is gone).
+        Those on the path to the first step start first; the rest once a trial trains (their
+        start-up would only slow the trainers' own), or after ``LATER_WITHIN_S``."""
+        info = self.info()
         await wait_gone(info.get("pool_pids", []), str(self.storage))
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
-        for service, n in self.pool_sizes().items():
-            for i in range(n):
+        sizes = self.pool_sizes()
+        for service in FIRST:
+            for i in range(sizes[service]):
                 self.start_pool(service, i)
+        self.later = [(s, i) for s, n in sizes.items() if s not in FIRST for i in range(n)]
+        self.later_by = time.monotonic() + LATER_WITHIN_S
+        self.first_step = await self.bus.subscribe(StepMetrics, "*", self.on_first_step)
+        self.save_pids()
+
+    async def on_first_step(self, ev: StepMetrics) -> None:
+        self.later_by = 0.0
+
+    async def start_later_pools(self) -> None:
+        if self.later and time.monotonic() >= self.later_by:
+            for service, i in self.later:
+                self.start_pool(service, i)
+            self.later = []
+            await self.first_step.unsubscribe()
+            self.save_pids()
+
+    def info(self) -> dict:
+        info_file = self.dir / SWEEP_FILE
+        return json.loads(info_file.read_text()) if info_file.exists() else {}
+
+    def save_pids(self) -> None:
+        info = self.info()
         info["pool_pids"] = [p.pid for p in self.pools.values()]
-        info_file.write_text(json.dumps(info, indent=1))
+        (self.dir / SWEEP_FILE).write_text(json.dumps(info, indent=1))
 
     def start_pool(self, service: str, replica: int) -> None:
         env = None
@@ -240,19 +268,24 @@ class Sweep:
         self.live[record.number] = trial
 
     async def merge_best(self) -> None:
-        """The winner's merged model: the one trial that needs it (LoRA trials export adapters)."""
+        """The winner's merged model: the one trial that needs it (LoRA trials export adapters).
+        The checkpoint pool merges it: torch is loaded there already."""
         top = search.best(self.records)
         if top is None or not top.export or Path(top.export).name != "adapter":
             return
-        from ..checkpoint.export import export_merged
-
-        rdir = run_dir(self.storage, top.run_id)
-        adapter = confine(rdir, top.export)
-        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-        merged = await asyncio.to_thread(export_merged, adapter, base, True, adapter.parent / "merged")
-        top.export = relative(rdir, merged)
+        self.later_by = 0.0
+        await self.start_later_pools()
+        if ("checkpoint", 0) not in self.pools:  # a sweep continued after its last trial: no pools yet
+            (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+            self.start_pool("checkpoint", 0)
+        try:
+            done = await request_merged_export(self.url, top.run_id, f"best of sweep {self.spec.name}", bus=self.bus)
+        except (ExportRefused, TimeoutError) as e:
+            self.console.log(f"[yellow]{top.run_id} (best): no merged model: {e}[/] (its adapter is exported)")
+            return
+        top.export = done.merged_path
         await self.store.put(top)
-        self.console.log(f"[bold]{top.run_id}[/] (best) merged: {merged}")
+        self.console.log(f"[bold]{top.run_id}[/] (best) merged: {run_dir(self.storage, top.run_id) / done.merged_path}")
 
     # ------------------------------------------------------------ events of a trial
     async def on_verdict(self, trial: Trial, v: EvalVerdict) -> None:

@@ -1,5 +1,6 @@
 """Pools instead of processes per run: one trainer worker (``--run-id '*'``) takes queued runs
-one after another, and trains each exactly as a trainer of its own would."""
+one after another, and trains each exactly as a trainer of its own would (tokenizing a train
+set it has seen before only once)."""
 
 import re
 
@@ -38,6 +39,9 @@ async def test_one_worker_trains_queued_runs_in_turn_with_the_losses_of_a_run_of
     losses = {r: [(s.step, s.loss) for s in steps[r] if s.loss is not None] for r in steps}
     assert len(losses[alone]) == 12
     assert losses[pooled[0]] == losses[alone] and losses[pooled[1]] == losses[alone]  # same seed, same losses
+    # ... although the second run used the train set the worker had tokenized for the first
+    logs = [(storage / r / "logs" / "trainer.log").read_text() for r in pooled]
+    assert "not tokenized again" not in logs[0] and "not tokenized again" in logs[1]
     for r in pooled:  # each run's checkpoints are its own, resumable
         assert (storage / r / "checkpoints" / "checkpoint-6" / "optimizer.pt").is_file()
 

@@ -7,7 +7,7 @@ import pytest
 from helpers import make_run, run_id_for, tiny_config
 from helpers import collect, wait_for
 from tuneloop import subjects
-from tuneloop.control import send_control
+from tuneloop.control import ExportRefused, request_merged_export, send_control
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, ControlApplied, ControlRejected, DeadLetter,
                              EvalRequest, StepMetrics, TrainingFinished)
 
@@ -40,6 +40,12 @@ async def test_checkpoint_service_acts_on_trainer_events_and_survives_bad_ones(t
     assert "leaves the run directory" in dead[1].reason
     assert [r.step for r in recorded] == [10, 20]
     assert not (storage / run / "checkpoints" / "checkpoint-11").exists()
+
+    # A merged export of a run that exported nothing yet is refused, saying so; the service goes on.
+    with pytest.raises(ExportRefused, match=f"run {run} has no exported adapter to merge"):
+        await request_merged_export(nats_url, run, bus=bus, timeout=30)
+    await bus.publish(saved(30, "checkpoints/checkpoint-20"))
+    await wait_for(lambda: len(recorded) == 3, timeout=30)
 
 
 async def test_controls_are_applied_at_a_step_boundary_and_acknowledged(tmp_path, nats_url, bus, services, request):
