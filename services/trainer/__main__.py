@@ -197,7 +197,7 @@ def cli(argv: list[str] | None = None) -> None:
         args.launcher_pid = os.getppid()  # torchrun (if it went before the line above took effect)
         if distributed.rank() > 0:
             return follow(args)
-        return run_service("trainer", main, args=args)
+        return run_service("trainer", main, args=args, fast_exit=False)  # torchrun's ranks end together
     if args.run_id == ALL_RUNS:
         return run_service("trainer", main, args=args)
     processes = args.processes or load_run_config(args.storage, args.run_id).train.processes

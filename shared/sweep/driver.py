@@ -19,8 +19,8 @@ Top to bottom:
    at its next step boundary, and its checkpoint service releases its checkpoints.
 6. A trial's value is its exported model's score on test; the best one is reported, its config
    written to ``<sweep>/best.yaml`` and its export linked as ``<sweep>/best``. LoRA trials
-   export their adapter; only the winner's is merged, at the end, by the checkpoint pool
-   (``export.request``).
+   export their adapter; only the winner's is merged, by the checkpoint pool
+   (``export.request``): each trial that completes as the best so far, while others train.
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ class Sweep:
         self.pools: dict[tuple[str, int], subprocess.Popen] = {}
         self.records: list[TrialRecord] = []
         self.later: list[tuple[str, int]] = []  # pools not started yet (see start_pools)
+        self.merging: dict[int, asyncio.Task] = {}  # trial number -> its merged export, asked for
 
     async def run(self) -> dict:
         self.bus = await Bus.connect(self.url, "sweep")
@@ -138,7 +139,7 @@ class Sweep:
                                f"at a time, {self.spec.evaluators} shared evaluator(s); nats {self.url}"
                                + (f"; continuing: {done} finished, {len(running)} to resume" if self.records else ""))
             if len(self.records) < total or running:
-                await self.start_pools()
+                await self.start_pools(staged=not running)
             for record in self.records:
                 if record.state == "running":
                     await self.resume(record, running[record.number])
@@ -163,11 +164,12 @@ class Sweep:
         return {"trainer": self.spec.concurrency, "data-pipeline": 1, "checkpoint": 1,
                 "evaluator": self.spec.evaluators, "rl-reward": 1}
 
-    async def start_pools(self) -> None:
+    async def start_pools(self, staged: bool = True) -> None:
         """The pools of this sweep, after the ones a killed sweep left have stopped (they save
         the checkpoint of the trial they were training when they notice their parent is gone).
-        Those on the path to the first step start first; the rest once a trial trains (their
-        start-up would only slow the trainers' own), or after ``LATER_WITHIN_S``."""
+        ``staged``: those on the path to the first step start first; the rest once a trial
+        trains (their start-up would only slow the trainers' own), or after ``LATER_WITHIN_S``.
+        Trials to resume are mid-way, with checkpoints to evaluate now: all start at once."""
         info = self.info()
         await wait_gone(info.get("pool_pids", []), str(self.storage))
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -176,8 +178,9 @@ class Sweep:
             for i in range(sizes[service]):
                 self.start_pool(service, i)
         self.later = [(s, i) for s, n in sizes.items() if s not in FIRST for i in range(n)]
-        self.later_by = time.monotonic() + LATER_WITHIN_S
+        self.later_by = time.monotonic() + (LATER_WITHIN_S if staged else 0.0)
         self.first_step = await self.bus.subscribe(StepMetrics, "*", self.on_first_step)
+        await self.start_later_pools()
         self.save_pids()
 
     async def on_first_step(self, ev: StepMetrics) -> None:
@@ -269,23 +272,31 @@ class Sweep:
 
     async def merge_best(self) -> None:
         """The winner's merged model: the one trial that needs it (LoRA trials export adapters).
-        The checkpoint pool merges it: torch is loaded there already."""
+        Usually made already, when it completed as the best so far (see ``end``)."""
         top = search.best(self.records)
-        if top is None or not top.export or Path(top.export).name != "adapter":
+        if top is None:
             return
-        self.later_by = 0.0
-        await self.start_later_pools()
-        if ("checkpoint", 0) not in self.pools:  # a sweep continued after its last trial: no pools yet
-            (self.dir / "logs").mkdir(parents=True, exist_ok=True)
-            self.start_pool("checkpoint", 0)
+        if top.number in self.merging:
+            await self.merging[top.number]
+        if top.export and Path(top.export).name == "adapter":
+            self.later_by = 0.0
+            await self.start_later_pools()
+            if ("checkpoint", 0) not in self.pools:  # a sweep continued after its last trial: no pools yet
+                (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+                self.start_pool("checkpoint", 0)
+            await self.merge(top)
+
+    async def merge(self, record: TrialRecord) -> None:
+        """Ask the checkpoint pool (torch is loaded there) to merge ``record``'s adapter."""
         try:
-            done = await request_merged_export(self.url, top.run_id, f"best of sweep {self.spec.name}", bus=self.bus)
+            done = await request_merged_export(self.url, record.run_id, f"best of sweep {self.spec.name}", bus=self.bus)
         except (ExportRefused, TimeoutError) as e:
-            self.console.log(f"[yellow]{top.run_id} (best): no merged model: {e}[/] (its adapter is exported)")
+            self.console.log(f"[yellow]{record.run_id}: no merged model: {e}[/] (its adapter is exported)")
             return
-        top.export = done.merged_path
-        await self.store.put(top)
-        self.console.log(f"[bold]{top.run_id}[/] (best) merged: {run_dir(self.storage, top.run_id) / done.merged_path}")
+        record.export = done.merged_path
+        await self.store.put(record)
+        self.console.log(f"[bold]{record.run_id}[/] (best so far) merged: "
+                         f"{run_dir(self.storage, record.run_id) / done.merged_path}")
 
     # ------------------------------------------------------------ events of a trial
     async def on_verdict(self, trial: Trial, v: EvalVerdict) -> None:
@@ -362,6 +373,10 @@ class Sweep:
         del self.live[r.number]
         write_run_info(self.storage, r.run_id, {"run_id": r.run_id, "nats_url": self.url, "state": state,
                                                 "sweep": self.spec.name, "ended": _now()})
+        if state == "complete" and r.export and Path(r.export).name == "adapter" and search.best(self.records) is r:
+            # The best so far is merged now, while others train, not after the last trial: at
+            # the end it usually is the winner, ready (a later, better trial is merged in turn).
+            self.merging[r.number] = asyncio.create_task(self.merge(r))
         value = f"test {self.metric} {r.value:.3f}" if r.value is not None else ""
         color = {"complete": "green", "pruned": "yellow"}.get(state, "red")
         self.console.log(f"[bold]{r.run_id}[/] [{color}]{state}[/] {value} ({detail.splitlines()[0] if detail else ''})")

@@ -62,8 +62,8 @@ async def records(url: str) -> dict[str, dict]:
 
 
 def early(record: dict) -> bool:
-    """Running, with a checkpoint (its step-20 verdict is in) and most of its steps ahead."""
-    return record["state"] == "running" and list(record["values"]) == ["20"]
+    """Running, with a checkpoint (a verdict on one is in) and most of its steps ahead."""
+    return record["state"] == "running" and bool(record["values"]) and max(map(int, record["values"])) <= STEPS // 2
 
 
 def _env() -> dict:
@@ -77,14 +77,18 @@ def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
     runs = tmp_path / "runs"
     first = subprocess.Popen([*TUNELOOP, "sweep", str(sweep_file)], stdout=open(tmp_path / "first.log", "w"),
                              stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
-    try:  # kill the sweep once a trial has finished and another is early in training (one verdict, at step 20)
+    try:  # kill the sweep once a trial has finished and another is early in training (a slow trial's
+        # window is a second or two: from its first verdict to the prune that the second one brings)
         deadline = time.time() + 400
         before: dict = {}
         while time.time() < deadline and first.poll() is None:
-            time.sleep(2)
+            time.sleep(0.25)
             info = runs / "sw" / "sweep.json"
             if info.exists():
-                before = asyncio.run(records(json.loads(info.read_text())["nats_url"]))
+                try:
+                    before = asyncio.run(asyncio.wait_for(records(json.loads(info.read_text())["nats_url"]), 10))
+                except Exception:  # the sweep's server not up yet (or gone: the sweep ended)
+                    continue
                 states = [r["state"] for r in before.values()]
                 if "complete" in states and any(early(r) for r in before.values()):
                     break
