@@ -21,7 +21,7 @@ import yaml
 from helpers import REPO
 from tuneloop.subjects import durable_name
 
-KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/multinode"]
+KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/multinode", "overlays/sweep"]
 CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
         ("kubeflow.org/v1", "PyTorchJob")}
 KUBECTL = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
@@ -55,7 +55,8 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(kustomization):
         assert env["NATS_USER"]["value"] == name and env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "nats-users"
     names = {n for n, _ in pods}
     assert {"data-pipeline", "evaluator", "rl-reward", "checkpoint", "prometheus", "grafana"} <= names
-    assert ("trainer" in by_kind.get("Job", {})) != ("trainer" in by_kind.get("PyTorchJob", {}))
+    # One trainer: a Job (one run), a PyTorchJob (one run on several nodes) or a Deployment (pool workers).
+    assert sum("trainer" in by_kind.get(k, {}) for k in ("Job", "PyTorchJob", "Deployment")) == 1
 
 
 def test_keda_scales_the_evaluators_on_their_own_work_queue():
@@ -70,6 +71,25 @@ def test_keda_scales_the_evaluators_on_their_own_work_queue():
     service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "tuneloop-metrics")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+
+
+def test_the_sweep_overlay_runs_pools_and_keda_scales_workers_and_evaluators_on_their_queues():
+    docs = build("overlays/sweep")
+    env = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("tuneloop-env"))
+    assert env["data"]["TUNELOOP_RUN_ID"] == "*"  # every service serves every run
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(SERVICES) <= set(deployments) and not [d for d in docs if d["kind"] in ("Job", "PyTorchJob")]
+    for name in SERVICES:  # ... reading that setting
+        refs = [e["configMapRef"]["name"] for c in deployments[name]["spec"]["template"]["spec"]["containers"]
+                for e in c.get("envFrom", [])]
+        assert refs == [env["metadata"]["name"]], (name, refs)
+        assert deployments[name]["metadata"]["namespace"] == env["metadata"]["namespace"]
+        image = deployments[name]["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert image.startswith(f"ghcr.io/tuneloop/{name}:"), image
+    scaled = {d["spec"]["scaleTargetRef"]["name"]: d["spec"]["triggers"][0]["metadata"]
+              for d in docs if d["kind"] == "ScaledObject"}
+    assert scaled["trainer"]["consumer"] == durable_name("trainer", "*", "run.queued")
+    assert scaled["evaluator"]["consumer"] == durable_name("evaluator", "*", "eval.shard")
 
 
 def test_compose_file_follows_the_compose_spec_and_gives_each_service_its_identity():
