@@ -49,6 +49,7 @@ bench: install  ## benchmarks (minutes each; nothing else running): figures to $
 	$(PY) bench/startup.py --json $(BENCH_OUT)/startup.json
 	$(PY) bench/feedback_loop.py --json $(BENCH_OUT)/feedback_loop.json
 	$(PY) bench/sweep.py --json $(BENCH_OUT)/sweep.json
+	$(PY) bench/readme.py --results $(BENCH_OUT)
 
 proto: install  ## regenerate proto/ from the event models
 	$(VENV)/bin/tuneloop proto
