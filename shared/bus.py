@@ -41,6 +41,14 @@ class Reject(Exception):
     dead-lettered at once instead of retried."""
 
 
+# How long commands a person waits on (ctl, watch, audit, report...) try a first connection.
+CONNECT_PATIENCE_S = float(os.environ.get("TUNELOOP_CONNECT_PATIENCE", "10"))
+
+
+class NatsUnreachable(ConnectionError):
+    """The first connection to NATS did not succeed in time; the message names the URL."""
+
+
 class BusError(RuntimeError):
     """A request could not be answered (timeout, no responder, or the responder said why)."""
 
@@ -78,7 +86,10 @@ class Bus:
 
     # ------------------------------------------------------------ connection
     @classmethod
-    async def connect(cls, url: str, service: str, *, timeout: float = 10.0) -> "Bus":
+    async def connect(cls, url: str, service: str, *, timeout: float = 10.0, patience: float | None = None) -> "Bus":
+        """Connect, then reconnect forever after any outage. ``patience``: give up on the first
+        connection after that many seconds (commands a person waits on; services wait for
+        their broker however long it takes to come up)."""
         async def on_error(e: Exception) -> None:
             log.warning("nats: %s", e)
 
@@ -88,12 +99,17 @@ class Bus:
         async def on_reconnect() -> None:
             log.info("nats: reconnected")
 
-        nc = await nats.connect(
-            servers=[url], name=service, connect_timeout=timeout,
+        connecting = nats.connect(
+            servers=[url], name=service, connect_timeout=min(timeout, patience or timeout),
             max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
             **credentials(),
         )
+        try:
+            nc = await (asyncio.wait_for(connecting, patience) if patience else connecting)
+        except asyncio.TimeoutError:
+            raise NatsUnreachable(f"no NATS server answered at {url} within {patience:.0f}s "
+                                  "(is it running? for a finished embedded run it is gone: pass --nats-url)") from None
         bus = cls(nc, service)
         await bus.ensure_stream()
         return bus

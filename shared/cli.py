@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -172,10 +173,10 @@ def audit(
     storage: Path = STORAGE,
 ) -> None:
     """Every control, its answer and every mixture request of a run, from the audit stream."""
-    from .bus import Bus
+    from .bus import CONNECT_PATIENCE_S, Bus
 
     async def read():
-        bus = await Bus.connect(nats_url or _run_url(storage, run_id), "audit")
+        bus = await Bus.connect(nats_url or _run_url(storage, run_id), "audit", patience=CONNECT_PATIENCE_S)
         try:
             return await bus.audit_trail(run_id)
         finally:
@@ -193,9 +194,14 @@ def export(
     step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the newest complete one)."),
     merged: bool = typer.Option(False, "--merged", help="Write a merged model instead of the LoRA adapter."),
     out: Optional[Path] = typer.Option(None, help="Target folder (default: <run>/export/<adapter|merged>-<step>)."),
+    force: bool = typer.Option(False, "--force", help="Write into a folder that holds other files too (they are kept; "
+                                                       "none is ever overwritten)."),
     storage: Path = STORAGE,
 ) -> None:
-    """Export a checkpoint of a run as a PEFT adapter or a merged model (safetensors). Needs no broker."""
+    """Export a checkpoint of a run as a PEFT adapter or a merged model (safetensors). Needs no broker.
+
+    Never deletes or overwrites a file tuneloop did not write: a target folder holding other
+    files is refused unless --force; exporting again into a folder replaces the earlier export."""
     from .storage import load_run_config, resolve_model, run_dir
 
     from tuneloop.checkpoint import export as exporter
@@ -218,10 +224,14 @@ def export(
     adapter = cfg.train.lora.enabled
     kind = "merged" if merged or not adapter else "adapter"
     dest = (out or rdir / "export" / f"{kind}-{ckpt.name.split('-')[-1]}").resolve()
-    if kind == "merged":
-        path = exporter.export_merged(ckpt, base, adapter, dest)
-    else:
-        path = exporter.export_adapter(ckpt, base, dest)
+    try:
+        if kind == "merged":
+            path = exporter.export_merged(ckpt, base, adapter, dest, force=force)
+        else:
+            path = exporter.export_adapter(ckpt, base, dest, force=force)
+    except exporter.DestinationInUse as e:
+        console.print(f"[red]{e}[/]", soft_wrap=True)
+        raise typer.Exit(2)
     console.print(f"exported {ckpt.name} as {kind}: {path}", soft_wrap=True)
 
 
@@ -248,7 +258,13 @@ def runs(storage: Path = STORAGE) -> None:
 
     from .storage import RUN_FILE
 
-    t = Table("run", "state", "started", "steps", "stopped", "test protocol", "test correctness")
+    from rich.table import Column
+
+    # The run id is what a user copies from here: never cut; the other columns fold instead.
+    t = Table(Column("run", no_wrap=True, overflow="ignore", min_width=max(
+        [len(p.parent.name) for p in Path(storage).glob(f"*/{RUN_FILE}")] or [3])),
+        *(Column(h, overflow="fold") for h in ("state", "started", "steps", "stopped", "test protocol",
+                                                "test correctness")))
     for info_file in sorted(Path(storage).glob(f"*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime):
         info = json.loads(info_file.read_text())
         summary_file = info_file.parent / "summary.json"
@@ -329,9 +345,9 @@ def _events(run_id: str, storage: Path, nats_url: Optional[str]) -> list:
         return read_timeline(timeline)
 
     async def fetch():
-        from .bus import Bus
+        from .bus import CONNECT_PATIENCE_S, Bus
 
-        bus = await Bus.connect(nats_url or _run_url(storage, run_id), "report")
+        bus = await Bus.connect(nats_url or _run_url(storage, run_id), "report", patience=CONNECT_PATIENCE_S)
         try:
             return await replay(bus, run_id)
         finally:
@@ -388,6 +404,20 @@ def _number(value: Optional[str]):
         return value
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main() -> None:
+    from .bus import NatsUnreachable
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    # SIGTERM (timeout, systemd, docker stop, a CI cancel) and SIGHUP (a closed terminal) stop
+    # what a command started, as Ctrl-C does: services, pools and the embedded nats-server.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    try:
+        app()
+    except NatsUnreachable as e:  # any command that needs the bus: say which URL, never hang
+        console.print(f"[red]{e}[/]", soft_wrap=True)
+        raise SystemExit(3)

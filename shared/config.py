@@ -107,9 +107,22 @@ class LoraSection(_Section):
     modules_to_save: list[str] | None = Field(default=None, description="Modules trained fully and saved with the adapter (e.g. lm_head for a model trained from scratch).")
 
 
+# transformers' SchedulerType and TRL's loss types, checked at load (a test keeps them in step
+# with the installed libraries): a typo fails here, naming the file and field, not in the trainer.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+# A run id is run.name + this stamp (+ "-<phase>" in a phased job); ids are at most 64 characters.
+RUN_ID_STAMP = "-%Y%m%d-%H%M%S"
+RUN_ID_STAMP_LEN = len("-20260101-000000")
+
+
 class DPOSection(_Section):
     beta: float = Field(default=0.1, gt=0, description="Strength of the pull towards the reference model.")
-    loss_type: str = "sigmoid"
+    loss_type: Literal[DPO_LOSSES] = "sigmoid"  # type: ignore[valid-type]
 
 
 REWARDS = ("protocol", "correctness", "similarity", "brevity")
@@ -120,7 +133,7 @@ class GRPOSection(_Section):
     max_completion_length: int = Field(default=32, ge=1)
     temperature: float = Field(default=1.0, gt=0)
     beta: float = Field(default=0.0, ge=0, description="KL penalty to the reference model (0: no reference model).")
-    loss_type: str = Field(default="grpo", description="TRL's GRPO loss normalisation: grpo, dapo, dr_grpo, bnpo, ...")
+    loss_type: Literal[GRPO_LOSSES] = Field(default="grpo", description="TRL's GRPO loss normalisation.")  # type: ignore[valid-type]
     rewards: dict[Literal[REWARDS], float] = Field(  # type: ignore[valid-type]
         default_factory=lambda: {"protocol": 1.0},
         description="Reward functions of the rl-reward service and their weights.")
@@ -135,7 +148,7 @@ class TrainSection(_Section):
     batch_size: int = Field(default=32, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=3e-3, gt=0)
-    lr_scheduler: str = "constant"
+    lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
@@ -234,6 +247,15 @@ class Config(_Section):
         if self.eval.every and self.train.fsdp:
             raise ValueError("eval.every saves snapshots from one rank's weights; with train.fsdp each rank holds a "
                              "shard: leave eval.every unset (checkpoints are evaluated)")
+        return self
+
+    @model_validator(mode="after")
+    def _run_ids_fit(self) -> "Config":
+        longest = len(self.run.name) + RUN_ID_STAMP_LEN + max((len(p.name) + 1 for p in self.phases), default=0)
+        if longest > 64:
+            raise ValueError(f"run.name {self.run.name!r} is too long: the run ids made from it (name-YYYYmmdd-HHMMSS"
+                             f"{'-phase' if self.phases else ''}) would be {longest} characters, 64 at most; shorten "
+                             f"it by {longest - 64}")
         return self
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ import asyncio
 import getpass
 from collections.abc import Callable
 
-from .bus import Bus
+from .bus import CONNECT_PATIENCE_S, Bus
 from .events import (Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter, Event, ExportDone, ExportRequest,
                      MixtureRequest)
 
@@ -15,7 +15,7 @@ async def _ask(url: str, event: Event, answers: dict[type[Event], Callable[[Even
                bus: Bus | None, what: str) -> Event:
     """Publish ``event``; return the first event of ``answers`` whose predicate says it answers it."""
     own = bus is None
-    bus = bus or await Bus.connect(url, "ctl")
+    bus = bus or await Bus.connect(url, "ctl", patience=CONNECT_PATIENCE_S)
     subs = []
     try:
         answer: asyncio.Future = asyncio.get_running_loop().create_future()

@@ -8,6 +8,7 @@ core NATS (fire and forget / request-reply). ``proto/`` is generated from these 
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Any, ClassVar, Literal
@@ -342,6 +343,18 @@ def parse(cls: type[Event], data: bytes | str | dict[str, Any]) -> Event:
     if isinstance(data, dict):
         return cls.model_validate(data)
     return cls.model_validate_json(data)
+
+
+def derived_id(prefix: str, *parts: object) -> str:
+    """The event id of an event made from others (a shard of a request, the verdict of a
+    shard set, the feedback on a verdict...): the same inputs give the same id, so a handler
+    that runs again after a redelivery publishes a duplicate that JetStream drops; different
+    inputs never share one, however long the run id and the source ids are (ids are at most
+    64 characters: a long one keeps its start and ends in a hash of the whole)."""
+    whole = "-".join([prefix, *map(str, parts)])
+    if len(whole) <= 64:
+        return whole
+    return f"{whole[:43]}-{hashlib.sha256(whole.encode()).hexdigest()[:20]}"
 
 
 def explain(err: ValidationError) -> str:

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from . import cores
 from .bus import Bus
-from .config import Config, ConfigError, dump_config, load_config
+from .config import RUN_ID_STAMP, Config, ConfigError, dump_config, load_config
 from .embedded import NatsServer
 from .events import (CheckpointRecorded, Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter,
                      EvalVerdict, Event, ExportDone, Feedback, StepMetrics, TrainingFinished, explain)
@@ -82,7 +82,7 @@ class RunState:
 
 
 def new_run_id(cfg: Config) -> str:
-    return f"{cfg.run.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return cfg.run.name + datetime.now().strftime(RUN_ID_STAMP)
 
 
 def with_processes(cfg: Config, processes: int, source: Path) -> Config:

@@ -15,6 +15,8 @@ from .config import Config, load_config
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 STATE_FILE = "tuneloop_state.json"  # written last into a checkpoint: one without it is incomplete
+# In the run directory: the run's controls as applied so far, written before each is answered.
+APPLIED_FILE = "controls-applied.json"
 SNAPSHOTS = "snapshots"  # evaluation snapshots (eval.every): <run>/snapshots/step-<N>, weights only
 
 

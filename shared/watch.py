@@ -139,10 +139,10 @@ async def watch(url: str, run_id: str, console, *, exit_when_done: bool = True) 
     """Show the run live until it has finished and exported (or Ctrl-C)."""
     from rich.live import Live
 
-    from .bus import Bus
+    from .bus import CONNECT_PATIENCE_S, Bus
 
     view = WatchView(run_id)
-    bus = await Bus.connect(url, "watch")
+    bus = await Bus.connect(url, "watch", patience=CONNECT_PATIENCE_S)
     try:
         async def on(e: Event) -> None:
             view.update(e)

@@ -15,7 +15,7 @@ from nats.js.errors import NoKeysError, NotFoundError
 from tuneloop import metrics
 from tuneloop.bus import Reject
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, CheckpointsReleased, ControlApplied, EvalRequest,
-                             EvalVerdict, ExportDone, ExportRequest, TrainingFinished)
+                             EvalVerdict, ExportDone, ExportRequest, TrainingFinished, derived_id)
 from tuneloop.grafana import Annotator
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
 from tuneloop.storage import SNAPSHOTS, complete_checkpoints, confine, relative, resolve_model
@@ -81,13 +81,13 @@ async def main(ctx: ServiceContext) -> None:
                       bytes=size, is_final=ev.is_final, scores=old.scores if old and old.sha256 == sha else None,
                       snapshot=ev.snapshot, evaluated=ev.evaluate or ev.is_final)
         await catalogue.put(ev.run_id, entry)
-        record = CheckpointRecorded(run_id=ev.run_id, event_id=f"rec-{ev.event_id}"[:64], step=ev.step,
+        record = CheckpointRecorded(run_id=ev.run_id, event_id=derived_id("rec", ev.event_id), step=ev.step,
                                     path=ev.path, sha256=sha, bytes=size)
         await bus.publish(record)
         if annotator:
             await annotator.post(record)
         if entry.scores is None and entry.evaluated:
-            await bus.publish(EvalRequest(run_id=ev.run_id, event_id=f"eval-{ev.event_id}"[:64], step=ev.step,
+            await bus.publish(EvalRequest(run_id=ev.run_id, event_id=derived_id("eval", ev.event_id), step=ev.step,
                                           checkpoint=ev.path, base_model=ev.base_model, adapter=ev.adapter))
         log.info("recorded step %d (%s, %.1f MB)", ev.step, sha[:12], size / 1e6)
 
@@ -142,7 +142,7 @@ async def main(ctx: ServiceContext) -> None:
             e.released = True
             await catalogue.put(done.run_id, e)
         steps = sorted({int(d.name.rsplit("-", 1)[1]) for d in folders if d.name.rsplit("-", 1)[1].isdigit()})
-        await bus.publish(CheckpointsReleased(run_id=done.run_id, event_id=f"released-{done.event_id}"[:64],
+        await bus.publish(CheckpointsReleased(run_id=done.run_id, event_id=derived_id("released", done.event_id),
                                               steps=steps, bytes=freed, reason=done.detail))
         log.info("run %s pruned: released %d checkpoints (%.1f MB)", done.run_id, len(folders), freed / 1e6)
 
@@ -175,12 +175,12 @@ async def main(ctx: ServiceContext) -> None:
         # The exported model itself is scored on the held-out test split and on every test suite.
         final, final_adapter = (merged_path, False) if merged_path else (adapter_path, True)
         for i, split in enumerate(["test"] + [f"suite:{s.name}" for s in cfg.eval.suites]):
-            await bus.publish(EvalRequest(run_id=done.run_id, event_id=f"final{i or ''}-{done.event_id}"[:64],
+            await bus.publish(EvalRequest(run_id=done.run_id, event_id=derived_id(f"final{i or ''}", done.event_id),
                                           step=chosen.step, checkpoint=relative(run_dir, final),
                                           base_model=chosen.base_model, adapter=final_adapter, split=split,
                                           purpose="final"))
         await bus.publish(ExportDone(
-            run_id=done.run_id, event_id=f"export-{done.event_id}"[:64], step=chosen.step,
+            run_id=done.run_id, event_id=derived_id("export", done.event_id), step=chosen.step,
             score=(chosen.scores or {}).get(cfg.feedback.metric),
             adapter_path=relative(run_dir, adapter_path) if adapter_path else None,
             merged_path=relative(run_dir, merged_path) if merged_path else None,
@@ -199,7 +199,7 @@ async def main(ctx: ServiceContext) -> None:
         merged = await on_torch_thread(export.export_merged, adapter, base, True, adapter.parent / "merged")
         log.info("run %s: merged its adapter (step %d) in %.1fs, asked: %s", req.run_id, done.step,
                  time.perf_counter() - t0, req.reason)
-        await bus.publish(ExportDone(run_id=req.run_id, event_id=f"export-{req.event_id}"[:64], step=done.step,
+        await bus.publish(ExportDone(run_id=req.run_id, event_id=derived_id("export", req.event_id), step=done.step,
                                      score=done.score, adapter_path=done.adapter_path,
                                      merged_path=relative(rdir, merged), requested_by=req.event_id))
 

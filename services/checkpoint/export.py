@@ -1,23 +1,88 @@
 """Export a checkpoint as a PEFT LoRA adapter and/or a merged model plain transformers loads.
 
-Both are written to a temporary folder and renamed into place, so an export directory is
-either complete or absent. Weights are safetensors only.
+Both are written to a fresh temporary folder beside the target and moved into place, so an
+export is either complete or absent. Weights are safetensors only.
+
+tuneloop never deletes or overwrites what it did not write: every export folder gets a
+manifest of the files tuneloop put there (``MARKER``). Exporting again into such a folder
+replaces those files and keeps any other; a folder holding files tuneloop did not write is
+refused unless ``force`` (then the export goes beside them, and still never over one of them).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+MARKER = ".tuneloop-export.json"
 
 
-def _replace(tmp: Path, dest: Path) -> Path:
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+class DestinationInUse(FileExistsError):
+    """The target holds files tuneloop did not write; the message names them."""
+
+
+@contextmanager
+def _staging(dest: Path):
+    """A new, empty folder beside ``dest`` (same file system, so the final moves are renames),
+    removed at the end whatever happened: it is tuneloop's own."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the export unreadable to others
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def written_by_tuneloop(folder: Path) -> set[str]:
+    """Names of the files a previous export put into ``folder`` (none if it has no manifest)."""
+    try:
+        names = json.loads((folder / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    # plain names only: a manifest naming "../x" must not reach outside the folder
+    return {n for n in names if isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\\" not in n}
+
+
+def check_destination(dest: Path, force: bool = False, names: set[str] = frozenset()) -> None:
+    """Refuse ``dest`` when the export would delete or overwrite files tuneloop did not write."""
+    if dest.exists() and not dest.is_dir():
+        raise DestinationInUse(f"{dest} is a file, not a folder; not exporting over it")
+    if not dest.is_dir():
+        return
+    foreign = {p.name for p in dest.iterdir()} - written_by_tuneloop(dest) - {MARKER}
+    if foreign and not force:
+        raise DestinationInUse(f"{dest} holds files tuneloop did not write ({', '.join(sorted(foreign)[:5])}"
+                               f"{', ...' if len(foreign) > 5 else ''}); choose a new or empty folder, or pass "
+                               "--force to write the export beside them")
+    if clash := foreign & set(names):
+        raise DestinationInUse(f"{dest}: the export would overwrite {', '.join(sorted(clash))}, which tuneloop "
+                               "did not write; not even --force replaces those")
+
+
+def _place(tmp: Path, dest: Path, force: bool) -> Path:
+    """Move the export in ``tmp`` to ``dest``, replacing only what an earlier export wrote there."""
+    names = {p.name for p in tmp.iterdir()}
+    check_destination(dest, force, names)
+    if not dest.exists():
+        (tmp / MARKER).write_text(json.dumps({"files": sorted(names)}, indent=1))
+        tmp.rename(dest)
+        return dest
+    old = written_by_tuneloop(dest)
+    for name in old:  # ours, from an earlier export
+        path = dest / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    for name in names:
+        (tmp / name).rename(dest / name)
+    (dest / MARKER).write_text(json.dumps({"files": sorted(names)}, indent=1))
     return dest
 
 
@@ -29,32 +94,30 @@ def _copy_tokenizer(src_dirs: list[Path], dest: Path) -> None:
                 break
 
 
-def export_adapter(checkpoint: Path, base: Path | str, dest: Path) -> Path:
+def export_adapter(checkpoint: Path, base: Path | str, dest: Path, force: bool = False) -> Path:
     """Adapter weights + config (pointing at ``base``) + tokenizer."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ADAPTER_FILES:
-        if (checkpoint / name).exists():
-            shutil.copy2(checkpoint / name, tmp / name)
-    if not (tmp / "adapter_model.safetensors").exists():
-        raise FileNotFoundError(f"{checkpoint}: no adapter_model.safetensors")
-    cfg_path = tmp / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(base)
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    bases = [Path(base)] if Path(str(base)).is_dir() else []
-    _copy_tokenizer([checkpoint, *bases], tmp)
-    return _replace(tmp, dest)
+    check_destination(dest, force)  # before the work, not only after it
+    with _staging(dest) as tmp:
+        for name in ADAPTER_FILES:
+            if (checkpoint / name).exists():
+                shutil.copy2(checkpoint / name, tmp / name)
+        if not (tmp / "adapter_model.safetensors").exists():
+            raise FileNotFoundError(f"{checkpoint}: no adapter_model.safetensors")
+        cfg_path = tmp / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = str(base)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        bases = [Path(base)] if Path(str(base)).is_dir() else []
+        _copy_tokenizer([checkpoint, *bases], tmp)
+        return _place(tmp, dest, force)
 
 
-def export_merged(checkpoint: Path, base: Path | str, adapter: bool, dest: Path) -> Path:
+def export_merged(checkpoint: Path, base: Path | str, adapter: bool, dest: Path, force: bool = False) -> Path:
     """Base with the adapter merged in (or the full fine-tuned weights), as safetensors."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_destination(dest, force)
     if adapter:
         from peft import PeftModel
 
@@ -62,7 +125,8 @@ def export_merged(checkpoint: Path, base: Path | str, adapter: bool, dest: Path)
         model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
-    model.save_pretrained(tmp, safe_serialization=True)
     tok_src = checkpoint if (checkpoint / "tokenizer_config.json").exists() else base
-    AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(tmp)
-    return _replace(tmp, dest)
+    with _staging(dest) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(tmp)
+        return _place(tmp, dest, force)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 
 from tuneloop.bus import Reject
-from tuneloop.events import Control, DatasetReady, Feedback, MixtureRequest, RunQueued, SplitInfo
+from tuneloop.events import Control, DatasetReady, Feedback, MixtureRequest, RunQueued, SplitInfo, derived_id
 from tuneloop.service import ServiceContext, run_service
 
 from .prepare import DataError, adapt_weights, prepare
@@ -34,7 +34,7 @@ async def announce(ctx: ServiceContext, run_id: str, *, weights: dict[str, float
     event = DatasetReady(
         run_id=run_id,
         # Same data, same id: a restarted pipeline re-announces and JetStream drops the copy.
-        event_id=f"data-{run_id}-{prepared.fingerprint[:24]}{'-' + requested_by[:8] if requested_by else ''}"[:64],
+        event_id=derived_id("data", run_id, prepared.fingerprint[:24], *([requested_by] if requested_by else [])),
         dataset_id=prepared.fingerprint[:16], fingerprint=prepared.fingerprint,
         splits={k: SplitInfo(path=p, rows=n, categories=c) for k, (p, n, c) in prepared.splits.items()},
         chat_template="tuneloop", mixture=prepared.mixture, category_weights=category_weights or {},
@@ -82,7 +82,7 @@ async def main(ctx: ServiceContext) -> None:
         ready = await announce(ctx, fb.run_id, weights=dict(current.mixture) if current else None,
                                category_weights=after, requested_by=fb.event_id)
         log.info("feedback of step %d: weak %s -> category weights %s", fb.step, fb.weak_categories, after)
-        await ctx.bus.publish(Control(run_id=fb.run_id, event_id=f"adapt-{fb.event_id}"[:64], command="set-data",
+        await ctx.bus.publish(Control(run_id=fb.run_id, event_id=derived_id("adapt", fb.event_id), command="set-data",
                                       value=ready.dataset_id, operator="data-pipeline (adaptive data)"))
 
     if ctx.run_id == "*":

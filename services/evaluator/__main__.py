@@ -26,7 +26,7 @@ from nats.js.errors import KeyNotFoundError
 from tuneloop import metrics
 from tuneloop.bus import Bus
 from tuneloop.cores import CoreBudget
-from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict, TrainingFinished
+from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict, TrainingFinished, derived_id
 from tuneloop.service import ServiceContext, on_torch_thread, run_service
 from tuneloop.storage import confine, resolve_model
 from tuneloop.suites import parse_checks
@@ -65,7 +65,7 @@ def plan(req: EvalRequest, dataset: DatasetReady, max_cases: int, shard_size: in
         raise ValueError(f"data set {dataset.dataset_id} has no {req.split!r} rows to evaluate on")
     n = min(split.rows, req.max_cases or max_cases)
     count = math.ceil(n / shard_size)
-    return [EvalShard(run_id=req.run_id, event_id=f"shard-{req.event_id}-{i}"[:64], request=req, shard=i, shards=count,
+    return [EvalShard(run_id=req.run_id, event_id=derived_id("shard", req.event_id, i), request=req, shard=i, shards=count,
                       cases_path=split.path, start=i * shard_size, end=min((i + 1) * shard_size, n))
             for i in range(count)]
 
@@ -108,7 +108,7 @@ def score_shard(ctx: ServiceContext, models: Models, sh: EvalShard) -> ShardResu
 def verdict_of(req: EvalRequest, results: list[ShardResult]) -> EvalVerdict:
     r = combine(results)
     return EvalVerdict(
-        run_id=req.run_id, request_id=req.event_id, event_id=f"verdict-{req.event_id}"[:64],
+        run_id=req.run_id, request_id=req.event_id, event_id=derived_id("verdict", req.event_id),
         step=req.step, checkpoint=req.checkpoint, split=req.split, purpose=req.purpose, cases=r.cases,
         scores=r.scores, by_category=r.by_category, failures=r.failures, mean_new_tokens=r.mean_new_tokens,
         seconds=(datetime.now(timezone.utc) - req.time).total_seconds(), shards=len(results),

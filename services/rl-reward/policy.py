@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tuneloop.config import FeedbackSection
-from tuneloop.events import EvalVerdict, Feedback
+from tuneloop.events import EvalVerdict, Feedback, derived_id
 
 
 @dataclass
@@ -36,6 +36,6 @@ def decide(cfg: FeedbackSection, state: PolicyState, verdict: EvalVerdict, weak_
         elif state.since_best >= cfg.patience:
             action, reason = "stop", f"no improvement for {state.since_best} evaluations (best {state.best_score:.3f} at step {state.best_step})"
     return Feedback(
-        run_id=verdict.run_id, event_id=f"feedback-{verdict.event_id}"[:64], step=verdict.step, action=action,
+        run_id=verdict.run_id, event_id=derived_id("feedback", verdict.event_id), step=verdict.step, action=action,
         reason=reason, score=score, best_step=state.best_step, best_score=state.best_score, weak_categories=weak,
     )

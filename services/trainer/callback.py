@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from tuneloop.storage import SNAPSHOTS, STATE_FILE, complete_checkpoints
+from tuneloop.storage import APPLIED_FILE, SNAPSHOTS, STATE_FILE, complete_checkpoints
 from tuneloop.events import CheckpointSaved, Control, ControlApplied, ControlRejected, DatasetReady, Feedback, StepMetrics
 
 from . import controls, distributed
@@ -50,9 +51,27 @@ def sync_args(args, run_state: controls.RunState) -> None:
 
 def write_state(checkpoint: Path, run_state: controls.RunState) -> None:
     """Controls applied so far, saved atomically as the checkpoint's last file."""
-    tmp = checkpoint / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(run_state.to_dict(), indent=1))
-    tmp.replace(checkpoint / STATE_FILE)
+    _write_atomically(checkpoint / STATE_FILE, run_state)
+
+
+def _write_atomically(path: Path, run_state: controls.RunState) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(run_state.to_dict(), indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def durable_state(run_dir: Path, fallback: controls.RunState) -> controls.RunState:
+    """What operators were told was applied: the run directory's record when it holds controls
+    that ``fallback`` (a checkpoint's state, or a fresh run's) lacks, i.e. applied after it."""
+    try:
+        recorded = read_state_file(run_dir / APPLIED_FILE)
+    except (OSError, ValueError, TypeError):
+        return fallback
+    newer = recorded.applied_ids() - fallback.applied_ids()
+    return recorded if newer and recorded.applied_ids() >= fallback.applied_ids() else fallback
 
 
 def latest_complete(output_dir: Path) -> Path | None:
@@ -83,7 +102,11 @@ def latest_intact(output_dir: Path) -> Path | None:
 
 
 def read_state(checkpoint: Path) -> controls.RunState:
-    return controls.RunState.from_dict(json.loads((checkpoint / STATE_FILE).read_text()))
+    return read_state_file(checkpoint / STATE_FILE)
+
+
+def read_state_file(path: Path) -> controls.RunState:
+    return controls.RunState.from_dict(json.loads(path.read_text()))
 
 
 def _noop() -> None:
@@ -124,10 +147,28 @@ class BusCallback(TrainerCallback):
         self.measured_tokens, self.measured_seconds = 0.0, 0.0
         self._t_log, self._tokens_mark = time.perf_counter(), None
         self._last_pause_note = 0.0
+        # Controls answered after the checkpoint this run resumes from (see durable_state).
+        self.restored: list[dict] | None = None
+        self.stop_at_first_step = False
 
     # ---------------------------------------------------------------- metrics
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         self._t_log, self._tokens_mark = time.perf_counter(), None
+        if self.restored is not None:  # controls answered after the checkpoint: they hold from this step on
+            rs = self.run_state
+            current = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+            if current is not None and abs(current - rs.learning_rate) > 1e-12 * max(abs(current), 1.0):
+                set_learning_rate(optimizer, lr_scheduler, rs.learning_rate)
+            sync_args(args, rs)
+            state.save_steps, state.logging_steps = rs.save_steps, rs.logging_steps
+            for a in self.restored:
+                if a["command"] in ("stop", "prune") and self.stop_reason is None:
+                    self.stop_reason = ("pruned" if a["command"] == "prune" else "control",
+                                        f"{a['command']} applied at step {a['step']} before a restart")
+                    self.stop_at_first_step = True
+            log.info("holding %d control(s) answered after the last checkpoint: %s", len(self.restored),
+                     [a["command"] for a in self.restored])
+            self.restored = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -150,6 +191,9 @@ class BusCallback(TrainerCallback):
 
     # ---------------------------------------------------------------- step boundary
     def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if self.stop_at_first_step:
+            self.stop_at_first_step = False
+            control.should_training_stop = True
         items, stopping = self._exchange()
         self._handle(items, args, state, control, optimizer, lr_scheduler)
         while self.run_state.paused and not control.should_training_stop and not stopping:
@@ -254,6 +298,8 @@ class BusCallback(TrainerCallback):
         if event.command == "eval":
             self.evaluate_next_save = True
         rs.applied.append({"control_id": event.event_id, "command": event.command, "value": event.value, "step": step})
+        if state.is_world_process_zero:  # durable before it is answered: a crash now does not undo it
+            _write_atomically(self.run_dir / APPLIED_FILE, rs)
         log.info("control %s applied at step %d: %r -> %r", event.command, step, outcome.old, outcome.new)
         self.link.publish(ControlApplied(run_id=self.run_id, control_id=event.event_id, command=event.command,
                                          step=step, old=outcome.old, new=outcome.new), wait=True)

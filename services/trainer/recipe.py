@@ -14,11 +14,11 @@ from pathlib import Path
 
 from tuneloop.config import Config
 from tuneloop.cores import CoreBudget
-from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished
+from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished, derived_id
 from tuneloop.storage import confine
 
 from . import controls, distributed, model as models, prepared
-from .callback import BusCallback, latest_complete, latest_intact, read_state, sync_args
+from .callback import BusCallback, durable_state, latest_complete, latest_intact, read_state, sync_args
 from .remote_reward import RemoteReward
 from .threads import CoreShareCallback
 
@@ -231,16 +231,20 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) 
     resume = distributed.broadcast(resume)  # one rank checks (and moves aside); all resume from the same
     if resume:  # what operators decided before the restart still holds
         state = read_state(resume)
-        sync_args(args, state)
         log.info("resuming from %s (%d controls applied so far)", resume, len(state.applied))
     else:
         state = controls.RunState.from_config(tc, dataset.dataset_id)
+    checkpointed = state
+    state = durable_state(run_dir, state)  # ... and so do those answered since that checkpoint
+    sync_args(args, state)
     ref, _ = prepare_base(cfg, run_dir, dataset)
     if cfg.eval.baseline and not resume:  # the "before" of this run: its starting model on the test split
-        link.publish(EvalRequest(run_id=run_id, event_id=f"baseline-{run_id}"[:64], step=0, checkpoint=None,
+        link.publish(EvalRequest(run_id=run_id, event_id=derived_id("baseline", run_id), step=0, checkpoint=None,
                                  base_model=ref, adapter=False, split="test", purpose="baseline"))
     callback = BusCallback(link, run_id, run_dir, ref, adapter=tc.lora.enabled, state=state,
                            method=tc.method, sharded=tc.fsdp, eval_every=cfg.eval.every)
+    if state is not checkpointed:
+        callback.restored = [a for a in state.applied if a["control_id"] not in checkpointed.applied_ids()]
     callbacks = [callback, *core_sharing(callback)]
     while True:
         trainer = build_trainer(cfg, run_dir, dataset, callbacks, args=args, link=link, run_id=run_id)

@@ -45,7 +45,7 @@ from ..config import Config, ConfigError
 from ..control import ExportRefused, request_merged_export, send_control
 from ..embedded import NatsServer, _accepts
 from ..events import (CheckpointsReleased, Control, ControlApplied, DeadLetter, EvalVerdict, ExportDone, RunQueued,
-                      StepMetrics, TrainingFinished)
+                      StepMetrics, TrainingFinished, derived_id)
 from ..runner import CRITICAL_KINDS, FIRST, LATER_WITHIN_S, init_run, spawn, stop_all
 from ..storage import CONFIG_FILE, run_dir, write_run_info
 from . import search
@@ -266,7 +266,7 @@ class Sweep:
         if queue:
             last = await self.bus.latest(RunQueued, rid)
             attempt = last.attempt + 1 if last else 0
-            await self.bus.publish(RunQueued(run_id=rid, event_id=f"queued-{rid}-{attempt}"[:64], attempt=attempt,
+            await self.bus.publish(RunQueued(run_id=rid, event_id=derived_id("queued", rid, attempt), attempt=attempt,
                                              reason=f"sweep {self.spec.name}" + (" (resumed)" if attempt else "")))
         self.live[record.number] = trial
 

@@ -9,16 +9,16 @@ import pytest
 
 from helpers import make_run, run_id_for, tiny_config
 from helpers import wait_for
-from tuneloop.events import DatasetReady, EvalRequest, EvalVerdict
+from tuneloop.events import DatasetReady, EvalRequest, EvalVerdict, derived_id
 from tuneloop.storage import confine
 from tuneloop.trainer import model as models
 
 pytestmark = pytest.mark.integration
 
 
-async def prepared_run(tmp_path, nats_url, bus, services, request, **eval_cfg):
+async def prepared_run(tmp_path, nats_url, bus, services, request, run_id=None, **eval_cfg):
     """A run with its data set announced and an (untrained) base model to evaluate."""
-    run = run_id_for(request)
+    run = run_id or run_id_for(request)
     cfg = tiny_config(tmp_path)
     cfg.data.max_rows, cfg.data.test_fraction = 2000, 0.1
     cfg.eval = cfg.eval.model_validate({**cfg.eval.model_dump(), **eval_cfg})
@@ -82,3 +82,16 @@ async def test_a_shard_of_a_killed_evaluator_is_finished_by_another(tmp_path, na
     await asyncio.sleep(3)
     assert len(verdicts) == 1 and verdicts[0].cases == 120 and verdicts[0].shards == 5
     assert len(re.findall(rf"shard {unfinished}/5", svc.log("evaluator"))) >= 2, "the shard was not redelivered"
+
+
+async def test_the_longest_run_id_gets_every_shard_of_its_baseline_evaluation(tmp_path, nats_url, bus, services, request):
+    """Derived ids once cut to 64 characters: every shard of a long run id's baseline request
+    had the same id, JetStream kept one, and the verdict never came."""
+    run = (run_id_for(request) + "-" + "x" * 64)[:64]
+    run, svc, verdicts = await prepared_run(tmp_path, nats_url, bus, services, request, run_id=run, shard_size=5,
+                                            max_new_tokens=8)
+    svc.start("evaluator")
+    await bus.publish(EvalRequest(run_id=run, event_id=derived_id("baseline", run), step=0, checkpoint=None,
+                                  base_model="base", adapter=False, split="test", purpose="baseline", max_cases=20))
+    await wait_for(lambda: verdicts, timeout=180)
+    assert (verdicts[0].cases, verdicts[0].shards, verdicts[0].purpose) == (20, 4, "baseline")  # every shard scored

@@ -105,6 +105,29 @@ async def test_set_lr_survives_a_restart(tmp_path, nats_url, bus, services, requ
     await ctl(nats_url, bus, run, "stop")
 
 
+async def test_what_was_answered_applied_holds_after_a_crash_before_the_next_checkpoint(
+        tmp_path, nats_url, bus, services, request):
+    """"Applied" means durable: the trainer records a control before answering it, so a kill
+    right after the answer (no checkpoint since, none at all here) does not undo it."""
+    run = run_id_for(request)
+    svc, ev = await start_training(tmp_path, nats_url, bus, services, run, max_steps=100000, save_steps=100000,
+                                   learning_rate=3e-3)
+    answers = await collect(bus, ControlApplied, run)
+    await wait_for(lambda: ev[StepMetrics], timeout=120)
+    applied = await ctl(nats_url, bus, run, "set-lr", 5e-4)
+    assert isinstance(applied, ControlApplied)
+    svc.kill("trainer")  # at once: the next checkpoint is 100000 steps away
+    assert not ev[CheckpointSaved]
+    n = len(ev[StepMetrics])
+    svc.start("trainer")
+    await wait_for(lambda: len([s for s in ev[StepMetrics][n:] if s.loss is not None]) >= 3, timeout=120)
+    after = [s for s in ev[StepMetrics][n:] if s.loss is not None]
+    assert after[0].step <= 5  # it started over (no checkpoint) ...
+    assert all(s.learning_rate == pytest.approx(5e-4) for s in after), after  # ... with the lr it was told
+    assert [a.control_id for a in answers].count(applied.control_id) == 1  # applied once, not again
+    await ctl(nats_url, bus, run, "stop")
+
+
 async def test_sigterm_interrupts_and_a_restart_finishes_with_throughput_and_memory(tmp_path, nats_url, bus, services,
                                                                                    request):
     """SIGTERM (a pod evicted, a sweep gone) is no end: the trainer saves, says ``interrupted``

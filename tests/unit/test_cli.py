@@ -1,9 +1,17 @@
-"""The command line: clear errors for bad input, init for deployments, proto check."""
+"""The command line: clear errors for bad input (an unreachable server too), init for deployments, proto check."""
 
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
 from typer.testing import CliRunner
 
 from helpers import REPO
 from tuneloop.cli import app
+from tuneloop.storage import write_run_info
 
 runner = CliRunner()
 
@@ -38,3 +46,32 @@ def test_ctl_on_an_unknown_run_says_where_it_looked(tmp_path):
 def test_proto_check_passes_on_the_repo():
     result = runner.invoke(app, ["proto", "--check", "--out", str(REPO / "proto")])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("command", [["ctl", "gone", "stop"], ["watch", "gone"], ["audit", "gone"]])
+def test_commands_against_a_server_that_is_gone_say_so_and_do_not_hang(tmp_path, command):
+    """A finished embedded run's server is gone: its run.json still names it. The command
+    gives up after TUNELOOP_CONNECT_PATIENCE seconds, naming the URL (exit 3), instead of
+    retrying forever."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"nats://127.0.0.1:{s.getsockname()[1]}"
+    (tmp_path / "gone").mkdir()
+    write_run_info(tmp_path, "gone", {"run_id": "gone", "nats_url": url, "state": "complete"})
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "tuneloop", *command, "--storage", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TUNELOOP_CONNECT_PATIENCE": "2", "COLUMNS": "200"})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"no NATS server answered at {url} within 2s" in proc.stdout
+    assert time.monotonic() - t0 < 30
+
+
+def test_runs_never_cuts_a_run_id_even_in_a_narrow_terminal(tmp_path):
+    run_id = "protocol-sweep-with-a-long-name-20261126-041421-sft"
+    (tmp_path / run_id).mkdir()
+    write_run_info(tmp_path, run_id, {"run_id": run_id, "state": "complete", "started": "2026-11-26T04:14:21"})
+    proc = subprocess.run([sys.executable, "-m", "tuneloop", "runs", "--storage", str(tmp_path)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    assert run_id in proc.stdout, proc.stdout

@@ -66,6 +66,36 @@ def test_bad_values_and_missing_or_broken_files(tmp_path):
         load_config(p)
 
 
+@pytest.mark.parametrize("line, field", [
+    ("train: {lr_scheduler: cosin}", "train.lr_scheduler"),
+    ("train: {method: dpo, dpo: {loss_type: sigmoud}}", "train.dpo.loss_type"),
+    ("train: {method: grpo, grpo: {loss_type: grp}}", "train.grpo.loss_type"),
+    ("run: {name: " + "n" * 49 + "}", "run.name"),
+])
+def test_typos_and_names_too_long_for_a_run_id_are_refused_at_load(tmp_path, line, field):
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {sources: [{path: x.jsonl}]}\n" + line + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and field in str(e.value), str(e.value)
+    p.write_text("data: {sources: [{path: x.jsonl}]}\nrun: {name: " + "n" * 48 + "}\n")
+    load_config(p)  # 48 + "-YYYYmmdd-HHMMSS" is 64: the longest name that fits
+
+
+def test_the_values_checked_at_load_are_the_libraries_own():
+    import dataclasses
+
+    from transformers.trainer_utils import SchedulerType
+    from trl import DPOConfig, GRPOConfig
+
+    from tuneloop.config import DPO_LOSSES, GRPO_LOSSES, LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+    for config, ours in ((DPOConfig, DPO_LOSSES), (GRPOConfig, GRPO_LOSSES)):
+        help_text = {f.name: f for f in dataclasses.fields(config)}["loss_type"].metadata["help"]
+        assert all(f"'{v}'" in help_text for v in ours), (config.__name__, help_text)
+
+
 def test_resource_settings_are_checked_where_they_cannot_work(tmp_path):
     from helpers import tiny_config
     from tuneloop.trainer import recipe

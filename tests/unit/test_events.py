@@ -45,3 +45,25 @@ def test_verdict_failures_are_bounded():
         EvalVerdict(run_id="r", request_id="x", step=1, checkpoint="c", split="val", purpose="periodic", cases=1,
                     scores={}, failures=[{"prompt": "p", "output": "o", "reason": "r"}] * 21)
     assert DeadLetter.KIND == "dlq"
+
+
+def test_derived_ids_stay_unique_and_valid_with_the_longest_run_ids():
+    """Ids made from other ids (shards of a request, the verdict, feedback, exports...) never
+    collide: cut to 64 characters they once did, and a baseline evaluation of a long run id
+    stored 1 of its 4 shards."""
+    from tuneloop.events import derived_id
+
+    made = []
+    for run in ("r" * 63 + "a", "r" * 63 + "b"):  # the longest run ids, differing only at the end
+        request = derived_id("baseline", run)
+        made += [request, derived_id("verdict", request), derived_id("feedback", derived_id("verdict", request))]
+        made += [derived_id("shard", request, i) for i in range(12)]
+        made += [derived_id("queued", run, attempt) for attempt in range(3)]
+        made += [derived_id("data", run, "f" * 24), derived_id("data", run, "f" * 24, "e" * 32)]
+        done = "d" * 32
+        made += [derived_id(f"final{i or ''}", done + run) for i in range(3)] + [derived_id("export", done + run)]
+    assert len(set(made)) == len(made)
+    for event_id in made:
+        assert len(event_id) <= 64
+        StepMetrics(run_id="r", event_id=event_id, step=0, max_steps=1)  # valid as an id
+    assert derived_id("shard", "abc", 2) == derived_id("shard", "abc", 2) == "shard-abc-2"  # short ids stay readable
