@@ -55,13 +55,8 @@ async def request_mixture(url: str, run_id: str, weights: dict[str, float], reas
                           timeout: float = 120.0, bus: Bus | None = None) -> DatasetReady:
     """Ask data-pipeline for the run's data with other source weights; return the new ``DatasetReady``."""
     event = MixtureRequest(run_id=run_id, weights=weights, reason=reason or f"requested by {_whoami()}")
-    answer = await _ask(url, event, {
-        DatasetReady: lambda ev: ev.requested_by == event.event_id,
-        DeadLetter: lambda ev: ev.subject.endswith(MixtureRequest.KIND) and event.event_id in ev.payload,
-    }, timeout, bus, "the mixture request (is its data-pipeline running?)")
-    if isinstance(answer, DeadLetter):
-        raise MixtureRefused(answer.reason)
-    return answer
+    return await _request(url, event, DatasetReady, MixtureRefused, timeout, bus,
+                          "the mixture request (is its data-pipeline running?)")
 
 
 class ExportRefused(ValueError):
@@ -72,12 +67,20 @@ async def request_merged_export(url: str, run_id: str, reason: str = "", *, time
                                 bus: Bus | None = None) -> ExportDone:
     """Ask the checkpoint service to merge ``run_id``'s exported adapter; return its ``ExportDone``."""
     event = ExportRequest(run_id=run_id, reason=reason or f"requested by {_whoami()}")
+    return await _request(url, event, ExportDone, ExportRefused, timeout, bus,
+                          "the export request (is its checkpoint service running?)")
+
+
+async def _request(url: str, event: Event, answer_cls: type[Event], refused: type[Exception], timeout: float,
+                   bus: Bus | None, what: str):
+    """Publish a request; return the ``answer_cls`` event naming it (``requested_by``), or raise
+    ``refused`` with the reason when its service dead-lettered it instead."""
     answer = await _ask(url, event, {
-        ExportDone: lambda ev: ev.requested_by == event.event_id,
-        DeadLetter: lambda ev: ev.subject.endswith(ExportRequest.KIND) and event.event_id in ev.payload,
-    }, timeout, bus, "the export request (is its checkpoint service running?)")
+        answer_cls: lambda ev: ev.requested_by == event.event_id,
+        DeadLetter: lambda ev: ev.subject.endswith(event.KIND) and event.event_id in ev.payload,
+    }, timeout, bus, what)
     if isinstance(answer, DeadLetter):
-        raise ExportRefused(answer.reason)
+        raise refused(answer.reason)
     return answer
 
 
