@@ -185,7 +185,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=REPO / "examples" / "protocol.yaml")
     ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--rounds", type=int, default=7, help="paired rounds measured (per-round ratios scatter on a shared VM: read the medians)")
+    ap.add_argument("--rounds", type=int, default=11, help="paired rounds measured (per-round ratios scatter on a shared VM: read the medians)")
     ap.add_argument("--save-steps", type=int, default=20, help="a checkpoint every N steps, in both arms")
     ap.add_argument("--control-every", type=int, default=10, help="an operator's control every N steps (tuneloop arm)")
     ap.add_argument("--json", type=Path, default=None)
