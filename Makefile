@@ -37,7 +37,7 @@ test-e2e: install
 
 secrets:  ## .env for docker compose: a random password per NATS identity (never committed)
 	@test -e .env && echo ".env exists; delete it to make new passwords" || { \
-	  for u in OPERATOR TRAINER DATA_PIPELINE EVALUATOR RL_REWARD CHECKPOINT VIEWER; do \
+	  for u in ADMIN OPERATOR TRAINER DATA_PIPELINE EVALUATOR RL_REWARD CHECKPOINT VIEWER; do \
 	    echo "TUNELOOP_$${u}_PASSWORD=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')"; \
 	  done > .env && chmod 600 .env && echo "wrote .env"; }
 

@@ -13,8 +13,8 @@ Same data, cases, answer length, checkpoint cadence (``train.save_steps``) and s
 figure compared is the time in ``trainer.train()`` in both. Two settings:
 
 - ``shared``: every process on every core (the cores split by tuneloop's lease folder);
-- ``own_core``: the trainer pinned to core 0 with one thread in both arms, the services on
-  the other cores, standing in for evaluators on other machines.
+- ``own_core``: the trainer pinned to core 0 with one thread in both arms, the services and
+  nats-server on the other cores, standing in for evaluators (and a broker) on other machines.
 
 Then the evaluation throughput of 1 and 2 evaluators on one request, and where the time goes
 from a snapshot saved to the feedback on its verdict applied (per stage, medians).
@@ -184,17 +184,20 @@ class Bench:
         stop_all(self.procs)
         self.procs.clear()
 
-    async def watch(self, run_id: str) -> None:
+    async def watch(self, run_id: str, stages: bool) -> None:
+        """Record the run's events: all the stage table needs, or (``stages`` off: the
+        trainer's core is the measured one) only the feedback that says evaluation is done."""
         got = self.events.setdefault(run_id, [])
 
         async def on(ev):
             got.append(ev)
 
-        for cls in (CheckpointSaved, CheckpointRecorded, EvalRequest, EvalShard, EvalVerdict, Feedback):
+        kinds = (CheckpointSaved, CheckpointRecorded, EvalRequest, EvalShard, EvalVerdict, Feedback) if stages else (Feedback,)
+        for cls in kinds:
             await self.bus.subscribe(cls, run_id, on)
 
     # arms --------------------------------------------------------------
-    async def inline(self, run_id: str) -> dict:
+    async def inline(self, run_id: str, setting: str) -> dict:
         cfg, rdir, ds = await self.new_run(run_id)
         cases = load_cases(confine(rdir, ds.splits["val"].path), 0, cfg.eval.max_cases)
         ev = InlineEval(cases, cfg.eval.every, cfg.eval.max_new_tokens, cfg.eval.batch_size)
@@ -208,9 +211,9 @@ class Bench:
         seconds = await on_train_thread(train)
         return {"train_s": seconds, "eval_s": ev.seconds, "evaluations": ev.count}
 
-    async def remote(self, run_id: str) -> dict:
+    async def remote(self, run_id: str, setting: str) -> dict:
         cfg, rdir, ds = await self.new_run(run_id)
-        await self.watch(run_id)
+        await self.watch(run_id, stages=setting == "shared")
         self.applied.run_id = run_id
         link = BusLink(self.bus, asyncio.get_running_loop())
         link.start()
@@ -232,7 +235,7 @@ class Bench:
         for r in range(self.args.warmup + self.args.rounds):
             got = {}
             for arm in order(r, "inline", "remote"):
-                got[arm] = await getattr(self, arm)(f"{setting.replace('_', '')}-{arm}-{r}")
+                got[arm] = await getattr(self, arm)(f"{setting.replace('_', '')}-{arm}-{r}", setting)
             ratio = got["remote"]["train_s"] / got["inline"]["train_s"]
             label = "warm-up" if r < self.args.warmup else f"round {r - self.args.warmup + 1}"
             print(f"  {setting:8s} {label:8s} inline {got['inline']['train_s']:6.2f} s (evaluating "
@@ -311,37 +314,44 @@ class Bench:
         return {k: statistics.median(v) for k, v in spans.items()}
 
     # all ------------------------------------------------------------------
-    async def run(self, url: str) -> dict:
+    async def run(self, server: NatsServer) -> dict:
+        url = server.url
         self.bus = await Bus.connect(url, "trainer")
         ncpu = len(cores.my_cores())
         results: dict = {"cpus": ncpu}
         try:
-            print(f"\nsetting shared: trainer and services on all {ncpu} cores", flush=True)
-            self.start_services(url, None)
-            shared = await self.rounds("shared")
-            stages = await self.stages([r["remote_run"] for r in shared])
-            one = await self.throughput(shared[0]["remote_run"], f"checkpoints/checkpoint-{self.args.steps}", self.args.requests)
-            self.stop_services()
-            self.start_services(url, None, evaluators=2)
-            two = await self.throughput(shared[0]["remote_run"], f"checkpoints/checkpoint-{self.args.steps}", self.args.requests)
-            self.stop_services()
-            results.update(shared=shared, stages=stages, eval_cases_per_s={"1": one, "2": two})
-
-            if ncpu >= 2:
-                print("\nsetting own_core: trainer on core 0 with 1 thread (both arms), services on the others", flush=True)
+            if "shared" in self.args.settings:
+                await self.run_shared(url, ncpu, results)
+            if ncpu >= 2 and "own_core" in self.args.settings:
+                print("\nsetting own_core: trainer on core 0 with 1 thread (both arms), services and nats-server on the others",
+                      flush=True)
                 me = cores.my_cores()
                 first = min(me)
                 pin_process(os.getpid(), {first})
+                pin_process(server.proc.pid, me - {first})
                 torch.set_num_threads(1)
                 await on_train_thread(torch.set_num_threads, 1)
                 self.start_services(url, me - {first})
                 results["own_core"] = await self.rounds("own_core")
                 self.stop_services()
                 pin_process(os.getpid(), me)
+                pin_process(server.proc.pid, me)
         finally:
             self.stop_services()
             await self.bus.close()
         return results
+
+    async def run_shared(self, url: str, ncpu: int, results: dict) -> None:
+        print(f"\nsetting shared: trainer and services on all {ncpu} cores", flush=True)
+        self.start_services(url, None)
+        shared = await self.rounds("shared")
+        stages = await self.stages([r["remote_run"] for r in shared])
+        one = await self.throughput(shared[0]["remote_run"], f"checkpoints/checkpoint-{self.args.steps}", self.args.requests)
+        self.stop_services()
+        self.start_services(url, None, evaluators=2)
+        two = await self.throughput(shared[0]["remote_run"], f"checkpoints/checkpoint-{self.args.steps}", self.args.requests)
+        self.stop_services()
+        results.update(shared=shared, stages=stages, eval_cases_per_s={"1": one, "2": two})
 
 
 def report(res: dict, args) -> dict:
@@ -362,6 +372,8 @@ def report(res: dict, args) -> dict:
         out[f"remote_over_inline_{setting}_min"] = round(min(ratios), 4)
         out[f"remote_over_inline_{setting}_max"] = round(max(ratios), 4)
         out[f"inline_eval_share_{setting}"] = round(share, 4)
+    if "stages" not in res:  # --settings own_core
+        return out
     rates = res["eval_cases_per_s"]
     out["eval_scaling_1_to_2"] = round(rates["2"] / rates["1"], 4)
     print(f"evaluation throughput: 1 evaluator {rates['1']:.1f} cases/s, 2 evaluators {rates['2']:.1f} cases/s, "
@@ -382,7 +394,7 @@ def main(args) -> None:
         os.environ[cores.ENV_DIR] = str(tmp / "cores")  # this bench's own lease folder
         with NatsServer(tmp / "nats") as server:
             bench = Bench(tmp, args)
-            res = asyncio.run(bench.run(server.url))
+            res = asyncio.run(bench.run(server))
     write_figures(args.json, report(res, args))
 
 
@@ -398,5 +410,7 @@ if __name__ == "__main__":
     ap.add_argument("--shard", type=int, default=50, help="cases per shard (and generation batch, both arms)")
     ap.add_argument("--requests", type=int, default=3, help="requests timed for the evaluation throughput")
     ap.add_argument("--settle", type=float, default=10.0, help="seconds for the services to start")
+    ap.add_argument("--settings", type=lambda v: v.split(","), default=["shared", "own_core"],
+                    help="which settings to measure (comma-separated): shared, own_core")
     ap.add_argument("--json", type=Path, default=None)
     sys.exit(main(ap.parse_args()))

@@ -7,6 +7,10 @@
   handler error is retried (nak with back-off) and dead-lettered after ``max_deliver`` tries.
 - ``subscribe``: core subscription for watchers (live, nothing kept).
 - ``request`` / ``serve``: request-reply with a timeout, served by a queue group.
+
+The streams and KV buckets are provisioned once (``provision``): by the admin identity in a
+deployment (``tuneloop provision``, the init job), by whoever comes first where nothing is
+secured (embedded runs). A service whose identity may not create them waits for them.
 """
 
 from __future__ import annotations
@@ -61,7 +65,9 @@ def credentials(env: dict[str, str] | None = None) -> dict:
     env = os.environ if env is None else env
     kw: dict = {}
     if env.get("NATS_USER"):
-        kw.update(user=env["NATS_USER"], password=env.get("NATS_PASSWORD", ""))
+        # Replies (and JetStream's answers) come to this identity's own inboxes, which the
+        # server lets nobody else subscribe to (nats.conf).
+        kw.update(user=env["NATS_USER"], password=env.get("NATS_PASSWORD", ""), inbox_prefix=f"_INBOX.{env['NATS_USER']}")
     if env.get("NATS_CREDS"):
         kw["user_credentials"] = env["NATS_CREDS"]
     if env.get("NATS_TLS_CA"):
@@ -111,45 +117,93 @@ class Bus:
             raise NatsUnreachable(f"no NATS server answered at {url} within {patience:.0f}s "
                                   "(is it running? for a finished embedded run it is gone: pass --nats-url)") from None
         bus = cls(nc, service)
-        await bus.ensure_stream()
+        await bus.ensure_stream(wait=patience is None)
         return bus
 
-    async def ensure_stream(self) -> None:
-        """Create or update the one stream that keeps every durable event of every run."""
-        config = StreamConfig(
-            name=subjects.STREAM, subjects=subjects.stream_subjects(),
-            max_age=7 * 24 * 3600, max_bytes=2 * 1024**3, duplicate_window=300,
-        )
-        try:
-            info = await self.js.stream_info(subjects.STREAM)
-            if sorted(info.config.subjects or []) != sorted(config.subjects):
-                await self.js.update_stream(config)
-        except NotFoundError:
-            with contextlib.suppress(nats.js.errors.BadRequestError):  # a peer created it meanwhile
-                await self.js.add_stream(config)
-        await self._ensure_audit_stream()
+    async def provision(self) -> None:
+        """Create (or bring up to date) every stream and KV bucket tuneloop uses: what the
+        admin identity does once for a deployment (``tuneloop provision``)."""
+        if await self._exists(subjects.STREAM):
+            await self.js.update_stream(self._stream_config())  # new kinds after an upgrade
+        else:
+            await self.js.add_stream(self._stream_config())
+        if not await self._exists(subjects.AUDIT_STREAM):
+            await self.js.add_stream(self._audit_config())
+        for bucket, ttl in subjects.BUCKETS.items():
+            try:
+                await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl)
 
-    async def _ensure_audit_stream(self) -> None:
+    @staticmethod
+    def _stream_config() -> StreamConfig:
+        return StreamConfig(name=subjects.STREAM, subjects=subjects.stream_subjects(),
+                            max_age=7 * 24 * 3600, max_bytes=2 * 1024**3, duplicate_window=300)
+
+    @staticmethod
+    def _audit_config() -> StreamConfig:
         """The audit trail: a copy of every control, its answer and every mixture request, sourced
         from the main stream, kept for a year and protected from deletes and purges."""
-        config = StreamConfig(
+        return StreamConfig(
             name=subjects.AUDIT_STREAM, max_age=365 * 24 * 3600, deny_delete=True, deny_purge=True,
             sources=[StreamSource(name=subjects.STREAM, filter_subject=f"{subjects.PREFIX}.*.{kind}")
                      for kind in subjects.AUDIT_KINDS],
         )
-        try:
-            await self.js.stream_info(subjects.AUDIT_STREAM)
-        except NotFoundError:
-            with contextlib.suppress(nats.js.errors.BadRequestError):
-                await self.js.add_stream(config)
 
-    async def key_value(self, bucket: str, *, ttl: float | None = None):
-        """The JetStream KV bucket ``bucket``, created on first use (``ttl``: seconds a key lives)."""
+    async def _exists(self, stream: str) -> bool:
+        try:
+            await self.js.stream_info(stream)
+            return True
+        except NotFoundError:
+            return False
+
+    async def ensure_stream(self, *, wait: bool = True) -> None:
+        """The streams exist and the main one takes every kind: provision them where this
+        identity may, else wait for the admin to (``wait``; a command fails at once instead)."""
+        try:
+            info = await self.js.stream_info(subjects.STREAM)
+            current = sorted(info.config.subjects or []) == sorted(subjects.stream_subjects())
+            if current and await self._exists(subjects.AUDIT_STREAM):
+                return
+        except NotFoundError:
+            pass
+        await self._provision_or_wait(wait, f"the streams {subjects.STREAM}/{subjects.AUDIT_STREAM} "
+                                            "are missing or out of date")
+
+    async def _provision_or_wait(self, wait: bool, what: str) -> None:
+        for _ in range(2):  # a second try: a peer may have been creating the same thing meanwhile
+            try:
+                await self.provision()
+                return
+            except Exception as e:  # refused: this identity may not
+                error = e
+        if await self._provisioned():
+            return
+        hint = (f"{what} and identity {self.nc.options.get('user') or '(none)'} may not create them ({error!r}): "
+                "run `tuneloop provision` with the admin identity")
+        if not wait:
+            raise BusError(hint)
+        log.warning("%s; waiting for them", hint)
+        while not await self._provisioned():
+            await asyncio.sleep(2.0)
+
+    async def _provisioned(self) -> bool:
+        try:
+            info = await self.js.stream_info(subjects.STREAM)
+            if sorted(info.config.subjects or []) != sorted(subjects.stream_subjects()):
+                return False
+            for bucket in subjects.BUCKETS:
+                await self.js.key_value(bucket)
+            return await self._exists(subjects.AUDIT_STREAM)
+        except (NotFoundError, nats.js.errors.BucketNotFoundError):
+            return False
+
+    async def key_value(self, bucket: str):
+        """The JetStream KV bucket ``bucket`` (one of ``subjects.BUCKETS``), provisioned if need be."""
         try:
             return await self.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
-            with contextlib.suppress(nats.js.errors.BadRequestError):  # a peer created it meanwhile
-                return await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl)
+            await self._provision_or_wait(True, f"KV bucket {bucket} is missing")
             return await self.js.key_value(bucket)
 
     async def audit_trail(self, run_id: str, timeout: float = 2.0) -> list[Event]:

@@ -95,6 +95,28 @@ def init(
 
 
 @app.command()
+def provision(nats_url: str = typer.Option(..., "--nats-url", envvar="NATS_URL", help="The deployment's NATS server.")) -> None:
+    """Create the streams and KV buckets of a deployment, as the admin identity (NATS_USER=admin):
+    the init job of compose and Kubernetes. Services of other identities wait for them."""
+    from .bus import CONNECT_PATIENCE_S, Bus, BusError
+    from .subjects import AUDIT_STREAM, BUCKETS, STREAM
+
+    async def go() -> None:
+        bus = await Bus.connect(nats_url, "provision", patience=CONNECT_PATIENCE_S)
+        try:
+            await bus.provision()
+        finally:
+            await bus.close()
+
+    try:
+        asyncio.run(go())
+    except BusError as e:
+        console.print(f"[red]{e}[/]", soft_wrap=True)
+        raise typer.Exit(2)
+    console.print(f"provisioned on {nats_url}: streams {STREAM}, {AUDIT_STREAM}; KV {', '.join(BUCKETS)}")
+
+
+@app.command()
 def ctl(
     run_id: str = typer.Argument(..., help="Run to steer."),
     command: str = typer.Argument(..., help="stop | prune | pause | resume | checkpoint | eval | set-lr V | set-grad-clip V | "

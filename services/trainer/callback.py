@@ -228,7 +228,7 @@ class BusCallback(TrainerCallback):
         self.link.publish(CheckpointSaved(
             run_id=self.run_id, step=step, path=f"{SNAPSHOTS}/{final.name}", base_model=self.base_model,
             adapter=self.adapter, loss=self.last_loss, snapshot=True,
-        ), wait=True)
+        ), now=True)  # not waited for: a snapshot lost to a crash costs one evaluation, nothing else
         self.awaiting[step] = time.monotonic()
 
     def expecting_verdicts(self, within_s: float = 60.0) -> bool:

@@ -35,6 +35,7 @@ class BusLink:
         self.datasets: dict[str, DatasetReady] = {}  # every data set announced for the run, for set-data
         self.outbox: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._pump: asyncio.Task | None = None
+        self._flushing = asyncio.Lock()  # one flush at a time: events leave in the order queued
 
     # loop side -----------------------------------------------------------
     def start(self) -> None:
@@ -52,6 +53,10 @@ class BusLink:
             await self.flush()
 
     async def flush(self) -> None:
+        async with self._flushing:
+            await self._drain()
+
+    async def _drain(self) -> None:
         while True:
             try:
                 event = self.outbox.get_nowait()
@@ -63,8 +68,9 @@ class BusLink:
                 log.warning("publish %s failed: %r", event.KIND, e)
 
     async def _publish_in_order(self, event: Event) -> None:
-        await self.flush()  # what the training thread queued earlier goes first
-        await self.bus.publish(event)
+        async with self._flushing:
+            await self._drain()  # what the training thread queued earlier goes first
+            await self.bus.publish(event)
 
     async def remember_dataset(self, event: DatasetReady) -> None:
         self.datasets[event.dataset_id] = event
@@ -92,13 +98,16 @@ class BusLink:
             return []
         return [first, *self.drain()]
 
-    def publish(self, event: Event, *, wait: bool = False, timeout: float = 30.0) -> None:
-        """Publish from the training thread: queued for the pump, or with ``wait``, now (after
-        the queue) and blocking until JetStream stored it."""
+    def publish(self, event: Event, *, wait: bool = False, now: bool = False, timeout: float = 30.0) -> None:
+        """Publish from the training thread: queued for the pump; with ``now``, the loop is woken
+        to send it at once (the training thread goes on); with ``wait``, it also blocks until
+        JetStream stored it."""
         if wait:
             asyncio.run_coroutine_threadsafe(self._publish_in_order(event), self.loop).result(timeout)
-        else:
-            self.outbox.put(event)
+            return
+        self.outbox.put(event)
+        if now:
+            asyncio.run_coroutine_threadsafe(self.flush(), self.loop)
 
     def score(self, request: RewardRequest, timeout: float = 60.0) -> RewardReply:
         """Ask the rl-reward service (any member of its queue group) to score completions."""
@@ -122,7 +131,7 @@ class FollowerLink:
     def wait(self, timeout: float) -> list:
         return []
 
-    def publish(self, event: Event, *, wait: bool = False, timeout: float = 30.0) -> None:
+    def publish(self, event: Event, *, wait: bool = False, now: bool = False, timeout: float = 30.0) -> None:
         pass
 
 

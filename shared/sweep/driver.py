@@ -40,6 +40,7 @@ from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 from rich.console import Console
 from rich.table import Table
 
+from .. import subjects
 from ..bus import Bus
 from ..config import Config, ConfigError
 from ..control import ExportRefused, request_merged_export, send_control
@@ -53,7 +54,7 @@ from .search import TrialRecord
 from .spec import SweepSpec, load_sweep, trial_config
 
 log = logging.getLogger(__name__)
-BUCKET = "tuneloop-sweeps"
+BUCKET = subjects.SWEEP_BUCKET
 POOLS = ("trainer", "data-pipeline", "checkpoint", "evaluator", "rl-reward")  # every trial is served by these
 SWEEP_FILE = "sweep.json"
 

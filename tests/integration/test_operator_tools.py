@@ -3,6 +3,7 @@ report, `tuneloop runs` and `tuneloop checkpoints`. One real embedded run serves
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import html
 import json
@@ -21,6 +22,8 @@ from PIL import Image
 
 from helpers import tiny_config
 from tuneloop.config import dump_config
+from tuneloop.control import send_control
+from tuneloop.events import ControlApplied
 
 TUNELOOP = [sys.executable, "-m", "tuneloop"]
 ROWS, COLS = 45, 160
@@ -90,10 +93,14 @@ def watched_run(tmp_path_factory, nats_url):
     while time.time() < deadline and not (log.exists() and "'loss'" in log.read_text(errors="replace")):
         assert job.poll() is None, job.communicate()[0][-3000:]
         time.sleep(0.3)
+    # Held live while the operator's tools come up (the tiny run trains 80 steps in seconds).
+    paused = asyncio.run(send_control(nats_url, run, "pause", timeout=120))
+    assert isinstance(paused, ControlApplied) and paused.step < 80, paused
     term = Terminal([*TUNELOOP, "watch", run, "--storage", str(storage)])
     during = term.wait_for(f"run {run}", "loss", "step ", timeout=60)
     ctl = subprocess.run([*TUNELOOP, "ctl", run, "set-lr", "0.001", "--storage", str(storage)],
                          capture_output=True, text=True, timeout=120)
+    asyncio.run(send_control(nats_url, run, "resume", timeout=120))
     out, _ = job.communicate(timeout=600)
     assert job.returncode == 0, out[-3000:]
     code = term.exit_code()
@@ -120,7 +127,7 @@ def test_report_png_is_a_plot_of_this_run_and_the_html_page_has_config_and_summa
     drawn = json.loads(png.text["Description"])
     assert drawn["steps"][0] <= 2 and drawn["steps"][1] == 80 and drawn["xlim"][1] >= 80
     assert drawn["panels"] == ["loss", "learning rate", "validation score"] and drawn["evaluations"] == 4
-    assert [c[1] for c in drawn["controls"]] == ["set-lr"]
+    assert [c[1] for c in drawn["controls"]] == ["pause", "set-lr", "resume"]
     assert png.size == (900, 780) and len(png.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 50  # not blank
 
     again = subprocess.run([*TUNELOOP, "report", r["run"], "--storage", str(r["storage"]), "--out", str(tmp_path)],

@@ -8,34 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import subprocess
 import sys
 
 import nats
 import pytest
 
-from helpers import REPO, make_run, run_id_for, tiny_config
+from helpers import make_run, run_id_for, tiny_config
 from helpers import collect, wait_for
 from tuneloop.bus import Bus
-from tuneloop.embedded import NatsServer
 from tuneloop.events import CheckpointRecorded, DeadLetter, StepMetrics
-
-CONF = REPO / "k8s" / "base" / "nats" / "nats.conf"
-USERS = ("operator", "trainer", "data-pipeline", "evaluator", "rl-reward", "checkpoint", "viewer")
-
-
-@pytest.fixture
-def secured(tmp_path, monkeypatch):
-    """The server from the deployment's config; passwords only in this process's environment."""
-    passwords = {u: secrets.token_hex(12) for u in USERS}
-    for user, pw in passwords.items():
-        monkeypatch.setenv(f"TUNELOOP_{user.upper().replace('-', '_')}_PASSWORD", pw)
-    server = NatsServer(tmp_path / "nats", config_file=CONF)
-    url = server.start()
-    yield url, passwords
-    server.stop()
-
 
 def identity(passwords: dict, user: str) -> dict[str, str]:
     return {"NATS_USER": user, "NATS_PASSWORD": passwords[user]}

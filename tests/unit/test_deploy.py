@@ -50,11 +50,15 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(kustomization):
         if name in ("prometheus", "grafana"):
             continue
         assert tmpl["metadata"]["labels"].get("app.kubernetes.io/part-of") == "tuneloop", name
-        assert any(p.get("name") == "metrics" for c in tmpl["spec"]["containers"] for p in c.get("ports", [])), name
         env = {e["name"]: e for c in tmpl["spec"]["containers"] for e in c.get("env", [])}
-        assert env["NATS_USER"]["value"] == name and env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "nats-users"
+        assert env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "nats-users", name
+        if name == "nats-provision":  # the one-shot job that creates the streams: the admin identity, no metrics
+            assert env["NATS_USER"]["value"] == "admin"
+            continue
+        assert any(p.get("name") == "metrics" for c in tmpl["spec"]["containers"] for p in c.get("ports", [])), name
+        assert env["NATS_USER"]["value"] == name
     names = {n for n, _ in pods}
-    assert {"data-pipeline", "evaluator", "rl-reward", "checkpoint", "prometheus", "grafana"} <= names
+    assert {"nats-provision", "data-pipeline", "evaluator", "rl-reward", "checkpoint", "prometheus", "grafana"} <= names
     # One trainer: a Job (one run), a PyTorchJob (one run on several nodes) or a Deployment (pool workers).
     assert sum("trainer" in by_kind.get(k, {}) for k in ("Job", "PyTorchJob", "Deployment")) == 1
 
@@ -78,7 +82,8 @@ def test_the_sweep_overlay_runs_pools_and_keda_scales_workers_and_evaluators_on_
     env = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("tuneloop-env"))
     assert env["data"]["TUNELOOP_RUN_ID"] == "*"  # every service serves every run
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    assert set(SERVICES) <= set(deployments) and not [d for d in docs if d["kind"] in ("Job", "PyTorchJob")]
+    jobs = [d["metadata"]["name"] for d in docs if d["kind"] in ("Job", "PyTorchJob")]
+    assert set(SERVICES) <= set(deployments) and jobs == ["nats-provision"]  # no per-run trainer Job
     for name in SERVICES:  # ... reading that setting
         refs = [e["configMapRef"]["name"] for c in deployments[name]["spec"]["template"]["spec"]["containers"]
                 for e in c.get("envFrom", [])]
