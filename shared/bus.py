@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -57,6 +58,10 @@ class BusError(RuntimeError):
     """A request could not be answered (timeout, no responder, or the responder said why)."""
 
 
+class PermissionRefused(BusError):
+    """The server does not let this identity publish there (nats.conf); retrying cannot help."""
+
+
 def credentials(env: dict[str, str] | None = None) -> dict:
     """Who this process is on the server, from the environment (deployments keep these in
     Secrets, never in files of the repo): ``NATS_USER`` / ``NATS_PASSWORD``, or a
@@ -83,12 +88,13 @@ def credentials(env: dict[str, str] | None = None) -> dict:
 class Bus:
     """One connection of one service (``service`` is stamped as the source of what it publishes)."""
 
-    def __init__(self, nc: Client, service: str):
+    def __init__(self, nc: Client, service: str, refused: set[str] | None = None):
         self.nc = nc
         self.js = nc.jetstream()
         self.service = service
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+        self.refused = refused if refused is not None else set()  # subjects the server refused us (lower case)
 
     # ------------------------------------------------------------ connection
     @classmethod
@@ -96,8 +102,12 @@ class Bus:
         """Connect, then reconnect forever after any outage. ``patience``: give up on the first
         connection after that many seconds (commands a person waits on; services wait for
         their broker however long it takes to come up)."""
+        refused: set[str] = set()
+
         async def on_error(e: Exception) -> None:
             log.warning("nats: %s", e)
+            if m := re.search(r'permissions violation for publish to "([^"]+)"', str(e), re.IGNORECASE):
+                refused.add(m.group(1).lower())
 
         async def on_disconnect() -> None:
             log.info("nats: disconnected from %s", url)
@@ -116,7 +126,7 @@ class Bus:
         except asyncio.TimeoutError:
             raise NatsUnreachable(f"no NATS server answered at {url} within {patience:.0f}s "
                                   "(is it running? for a finished embedded run it is gone: pass --nats-url)") from None
-        bus = cls(nc, service)
+        bus = cls(nc, service, refused)
         await bus.ensure_stream(wait=patience is None)
         return bus
 
@@ -212,11 +222,27 @@ class Bus:
         Sorted by the events' own time: the audit stream copies each kind through its own
         source, so its order across kinds is not the order things happened.
         """
+        out = await self._stored(subjects.AUDIT_STREAM, subjects.subject(run_id, ">"), timeout)
+        return sorted(out, key=lambda e: e.time)
+
+    async def stored(self, run_id: str) -> int:
+        """How many events of ``run_id`` the stream holds (0: a run id nobody ever used here)."""
+        info = await self.js.stream_info(subjects.STREAM, subjects_filter=subjects.subject(run_id, ">"))
+        return sum((info.state.subjects or {}).values())
+
+    async def history(self, cls: type[E], run_id: str, timeout: float = 2.0) -> list[E]:
+        """Every stored ``cls`` event of ``run_id``, in the order stored (complete, unlike
+        ``follow``, which hands over history and live events alike)."""
+        return await self._stored(subjects.STREAM, subjects.subject(run_id, cls.KIND), timeout)
+
+    async def _stored(self, stream: str, subj: str, timeout: float) -> list:
+        """The valid events stored on ``subj`` in ``stream``: as many as the stream counts."""
         out: list[Event] = []
-        subj = subjects.subject(run_id, ">")
-        info = await self.js.stream_info(subjects.AUDIT_STREAM, subjects_filter=subj)
+        info = await self.js.stream_info(stream, subjects_filter=subj)
         stored = sum((info.state.subjects or {}).values())
-        sub = await self.js.subscribe(subj, stream=subjects.AUDIT_STREAM, ordered_consumer=True)
+        if not stored:
+            return out
+        sub = await self.js.subscribe(subj, stream=stream, ordered_consumer=True)
         try:
             for _ in range(stored):
                 msg = await sub.next_msg(timeout=timeout)
@@ -226,7 +252,7 @@ class Bus:
                         out.append(cls.model_validate_json(msg.data))
         finally:
             await sub.unsubscribe()
-        return sorted(out, key=lambda e: e.time)
+        return out
 
     async def close(self) -> None:
         self._closing = True
@@ -258,6 +284,9 @@ class Bus:
                     break
                 except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError,
                         nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError) as e:
+                    if subj.lower() in self.refused:
+                        raise PermissionRefused(f"the NATS server does not let identity "
+                                                f"{self.nc.options.get('user') or '(none)'} publish {subj}") from e
                     if time.monotonic() > deadline or self._closing:
                         raise BusError(f"could not publish {subj}: {e!r}") from e
                     log.warning("publish %s failed (%r); retrying", subj, e)

@@ -87,11 +87,11 @@ def init(
 
     try:
         check_run_id(run_id)
-        cfg = load_config(config)
+        rdir = init_run(load_config(config), run_id, storage.resolve())
     except (ConfigError, ValueError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2)
-    console.print(f"run {run_id}: {init_run(cfg, run_id, storage.resolve())}")
+    console.print(f"run {run_id}: {rdir}")
 
 
 @app.command()
@@ -127,7 +127,7 @@ def ctl(
     timeout: float = typer.Option(120.0, help="Seconds to wait for the trainer's answer."),
 ) -> None:
     """Send a control event and wait until the trainer applies or rejects it."""
-    from .control import send_control
+    from .control import ControlRefused, send_control
 
     from pydantic import ValidationError
 
@@ -136,9 +136,12 @@ def ctl(
     url = nats_url or _run_url(storage, run_id)
     try:
         answer = asyncio.run(send_control(url, run_id, command, value if command == "set-data" else _number(value),
-                                          timeout=timeout))
+                                          timeout=timeout, live_only=True))
     except ValidationError as e:  # refused before anything is sent (e.g. an empty command)
         console.print(f"[red]not a valid control: {explain(e)}[/]")
+        raise typer.Exit(2)
+    except ControlRefused as e:
+        console.print(f"[red]not sent: {e}[/]", soft_wrap=True)
         raise typer.Exit(2)
     except TimeoutError as e:
         console.print(f"[red]{e}[/]")
@@ -431,7 +434,7 @@ def _interrupt(signum, frame) -> None:
 
 
 def main() -> None:
-    from .bus import NatsUnreachable
+    from .bus import NatsUnreachable, PermissionRefused
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # SIGTERM (timeout, systemd, docker stop, a CI cancel) and SIGHUP (a closed terminal) stop
@@ -443,3 +446,6 @@ def main() -> None:
     except NatsUnreachable as e:  # any command that needs the bus: say which URL, never hang
         console.print(f"[red]{e}[/]", soft_wrap=True)
         raise SystemExit(3)
+    except PermissionRefused as e:  # not "rejected" (exit 1): this identity may not do it at all
+        console.print(f"[red]{e}[/]", soft_wrap=True)
+        raise SystemExit(4)

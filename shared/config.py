@@ -6,6 +6,7 @@ are resolved against the config file's folder, so a config works from any workin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -54,6 +55,9 @@ class AdaptSection(_Section):
     enabled: bool = False
     boost: float = Field(default=2.0, gt=1, description="Multiply a weak category's weight by this on each feedback naming it.")
     max_weight: float = Field(default=8.0, ge=1, description="Never weigh a category more than this.")
+    cooldown_steps: int = Field(default=10, ge=0, description=(
+        "Act only on verdicts of weights trained this many steps on the current mixture: the checkpoint "
+        "taken at a switch was trained on the old one, and its verdict repeats the evidence already acted on."))
 
 
 class DataSection(_Section):
@@ -317,9 +321,29 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     raw = read_yaml(path)
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {explain(e)}") from e
+    ref = cfg.model.name_or_path
+    local = ref.startswith((".", "/", "~")) or ref.endswith("/") or ref.count("/") > 1  # a hub id is org/name
+    if ref != "tiny" and local and not cfg.resolve(os.path.expanduser(ref)).is_dir():
+        raise ConfigError(f"{path}: model.name_or_path: {ref!r} is a local path, and "
+                          f"{cfg.resolve(os.path.expanduser(ref))} is not a folder")
+    return cfg
+
+
+def differences(a: Config, b: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs (``base_dir`` aside: the same
+    file read from elsewhere is the same configuration)."""
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    x, y = dict(flat(a.model_dump(mode="json"))), dict(flat(b.model_dump(mode="json")))
+    return sorted(k for k in x.keys() | y.keys() if k != "base_dir" and x.get(k) != y.get(k))
 
 
 def dump_config(cfg: Config, path: Path) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from .bus import CONNECT_PATIENCE_S, Bus
 from .events import (Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter, Event, ExportDone, ExportRequest,
-                     MixtureRequest)
+                     MixtureRequest, StepMetrics, TrainingFinished)
 
 
 async def _ask(url: str, event: Event, answers: dict[type[Event], Callable[[Event], bool]], timeout: float,
@@ -38,10 +38,40 @@ async def _ask(url: str, event: Event, answers: dict[type[Event], Callable[[Even
                 await sub.unsubscribe()
 
 
+class ControlRefused(ValueError):
+    """Not sent: no trainer will ever apply it (the run is unknown here, or finished)."""
+
+
+async def why_not_live(bus: Bus, run_id: str) -> str | None:
+    """Why a control for ``run_id`` would never be applied, or None. Controls are durable: one
+    sent to a typo or a finished run would wait in the stream and surprise whoever next starts
+    a trainer under that id. An interrupted run resumes, so its controls are kept for it."""
+    if not await bus.stored(run_id):
+        return f"no run {run_id!r} on this server: nothing was ever published for it (a typo? see `tuneloop runs`)"
+    done = await bus.latest(TrainingFinished, run_id)
+    if done is not None and done.reason != "interrupted":
+        last = await bus.latest(StepMetrics, run_id)
+        if last is None or last.time <= done.time:  # no step since: not restarted
+            return f"run {run_id} finished at step {done.step} ({done.reason}); no trainer will apply it"
+    return None
+
+
 async def send_control(url: str, run_id: str, command: str, value=None, *, timeout: float = 120.0,
-                       bus: Bus | None = None, operator: str | None = None) -> ControlApplied | ControlRejected:
-    """Publish ``command`` for ``run_id``; return the trainer's ControlApplied or ControlRejected."""
+                       bus: Bus | None = None, operator: str | None = None,
+                       live_only: bool = False) -> ControlApplied | ControlRejected:
+    """Publish ``command`` for ``run_id``; return the trainer's ControlApplied or ControlRejected.
+    ``live_only``: raise ControlRefused instead of sending to a run that cannot apply it."""
     event = Control(run_id=run_id, command=command, value=value, operator=operator or _whoami())
+    if live_only:
+        own = bus is None
+        bus = bus or await Bus.connect(url, "ctl", patience=CONNECT_PATIENCE_S)
+        try:
+            if reason := await why_not_live(bus, run_id):
+                raise ControlRefused(reason)
+            return await send_control(url, run_id, command, value, timeout=timeout, bus=bus, operator=event.operator)
+        finally:
+            if own:
+                await bus.close()
     mine = lambda ev: ev.control_id == event.event_id  # noqa: E731
     return await _ask(url, event, {ControlApplied: mine, ControlRejected: mine}, timeout, bus,
                       f"{command!r} (is its trainer running?)")

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from . import cores
 from .bus import Bus
-from .config import RUN_ID_STAMP, Config, ConfigError, dump_config, load_config
+from .config import RUN_ID_STAMP, Config, ConfigError, differences, dump_config, load_config
 from .embedded import NatsServer
 from .events import (CheckpointRecorded, Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter,
                      EvalVerdict, Event, ExportDone, Feedback, StepMetrics, TrainingFinished, explain)
@@ -101,6 +101,13 @@ def init_run(cfg: Config, run_id: str, storage: Path) -> Path:
     Used by ``tuneloop run`` and, for compose and Kubernetes, by ``tuneloop init``.
     """
     rdir = run_dir(storage, run_id)
+    existing = rdir / CONFIG_FILE
+    if existing.is_file():  # the same run again (a restart) resumes; another config under its id would mix two runs
+        changed = differences(load_config(existing), cfg)
+        if changed:
+            raise ConfigError(f"run {run_id} already exists ({rdir}) with another configuration "
+                              f"({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''} differ); give this one "
+                              "another run id (or run.name), or delete that folder to start over")
     (rdir / "logs").mkdir(parents=True, exist_ok=True)
     dump_config(cfg, rdir / CONFIG_FILE)
     return rdir

@@ -6,6 +6,7 @@ leave the run directory (``..``, absolute, symlink out) is refused.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -46,6 +47,14 @@ def confine(base: Path, rel: str) -> Path:
     return target
 
 
+def refuse_links(folder: Path) -> None:
+    """UnsafePath if anything under ``folder`` is a symbolic link: hashing, resuming and
+    exporting read what is inside a checkpoint, never what a link points at elsewhere."""
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_symlink():
+            raise UnsafePath(f"{p} is a symbolic link (to {os.readlink(p)}); a checkpoint holds only its own files")
+
+
 def relative(base: Path, path: Path) -> str:
     return str(Path(path).resolve().relative_to(Path(base).resolve()))
 
@@ -78,5 +87,8 @@ def resolve_model(base: Path, ref: str) -> Path | str:
     if not Path(ref).is_absolute() and ".." not in Path(ref).parts and candidate.exists():
         return confine(base, ref)
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", ref) and ".." not in ref:
+        if Path(ref).exists():  # transformers would load this folder of the service's working directory
+            raise UnsafePath(f"model {ref!r} is not in the run directory, and as a hub id it would load "
+                             f"{Path(ref).resolve()} from the service's working directory instead")
         return ref
     raise UnsafePath(f"model {ref!r} is neither inside the run directory nor a hub id")

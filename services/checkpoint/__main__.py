@@ -22,7 +22,7 @@ from tuneloop.storage import SNAPSHOTS, complete_checkpoints, confine, relative,
 
 from . import export
 from .catalogue import Entry, best, pending, stale_snapshots
-from .integrity import MANIFEST, digest_dir
+from .integrity import MANIFEST, digest_dir, verify
 
 log = logging.getLogger("tuneloop.checkpoint")
 BUCKET = subjects.CHECKPOINT_BUCKET
@@ -73,13 +73,16 @@ async def main(ctx: ServiceContext) -> None:
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint {ev.path} of run {ev.run_id} does not exist")
         t0 = time.perf_counter()
-        sha, size, files = await asyncio.to_thread(digest_dir, path)
+        sha, size, files = await asyncio.to_thread(digest_dir, path)  # UnsafePath (a Reject) on a symlink
         metrics.CHECKPOINT_SECONDS.labels(ev.run_id).observe(time.perf_counter() - t0)
-        (path / MANIFEST).write_text(json.dumps({"sha256": sha, "bytes": size, "files": files}, indent=1))
         old = await catalogue.get(ev.run_id, ev.step)
+        if old is not None and old.saved_by == ev.event_id and old.sha256 != sha:
+            raise Reject(f"checkpoint {ev.path} changed since it was recorded (sha256 {old.sha256[:12]}, now "
+                         f"{sha[:12]}); its record and manifest stay as they were")
+        (path / MANIFEST).write_text(json.dumps({"sha256": sha, "bytes": size, "files": files}, indent=1))
         entry = Entry(step=ev.step, path=ev.path, base_model=str(ev.base_model), adapter=ev.adapter, sha256=sha,
                       bytes=size, is_final=ev.is_final, scores=old.scores if old and old.sha256 == sha else None,
-                      snapshot=ev.snapshot, evaluated=ev.evaluate or ev.is_final)
+                      snapshot=ev.snapshot, evaluated=ev.evaluate or ev.is_final, saved_by=ev.event_id)
         await catalogue.put(ev.run_id, entry)
         record = CheckpointRecorded(run_id=ev.run_id, event_id=derived_id("rec", ev.event_id), step=ev.step,
                                     path=ev.path, sha256=sha, bytes=size)
@@ -164,6 +167,9 @@ async def main(ctx: ServiceContext) -> None:
             return
         t0 = time.perf_counter()
         ckpt = confine(run_dir, chosen.path)
+        problem = await asyncio.to_thread(verify, ckpt, chosen.sha256)
+        if problem:  # changed on disk since it was recorded: exporting it would hand out other weights
+            raise Reject(f"not exporting step {chosen.step} of run {done.run_id}: {problem}")
         base = resolve_model(run_dir, chosen.base_model)
         adapter_path = merged_path = None
         if cfg.export.adapter and chosen.adapter:

@@ -18,6 +18,7 @@ class Entry(BaseModel):
     released: bool = False  # files deleted (a pruned run, a snapshot outscored); the record stays
     snapshot: bool = False  # weights only, for evaluation (eval.every); not resumable
     evaluated: bool = True  # a verdict was asked for (False: a checkpoint kept for resume only)
+    saved_by: str | None = None  # event id of the ckpt.saved recorded: a redelivery of it changes nothing
 
 
 def best(entries: list[Entry], metric: str) -> Entry | None:

@@ -17,6 +17,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from tuneloop.storage import refuse_links
+
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 MARKER = ".tuneloop-export.json"
@@ -97,6 +99,7 @@ def _copy_tokenizer(src_dirs: list[Path], dest: Path) -> None:
 def export_adapter(checkpoint: Path, base: Path | str, dest: Path, force: bool = False) -> Path:
     """Adapter weights + config (pointing at ``base``) + tokenizer."""
     check_destination(dest, force)  # before the work, not only after it
+    refuse_links(checkpoint)
     with _staging(dest) as tmp:
         for name in ADAPTER_FILES:
             if (checkpoint / name).exists():
@@ -118,6 +121,7 @@ def export_merged(checkpoint: Path, base: Path | str, adapter: bool, dest: Path,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_destination(dest, force)
+    refuse_links(checkpoint)
     if adapter:
         from peft import PeftModel
 

@@ -14,12 +14,18 @@ import asyncio
 import logging
 
 from tuneloop.bus import Reject
-from tuneloop.events import Control, DatasetReady, Feedback, MixtureRequest, RunQueued, SplitInfo, derived_id
+from tuneloop.events import Control, ControlApplied, DatasetReady, Feedback, MixtureRequest, RunQueued, SplitInfo, derived_id
 from tuneloop.service import ServiceContext, run_service
 
-from .prepare import DataError, adapt_weights, prepare
+from .prepare import DataError, adapt_weights, evidence_is_new, prepare
 
 log = logging.getLogger("tuneloop.data_pipeline")
+
+
+async def applied_at(ctx: ServiceContext, run_id: str, dataset_id: str) -> int | None:
+    """The step at which the trainer switched ``run_id`` to ``dataset_id`` (set-data), or None."""
+    steps = [a.step for a in await ctx.bus.history(ControlApplied, run_id) if a.command == "set-data" and a.new == dataset_id]
+    return steps[-1] if steps else None
 
 
 async def announce(ctx: ServiceContext, run_id: str, *, weights: dict[str, float] | None = None,
@@ -74,6 +80,13 @@ async def main(ctx: ServiceContext) -> None:
         if not adapt.enabled or fb.action != "continue" or not fb.weak_categories:
             return
         current = await ctx.bus.latest(DatasetReady, fb.run_id)
+        if current is not None and current.requested_by:  # the mixture was changed already: since when?
+            switched_at = await applied_at(ctx, fb.run_id, current.dataset_id)
+            if not evidence_is_new(fb.step, switched_at, adapt.cooldown_steps):
+                log.info("feedback of step %d: not acting, the mixture %s %s", fb.step, current.dataset_id,
+                         "is not applied yet" if switched_at is None else
+                         f"was applied at step {switched_at} (cooldown {adapt.cooldown_steps} steps)")
+                return
         before = current.category_weights if current else {}
         categories = list(current.splits["train"].categories) if current else []
         after = adapt_weights(before, fb.weak_categories, categories, adapt.boost, adapt.max_weight)

@@ -209,6 +209,14 @@ def adapt_weights(current: dict[str, float], weak: list[str], categories: list[s
     return {c: w for c, w in sorted(relative.items()) if w != 1.0}
 
 
+def evidence_is_new(verdict_step: int, switched_at: int | None, cooldown: int) -> bool:
+    """Whether a verdict may move the mixture again: it must be of weights trained on the
+    current mixture for ``cooldown`` steps (``switched_at``: the step the trainer applied it;
+    None: not applied yet). The checkpoint taken at the switch, and those just after it, were
+    trained on the old mixture: their verdicts repeat the evidence that caused the switch."""
+    return switched_at is not None and verdict_step >= switched_at + cooldown
+
+
 def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop",
             weights: dict[str, float] | None = None, category_weights: dict[str, float] | None = None) -> Prepared:
     """Read every source, mix, split (held-out prompts never seen in train) and write JSONL.

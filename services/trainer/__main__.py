@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from tuneloop.events import Control, ControlRejected, DatasetReady, DeadLetter, Feedback, RunQueued, TrainingFinished
+from tuneloop.events import CheckpointRecorded, Control, ControlRejected, DatasetReady, DeadLetter, Feedback, RunQueued, TrainingFinished
 from tuneloop.service import ServiceContext, on_torch_thread, parent_gone, parse_args, run_log, run_service, setup_logging
 from tuneloop.subjects import ALL_RUNS
 from tuneloop.storage import load_run_config, run_dir
@@ -88,6 +88,7 @@ async def train_run(ctx: ServiceContext, run_id: str, in_pool: bool = False) -> 
         await bus.publish(TrainingFinished(run_id=run_id, step=0, reason="error", detail=str(e)))
         dataset = None
     if dataset is not None:
+        link.recorded = {r.path: r.sha256 for r in await bus.history(CheckpointRecorded, run_id)}  # newest wins
         dataset = await _dataset_to_resume(link, dataset, ctx.run_dir(run_id))
     if not in_pool:
         await on_torch_thread(distributed.broadcast, dataset)  # None tells the other ranks to leave
@@ -143,7 +144,7 @@ async def wait_for_data(ctx: ServiceContext, run_id: str, poll: float = 0.5) -> 
 
 async def _dataset_to_resume(link: BusLink, latest: DatasetReady, rdir) -> DatasetReady:
     """A fresh run trains on the newest data set; a resumed one on the data set its checkpoint names."""
-    ckpt = latest_intact(rdir / "checkpoints")
+    ckpt = latest_intact(rdir / "checkpoints", link.recorded)
     want = read_state(ckpt).dataset_id if ckpt else ""
     if not want or want == latest.dataset_id:
         return latest

@@ -80,15 +80,19 @@ def latest_complete(output_dir: Path) -> Path | None:
     return done[max(done)] if done else None
 
 
-def latest_intact(output_dir: Path) -> Path | None:
-    """Newest complete checkpoint whose files still match the checkpoint service's manifest.
+def latest_intact(output_dir: Path, recorded: dict[str, str] | None = None) -> Path | None:
+    """Newest complete checkpoint whose files still match the checkpoint service's manifest and
+    record (``recorded``: run-relative path -> sha256 of its ``ckpt.recorded``).
 
-    A damaged one (truncated, edited, files missing) is moved aside as ``<name>.corrupt`` —
-    kept for inspection, never deleted or overwritten — and the one before it is used."""
+    A damaged one (truncated, edited, files missing or added, manifest removed) is moved aside
+    as ``<name>.corrupt`` — kept for inspection, never deleted or overwritten — and the one
+    before it is used. One never recorded and without a manifest is used: the service had no
+    time to hash what was saved just before a stop."""
     from tuneloop.checkpoint.integrity import verify
 
+    recorded = recorded or {}
     while (ckpt := latest_complete(output_dir)) is not None:
-        problem = verify(ckpt)
+        problem = verify(ckpt, recorded.get(f"{output_dir.name}/{ckpt.name}"), uncatalogued_ok=True)
         if problem is None:
             return ckpt
         aside = ckpt.with_name(f"{ckpt.name}.corrupt")

@@ -33,6 +33,8 @@ class BusLink:
         self.inbox: queue.Queue[tuple[Event, Callable[[], None]]] = queue.Queue()
         self.stopping = threading.Event()  # set by SIGTERM: save and stop at the next boundary
         self.datasets: dict[str, DatasetReady] = {}  # every data set announced for the run, for set-data
+        # What the checkpoint service recorded (run-relative path -> sha256): resume checks against it.
+        self.recorded: dict[str, str] = {}
         self.outbox: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._pump: asyncio.Task | None = None
         self._flushing = asyncio.Lock()  # one flush at a time: events leave in the order queued

@@ -227,7 +227,7 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) 
     seconds = 0.0  # in trainer.train() itself: set-up (base model, tokenizing) aside
     out_dir = run_dir / "checkpoints"
     args = trl_args(cfg, out_dir)
-    resume = latest_intact(out_dir) if distributed.rank() == 0 else None
+    resume = latest_intact(out_dir, getattr(link, "recorded", None)) if distributed.rank() == 0 else None
     resume = distributed.broadcast(resume)  # one rank checks (and moves aside); all resume from the same
     if resume:  # what operators decided before the restart still holds
         state = read_state(resume)

@@ -84,6 +84,7 @@ async def test_feedback_naming_weak_categories_shifts_the_mixture_and_the_traine
     run = run_id_for(request)
     cfg = tiny_config(tmp_path, max_steps=100000)
     cfg.data.adapt.enabled = True
+    cfg.data.adapt.cooldown_steps = 5
     storage = make_run(tmp_path, run, cfg)
     ev = {cls: await collect(bus, cls, run) for cls in (StepMetrics, ControlApplied, DatasetReady, TrainingFinished)}
     svc = services(storage, nats_url, run)
@@ -106,5 +107,17 @@ async def test_feedback_naming_weak_categories_shifts_the_mixture_and_the_traine
 
     trail = await bus.audit_trail(run)
     assert any(isinstance(e, Control) and e.operator == "data-pipeline (adaptive data)" for e in trail)
+
+    # One switch per piece of evidence: the verdict of the checkpoint taken at the switch (and of
+    # any within the cooldown) was trained on the old mixture and moves nothing; a later one does.
+    for step in (switch.step, switch.step + cfg.data.adapt.cooldown_steps - 1):
+        await bus.publish(Feedback(run_id=run, step=step, action="continue", reason="math is weak", score=0.4,
+                                   weak_categories=["math"]))
+    later = Feedback(run_id=run, step=switch.step + cfg.data.adapt.cooldown_steps, action="continue",
+                     reason="math is still weak", score=0.5, weak_categories=["math"])
+    await bus.publish(later)
+    await wait_for(lambda: any(d.requested_by == later.event_id for d in ev[DatasetReady]), timeout=60)
+    boosts = [d.category_weights for d in ev[DatasetReady] if d.requested_by]  # handled in order: all three are in
+    assert boosts == [{"math": 2.0}, {"math": 4.0}], boosts
     await ctl(nats_url, bus, run, "stop")
     await wait_for(lambda: ev[TrainingFinished], timeout=60)

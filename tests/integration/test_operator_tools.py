@@ -104,7 +104,8 @@ def watched_run(tmp_path_factory, nats_url):
     out, _ = job.communicate(timeout=600)
     assert job.returncode == 0, out[-3000:]
     code = term.exit_code()
-    return {"run": run, "storage": storage, "during": during, "after": term.text(), "watch_exit": code, "ctl": ctl}
+    return {"run": run, "storage": storage, "during": during, "after": term.text(), "watch_exit": code, "ctl": ctl,
+            "url": nats_url}
 
 
 def test_watch_shows_a_live_run_and_the_control_it_answered(watched_run):
@@ -155,3 +156,11 @@ def test_runs_and_checkpoints_list_what_the_run_left(watched_run):
     assert all("yes" in rows[s] for s in ("20", "40", "60", "80"))
     scored = [s for s in ("20", "40", "60", "80") if rows[s].rstrip(" │").split("│")[-1].strip() != "-"]
     assert scored == ["20", "40", "60", "80"], ckpts.stdout
+
+
+def test_ctl_refuses_a_finished_run_and_an_unknown_run_id_instead_of_queueing_the_control(watched_run):
+    r = watched_run
+    for run, says in ((r["run"], "finished at step 80 (completed)"), (r["run"] + "x", "no run")):
+        out = subprocess.run([*TUNELOOP, "ctl", run, "stop", "--nats-url", r["url"]], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 2 and "not sent" in out.stdout and says in out.stdout, out.stdout + out.stderr

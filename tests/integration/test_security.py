@@ -17,7 +17,8 @@ import pytest
 from helpers import make_run, run_id_for, tiny_config
 from helpers import collect, wait_for
 from tuneloop.bus import Bus
-from tuneloop.events import CheckpointRecorded, DeadLetter, StepMetrics
+from tuneloop.checkpoint.integrity import MANIFEST
+from tuneloop.events import CheckpointRecorded, CheckpointSaved, DeadLetter, StepMetrics
 
 def identity(passwords: dict, user: str) -> dict[str, str]:
     return {"NATS_USER": user, "NATS_PASSWORD": passwords[user]}
@@ -66,6 +67,9 @@ async def test_only_the_operator_may_steer_and_strangers_may_not_connect(tmp_pat
                         env={**os.environ, **operator})
     assert ok.returncode == 0 and "applied set-lr" in ok.stdout, ok.stdout + ok.stderr
     assert steps[-1].max_steps == 100000  # the trainer is still running: nobody's refused "stop" got through
+    viewer = subprocess.run([*ctl, "set-lr", "0.002"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **identity(pw, "viewer")})
+    assert viewer.returncode == 4 and "does not let identity viewer publish" in viewer.stdout, viewer.stdout + viewer.stderr
     stop = subprocess.run([*ctl, "stop"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **operator})
     assert stop.returncode == 0, stop.stdout + stop.stderr
@@ -89,10 +93,31 @@ async def test_an_event_naming_a_path_outside_the_run_is_rejected_and_the_servic
     await bus.js.publish(f"tuneloop.{run}.ckpt.saved", json.dumps(evil).encode(), headers={"Nats-Msg-Id": "evil-1"})
     await wait_for(lambda: dead, timeout=60)
     assert "leaves the run directory" in dead[0].reason and "../../secret.txt" in dead[0].reason
+
+    # A checkpoint folder with a symbolic link out of it is not hashed (nor later exported).
+    linked = storage / run / "extra" / "linked"
+    linked.mkdir(parents=True)
+    (linked / "model.safetensors").symlink_to(tmp_path / "secret.txt")
+    await bus.publish(CheckpointSaved(run_id=run, step=2, path="extra/linked", base_model="base", adapter=True))
+    await wait_for(lambda: len(dead) >= 2, timeout=60)
+    assert "symbolic link" in dead[1].reason and not (linked / MANIFEST).exists()
+
+    # ckpt.saved handled again after its files changed: refused, the first record and manifest kept.
+    ckpt = storage / run / "extra" / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    saved = CheckpointSaved(run_id=run, step=3, path="extra/ckpt", base_model="base", adapter=True)
+    await bus.publish(saved)
+    await wait_for(lambda: any(r.step == 3 for r in recorded), timeout=60)
+    manifest = (ckpt / MANIFEST).read_text()
+    (ckpt / "model.safetensors").write_bytes(b"other weights")
+    await bus.js.publish(f"tuneloop.{run}.ckpt.saved", saved.to_bytes(), headers={"Nats-Msg-Id": "again"})
+    await wait_for(lambda: len(dead) >= 3, timeout=60)
+    assert "changed since it was recorded" in dead[2].reason and (ckpt / MANIFEST).read_text() == manifest
     # The checkpoint service is alive and catalogues the real checkpoints of a real trainer.
     svc.start("data-pipeline", env=identity(pw, "data-pipeline"))
     svc.start("trainer", env=identity(pw, "trainer"))
-    await wait_for(lambda: len(recorded) >= 2, timeout=240)
-    assert svc.procs["checkpoint"].poll() is None and {r.step for r in recorded} >= {20, 40}
+    await wait_for(lambda: {r.step for r in recorded} >= {20, 40}, timeout=240)
+    assert svc.procs["checkpoint"].poll() is None and {r.step for r in recorded} >= {3, 20, 40}
     assert not list(storage.glob(f"{run}/**/secret.txt"))
     await bus.close()

@@ -67,6 +67,8 @@ def test_bad_values_and_missing_or_broken_files(tmp_path):
 
 
 @pytest.mark.parametrize("line, field", [
+    ("model: {name_or_path: ./models/not-there}", "model.name_or_path"),
+    ("model: {name_or_path: models/sub/not-there}", "model.name_or_path"),
     ("train: {lr_scheduler: cosin}", "train.lr_scheduler"),
     ("train: {method: dpo, dpo: {loss_type: sigmoud}}", "train.dpo.loss_type"),
     ("train: {method: grpo, grpo: {loss_type: grp}}", "train.grpo.loss_type"),
@@ -116,3 +118,31 @@ def torch_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_a_local_model_folder_that_exists_loads_and_a_hub_id_is_not_taken_for_one(tmp_path):
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    p = tmp_path / "c.yaml"
+    for ref in ("./models/mine", "models/mine/", "Qwen/Qwen2.5-0.5B"):
+        p.write_text(f"data: {{sources: [{{path: x.jsonl}}]}}\nmodel: {{name_or_path: {ref}}}\n")
+        assert load_config(p).model.name_or_path == ref
+
+
+def test_a_run_id_in_use_takes_the_same_config_again_but_not_another(tmp_path):
+    import subprocess
+    import sys
+
+    from tuneloop.runner import init_run
+
+    cfg = load_config(REPO_EXAMPLE).phase_config(0)
+    storage = tmp_path / "runs"
+    rdir = init_run(cfg, "r1", storage)
+    assert init_run(cfg, "r1", storage) == rdir  # a restart of the same run
+    other = cfg.model_copy(deep=True)
+    other.train.learning_rate, other.train.max_steps = 0.5, 7
+    with pytest.raises(ConfigError, match=r"run r1 already exists .*train.learning_rate, train.max_steps differ"):
+        init_run(other, "r1", storage)
+    assert load_config(rdir / "config.yaml").train.learning_rate == cfg.train.learning_rate  # left as it was
+    cli = subprocess.run([sys.executable, "-m", "tuneloop", "init", str(REPO_EXAMPLE), "--run-id", "r1",
+                          "--storage", str(storage)], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and "already exists" in cli.stdout, cli.stdout + cli.stderr
