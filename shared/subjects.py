@@ -13,11 +13,14 @@ AUDIT_STREAM = "TUNELOOP_AUDIT"
 AUDIT_KINDS = ("control", "control.applied", "control.rejected", "data.mixture")
 ALL_RUNS = "*"
 # The JetStream KV buckets, with how long a key lives (None: until deleted). Who may write each
-# is in k8s/base/nats/nats.conf: the checkpoint service, the evaluators, the operator's sweeps.
+# is in k8s/base/nats/nats.conf: the checkpoint service, the evaluators, the operator's sweeps,
+# rl-reward's policy.
 CHECKPOINT_BUCKET = "tuneloop-checkpoints"
 SHARD_BUCKET = "tuneloop-eval-shards"
 SWEEP_BUCKET = "tuneloop-sweeps"
-BUCKETS: dict[str, float | None] = {CHECKPOINT_BUCKET: None, SHARD_BUCKET: 24 * 3600.0, SWEEP_BUCKET: None}
+POLICY_BUCKET = "tuneloop-policy"  # rl-reward's feedback policy, per run
+BUCKETS: dict[str, float | None] = {CHECKPOINT_BUCKET: None, SHARD_BUCKET: 24 * 3600.0, SWEEP_BUCKET: None,
+                                    POLICY_BUCKET: None}
 _RUN_RE = re.compile(RUN_ID_PATTERN)
 
 

@@ -10,11 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, Services
+from helpers import DEPLOYED_CONF, IDENTITIES, Services
 from tuneloop.embedded import NatsServer
-
-DEPLOYED_CONF = REPO / "k8s" / "base" / "nats" / "nats.conf"
-IDENTITIES = ("admin", "operator", "trainer", "data-pipeline", "evaluator", "rl-reward", "checkpoint", "viewer")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,9 @@ from pathlib import Path
 from tuneloop.config import Config, dump_config
 
 REPO = Path(__file__).resolve().parents[1]
+# The deployment's own nats-server config, and every identity it knows (tests/conftest.py: ``secured``).
+DEPLOYED_CONF = REPO / "k8s" / "base" / "nats" / "nats.conf"
+IDENTITIES = ("admin", "operator", "trainer", "data-pipeline", "evaluator", "rl-reward", "checkpoint", "viewer")
 EXAMPLE_DATA = REPO / "examples" / "data" / "protocol.jsonl"
 
 

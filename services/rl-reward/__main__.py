@@ -1,12 +1,17 @@
-"""rl-reward service: serves reward requests (queue group) and turns periodic verdicts into feedback."""
+"""rl-reward service: serves reward requests (queue group) and turns periodic verdicts into feedback.
+
+The feedback policy's memory of each run (best score, evaluations since, what was decided for
+each verdict) lives in the KV bucket ``tuneloop-policy``, updated by compare-and-set: any
+number of replicas, and a restarted one, decide as one replica that never stopped would."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 
-from tuneloop import metrics
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from tuneloop import metrics, subjects
 from tuneloop.events import EvalVerdict, RewardReply, RewardRequest
 from tuneloop.service import ServiceContext, run_service
 
@@ -50,7 +55,7 @@ def record(req: RewardRequest, reply: RewardReply | None, parts: dict[str, list[
 
 
 async def main(ctx: ServiceContext) -> None:
-    states: dict[str, PolicyState] = defaultdict(PolicyState)
+    kv = await ctx.bus.key_value(subjects.POLICY_BUCKET)
 
     async def on_reward(req: RewardRequest) -> RewardReply:
         t0, parts, reply = time.perf_counter(), {}, None
@@ -64,10 +69,32 @@ async def main(ctx: ServiceContext) -> None:
         if verdict.purpose != "periodic":
             return
         cfg = ctx.config(verdict.run_id).feedback
-        feedback = decide(cfg, states[verdict.run_id], verdict)
-        if feedback:
-            await ctx.bus.publish(feedback)
-            log.info("feedback for step %d: %s (%s)", feedback.step, feedback.action, feedback.reason)
+        while True:  # compare-and-set: another replica may update the run's state meanwhile
+            state, revision = await load_state(verdict.run_id)
+            feedback = decide(cfg, state, verdict) or state.decided[verdict.event_id]
+            try:
+                await save_state(verdict.run_id, state, revision)
+                break
+            except KeyWrongLastSequenceError:
+                continue
+        # A decision made before (by a replica that died before sending it) goes out again;
+        # its event id is the same, so JetStream stores it once.
+        await ctx.bus.publish(feedback)
+        log.info("feedback for step %d: %s (%s)", feedback.step, feedback.action, feedback.reason)
+
+    async def load_state(run_id: str) -> tuple[PolicyState, int]:
+        try:
+            entry = await kv.get(run_id)
+        except KeyNotFoundError:
+            return PolicyState(), 0
+        return PolicyState.model_validate_json(entry.value), entry.revision
+
+    async def save_state(run_id: str, state: PolicyState, revision: int) -> None:
+        data = state.model_dump_json().encode()
+        if revision:
+            await kv.update(run_id, data, last=revision)
+        else:  # KeyWrongLastSequenceError too when a peer created it meanwhile
+            await kv.create(run_id, data)
 
     await ctx.bus.serve(RewardRequest, ctx.run_id, on_reward, queue="rl-reward")
     await ctx.bus.consume(EvalVerdict, ctx.run_id, on_verdict)

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pydantic import BaseModel
 
 from tuneloop.config import FeedbackSection
 from tuneloop.events import EvalVerdict, Feedback, derived_id
 
 
-@dataclass
-class PolicyState:
+class PolicyState(BaseModel):
+    """What the policy remembers of a run; kept in JetStream KV, so every replica and a
+    restarted one decide from the same history (the service updates it by compare-and-set)."""
+
     best_score: float = -1.0
     best_step: int | None = None
     since_best: int = 0
-    seen: set[str] = field(default_factory=set)  # verdict ids already counted
+    decided: dict[str, Feedback] = {}  # verdict id -> the feedback decided for it (a redelivery sends it again)
 
 
 def decide(cfg: FeedbackSection, state: PolicyState, verdict: EvalVerdict, weak_below: float = 0.9) -> Feedback | None:
     """Update ``state`` with ``verdict`` and return the feedback to send (None for a duplicate)."""
-    if verdict.event_id in state.seen:
+    if verdict.event_id in state.decided:
         return None
-    state.seen.add(verdict.event_id)
     score = verdict.scores.get(cfg.metric, 0.0)
     if score > state.best_score:
         state.best_score, state.best_step, state.since_best = score, verdict.step, 0
@@ -35,7 +36,9 @@ def decide(cfg: FeedbackSection, state: PolicyState, verdict: EvalVerdict, weak_
             action, reason = "stop", f"target reached: {cfg.metric} {score:.3f} >= {cfg.target:.3f}"
         elif state.since_best >= cfg.patience:
             action, reason = "stop", f"no improvement for {state.since_best} evaluations (best {state.best_score:.3f} at step {state.best_step})"
-    return Feedback(
+    feedback = Feedback(
         run_id=verdict.run_id, event_id=derived_id("feedback", verdict.event_id), step=verdict.step, action=action,
         reason=reason, score=score, best_step=state.best_step, best_score=state.best_score, weak_categories=weak,
     )
+    state.decided[verdict.event_id] = feedback
+    return feedback

@@ -42,7 +42,7 @@ from rich.table import Table
 
 from .. import subjects
 from ..bus import Bus
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, differences
 from ..control import ExportRefused, request_merged_export, send_control
 from ..embedded import NatsServer, _accepts
 from ..events import (CheckpointsReleased, Control, ControlApplied, DeadLetter, EvalVerdict, ExportDone, RunQueued,
@@ -71,19 +71,27 @@ class Store:
         self.kv, self.name = kv, name
 
     @classmethod
-    async def open(cls, bus: Bus, spec: SweepSpec) -> "Store":
+    async def open(cls, bus: Bus, spec: SweepSpec, base: Config) -> "Store":
+        """The sweep's store; SweepMismatch when a sweep of this name exists with other settings
+        or its base config (the file every trial starts from) changed since it started."""
         store = cls(await bus.key_value(BUCKET), spec.name)
         key, mine = f"{spec.name}.spec", spec.fingerprint()
+        base_now = base.model_dump(mode="json")
         try:
             stored = json.loads((await store.kv.get(key)).value)
         except (KeyNotFoundError, NotFoundError):
-            await store.kv.put(key, json.dumps({"fingerprint": mine, "spec": spec.model_dump(mode="json")}).encode())
+            await store.kv.put(key, json.dumps({"fingerprint": mine, "spec": spec.model_dump(mode="json"),
+                                                "base": base_now}).encode())
             return store
         if stored["fingerprint"] != mine:
             changed = sorted(k for k, v in spec.model_dump(mode="json").items()
                              if stored["spec"].get(k) != v and k not in ("concurrency", "evaluators", "base_dir"))
             raise SweepMismatch(f"sweep {spec.name!r} already exists with other settings (changed: "
                                 f"{', '.join(changed) or 'the sweep file format'}); give this one another name")
+        if "base" in stored and (changed := differences(Config.model_validate(stored["base"]), base)):
+            raise SweepMismatch(f"sweep {spec.name!r}: its base config {spec.config} changed since the sweep started "
+                                f"({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''}); its trials would not "
+                                "compare: restore it, or give the sweep another name")
         return store
 
     async def records(self) -> list[TrialRecord]:
@@ -130,9 +138,9 @@ class Sweep:
     async def run(self) -> dict:
         self.bus = await Bus.connect(self.url, "sweep")
         try:
-            self.store = await Store.open(self.bus, self.spec)
+            self.store = await Store.open(self.bus, self.spec, self.base)
             self.records = await self.store.records()
-            self.study = search.make_study(self.spec)
+            self.study = search.make_study(self.spec, drawn=len(self.records))
             running = search.replay(self.study, self.spec, self.records)
             total = self.spec.total()
             done = sum(r.state != "running" for r in self.records)

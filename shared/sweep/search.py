@@ -39,7 +39,10 @@ class TrialRecord(BaseModel):
     export: str | None = Field(default=None, description="The exported model (merged, else adapter), run-relative.")
 
 
-def make_study(spec: SweepSpec):
+def make_study(spec: SweepSpec, drawn: int = 0):
+    """A study for ``spec``; ``drawn``: trials the sweep already has (a restart). Its sampler is
+    seeded with ``seed + drawn``: seeded with ``seed`` again it would draw what the first trials
+    drew, and a restarted random or TPE sweep would train the same parameters twice."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -54,7 +57,7 @@ def make_study(spec: SweepSpec):
         "none": optuna.pruners.NopPruner,
     }
     return optuna.create_study(study_name=spec.name, direction="maximize",
-                               sampler=samplers[spec.sampler](seed=spec.seed), pruner=pruners[p.kind]())
+                               sampler=samplers[spec.sampler](seed=spec.seed + drawn), pruner=pruners[p.kind]())
 
 
 def distributions(spec: SweepSpec) -> dict:

@@ -18,8 +18,7 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig
 
-from conftest import IDENTITIES
-from helpers import REPO
+from helpers import IDENTITIES, REPO
 from tuneloop import subjects
 from tuneloop.events import BY_KIND
 
@@ -40,7 +39,7 @@ PUBLISHES = {
     "checkpoint": {"ckpt.recorded", "ckpt.released", "eval.request", "export.done", "dlq"},
 }
 KV_WRITERS = {subjects.CHECKPOINT_BUCKET: {"checkpoint"}, subjects.SHARD_BUCKET: {"evaluator"},
-              subjects.SWEEP_BUCKET: {"operator"}}
+              subjects.SWEEP_BUCKET: {"operator"}, subjects.POLICY_BUCKET: {"rl-reward"}}
 EVERYONE = set(IDENTITIES)
 READERS = EVERYONE - {"admin"}
 DESIGN: dict[str, set[str]] = {
@@ -266,7 +265,7 @@ def test_only_the_admin_provisions_and_the_others_are_told_to_ask_for_it(tmp_pat
     from tuneloop.bus import Bus, BusError
     from tuneloop.embedded import NatsServer
 
-    from conftest import DEPLOYED_CONF
+    from helpers import DEPLOYED_CONF
 
     pw = {u: f"pw-{u}" for u in IDENTITIES}
     for user, password in pw.items():

@@ -165,3 +165,18 @@ def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
     assert (runs / "sw" / "best.yaml").exists() and (runs / "sw" / "best" / "merged" / "config.json").exists()
     assert processes_mentioning(str(tmp_path)) == [], "processes left behind"
 
+
+
+async def test_a_sweep_whose_base_config_changed_is_refused_naming_the_change(tmp_path, bus):
+    from tuneloop.sweep.driver import Store, SweepMismatch
+    from tuneloop.sweep.spec import load_sweep
+
+    path = write_sweep(tmp_path)
+    spec, base = load_sweep(path)
+    spec = spec.model_copy(update={"name": f"edited-{int(time.time() * 1000) % 10**8}"})
+    await Store.open(bus, spec, base)
+    await Store.open(bus, spec, base)  # a restart with nothing changed continues
+    edited = base.model_copy(deep=True)
+    edited.train.batch_size = 4
+    with pytest.raises(SweepMismatch, match="base config .* changed since the sweep started .*train.batch_size"):
+        await Store.open(bus, spec, edited)

@@ -44,7 +44,7 @@ async def test_a_truncated_checkpoint_is_moved_aside_and_the_run_resumes_from_th
 
     refused = subprocess.run([sys.executable, "-m", "tuneloop", "export", run, "--step", "40", "--storage",
                               str(storage)], capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and weights.name in refused.stdout and "changed or missing" in refused.stdout
+    assert refused.returncode == 2 and weights.name in refused.stdout and "changed, added or missing" in refused.stdout
 
     config = storage / run / "config.yaml"  # the operator extends the run and restarts the trainer
     raw = yaml.safe_load(config.read_text())
@@ -55,7 +55,7 @@ async def test_a_truncated_checkpoint_is_moved_aside_and_the_run_resumes_from_th
     svc.start("trainer")
     await wait_for(lambda: finished, timeout=240)
     log = svc.log("trainer")
-    assert f"not resuming from {ckpts / 'checkpoint-40'}: {weights.name} changed or missing" in log
+    assert f"not resuming from {ckpts / 'checkpoint-40'}: {weights.name} changed, added or missing" in log
     assert "moved aside to checkpoint-40.corrupt" in log
     assert (finished[0].reason, finished[0].step) == ("completed", 60)
     assert (ckpts / "checkpoint-40.corrupt" / weights.name).stat().st_size == truncated  # kept as found

@@ -108,3 +108,20 @@ def test_the_best_trial_is_the_highest_test_value_earliest_on_ties():
                          TrialRecord(number=4, run_id="s-t04", params={}, state="pruned", values={10: 0.99})]
     assert search.best(recs).number == 1
     assert search.best([r for r in recs if r.state != "complete"]) is None
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_restarted_random_or_tpe_sweep_does_not_draw_again_what_its_first_trials_drew(tmp_path, sampler):
+    spec, _ = load_sweep(write(tmp_path, {"sampler": sampler, "trials": 8, "params": {
+        "train.learning_rate": {"low": 1e-5, "high": 1e-1, "log": True}, "train.lora.r": {"values": [4, 8, 16, 32, 64]}}}))
+    study = search.make_study(spec)
+    first = [search.ask(study, spec).params for _ in range(3)]
+    records = [TrialRecord(number=i, run_id=f"s-t{i:02d}", params=p) for i, p in enumerate(first)]
+    again = search.make_study(spec, drawn=len(records))  # what the driver builds on a restart
+    assert list(search.replay(again, spec, records)) == [0, 1, 2]
+    later = [search.ask(again, spec).params["train.learning_rate"] for _ in range(3)]
+    assert not set(later) & {p["train.learning_rate"] for p in first}, (first, later)
+    # ... and two restarts at the same point draw alike: the search stays reproducible
+    twin = search.make_study(spec, drawn=len(records))
+    search.replay(twin, spec, records)
+    assert [search.ask(twin, spec).params["train.learning_rate"] for _ in range(3)] == later
