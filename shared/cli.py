@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -200,14 +202,16 @@ def audit(
     """Every control, its answer and every mixture request of a run, from the audit stream."""
     from .bus import CONNECT_PATIENCE_S, Bus
 
-    async def read():
-        bus = await Bus.connect(nats_url or _run_url(storage, run_id), "audit", patience=CONNECT_PATIENCE_S)
+    async def read(url: str):
+        bus = await Bus.connect(url, "audit", patience=CONNECT_PATIENCE_S)
         try:
             return await bus.audit_trail(run_id)
         finally:
             await bus.close()
 
-    for e in asyncio.run(read()):
+    with _reading(storage, run_id, nats_url) as url:
+        trail = asyncio.run(read(url))
+    for e in trail:
         what = {k: v for k, v in e.model_dump(exclude={"run_id", "event_id", "time", "schema_version"}).items()
                 if v not in (None, "", {}, [])}
         console.print(f"{e.time:%Y-%m-%d %H:%M:%S} [bold]{e.KIND}[/] {what}", soft_wrap=True)
@@ -271,7 +275,8 @@ def watch(
     from .watch import watch as watch_run
 
     try:
-        asyncio.run(watch_run(nats_url or _run_url(storage, run_id), run_id, console, exit_when_done=not follow))
+        with _reading(storage, run_id, nats_url) as url:
+            asyncio.run(watch_run(url, run_id, console, exit_when_done=not follow))
     except KeyboardInterrupt:
         raise typer.Exit(130)
 
@@ -369,16 +374,17 @@ def _events(run_id: str, storage: Path, nats_url: Optional[str]) -> list:
     if timeline.exists() and not nats_url:
         return read_timeline(timeline)
 
-    async def fetch():
+    async def fetch(url: str):
         from .bus import CONNECT_PATIENCE_S, Bus
 
-        bus = await Bus.connect(nats_url or _run_url(storage, run_id), "report", patience=CONNECT_PATIENCE_S)
+        bus = await Bus.connect(url, "report", patience=CONNECT_PATIENCE_S)
         try:
             return await replay(bus, run_id)
         finally:
             await bus.close()
 
-    return asyncio.run(fetch())
+    with _reading(storage, run_id, nats_url) as url:
+        return asyncio.run(fetch(url))
 
 
 def _alive(pid) -> bool:
@@ -408,6 +414,27 @@ def proto(
         return
     for f in gen.write(out):
         console.print(f"wrote {out / f}")
+
+
+@contextlib.contextmanager
+def _reading(storage: Path, run_id: str, nats_url: Optional[str]) -> Iterator[str]:
+    """Where to read ``run_id``'s events: ``--nats-url``; the run's own server while it answers;
+    else, for an embedded run whose server is gone (finished, killed), a private server on a
+    copy of the stream it stored."""
+    from .embedded import answers, stored_stream
+    from .storage import read_run_info
+
+    if nats_url:
+        yield nats_url
+        return
+    url = _run_url(storage, run_id)
+    store = read_run_info(storage, run_id).get("nats_store")
+    if answers(url) or not store or not (Path(store) / "jetstream").is_dir():
+        yield url
+        return
+    typer.echo(f"{url} does not answer: reading the run's stored stream ({store})", err=True)
+    with stored_stream(Path(store)) as local:
+        yield local
 
 
 def _run_url(storage: Path, run_id: str) -> str:

@@ -14,8 +14,12 @@ import signal
 import socket
 import subprocess
 import sysconfig
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,28 @@ class NatsServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def answers(url: str) -> bool:
+    """Whether something accepts connections at ``url`` (a nats:// URL) right now."""
+    u = urlparse(url)
+    return bool(u.hostname) and _accepts(u.hostname, u.port or 4222)
+
+
+@contextmanager
+def stored_stream(store_dir: Path) -> Iterator[str]:
+    """A private nats-server on a copy of a stopped embedded server's store: the URL to read a
+    finished run's events from once its own server is gone. The store itself is never
+    opened by a server again (the copy is, and is deleted after)."""
+    if not (Path(store_dir) / "jetstream").is_dir():
+        raise FileNotFoundError(f"no stored stream under {store_dir}")
+    with tempfile.TemporaryDirectory(prefix="tuneloop-replay-") as tmp:
+        shutil.copytree(Path(store_dir) / "jetstream", Path(tmp) / "jetstream", symlinks=True)
+        server = NatsServer(Path(tmp))
+        try:
+            yield server.start()
+        finally:
+            server.stop()
 
 
 def _accepts(host: str, port: int) -> bool:

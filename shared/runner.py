@@ -175,16 +175,17 @@ def run(config_path: Path, *, nats_url: str | None = None, run_id: str | None = 
         server = NatsServer(run_dir(storage, job_id) / "nats")
         nats_url = server.start()
     try:
+        store = server.store_dir if server else None  # where `tuneloop audit` reads once the server is gone
         if cfg.phases:
-            return run_phases(cfg, job_id, storage, nats_url, evaluators, console, config_path)
-        return run_one(cfg, job_id, storage, nats_url, evaluators, console, config_path)
+            return run_phases(cfg, job_id, storage, nats_url, evaluators, console, config_path, store)
+        return run_one(cfg, job_id, storage, nats_url, evaluators, console, config_path, store)
     finally:
         if server:
             server.stop()
 
 
 def run_phases(cfg: Config, job_id: str, storage: Path, nats_url: str, evaluators: int, console: Console,
-               source: Path) -> dict:
+               source: Path, store: Path | None = None) -> dict:
     """Each phase is a run of its own (``<job>-<phase>``), started from the model the previous
     one exported, on the category weights its data ended with."""
     jdir = run_dir(storage, job_id)
@@ -195,7 +196,7 @@ def run_phases(cfg: Config, job_id: str, storage: Path, nats_url: str, evaluator
     for i, phase in enumerate(cfg.phases):
         pcfg = cfg.phase_config(i, model=model, category_weights=weights)
         console.rule(f"phase {i + 1}/{len(cfg.phases)}: {phase.name} ({pcfg.train.method})")
-        summary = run_one(pcfg, f"{job_id}-{phase.name}", storage, nats_url, evaluators, console, source)
+        summary = run_one(pcfg, f"{job_id}-{phase.name}", storage, nats_url, evaluators, console, source, store)
         phases.append({"phase": phase.name, **summary})
         if not summary["merged"] or summary["test"] is None:
             raise RunFailed(f"phase {phase.name} ended without a merged export and a test verdict "
@@ -209,10 +210,11 @@ def run_phases(cfg: Config, job_id: str, storage: Path, nats_url: str, evaluator
 
 
 def run_one(cfg: Config, run_id: str, storage: Path, nats_url: str, evaluators: int, console: Console,
-            source: Path) -> dict:
+            source: Path, store: Path | None = None) -> dict:
     rdir = init_run(cfg, run_id, storage)
     info = {"run_id": run_id, "nats_url": nats_url, "pid": os.getpid(), "state": "running",
-            "started": datetime.now(timezone.utc).isoformat(), "config": str(Path(source).resolve())}
+            "started": datetime.now(timezone.utc).isoformat(), "config": str(Path(source).resolve()),
+            **({"nats_store": str(store)} if store else {})}
     write_run_info(storage, run_id, info)
     console.print(f"[bold]tuneloop[/] run [cyan]{run_id}[/]  nats {nats_url}  dir {rdir}")
     procs: dict[str, subprocess.Popen] = {}

@@ -56,6 +56,16 @@ def on_torch_thread(fn: Callable[..., T], *args) -> Awaitable[T]:
     return asyncio.get_running_loop().run_in_executor(_TORCH_THREAD, fn, *args)
 
 
+def warm_up(imports: Callable[[], None]) -> None:
+    """Run ``imports`` (a service's torch/transformers imports) on the torch thread now, in the
+    background. A service that loads models (evaluator, checkpoint's merged export) would
+    otherwise pay seconds of imports on its first piece of work, beside a busy trainer: a first
+    verdict tens of steps late, an export queued behind a cold merge. Work queued on the torch
+    thread runs after it."""
+    warm = asyncio.ensure_future(on_torch_thread(imports))
+    warm.add_done_callback(lambda f: f.cancelled() or f.exception() and log.warning("warm-up: %r", f.exception()))
+
+
 def parse_args(name: str, argv: list[str] | None = None,
                extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m tuneloop.{name.replace('-', '_')}", description=f"tuneloop {name} service")

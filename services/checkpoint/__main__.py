@@ -17,7 +17,7 @@ from tuneloop.bus import Reject
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, CheckpointsReleased, ControlApplied, EvalRequest,
                              EvalVerdict, ExportDone, ExportRequest, TrainingFinished, derived_id)
 from tuneloop.grafana import Annotator
-from tuneloop.service import ServiceContext, on_torch_thread, run_service
+from tuneloop.service import ServiceContext, on_torch_thread, run_service, warm_up
 from tuneloop.storage import SNAPSHOTS, complete_checkpoints, confine, relative, resolve_model
 
 from . import export
@@ -173,7 +173,7 @@ async def main(ctx: ServiceContext) -> None:
         base = resolve_model(run_dir, chosen.base_model)
         adapter_path = merged_path = None
         if cfg.export.adapter and chosen.adapter:
-            adapter_path = await on_torch_thread(export.export_adapter, ckpt, base, run_dir / "export" / "adapter")
+            adapter_path = await asyncio.to_thread(export.export_adapter, ckpt, base, run_dir / "export" / "adapter")
         if cfg.export.merged or not chosen.adapter:
             merged_path = await on_torch_thread(export.export_merged, ckpt, base, chosen.adapter, run_dir / "export" / "merged")
         metrics.EXPORT_SECONDS.labels(done.run_id).observe(time.perf_counter() - t0)
@@ -211,6 +211,7 @@ async def main(ctx: ServiceContext) -> None:
 
     # Short ack wait: a hashing handler keeps its message alive (in-progress acks), and a killed
     # service's message comes back to the restarted one within seconds.
+    warm_up(export.imports)  # merged exports load models: imported now, not in front of the first one
     await bus.consume(CheckpointSaved, ctx.run_id, on_saved, ack_wait=5)
     if annotator:  # applied controls become Grafana annotations too
         await bus.consume(ControlApplied, ctx.run_id, annotator.post, group="checkpoint-grafana")

@@ -115,6 +115,13 @@ def export_adapter(checkpoint: Path, base: Path | str, dest: Path, force: bool =
         return _place(tmp, dest, force)
 
 
+def imports() -> None:
+    """What ``export_merged`` imports (seconds of CPU, once per process): see ``service.warm_up``."""
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
 def export_merged(checkpoint: Path, base: Path | str, adapter: bool, dest: Path, force: bool = False) -> Path:
     """Base with the adapter merged in (or the full fine-tuned weights), as safetensors."""
     import torch

@@ -27,11 +27,11 @@ from tuneloop import metrics, subjects
 from tuneloop.bus import Bus
 from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict, TrainingFinished, derived_id
-from tuneloop.service import ServiceContext, on_torch_thread, run_service
+from tuneloop.service import ServiceContext, on_torch_thread, run_service, warm_up
 from tuneloop.storage import confine, resolve_model
 from tuneloop.suites import parse_checks
 
-from .generate import generate, load_for_eval
+from .generate import generate, imports, load_for_eval
 from .suite import Case, ShardResult, combine, tally
 
 log = logging.getLogger("tuneloop.evaluator")
@@ -175,6 +175,7 @@ async def main(ctx: ServiceContext) -> None:
                      verdict.split, verdict.scores["protocol"], verdict.scores["correctness"], verdict.cases,
                      verdict.shards, verdict.seconds)
 
+    warm_up(imports)  # torch loaded while the trainer's first steps run, not when the first shard arrives
     await ctx.bus.consume(EvalRequest, ctx.run_id, on_request, ack_wait=60, max_deliver=3)
     await ctx.bus.consume(EvalShard, ctx.run_id, on_shard, ack_wait=SHARD_ACK_WAIT, max_deliver=5)
     with budget.present(threads) if budget else contextlib.nullcontext():

@@ -8,6 +8,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def imports() -> None:
+    """What ``load_for_eval`` imports (seconds of CPU, once per process): see ``service.warm_up``."""
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
 def load_for_eval(base: str | Path, checkpoint: str | Path, adapter: bool):
     """Model in eval mode and its tokenizer. For an adapter checkpoint, base + LoRA merged in memory."""
     import torch

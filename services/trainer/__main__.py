@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -81,9 +80,15 @@ async def train_run(ctx: ServiceContext, run_id: str, in_pool: bool = False) -> 
     await on_torch_thread(distributed.init, recipe.uses_cuda(cfg))
     link = BusLink(bus, asyncio.get_running_loop())
     link.start()
-    replay = await bus.follow(DatasetReady, run_id, link.remember_dataset)
+    announced = asyncio.Event()
+
+    async def on_dataset(ev: DatasetReady) -> None:
+        await link.remember_dataset(ev)
+        announced.set()
+
+    replay = await bus.follow(DatasetReady, run_id, on_dataset)
     try:
-        dataset = await wait_for_data(ctx, run_id)
+        dataset = await wait_for_data(ctx, run_id, announced)
     except DataUnavailable as e:
         await bus.publish(TrainingFinished(run_id=run_id, step=0, reason="error", detail=str(e)))
         dataset = None
@@ -127,9 +132,11 @@ class DataUnavailable(RuntimeError):
     """data-pipeline could not prepare the run's data (its dead letter says why)."""
 
 
-async def wait_for_data(ctx: ServiceContext, run_id: str, poll: float = 0.5) -> DatasetReady | None:
-    """The run's newest data set, once there; None when the service is stopping. A pool worker
-    must not wait forever for a run whose data was rejected: that raises DataUnavailable."""
+async def wait_for_data(ctx: ServiceContext, run_id: str, announced: asyncio.Event,
+                        poll: float = 0.5) -> DatasetReady | None:
+    """The run's newest data set, once there (``announced`` wakes the wait when one is); None
+    when the service is stopping. A pool worker must not wait forever for a run whose data was
+    rejected: that raises DataUnavailable."""
     while not ctx.stop.is_set():
         dataset = await ctx.bus.latest(DatasetReady, run_id)
         if dataset is not None:
@@ -137,8 +144,10 @@ async def wait_for_data(ctx: ServiceContext, run_id: str, poll: float = 0.5) -> 
         dead = await ctx.bus.latest(DeadLetter, run_id)
         if dead is not None and dead.subject.endswith("." + RunQueued.KIND):
             raise DataUnavailable(f"no data for run {run_id}: {dead.reason}")
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(ctx.stop.wait(), poll)
+        stop, news = asyncio.create_task(ctx.stop.wait()), asyncio.create_task(announced.wait())
+        await asyncio.wait({stop, news}, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        news.cancel()
     return None
 
 

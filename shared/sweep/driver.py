@@ -26,6 +26,7 @@ Top to bottom:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -125,8 +126,11 @@ class Trial:
 
 
 class Sweep:
-    def __init__(self, spec: SweepSpec, base: Config, storage: Path, url: str, console: Console):
+    def __init__(self, spec: SweepSpec, base: Config, storage: Path, url: str, console: Console,
+                 store: Path | None = None):
         self.spec, self.base, self.storage, self.url, self.console = spec, base, storage, url, console
+        # An embedded server's store: where a trial's events are read once the sweep is over.
+        self.where = {"nats_url": url, **({"nats_store": str(store)} if store else {})}
         self.metric = spec.metric or base.feedback.metric
         self.dir = run_dir(storage, spec.name)
         self.live: dict[int, Trial] = {}
@@ -134,6 +138,7 @@ class Sweep:
         self.records: list[TrialRecord] = []
         self.later: list[tuple[str, int]] = []  # pools not started yet (see start_pools)
         self.merging: dict[int, asyncio.Task] = {}  # trial number -> its merged export, asked for
+        self.news = asyncio.Event()  # a trial's event arrived: look again now, not at the next tick
 
     async def run(self) -> dict:
         self.bus = await Bus.connect(self.url, "sweep")
@@ -153,11 +158,13 @@ class Sweep:
                 if record.state == "running":
                     await self.resume(record, running[record.number])
             while True:
-                while len(self.live) < self.spec.concurrency and len(self.records) < total:
+                while self.training() < self.spec.concurrency and len(self.records) < total:
                     await self.start_next()
                 if not self.live:
                     break
-                await asyncio.sleep(0.5)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.news.wait(), 0.5)
+                self.news.clear()
                 await self.start_later_pools()
                 self.watch_pools()
                 for trial in list(self.live.values()):
@@ -167,6 +174,13 @@ class Sweep:
             stop_all(self.pools)
             await self.bus.close()
         return summarize(self.spec, self.metric, self.records, self.storage)
+
+    def training(self) -> int:
+        """Trials holding a slot. A pruned trial frees its worker for the next trial as soon as
+        its training ends (its checkpoints are released meanwhile); a completing one holds the
+        slot until its export's test score is told to the search, so the pruner judges the
+        next trials against it."""
+        return sum(t.finished is None or t.finished.reason != "pruned" for t in self.live.values())
 
     # ------------------------------------------------------------ pools
     def pool_sizes(self) -> dict[str, int]:
@@ -214,8 +228,12 @@ class Sweep:
 
     def start_pool(self, service: str, replica: int) -> None:
         env = None
-        if service == "trainer" and "OMP_NUM_THREADS" not in os.environ:  # trials training at once share the cores
-            env = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // self.spec.concurrency))}
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Trials training at once share the cores; the services with models (evaluators,
+            # checkpoint's merge) work beside them on one thread each: an OpenMP team on cores
+            # the trainers hold spins and stalls (a 1 s merge took 26 s, a verdict 15 s).
+            share = max(1, len(os.sched_getaffinity(0)) // self.spec.concurrency)
+            env = {"OMP_NUM_THREADS": str(share if service == "trainer" else 1)}
         self.pools[(service, replica)] = spawn(service, "*", self.storage, self.url, self.dir / "logs", replica=replica,
                                                env=env)
 
@@ -269,8 +287,8 @@ class Sweep:
         for cls, handler in ((EvalVerdict, self.on_verdict), (TrainingFinished, self.on_finished),
                              (ExportDone, self.on_export), (CheckpointsReleased, self.on_released),
                              (DeadLetter, self.on_dead_letter)):
-            trial.subs.append(await self.bus.follow(cls, rid, _for(trial, handler)))  # history first, then live
-        write_run_info(self.storage, rid, {"run_id": rid, "nats_url": self.url, "pid": os.getpid(), "state": "running",
+            trial.subs.append(await self.bus.follow(cls, rid, _for(trial, handler, self.news)))  # history first, then live
+        write_run_info(self.storage, rid, {"run_id": rid, **self.where, "pid": os.getpid(), "state": "running",
                                            "sweep": self.spec.name, "started": _now()})
         if queue:
             last = await self.bus.latest(RunQueued, rid)
@@ -380,7 +398,7 @@ class Sweep:
         await self.store.put(r)
         search.tell(self.study, trial.optuna, r)
         del self.live[r.number]
-        write_run_info(self.storage, r.run_id, {"run_id": r.run_id, "nats_url": self.url, "state": state,
+        write_run_info(self.storage, r.run_id, {"run_id": r.run_id, **self.where, "state": state,
                                                 "sweep": self.spec.name, "ended": _now()})
         if state == "complete" and r.export and Path(r.export).name == "adapter" and search.best(self.records) is r:
             # The best so far is merged now, while others train, not after the last trial: at
@@ -391,9 +409,10 @@ class Sweep:
         self.console.log(f"[bold]{r.run_id}[/] [{color}]{state}[/] {value} ({detail.splitlines()[0] if detail else ''})")
 
 
-def _for(trial: Trial, handler):
+def _for(trial: Trial, handler, news: asyncio.Event):
     async def on(ev) -> None:
         await handler(trial, ev)
+        news.set()
     return on
 
 
@@ -457,7 +476,8 @@ def sweep(path: Path, *, nats_url: str | None = None, console: Console | None = 
     if not nats_url:
         nats_url, server = attach_nats(sdir)
     try:
-        return asyncio.run(Sweep(spec, base, storage, nats_url, console).run())
+        store = None if server is None else sdir / "nats"
+        return asyncio.run(Sweep(spec, base, storage, nats_url, console, store).run())
     finally:
         if isinstance(server, NatsServer):
             server.stop()
