@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
 Handler = Callable[[E], Awaitable[None]]
 MAX_DLQ_PAYLOAD = 64 * 1024
+CONSUMER_CHECK_S = 10.0  # an idle consumer looks this often whether its durable still exists
 
 
 class Reject(Exception):
@@ -95,6 +98,9 @@ class Bus:
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self.refused = refused if refused is not None else set()  # subjects the server refused us (lower case)
+        # How long a durable publish retries while the broker is away: a service waits for it
+        # however long it takes (its work is kept meanwhile); a command gives up after 30 s.
+        self.publish_patience = math.inf
 
     # ------------------------------------------------------------ connection
     @classmethod
@@ -127,6 +133,8 @@ class Bus:
             raise NatsUnreachable(f"no NATS server answered at {url} within {patience:.0f}s "
                                   "(is it running? for a finished embedded run it is gone: pass --nats-url)") from None
         bus = cls(nc, service, refused)
+        if patience is not None:
+            bus.publish_patience = 30.0
         await bus.ensure_stream(wait=patience is None)
         return bus
 
@@ -267,8 +275,11 @@ class Bus:
             await self.nc.close()
 
     # ------------------------------------------------------------ publish
-    async def publish(self, event: Event, *, retry_seconds: float = 30.0) -> None:
-        """Publish ``event``; durable kinds are retried until JetStream stores them."""
+    async def publish(self, event: Event, *, retry_seconds: float | None = None) -> None:
+        """Publish ``event``; durable kinds are retried until JetStream stores them, for up to
+        ``retry_seconds`` (default ``publish_patience``; ``math.inf``: until the broker is back,
+        unless the bus is closing)."""
+        retry_seconds = self.publish_patience if retry_seconds is None else retry_seconds
         if not event.source:
             event = event.model_copy(update={"source": self.service})
         subj = subjects.subject(event.run_id, event.KIND)
@@ -332,19 +343,30 @@ class Bus:
         psub = await self.js.pull_subscribe(subj, durable=durable, stream=subjects.STREAM, config=config)
 
         async def loop() -> None:
+            nonlocal psub
+            checked, seen = time.monotonic(), 0  # seen: the newest stream sequence handed to the handler
             try:
                 while not self._closing:
                     try:
                         msgs = await psub.fetch(concurrency, timeout=1.0)
                     except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                        if time.monotonic() - checked > CONSUMER_CHECK_S:  # idle: is the consumer still there?
+                            psub, checked = await self._ensure_consumer(psub, subj, durable, config, seen), time.monotonic()
                         continue
                     except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
                         raise
-                    except Exception as e:  # broker restart, reconnecting: wait and go on
+                    except Exception as e:  # broker restart, reconnecting, the consumer deleted: look, wait, go on
                         log.warning("fetch %s: %r", subj, e)
                         await asyncio.sleep(0.5)
+                        psub, checked = await self._ensure_consumer(psub, subj, durable, config, seen), time.monotonic()
                         continue
-                    await asyncio.gather(*(self._handle(m, cls, handler, max_deliver, ack_wait) for m in msgs))
+                    seen = max([seen, *(m.metadata.sequence.stream for m in msgs if m.metadata)])
+                    handled = await asyncio.gather(*(self._handle(m, cls, handler, max_deliver, ack_wait) for m in msgs),
+                                                   return_exceptions=True)
+                    for outcome in handled:  # one message's trouble never ends the consumer
+                        if isinstance(outcome, Exception):
+                            log.error("a %s message was left unsettled (%r): it comes back after %.0f s",
+                                      subj, outcome, ack_wait)
             finally:
                 if not self._closing:  # one consumer stopped (a pool worker done with a run), the bus goes on
                     with contextlib.suppress(Exception):
@@ -353,6 +375,40 @@ class Bus:
         task = asyncio.create_task(loop(), name=f"consume:{durable}")
         self._tasks.append(task)
         return task
+
+    async def _ensure_consumer(self, psub, subj: str, durable: str, config: ConsumerConfig, seen: int):
+        """``psub``, or a new pull subscription when its durable consumer is gone from the server
+        (deleted by an administrator, lost with the broker's store): created again, so the
+        service goes on receiving instead of waiting on a consumer that no longer exists. It
+        starts after ``seen``, the newest message this process was handed: what was handled
+        before is not handed over again (a control rejected once must not be applied later)."""
+        try:
+            await self.js.consumer_info(subjects.STREAM, durable)
+            return psub
+        except NotFoundError:
+            log.warning("consumer %s is gone from the server: creating it again", durable)
+        except Exception:  # the broker is away: nothing to decide now
+            return psub
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
+        if seen:
+            config = dataclasses.replace(config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=seen + 1)
+        try:
+            return await self.js.pull_subscribe(subj, durable=durable, stream=subjects.STREAM, config=config)
+        except Exception as e:
+            log.warning("could not create consumer %s again yet: %r", durable, e)
+            return psub
+
+    async def _settle_bad(self, msg: Msg, reason: str, term: bool = False) -> None:
+        """Dead-letter ``msg``, then ack (or term) it. If the dead letter cannot be stored (the
+        broker is away), the message stays unacknowledged: it comes back after its ack wait
+        and is tried again, rather than being lost or ending the consumer."""
+        try:
+            await self.dead_letter(msg.subject, reason, msg.data)
+        except Exception as e:
+            log.error("could not dead-letter %s (%r): left unacknowledged, it comes back", msg.subject, e)
+            return
+        await (msg.term() if term else msg.ack())
 
     async def stop_consuming(self, task: asyncio.Task) -> None:
         """End one ``consume`` (the durable consumer stays on the server, for whoever serves it next)."""
@@ -369,8 +425,7 @@ class Bus:
                 raise ValueError(f"run_id {event.run_id!r} does not match subject {msg.subject}")
         except (ValidationError, ValueError) as e:
             reason = f"invalid {cls.__name__}: {explain(e) if isinstance(e, ValidationError) else e}"
-            await self.dead_letter(msg.subject, reason, msg.data)
-            await msg.ack()
+            await self._settle_bad(msg, reason)
             return
         telemetry.BUS_EVENTS.labels(event.run_id, cls.KIND, "in").inc()
         heartbeat = asyncio.create_task(self._keep_alive(msg, ack_wait))
@@ -384,16 +439,14 @@ class Bus:
             raise
         except Reject as e:
             heartbeat.cancel()
-            await self.dead_letter(msg.subject, f"rejected: {e}", msg.data)
-            await msg.ack()
+            await self._settle_bad(msg, f"rejected: {e}")
             return
         except Exception as e:
             heartbeat.cancel()
             delivered = msg.metadata.num_delivered if msg.metadata else 1
             log.exception("handler for %s failed (delivery %d/%d)", msg.subject, delivered, max_deliver)
             if delivered >= max_deliver:
-                await self.dead_letter(msg.subject, f"handler failed {delivered} times: {e!r}", msg.data)
-                await msg.term()
+                await self._settle_bad(msg, f"handler failed {delivered} times: {e!r}", term=True)
             else:
                 await msg.nak(delay=min(2.0**delivered, 30.0))
             return

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import figures as recorded_figures
 from helpers import DEPLOYED_CONF, IDENTITIES, Services
 from tuneloop.embedded import NatsServer
 
@@ -47,6 +48,31 @@ def services():
         s.stop()
 
 
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    setattr(item, f"rep_{call.when}", outcome.get_result())
+
+
+@pytest.fixture
+def figures(request):
+    """``figures[name] = value``: what this scenario observed. Printed; kept (with the commit)
+    only when the test passed, and docs/reliability.md's figures table is written from them."""
+    got: dict = {}
+    yield got
+    print(f"\n{request.node.name}: {got}")
+    report = getattr(request.node, "rep_call", None)
+    if got and report is not None and report.passed:
+        recorded_figures.record(request.node.name, Path(request.node.fspath).relative_to(recorded_figures.REPO).as_posix(),
+                                got)
+        request.config._tuneloop_figures = True
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if getattr(session.config, "_tuneloop_figures", False):
+        recorded_figures.write_doc()
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from tuneloop.storage import APPLIED_FILE, SNAPSHOTS, STATE_FILE, complete_checkpoints
-from tuneloop.events import CheckpointSaved, Control, ControlApplied, ControlRejected, DatasetReady, Feedback, StepMetrics
+from tuneloop.events import (CheckpointSaved, Control, ControlApplied, ControlRejected, DatasetReady, Feedback, StepMetrics,
+                             derived_id)
 
 from . import controls, distributed
 from .link import BusLink, FollowerLink
@@ -255,13 +256,17 @@ class BusCallback(TrainerCallback):
 
     def _handle(self, items, args, state, control, optimizer, scheduler) -> None:
         for event, done in items:
+            answer = None
             try:
                 if isinstance(event, Control):
-                    self._apply_control(event, args, state, control, optimizer, scheduler)
+                    answer = self._apply_control(event, args, state, control, optimizer, scheduler)
                 elif isinstance(event, Feedback):
                     self._apply_feedback(event, state, control)
             finally:
-                done()
+                if answer is None:
+                    done()
+                else:  # the control is acknowledged once its answer is stored: a crash before redelivers it
+                    self.link.publish(answer, then=done)
 
     def _publish_paused(self, state) -> None:
         now = time.monotonic()
@@ -270,20 +275,22 @@ class BusCallback(TrainerCallback):
             self.link.publish(StepMetrics(run_id=self.run_id, step=state.global_step, max_steps=state.max_steps,
                                           learning_rate=self.run_state.learning_rate, paused=True))
 
-    def _apply_control(self, event: Control, args, state, control, optimizer, scheduler) -> None:
+    def _apply_control(self, event: Control, args, state, control, optimizer, scheduler) -> ControlApplied | ControlRejected:
+        """Apply ``event`` (or refuse it) and return the answer to publish."""
         step = state.global_step
-        if event.event_id in self.run_state.applied_ids():
-            log.info("control %s already applied (redelivered after a restart); skipped", event.event_id)
-            return
+        done = next((a for a in self.run_state.applied if a["control_id"] == event.event_id), None)
+        if done is not None:  # redelivered after a restart: answered again (the same event id), not applied twice
+            log.info("control %s already applied at step %d (redelivered after a restart)", event.event_id, done["step"])
+            return ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
+                                  control_id=event.event_id, command=event.command, step=done["step"], new=done["value"])
         try:
             if event.command in ("stop", "prune") and self.stop_reason is not None:
                 raise controls.Rejected(f"already stopping ({self.stop_reason[0]})")
             outcome = controls.apply(self.run_state, event.command, event.value, frozenset(self.link.datasets))
         except controls.Rejected as e:
             log.warning("control %s rejected at step %d: %s", event.command, step, e)
-            self.link.publish(ControlRejected(run_id=self.run_id, control_id=event.event_id,
-                                              command=event.command, step=step, reason=str(e)), wait=True)
-            return
+            return ControlRejected(run_id=self.run_id, event_id=derived_id("rejected", event.event_id),
+                                   control_id=event.event_id, command=event.command, step=step, reason=str(e))
         rs = self.run_state
         if event.command == "set-lr":
             set_learning_rate(optimizer, scheduler, rs.learning_rate)
@@ -305,8 +312,8 @@ class BusCallback(TrainerCallback):
         if state.is_world_process_zero:  # durable before it is answered: a crash now does not undo it
             _write_atomically(self.run_dir / APPLIED_FILE, rs)
         log.info("control %s applied at step %d: %r -> %r", event.command, step, outcome.old, outcome.new)
-        self.link.publish(ControlApplied(run_id=self.run_id, control_id=event.event_id, command=event.command,
-                                         step=step, old=outcome.old, new=outcome.new), wait=True)
+        return ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
+                              control_id=event.event_id, command=event.command, step=step, old=outcome.old, new=outcome.new)
 
     def _apply_feedback(self, event: Feedback, state, control) -> None:
         self.awaiting.pop(event.step, None)
@@ -347,6 +354,6 @@ class BusCallback(TrainerCallback):
         self.link.publish(CheckpointSaved(
             run_id=self.run_id, step=state.global_step, path=rel, base_model=self.base_model,
             adapter=self.adapter, is_final=final, loss=self.last_loss, evaluate=evaluate,
-        ), wait=True)
+        ), now=True)  # the training thread goes on; the outbox keeps it (in order) while the broker is away
         if evaluate:
             self.awaiting[state.global_step] = time.monotonic()

@@ -177,9 +177,9 @@ class Sweep:
 
     def training(self) -> int:
         """Trials holding a slot. A pruned trial frees its worker for the next trial as soon as
-        its training ends (its checkpoints are released meanwhile); a completing one holds the
-        slot until its export's test score is told to the search, so the pruner judges the
-        next trials against it."""
+        its training ends (its checkpoints are released meanwhile). A completing one holds the
+        slot until its export's test score is told to the search: the next trials are judged
+        against it, and its test evaluation does not queue behind their evaluations."""
         return sum(t.finished is None or t.finished.reason != "pruned" for t in self.live.values())
 
     # ------------------------------------------------------------ pools
@@ -340,6 +340,16 @@ class Sweep:
             trial.prune_sent = True
             asyncio.create_task(self.prune(trial, v.step, score))
 
+    def judge_again(self) -> None:
+        """A trial told to the search changes what the pruner compares with (the median of the
+        completed trials, their rungs): each trial still training is judged again at the step
+        it last reported, instead of waiting for its next verdict."""
+        for t in self.live.values():
+            if t.finished is None and not t.prune_sent and t.record.values and t.optuna.should_prune():
+                t.prune_sent = True
+                step = max(t.record.values)
+                asyncio.create_task(self.prune(t, step, t.record.values[step]))
+
     async def prune(self, trial: Trial, step: int, score: float) -> None:
         why = f"{self.metric} {score:.3f} on val at step {step} fell behind ({self.spec.pruner.kind} pruner)"
         try:
@@ -398,6 +408,7 @@ class Sweep:
         await self.store.put(r)
         search.tell(self.study, trial.optuna, r)
         del self.live[r.number]
+        self.judge_again()
         write_run_info(self.storage, r.run_id, {"run_id": r.run_id, **self.where, "state": state,
                                                 "sweep": self.spec.name, "ended": _now()})
         if state == "complete" and r.export and Path(r.export).name == "adapter" and search.best(self.records) is r:

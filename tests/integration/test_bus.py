@@ -77,3 +77,31 @@ async def test_request_reply_with_timeout_and_error_answers(bus):
     assert "completions: Field required" in json.loads(msg.data)["error"]
     with pytest.raises(BusError, match="no service answers"):
         await bus.request(RewardRequest(run_id="bus-nobody", completions=["x"]), RewardReply, timeout=2)
+
+
+async def test_a_dead_letter_that_cannot_be_stored_leaves_the_message_for_later_and_the_consumer_alive(
+        bus, monkeypatch):
+    run = "bus-dlq-fails"
+    dead = await collect(bus, DeadLetter, run)
+    got = []
+    real, failures = bus.dead_letter, []
+
+    async def dead_letter_once_failing(subj, reason, payload):  # as when the broker is away at that moment
+        if not failures:
+            failures.append(reason)
+            raise BusError("could not publish: broker away")
+        await real(subj, reason, payload)
+
+    monkeypatch.setattr(bus, "dead_letter", dead_letter_once_failing)
+
+    async def on(e):
+        got.append(e)
+
+    await bus.consume(Control, run, on, group="dlq-fails", ack_wait=2)
+    await bus.js.publish(subjects.subject(run, Control.KIND), b"\xff not json")
+    await wait_for(lambda: failures)
+    good = Control(run_id=run, command="stop")
+    await bus.publish(good)
+    await wait_for(lambda: got, timeout=10)  # the consumer survived the failed dead letter
+    await wait_for(lambda: dead, timeout=20)  # the message came back after its ack wait and was dead-lettered
+    assert [e.event_id for e in got] == [good.event_id] and len(dead) == 1 and "invalid Control" in dead[0].reason

@@ -4,6 +4,7 @@ models and generation."""
 
 import asyncio
 import re
+from datetime import datetime, timezone
 
 import pytest
 
@@ -65,7 +66,8 @@ async def test_two_evaluators_share_the_shards_and_publish_one_verdict(tmp_path,
     assert 0.0 <= v.scores["protocol"] <= 1.0 and v.failures  # an untrained model fails, and says how
 
 
-async def test_a_shard_of_a_killed_evaluator_is_finished_by_another(tmp_path, nats_url, bus, services, request):
+async def test_a_shard_of_a_killed_evaluator_is_finished_by_another(tmp_path, nats_url, bus, services, request,
+                                                                    figures):
     run, svc, verdicts = await prepared_run(tmp_path, nats_url, bus, services, request, shard_size=24,
                                             max_new_tokens=48)
     first = svc.start("evaluator")
@@ -74,14 +76,18 @@ async def test_a_shard_of_a_killed_evaluator_is_finished_by_another(tmp_path, na
     await bus.publish(request_for(run, 120))
     await wait_for(lambda: re.search(r"shard 2/5", svc.log("evaluator")), timeout=120)
     svc.kill(first)
+    killed = datetime.now(timezone.utc)
     taken = re.findall(r"shard (\d)/5", svc.log("evaluator"))
     unfinished = taken[-1]  # the shard it was working on when it died: never acked
     assert not verdicts
     svc.start("evaluator")
     await wait_for(lambda: verdicts, timeout=180)
     await asyncio.sleep(3)
+    taken_again = len(re.findall(rf"shard {unfinished}/5", svc.log("evaluator")))
+    figures.update(verdicts=len(verdicts), cases=sum(v.cases for v in verdicts), shard_taken_times=taken_again,
+                   kill_to_verdict_s=round((verdicts[0].time - killed).total_seconds(), 1))
     assert len(verdicts) == 1 and verdicts[0].cases == 120 and verdicts[0].shards == 5
-    assert len(re.findall(rf"shard {unfinished}/5", svc.log("evaluator"))) >= 2, "the shard was not redelivered"
+    assert taken_again >= 2, "the shard was not redelivered"
 
 
 async def test_the_longest_run_id_gets_every_shard_of_its_baseline_evaluation(tmp_path, nats_url, bus, services, request):

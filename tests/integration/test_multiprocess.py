@@ -5,12 +5,13 @@ applied and a checksum of the weights, and the run fails if they differ.
 """
 
 import re
+from datetime import datetime, timezone
 
 import pytest
 
 from helpers import run_id_for
 from helpers import wait_for
-from test_trainer import ctl, losses_by_step, start_training
+from test_trainer import ctl, losses_by_step, resumed, start_training
 from tuneloop.events import CheckpointSaved, ControlApplied, ControlRejected, StepMetrics, TrainingFinished
 
 pytestmark = pytest.mark.integration
@@ -56,10 +57,11 @@ async def test_two_processes_resume_exactly_after_sigkill(tmp_path, nats_url, bu
     svc, ev = await start_training(tmp_path / "b", nats_url, bus, services, base + "b", **common)
     await wait_for(lambda: any(c.step == 8 for c in ev[CheckpointSaved]), timeout=240)
     svc.kill("trainer")  # torchrun and both ranks, at once
+    restart = datetime.now(timezone.utc)
     svc.start("trainer", "--processes", "2")
     await wait_for(lambda: ev[TrainingFinished], timeout=240)
-    got = losses_by_step(ev[StepMetrics])
-    assert "resuming from" in svc.log("trainer")
-    for step in range(9, 17):
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    ckpt, after = resumed(svc.log("trainer"), ev[StepMetrics], restart)  # not from step 0
+    assert ckpt >= 8 and [s.step for s in after] == list(range(ckpt + 1, 17)), (ckpt, [s.step for s in after])
+    for s in after:
+        assert s.loss == pytest.approx(expected[s.step], rel=1e-5, abs=1e-6), s.step
     assert ev[TrainingFinished][0].step == 16 and ev[TrainingFinished][0].processes == 2

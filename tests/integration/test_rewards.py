@@ -46,4 +46,18 @@ async def test_malformed_completions_get_per_item_errors_and_the_service_survive
 
     again = await ask(bus, RewardRequest(run_id=run, completions=[GOOD], categories=["math"]))
     assert again.rewards == [1.0]
+    # Answered once: of the two replicas in the queue group, one replies to each request.
+    replies = []
+
+    async def got(msg):
+        replies.append(msg)
+
+    inbox = bus.nc.new_inbox()
+    sub = await bus.nc.subscribe(inbox, cb=got)
+    req = RewardRequest(run_id=run, completions=[GOOD], categories=["math"])
+    for _ in range(5):
+        await bus.nc.publish(subjects.subject(run, RewardRequest.KIND), req.model_dump_json().encode(), reply=inbox)
+    await asyncio.sleep(2.0)
+    await sub.unsubscribe()
+    assert len(replies) == 5 and all(b'"rewards":[1.0]' in m.data.replace(b" ", b"") for m in replies), replies
     assert all(p.poll() is None for p in svc.every), "a bad request took a replica down"

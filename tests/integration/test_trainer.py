@@ -1,13 +1,16 @@
 """The trainer service steered and restarted over a real nats-server, with real TRL training."""
 
 import asyncio
+import re
+from datetime import datetime, timezone
 
 import pytest
 
 from helpers import make_run, run_id_for, tiny_config
 from helpers import collect, wait_for
 from tuneloop.control import send_control
-from tuneloop.events import CheckpointSaved, ControlApplied, ControlRejected, StepMetrics, TrainingFinished
+from tuneloop import subjects
+from tuneloop.events import CheckpointSaved, Control, ControlApplied, ControlRejected, StepMetrics, TrainingFinished
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +56,14 @@ async def test_pause_holds_the_run_and_every_control_is_answered(tmp_path, nats_
     assert isinstance(now, ControlApplied)
     await wait_for(lambda: any(c.step == now.step for c in saved), timeout=60)
     assert isinstance(await ctl(nats_url, bus, run, "set-grad-clip", 0), ControlRejected)
+
+    # The trainer's durable consumer of controls deleted on the server (an administrator, a
+    # broker that lost its store): the trainer creates it again and keeps answering.
+    durable = subjects.durable_name("trainer", run, Control.KIND)
+    await bus.js.delete_consumer(subjects.STREAM, durable)
+    clip = await ctl(nats_url, bus, run, "set-grad-clip", 0.5)
+    assert isinstance(clip, ControlApplied) and clip.new == 0.5, clip
+    assert "is gone from the server: creating it again" in svc.log("trainer")
     stop = await ctl(nats_url, bus, run, "stop")
     await wait_for(lambda: done, timeout=60)
     assert done[0].step == stop.step and done[0].reason == "control"
@@ -66,7 +77,15 @@ def losses_by_step(steps):
     return out
 
 
-async def test_sigkill_and_restart_resumes_exactly(tmp_path, nats_url, bus, services, request):
+def resumed(log: str, steps, since: datetime) -> tuple[int, list]:
+    """The checkpoint step the restarted trainer resumed from (its log), and the steps it
+    published after ``since`` (the restart), in the order published."""
+    line = [ln for ln in log.splitlines() if "resuming from" in ln][-1]
+    step = int(re.search(r"checkpoint-(\d+)", line).group(1))
+    return step, sorted((s for s in steps if s.time >= since and s.loss is not None), key=lambda s: s.time)
+
+
+async def test_sigkill_and_restart_resumes_exactly(tmp_path, nats_url, bus, services, request, figures):
     common = dict(max_steps=30, save_steps=10, logging_steps=1, lr_scheduler="cosine", warmup_steps=3)
     base = run_id_for(request)
     ref_svc, ref = await start_training(tmp_path / "a", nats_url, bus, services, base + "a", **common)
@@ -79,12 +98,18 @@ async def test_sigkill_and_restart_resumes_exactly(tmp_path, nats_url, bus, serv
     await wait_for(lambda: any(c.step == 20 for c in ev[CheckpointSaved]), timeout=180)
     svc.kill("trainer")
     killed_at = max(s.step for s in ev[StepMetrics])
+    restart = datetime.now(timezone.utc)
     svc.start("trainer")
     await wait_for(lambda: ev[TrainingFinished], timeout=180)
-    got = losses_by_step(ev[StepMetrics])
-    assert "resuming from" in svc.log("trainer")
-    for step in range(21, 31):
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, killed_at)
+    # Resumed, not restarted from step 0 (which, seeded alike, would give the same losses): the
+    # first step after the restart is the one after the checkpoint, with the reference's loss.
+    ckpt, after = resumed(svc.log("trainer"), ev[StepMetrics], restart)
+    figures.update(killed_at_step=killed_at, resumed_from=ckpt, first_step_after_restart=after[0].step if after else None,
+                   max_loss_difference=max((abs(s.loss - expected[s.step]) for s in after), default=None))
+    assert ckpt >= 20 and after[0].step == ckpt + 1, (ckpt, [s.step for s in after[:3]])
+    assert [s.step for s in after] == list(range(ckpt + 1, 31))
+    for s in after:
+        assert s.loss == pytest.approx(expected[s.step], rel=1e-5, abs=1e-6), (s.step, killed_at)
     assert ev[TrainingFinished][0].step == 30
 
 

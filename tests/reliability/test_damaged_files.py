@@ -5,6 +5,7 @@ it is refused with the reason; nothing that was intact changes."""
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 import time
@@ -55,6 +56,10 @@ async def test_a_truncated_checkpoint_is_moved_aside_and_the_run_resumes_from_th
     svc.start("trainer")
     await wait_for(lambda: finished, timeout=240)
     log = svc.log("trainer")
+    aside = sorted(p.name for p in ckpts.iterdir() if p.name.endswith(".corrupt"))
+    resumed = re.findall(r"(?<!not )resuming from \S*checkpoint-(\d+)", log)
+    figures.update(detected="not resuming from" in log, moved_aside=", ".join(aside),
+                   resumed_from=int(resumed[-1]) if resumed else None, restart_to_finish_s=round(time.monotonic() - t0, 1))
     assert f"not resuming from {ckpts / 'checkpoint-40'}: {weights.name} changed, added or missing" in log
     assert "moved aside to checkpoint-40.corrupt" in log
     assert (finished[0].reason, finished[0].step) == ("completed", 60)
@@ -64,5 +69,4 @@ async def test_a_truncated_checkpoint_is_moved_aside_and_the_run_resumes_from_th
     listing = subprocess.run([sys.executable, "-m", "tuneloop", "checkpoints", run, "--storage", str(storage),
                               "--nats-url", nats_url], capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0 and "moved aside as damaged: checkpoint-40.corrupt" in listing.stdout, listing.stdout
-    figures.update(detected=True, moved_aside="checkpoint-40.corrupt", resumed_from=20,
-                   restart_to_finish_s=round(time.monotonic() - t0, 1))
+    assert figures["resumed_from"] == 20

@@ -96,9 +96,13 @@ async def test_bursts_are_absorbed_without_loss_and_with_bounded_memory(tmp_path
     await burst(send, controls)
     await wait_for(lambda: len(answered) == CONTROLS, timeout=300)
     latency = [answered[k] - sent[k] for k in sent]
-    kept = await stored(nats_url, run, [ControlApplied, ControlRejected])
+    kept = await stored(nats_url, run, [Control, ControlApplied, ControlRejected])
     once = Counter(a.control_id for a in kept[ControlApplied] + kept[ControlRejected])
     assert set(once) == set(sent) and set(once.values()) == {1}
+    # In order of arrival: every control is valid, so each answer is a ControlApplied, and the
+    # trainer published them in the order the stream took the controls in.
+    assert not kept[ControlRejected]
+    assert [a.control_id for a in kept[ControlApplied]] == [c.event_id for c in kept[Control]]
     figures.update(controls=CONTROLS, control_p50_ms=pct(latency, 50), control_p99_ms=pct(latency, 99))
 
     # 3. evaluation requests (the base model on two held-out cases each): one verdict per request.
