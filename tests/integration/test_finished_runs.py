@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import tiny_config
+from helpers import start_job, tiny_config
 from tuneloop.config import dump_config
 from tuneloop.embedded import answers
 
@@ -28,13 +28,7 @@ def test_audit_and_watch_read_a_finished_embedded_run_from_its_stored_stream(tmp
     cfg = tiny_config(tmp_path, max_steps=100000, save_steps=40)
     dump_config(cfg, tmp_path / "job.yaml")
     storage, run = tmp_path / "runs", "done-run"
-    job = subprocess.Popen([*TUNELOOP, "run", str(tmp_path / "job.yaml"), "--run-id", run],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = storage / run / "logs" / "trainer.log"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (log.exists() and "'loss'" in log.read_text(errors="replace")):
-        assert job.poll() is None, job.communicate()[0][-3000:]
-        time.sleep(0.3)
+    job = start_job(tmp_path / "job.yaml", run)
     stop = subprocess.run([*TUNELOOP, "ctl", run, "stop", "--storage", str(storage)], capture_output=True, text=True,
                           timeout=120)
     assert stop.returncode == 0 and "applied stop at step" in stop.stdout, stop.stdout + stop.stderr

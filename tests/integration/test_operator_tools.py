@@ -20,7 +20,7 @@ import pyte
 import pytest
 from PIL import Image
 
-from helpers import tiny_config
+from helpers import start_job, tiny_config
 from tuneloop.config import dump_config
 from tuneloop.control import send_control
 from tuneloop.events import ControlApplied
@@ -86,13 +86,7 @@ def watched_run(tmp_path_factory, nats_url):
     cfg = tiny_config(tmp, max_steps=80, save_steps=20, logging_steps=2)
     dump_config(cfg, tmp / "ops.yaml")
     storage = tmp / "runs"
-    job = subprocess.Popen([*TUNELOOP, "run", str(tmp / "ops.yaml"), "--run-id", run, "--nats-url", nats_url],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = storage / run / "logs" / "trainer.log"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (log.exists() and "'loss'" in log.read_text(errors="replace")):
-        assert job.poll() is None, job.communicate()[0][-3000:]
-        time.sleep(0.3)
+    job = start_job(tmp / "ops.yaml", run, "--nats-url", nats_url)
     # Held live while the operator's tools come up (the tiny run trains 80 steps in seconds).
     paused = asyncio.run(send_control(nats_url, run, "pause", timeout=120))
     assert isinstance(paused, ControlApplied) and paused.step < 80, paused
