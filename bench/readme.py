@@ -62,7 +62,9 @@ def render(results: dict[str, dict]) -> str:
         out += [f"Trainer overhead ({t['rounds']} rounds of {t['steps']} steps, {t['device']}, a checkpoint every "
                 f"{t['save_steps']} steps in both arms, a control every {t['control_every']} steps): plain TRL "
                 f"{t['plain_tokens_per_s']:.0f} tokens/s, tuneloop {t['tuneloop_tokens_per_s']:.0f} tokens/s; control "
-                f"latency median {t['control_latency_median_ms']:.0f} ms.", ""]
+                f"latency median {t['control_latency_median_ms']:.0f} ms"
+                + (f"; the bus's side (loop thread, nats-server, operator) took {t['bus_cpu_share']:.1%} of the CPU"
+                   if t.get("bus_cpu_share") is not None else "") + ".", ""]
     if u := results.get("startup"):
         out += [f"Start-up ({u['rounds']} rounds): first training step after {u['plain_s']:.1f} s for a plain TRL "
                 f"script, {u['tuneloop_s']:.1f} s for `tuneloop run` (medians).", ""]

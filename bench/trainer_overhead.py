@@ -7,7 +7,8 @@ drained every step, every checkpoint announced, and an operator's control every
 ``--control-every`` steps, each applied and answered. The operator is a process of its own
 (``operator_probe.py``), as ``tuneloop ctl`` is: what it costs is not the trainer's. Prints
 tokens/s of each, their ratio (target >= 0.97), and the control latency: from ``ctl`` publish
-to ``ControlApplied``.
+to ``ControlApplied``, and what the bus's side (the loop thread, nats-server, the operator)
+took of the CPU: what it can cost on cores the training keeps busy.
 
     .venv/bin/python bench/trainer_overhead.py [--steps 80] [--rounds 7] [--warmup 1] [--json PATH]
 """
@@ -22,13 +23,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from common import order, write_figures
+from common import cpu_seconds, order, write_figures
 from tuneloop.bus import Bus
 from tuneloop.config import load_config
 from tuneloop.control import send_control
@@ -47,6 +49,14 @@ TRAIN_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
 
 def on_train_thread(fn, *args):
     return asyncio.get_running_loop().run_in_executor(TRAIN_THREAD, fn, *args)
+
+
+def bus_cpu(nats_pid: int, probe_pid: int) -> tuple[float, float, float, float]:
+    """CPU seconds so far: (the bus's in all, this process's loop thread, nats-server + the
+    operator process, this whole process)."""
+    loop = cpu_seconds(tid=threading.main_thread().native_id)
+    others = cpu_seconds(nats_pid) + cpu_seconds(probe_pid)
+    return loop + others, loop, others, cpu_seconds()
 
 
 def tokens_per_second(trainer, seconds: float) -> float:
@@ -84,7 +94,8 @@ async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: P
     state = controls.RunState.from_config(cfg.train)
     callback = BusCallback(link, run_id, rdir, "base", adapter=True, state=state)
     out = out or rdir / f"checkpoints-{run_id}"
-    trainer = recipe.build_trainer(cfg, rdir, ds, [callback], args=recipe.trl_args(cfg, out))
+    # Built on the training thread, as the trainer service does (recipe.train) and as the plain arm does.
+    trainer = await on_train_thread(lambda: recipe.build_trainer(cfg, rdir, ds, [callback], args=recipe.trl_args(cfg, out)))
     t0 = time.perf_counter()
     job = asyncio.ensure_future(on_train_thread(trainer.train))
     extra = await during(job) if during else None
@@ -104,21 +115,25 @@ async def main(args) -> None:
                                   "--every", str(args.control_every), "--value", str(cfg.train.max_grad_norm)],
                                  stdout=subprocess.PIPE, text=True)
         assert probe.stdout.readline().strip() == "ready", "the operator process did not start"
-        plain, ours = [], []
+        plain, ours, shares = [], [], []
         for r in range(args.warmup + args.rounds):  # alternate, so drift hits both sides alike
             got = {}
             for side in order(r, "plain", "tuneloop"):
                 if side == "plain":
                     got[side] = await on_train_thread(run_plain, cfg, rdir, ds, rdir / f"plain-{r}")
                 else:
+                    before = bus_cpu(server.proc.pid, probe.pid)
                     got[side], _, callback = await run_tuneloop(cfg, rdir, ds, bus, f"bench{r}")
                     applied = len(callback.run_state.applied)
+                    spent = [b - a for a, b in zip(before, bus_cpu(server.proc.pid, probe.pid))]
             label = "warm-up" if r < args.warmup else f"round {r - args.warmup + 1}"
             print(f"{label:8s} plain {got['plain']:8.0f} tokens/s  tuneloop {got['tuneloop']:8.0f} tokens/s  "
-                  f"ratio {got['tuneloop'] / got['plain']:.3f}  ({applied} controls applied)", flush=True)
+                  f"ratio {got['tuneloop'] / got['plain']:.3f}  ({applied} controls applied; bus CPU "
+                  f"{spent[0]:.2f} s of {spent[3]:.1f} s: loop {spent[1]:.2f}, nats-server + operator {spent[2]:.2f})", flush=True)
             if r >= args.warmup:
                 plain.append(got["plain"])
                 ours.append(got["tuneloop"])
+                shares.append(spent[0] / spent[3])
 
         probe.terminate()
         probe.wait()
@@ -139,6 +154,8 @@ async def main(args) -> None:
     ratios = [b / a for a, b in zip(plain, ours)]
     print(f"ratio tuneloop/plain: {o / p:.3f} of medians, {paired:.3f} median of per-round ratios "
           f"(min {min(ratios):.3f}, max {max(ratios):.3f}; target >= 0.97)")
+    print(f"the bus's CPU (the loop thread, nats-server, the operator process) over the whole process's: "
+          f"median {statistics.median(shares):.1%} per round: on cores the training keeps busy, about what it costs")
     if latencies:
         ms = sorted(m for m, _ in latencies)
         steps = [s for _, s in latencies]
@@ -149,6 +166,7 @@ async def main(args) -> None:
         "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4),
         "plain_tokens_per_s": round(p, 1), "tuneloop_tokens_per_s": round(o, 1), "rounds": args.rounds,
         "steps": args.steps, "save_steps": args.save_steps, "control_every": args.control_every, "device": device,
+        "bus_cpu_share": round(statistics.median(shares), 4),
         "control_latency_median_ms": round(statistics.median(m for m, _ in latencies), 1) if latencies else None,
     })
 
@@ -185,7 +203,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=REPO / "examples" / "protocol.yaml")
     ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--rounds", type=int, default=11, help="paired rounds measured (per-round ratios scatter on a shared VM: read the medians)")
+    ap.add_argument("--rounds", type=int, default=15, help="paired rounds measured (per-round ratios scatter on a shared VM: read the medians)")
     ap.add_argument("--save-steps", type=int, default=20, help="a checkpoint every N steps, in both arms")
     ap.add_argument("--control-every", type=int, default=10, help="an operator's control every N steps (tuneloop arm)")
     ap.add_argument("--json", type=Path, default=None)
