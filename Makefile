@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration test-e2e bench proto lint clean secrets
+.PHONY: install demo test test-unit test-integration test-e2e bench docs proto lint clean secrets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench: install  ## benchmarks (minutes each; nothing else running): figures to $
 	$(PY) bench/feedback_loop.py --json $(BENCH_OUT)/feedback_loop.json
 	$(PY) bench/sweep.py --json $(BENCH_OUT)/sweep.json
 	$(PY) bench/readme.py --results $(BENCH_OUT)
+
+docs: install  ## write the generated parts of the README (the controls table)
+	$(PY) -m tuneloop.controls README.md
 
 proto: install  ## regenerate proto/ from the event models
 	$(VENV)/bin/tuneloop proto

@@ -52,7 +52,8 @@ from tuneloop.evaluator.generate import generate
 from tuneloop.evaluator.suite import ShardResult, score
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, Control, DatasetReady, EvalRequest, EvalShard,
                              EvalVerdict, Feedback, SplitInfo)
-from tuneloop.runner import init_run, spawn, stop_all
+from tuneloop.processes import spawn, stop_all
+from tuneloop.storage import init_run
 from tuneloop.storage import confine
 from tuneloop.trainer import recipe
 from tuneloop.trainer.link import BusLink

@@ -40,7 +40,7 @@ from tuneloop.evaluator.generate import generate
 from tuneloop.evaluator.suite import score
 from tuneloop.events import DatasetReady, SplitInfo
 from tuneloop.storage import confine
-from tuneloop.sweep.driver import print_sweep
+from tuneloop.summary import SweepSummary, print_sweep
 from tuneloop.sweep.spec import grid, load_sweep, trial_config
 from tuneloop.trainer import model as models
 from tuneloop.trainer import recipe
@@ -229,7 +229,7 @@ def main(args) -> None:
                   f"{b_best if b_best is None else round(b_best, 3)})  tuneloop {t_s:6.1f} s ({rounds[-1]['tuneloop_pruned']} "
                   f"pruned, best test {t_best if t_best is None else round(t_best, 3)})  ratio {t_s / b_s:.3f}", flush=True)
             if r == args.rounds - 1:
-                print_sweep(summary, console)
+                print_sweep(SweepSummary.model_validate(summary), console)
         plain_s, plain_best = plain_sequential(spec, base, tmp / "plain") if args.plain else (None, None)
 
     first = trial_config(spec, base, grid(spec)[0], "x")

@@ -37,7 +37,8 @@ from tuneloop.control import send_control
 from tuneloop.data_pipeline.prepare import prepare
 from tuneloop.embedded import NatsServer
 from tuneloop.events import Control, DatasetReady, Feedback, SplitInfo, StepMetrics
-from tuneloop.trainer import controls, recipe
+from tuneloop import controls
+from tuneloop.trainer import recipe
 from tuneloop.trainer.callback import BusCallback
 from tuneloop.trainer.link import BusLink
 
@@ -91,7 +92,7 @@ async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: P
     link.start()
     await bus.consume(Control, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
     await bus.consume(Feedback, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
-    state = controls.RunState.from_config(cfg.train)
+    state = controls.Steering.from_config(cfg.train)
     callback = BusCallback(link, run_id, rdir, "base", adapter=True, state=state)
     out = out or rdir / f"checkpoints-{run_id}"
     # Built on the training thread, as the trainer service does (recipe.train) and as the plain arm does.

@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from . import controls
 from .config import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tuning as event-driven microservices over NATS.")
@@ -31,8 +32,9 @@ def run(
     processes: Optional[int] = typer.Option(None, min=1, help="Training processes (default: train.processes)."),
 ) -> None:
     """Run a whole job on this machine: NATS, the five services, progress, summary."""
-    from .runner import RunFailed, print_summary
+    from .runner import RunFailed
     from .runner import run as run_job
+    from .summary import print_summary
 
     try:
         summary = run_job(config, nats_url=nats_url, run_id=run_id, evaluators=evaluators, processes=processes,
@@ -46,7 +48,7 @@ def run(
     except KeyboardInterrupt:
         raise typer.Exit(130)
     print_summary(summary, console)
-    if summary["test"] is None:
+    if summary.test is None:
         raise typer.Exit(1)
 
 
@@ -60,7 +62,7 @@ def sweep(
     Run it again after a crash or Ctrl-C: the sweep goes on where it was (its state is in
     JetStream KV); finished trials are not run again, running ones resume from a checkpoint.
     """
-    from .sweep.driver import print_sweep
+    from .summary import print_sweep
     from .sweep.driver import sweep as run_sweep
 
     try:
@@ -72,7 +74,7 @@ def sweep(
         console.print("[yellow]interrupted: run the same command to continue the sweep[/]")
         raise typer.Exit(130)
     print_sweep(summary, console)
-    if summary["best"] is None:
+    if summary.best is None:
         raise typer.Exit(1)
 
 
@@ -84,7 +86,7 @@ def init(
 ) -> None:
     """Create a run directory for services started elsewhere (compose, Kubernetes)."""
     from .config import load_config
-    from .runner import init_run
+    from .storage import init_run
     from .subjects import check_run_id
 
     try:
@@ -121,8 +123,7 @@ def provision(nats_url: str = typer.Option(..., "--nats-url", envvar="NATS_URL",
 @app.command()
 def ctl(
     run_id: str = typer.Argument(..., help="Run to steer."),
-    command: str = typer.Argument(..., help="stop | prune | pause | resume | checkpoint | eval | set-lr V | set-grad-clip V | "
-                                            "set-save-interval N | set-log-interval N | set-data DATASET_ID"),
+    command: str = typer.Argument(..., help=controls.usage()),
     value: Optional[str] = typer.Argument(None),
     nats_url: Optional[str] = NATS_URL,
     storage: Path = STORAGE,
@@ -137,7 +138,7 @@ def ctl(
 
     url = nats_url or _run_url(storage, run_id)
     try:
-        answer = asyncio.run(send_control(url, run_id, command, value if command == "set-data" else _number(value),
+        answer = asyncio.run(send_control(url, run_id, command, controls.parse_value(command, value),
                                           timeout=timeout, live_only=True))
     except ValidationError as e:  # refused before anything is sent (e.g. an empty command)
         console.print(f"[red]not a valid control: {explain(e)}[/]")
@@ -231,19 +232,16 @@ def export(
 
     Never deletes or overwrites a file tuneloop did not write: a target folder holding other
     files is refused unless --force; exporting again into a folder replaces the earlier export."""
+    from . import export as exporter
+    from .checkpoints import folder, is_complete, latest_complete, step_of, verify
+    from .models import base_ref
     from .storage import load_run_config, resolve_model, run_dir
 
-    from tuneloop.checkpoint import export as exporter
-    from tuneloop.trainer.callback import STATE_FILE, latest_complete
-    from tuneloop.trainer.recipe import base_ref
-
     rdir = run_dir(storage, run_id)
-    ckpt = latest_complete(rdir / "checkpoints") if step is None else rdir / "checkpoints" / f"checkpoint-{step}"
-    if ckpt is None or not (ckpt / STATE_FILE).is_file():
+    ckpt = latest_complete(rdir / "checkpoints") if step is None else folder(rdir / "checkpoints", step)
+    if ckpt is None or not is_complete(ckpt):
         console.print(f"[red]no complete checkpoint {'' if step is None else f'for step {step} '}under {rdir / 'checkpoints'}[/]")
         raise typer.Exit(2)
-    from tuneloop.checkpoint.integrity import verify
-
     problem = verify(ckpt)
     if problem:
         console.print(f"[red]{problem}[/]; not exporting it", soft_wrap=True)
@@ -252,7 +250,7 @@ def export(
     base = resolve_model(rdir, base_ref(cfg))
     adapter = cfg.train.lora.enabled
     kind = "merged" if merged or not adapter else "adapter"
-    dest = (out or rdir / "export" / f"{kind}-{ckpt.name.split('-')[-1]}").resolve()
+    dest = (out or rdir / "export" / f"{kind}-{step_of(ckpt)}").resolve()
     try:
         if kind == "merged":
             path = exporter.export_merged(ckpt, base, adapter, dest, force=force)
@@ -286,6 +284,7 @@ def runs(storage: Path = STORAGE) -> None:
     """The runs under the storage folder: state, steps, how they ended, held-out scores."""
     from rich.table import Table
 
+    from .procfs import running
     from .storage import RUN_FILE
 
     from rich.table import Column
@@ -301,7 +300,7 @@ def runs(storage: Path = STORAGE) -> None:
         s = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         test = s.get("test") or {}
         state = info.get("state", "?")
-        if state == "running" and not _alive(info.get("pid")):
+        if state == "running" and not running(info.get("pid")):
             state = "gone"  # the runner died without saying so
         t.add_row(info["run_id"], state, str(info.get("started", ""))[:19], str(s.get("steps") or "-"),
                   str(s.get("stop_reason") or "-").split(":")[0],
@@ -318,27 +317,24 @@ def checkpoints(
     """A run's checkpoints: complete or not, size, sha256, and the evaluator's scores."""
     from rich.table import Table
 
-    from tuneloop.checkpoint.integrity import MANIFEST
-
+    from .checkpoints import PREFIX, all_checkpoints, is_complete, read_manifest, step_of
     from .events import EvalVerdict
-    from .storage import STATE_FILE, run_dir
+    from .storage import run_dir
 
     rdir = run_dir(storage, run_id)
-    found = list((rdir / "checkpoints").glob("checkpoint-*"))
-    folders = sorted((p for p in found if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
-    aside = sorted(p.name for p in found if not p.name[11:].isdigit())  # damaged ones the trainer moved aside
+    folders = all_checkpoints(rdir / "checkpoints")
+    # damaged ones the trainer moved aside
+    aside = sorted(p.name for p in (rdir / "checkpoints").glob(f"{PREFIX}*") if step_of(p) is None)
     if not folders:
         console.print(f"[red]no checkpoints under {rdir / 'checkpoints'}[/]")
         raise typer.Exit(2)
     scores = {e.step: e.scores for e in _events(run_id, storage, nats_url)
               if isinstance(e, EvalVerdict) and e.purpose == "periodic"}
     t = Table("step", "complete", "MB", "sha256", "protocol", "correctness")
-    for f in folders:
-        step = int(f.name[11:])
-        manifest = f / MANIFEST
-        m = json.loads(manifest.read_text()) if manifest.exists() else {}
+    for step, f in folders.items():
+        m = read_manifest(f)
         sc = scores.get(step, {})
-        t.add_row(str(step), "yes" if (f / STATE_FILE).exists() else "[red]no[/]",
+        t.add_row(str(step), "yes" if is_complete(f) else "[red]no[/]",
                   f"{m['bytes'] / 1e6:.1f}" if m else "-", m.get("sha256", "-")[:12],
                   *(f"{sc[k]:.3f}" if k in sc else "-" for k in ("protocol", "correctness")))
     console.print(t)
@@ -385,16 +381,6 @@ def _events(run_id: str, storage: Path, nats_url: Optional[str]) -> list:
 
     with _reading(storage, run_id, nats_url) as url:
         return asyncio.run(fetch(url))
-
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @app.command()
@@ -445,15 +431,6 @@ def _run_url(storage: Path, run_id: str) -> str:
     except FileNotFoundError as e:
         console.print(f"[red]{e}[/]; pass --nats-url")
         raise typer.Exit(2)
-
-
-def _number(value: Optional[str]):
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return value
 
 
 def _interrupt(signum, frame) -> None:

@@ -277,22 +277,36 @@ class Config(_Section):
         p = Path(path)
         return p if p.is_absolute() else Path(self.base_dir) / p
 
+    def with_overrides(self, *layers: dict, exclude: set[str] | None = None) -> "Config":
+        """This config with each of ``layers`` on top, in order, validated again like a file.
+
+        In a layer, a section's mapping is merged key by key (``{"train": {"lr": 1e-3}}``) and a
+        dotted key replaces what is at its path (``{"data.category_weights": {...}}``).
+        ValueError says what is wrong, as loading the file would."""
+        raw = self.model_dump(mode="json", exclude=exclude)
+        for layer in layers:
+            for key, value in layer.items():
+                if "." in key:
+                    set_path(raw, key, value)
+                else:
+                    raw[key] = merge(raw[key], value) if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+        try:
+            return Config.model_validate(raw)
+        except ValidationError as e:
+            raise ValueError(explain(e)) from None
+
     def phase_config(self, index: int, *, model: str | None = None,
                      category_weights: dict[str, float] | None = None) -> "Config":
         """The config of phase ``index``: the job's sections with the phase's overrides on top,
         starting from ``model`` (the previous phase's export) with ``category_weights``."""
         phase = self.phases[index]
-        raw = self.model_dump(mode="json", exclude={"phases"})
-        for section in ("train", "data", "eval", "feedback"):
-            raw[section] = merge(raw[section], getattr(phase, section))
-        if model is not None:
-            raw["model"]["name_or_path"] = model
-        if category_weights is not None:
-            raw["data"]["category_weights"] = category_weights
+        start = {**({"model.name_or_path": model} if model is not None else {}),
+                 **({"data.category_weights": category_weights} if category_weights is not None else {})}
         try:
-            return Config.model_validate(raw)
-        except ValidationError as e:
-            raise ValueError(f"phases[{index}] ({phase.name}): {explain(e)}") from None
+            return self.with_overrides({s: getattr(phase, s) for s in ("train", "data", "eval", "feedback")}, start,
+                                       exclude={"phases"})
+        except ValueError as e:
+            raise ValueError(f"phases[{index}] ({phase.name}): {e}") from None
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -301,6 +315,17 @@ def merge(base: dict, override: dict) -> dict:
     for k, v in override.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def set_path(raw: dict, dotted: str, value) -> None:
+    """``raw[a][b][c] = value`` for ``a.b.c``; a missing section is created, validation judges it."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        if not isinstance(node.get(key, {}), dict):
+            raise ValueError(f"{dotted}: {key} is not a section")
+        node = node.setdefault(key, {})
+    node[leaf] = value
 
 
 def read_yaml(path: Path, what: str = "config") -> dict:

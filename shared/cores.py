@@ -24,6 +24,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .procfs import running
+
 ENV_DIR = "TUNELOOP_CORE_DIR"
 ENV_NICE = "TUNELOOP_NICE"
 
@@ -34,10 +36,7 @@ def my_cores() -> set[int]:
 
 def alive(pid: int) -> bool:
     """Whether ``pid`` is a live tuneloop process (a killed borrower's pid may be reused by another)."""
-    try:
-        return b"tuneloop" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+    return running(pid)
 
 
 def threads_left(total: set[int], leases: list[tuple[set[int], int]], reserve: int = 0) -> int:

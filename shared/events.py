@@ -32,6 +32,11 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+
+class Reject(Exception):
+    """Raised by a handler for an event that can never succeed (e.g. a path outside the run):
+    dead-lettered at once instead of retried."""
+
 class Event(BaseModel):
     """Envelope shared by all events."""
 

@@ -31,7 +31,7 @@ T = TypeVar("T")
 class ServiceContext:
     name: str
     bus: Bus
-    run_id: str                      # a run id, or "*" for every run on the bus
+    run_id: str                      # a run id, or ALL_RUNS ("*") for every run on the bus
     storage: Path                    # root of run directories
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     args: argparse.Namespace = field(default_factory=argparse.Namespace)  # incl. a service's own flags
@@ -44,6 +44,23 @@ class ServiceContext:
 
 
 ServiceMain = Callable[[ServiceContext], Awaitable[None]]
+
+
+def handles(cls: type, **options):
+    """Declare, on a handler method, the event it consumes and how (``Bus.consume``'s options):
+    the subscription stands beside its handler, and ``consume_handlers`` starts them all."""
+    def mark(fn):
+        fn.consumes = (cls, options)
+        return fn
+    return mark
+
+
+async def consume_handlers(bus: Bus, run_id: str, service: object) -> None:
+    """Start a durable consumer for every ``@handles`` method of ``service``, in the order written."""
+    for name in type(service).__dict__:
+        if (spec := getattr(getattr(type(service), name), "consumes", None)) is not None:
+            cls, options = spec
+            await bus.consume(cls, run_id, getattr(service, name), **options)
 
 # Model work (training, generation, export) always runs on this one thread. torch's OpenMP pool
 # belongs to the calling thread, and idle pools of other threads spin: spreading torch calls over

@@ -10,22 +10,14 @@ import os
 import re
 from pathlib import Path
 
-from .bus import Reject
-from .config import Config, load_config
+from .events import Reject
+from .config import Config, ConfigError, differences, dump_config, load_config
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
-STATE_FILE = "tuneloop_state.json"  # written last into a checkpoint: one without it is incomplete
 # In the run directory: the run's controls as applied so far, written before each is answered.
 APPLIED_FILE = "controls-applied.json"
 SNAPSHOTS = "snapshots"  # evaluation snapshots (eval.every): <run>/snapshots/step-<N>, weights only
-
-
-def complete_checkpoints(checkpoints: Path) -> dict[int, Path]:
-    """step -> folder of every fully written checkpoint in ``checkpoints`` (half-written and
-    moved-aside ones excluded)."""
-    return {int(p.name[11:]): p for p in Path(checkpoints).glob("checkpoint-*")
-            if p.name[11:].isdigit() and (p / STATE_FILE).is_file()}
 
 
 class UnsafePath(Reject, ValueError):
@@ -57,6 +49,25 @@ def refuse_links(folder: Path) -> None:
 
 def relative(base: Path, path: Path) -> str:
     return str(Path(path).resolve().relative_to(Path(base).resolve()))
+
+
+def init_run(cfg: Config, run_id: str, storage: Path) -> Path:
+    """Create the run directory with its config: all services need to serve the run.
+
+    Used by ``tuneloop run``, the sweep and, for compose and Kubernetes, ``tuneloop init``. The
+    same run again (a restart) resumes; another config under its id would mix two runs.
+    """
+    rdir = run_dir(storage, run_id)
+    existing = rdir / CONFIG_FILE
+    if existing.is_file():
+        changed = differences(load_config(existing), cfg)
+        if changed:
+            raise ConfigError(f"run {run_id} already exists ({rdir}) with another configuration "
+                              f"({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''} differ); give this one "
+                              "another run id (or run.name), or delete that folder to start over")
+    (rdir / "logs").mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, rdir / CONFIG_FILE)
+    return rdir
 
 
 def load_run_config(root: Path, run_id: str) -> Config:

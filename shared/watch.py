@@ -18,8 +18,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .events import (CheckpointRecorded, Control, ControlApplied, ControlRejected, DatasetReady, EvalVerdict, Event,
-                     ExportDone, Feedback, StepMetrics, TrainingFinished)
+from .events import (CheckpointRecorded, Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter, EvalVerdict,
+                     Event, ExportDone, Feedback, StepMetrics, TrainingFinished)
+from .progress import Progress
 
 KINDS = (DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, Control, ControlApplied,
          ControlRejected, TrainingFinished, ExportDone)
@@ -135,6 +136,29 @@ def _fmt(values: list, spec: str = ".4f") -> str:
     return format(values[-1], spec) if values else "-"
 
 
+def log_event(ev: Event, console) -> None:
+    """One line in the run's log for the events worth one (the embedded runner prints them above its live view)."""
+    if isinstance(ev, DatasetReady):
+        console.log(f"data set {ev.dataset_id}: " + ", ".join(f"{k} {v.rows}" for k, v in ev.splits.items())
+                    + (f" ({ev.rejected_rows} rows rejected)" if ev.rejected_rows else ""))
+    elif isinstance(ev, CheckpointRecorded):
+        console.log(f"checkpoint step {ev.step} recorded ({ev.bytes / 1e6:.1f} MB, sha256 {ev.sha256[:12]})")
+    elif isinstance(ev, EvalVerdict):
+        console.log(f"verdict step {ev.step} ({ev.split}, {ev.cases} cases): protocol {ev.scores['protocol']:.3f}  "
+                    f"correctness {ev.scores['correctness']:.3f}  tokens {ev.mean_new_tokens:.1f}")
+    elif isinstance(ev, Feedback):
+        console.log(f"feedback after step {ev.step}: [bold]{ev.action}[/] ({ev.reason})")
+    elif isinstance(ev, (ControlApplied, ControlRejected)):
+        what = "applied" if isinstance(ev, ControlApplied) else f"rejected: {ev.reason}"
+        console.log(f"control {ev.command} {what} at step {ev.step}")
+    elif isinstance(ev, TrainingFinished):
+        console.log(f"training finished at step {ev.step}: {ev.reason} ({ev.detail})")
+    elif isinstance(ev, DeadLetter):
+        console.log(f"[red]dead letter[/] from {ev.service} on {ev.subject}: {ev.reason}")
+    elif isinstance(ev, ExportDone):
+        console.log(f"exported step {ev.step}: adapter {ev.adapter_path}, merged {ev.merged_path}")
+
+
 async def watch(url: str, run_id: str, console, *, exit_when_done: bool = True) -> WatchView:
     """Show the run live until it has finished and exported (or Ctrl-C)."""
     from rich.live import Live
@@ -142,16 +166,19 @@ async def watch(url: str, run_id: str, console, *, exit_when_done: bool = True) 
     from .bus import CONNECT_PATIENCE_S, Bus
 
     view = WatchView(run_id)
+    # Over once exported (its verdict is not waited for), failed or pruned; an interrupted
+    # trainer resumes when started again: keep watching.
+    progress = Progress(run_id, wants_verdict=False, interrupted_ends=False)
     bus = await Bus.connect(url, "watch", patience=CONNECT_PATIENCE_S)
     try:
         async def on(e: Event) -> None:
             view.update(e)
+            progress.update(e)
 
         for cls in KINDS:
             await bus.follow(cls, run_id, on)
         with Live(view, console=console, refresh_per_second=4, transient=False):
-            # an interrupted trainer resumes when started again: keep watching; a pruned run exports nothing
-            while not (exit_when_done and view.finished and (view.exported or view.finished.reason in ("error", "pruned"))):
+            while not (exit_when_done and progress.outcome):
                 await asyncio.sleep(0.25)
             await asyncio.sleep(0.5)  # the last events, rendered once more
     finally:

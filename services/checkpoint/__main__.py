@@ -10,19 +10,18 @@ import logging
 import shutil
 import time
 
-from nats.js.errors import NoKeysError, NotFoundError
-
 from tuneloop import metrics, subjects
-from tuneloop.bus import Reject
+from tuneloop.events import Reject
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, CheckpointsReleased, ControlApplied, EvalRequest,
                              EvalVerdict, ExportDone, ExportRequest, TrainingFinished, derived_id)
 from tuneloop.grafana import Annotator
-from tuneloop.service import ServiceContext, on_torch_thread, run_service, warm_up
-from tuneloop.storage import SNAPSHOTS, complete_checkpoints, confine, relative, resolve_model
+from tuneloop.records import Records
+from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, run_service, warm_up
+from tuneloop.checkpoints import complete_checkpoints, digest_dir, verify, write_manifest
+from tuneloop.storage import SNAPSHOTS, confine, relative, resolve_model
 
-from . import export
+from tuneloop import export, models
 from .catalogue import Entry, best, pending, stale_snapshots
-from .integrity import MANIFEST, digest_dir, verify
 
 log = logging.getLogger("tuneloop.checkpoint")
 BUCKET = subjects.CHECKPOINT_BUCKET
@@ -34,93 +33,90 @@ class Catalogue:
     """Entries per run, kept in JetStream KV (key ``<run>.<step>``) so a restart loses none."""
 
     def __init__(self, kv):
-        self.kv = kv
+        self.records: Records[Entry] = Records(kv, Entry)
 
     async def put(self, run_id: str, entry: Entry) -> None:
-        await self.kv.put(f"{run_id}.{entry.step:09d}", entry.model_dump_json().encode())
+        await self.records.put(_key(run_id, entry.step), entry)
 
     async def get(self, run_id: str, step: int) -> Entry | None:
-        try:
-            return Entry.model_validate_json((await self.kv.get(f"{run_id}.{step:09d}")).value)
-        except (NotFoundError, AttributeError):
-            return None
+        return await self.records.get(_key(run_id, step))
 
     async def entries(self, run_id: str) -> list[Entry]:
-        try:
-            keys = await self.kv.keys()
-        except (NotFoundError, NoKeysError):
-            return []
-        out = []
-        for k in (k for k in keys if k.startswith(run_id + ".")):
-            e = await self.kv.get(k)
-            if e.value:
-                out.append(Entry.model_validate_json(e.value))
-        return sorted(out, key=lambda e: e.step)
+        return await self.records.under(run_id + ".")
+
+
+def _key(run_id: str, step: int) -> str:
+    return f"{run_id}.{step:09d}"
 
 
 async def open_catalogue(ctx: ServiceContext) -> Catalogue:
     return Catalogue(await ctx.bus.key_value(BUCKET))
 
 
-async def main(ctx: ServiceContext) -> None:
-    bus = ctx.bus
-    catalogue = await open_catalogue(ctx)
-    annotator = Annotator.from_env()  # GRAFANA_URL + GRAFANA_TOKEN: annotate checkpoints and controls
+class CheckpointService:
+    """The service's handlers, each declared with what it consumes (``handles``)."""
 
-    async def on_saved(ev: CheckpointSaved) -> None:
-        run_dir = ctx.run_dir(ev.run_id)
+    def __init__(self, ctx: ServiceContext, catalogue: Catalogue, annotator: Annotator | None):
+        self.ctx, self.bus, self.catalogue, self.annotator = ctx, ctx.bus, catalogue, annotator
+
+    # Short ack wait: a hashing handler keeps its message alive (in-progress acks), and a killed
+    # service's message comes back to the restarted one within seconds.
+    @handles(CheckpointSaved, ack_wait=5)
+    async def on_saved(self, ev: CheckpointSaved) -> None:
+        run_dir = self.ctx.run_dir(ev.run_id)
         path = confine(run_dir, ev.path)
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint {ev.path} of run {ev.run_id} does not exist")
         t0 = time.perf_counter()
         sha, size, files = await asyncio.to_thread(digest_dir, path)  # UnsafePath (a Reject) on a symlink
         metrics.CHECKPOINT_SECONDS.labels(ev.run_id).observe(time.perf_counter() - t0)
-        old = await catalogue.get(ev.run_id, ev.step)
+        old = await self.catalogue.get(ev.run_id, ev.step)
         if old is not None and old.saved_by == ev.event_id and old.sha256 != sha:
             raise Reject(f"checkpoint {ev.path} changed since it was recorded (sha256 {old.sha256[:12]}, now "
                          f"{sha[:12]}); its record and manifest stay as they were")
-        (path / MANIFEST).write_text(json.dumps({"sha256": sha, "bytes": size, "files": files}, indent=1))
+        write_manifest(path, sha, size, files)
         entry = Entry(step=ev.step, path=ev.path, base_model=str(ev.base_model), adapter=ev.adapter, sha256=sha,
                       bytes=size, is_final=ev.is_final, scores=old.scores if old and old.sha256 == sha else None,
                       snapshot=ev.snapshot, evaluated=ev.evaluate or ev.is_final, saved_by=ev.event_id)
-        await catalogue.put(ev.run_id, entry)
+        await self.catalogue.put(ev.run_id, entry)
         record = CheckpointRecorded(run_id=ev.run_id, event_id=derived_id("rec", ev.event_id), step=ev.step,
                                     path=ev.path, sha256=sha, bytes=size)
-        await bus.publish(record)
-        if annotator:
-            await annotator.post(record)
+        await self.bus.publish(record)
+        if self.annotator:
+            await self.annotator.post(record)
         if entry.scores is None and entry.evaluated:
-            await bus.publish(EvalRequest(run_id=ev.run_id, event_id=derived_id("eval", ev.event_id), step=ev.step,
+            await self.bus.publish(EvalRequest(run_id=ev.run_id, event_id=derived_id("eval", ev.event_id), step=ev.step,
                                           checkpoint=ev.path, base_model=ev.base_model, adapter=ev.adapter))
         log.info("recorded step %d (%s, %.1f MB)", ev.step, sha[:12], size / 1e6)
 
-    async def on_verdict(v: EvalVerdict) -> None:
+    @handles(EvalVerdict)
+    async def on_verdict(self, v: EvalVerdict) -> None:
         if v.purpose != "periodic":
             return
-        entry = await catalogue.get(v.run_id, v.step)
+        entry = await self.catalogue.get(v.run_id, v.step)
         if entry is None:
             log.warning("verdict for unknown checkpoint %s step %d", v.run_id, v.step)
             return
         entry.scores = dict(v.scores)
-        await catalogue.put(v.run_id, entry)
-        await drop_stale_snapshots(v.run_id)
+        await self.catalogue.put(v.run_id, entry)
+        await self.drop_stale_snapshots(v.run_id)
 
-    async def drop_stale_snapshots(run_id: str) -> None:
+    async def drop_stale_snapshots(self, run_id: str) -> None:
         """Delete the snapshots that lost to another entry (retention; the records stay)."""
-        metric = ctx.config(run_id).feedback.metric
-        for e in stale_snapshots(await catalogue.entries(run_id), metric):
-            await asyncio.to_thread(shutil.rmtree, confine(ctx.run_dir(run_id), e.path), True)
+        metric = self.ctx.config(run_id).feedback.metric
+        for e in stale_snapshots(await self.catalogue.entries(run_id), metric):
+            await asyncio.to_thread(shutil.rmtree, confine(self.ctx.run_dir(run_id), e.path), True)
             e.released = True
-            await catalogue.put(run_id, e)
+            await self.catalogue.put(run_id, e)
             log.info("snapshot of step %d released: outscored on %s", e.step, metric)
 
-    async def settled(done: TrainingFinished, scored: bool, wait_s: float) -> list[Entry]:
+    async def settled(self, done: TrainingFinished, scored: bool, wait_s: float) -> list[Entry]:
         """The run's entries once every checkpoint on disk (the final one included) is catalogued
         and, with ``scored``, has its verdict; after ``wait_s`` whatever is there."""
-        run_dir = ctx.run_dir(done.run_id)
+        run_dir = self.ctx.run_dir(done.run_id)
         deadline = time.monotonic() + wait_s
         while True:
-            entries = await catalogue.entries(done.run_id)
+            entries = await self.catalogue.entries(done.run_id)
             have_final = done.final_checkpoint is None or any(e.path == done.final_checkpoint for e in entries)
             # A checkpoint on disk but not catalogued yet: its ckpt.saved is on its way (e.g. redelivered
             # after this service was killed while hashing it). Export waits for it too.
@@ -133,23 +129,24 @@ async def main(ctx: ServiceContext) -> None:
                 return entries
             await asyncio.sleep(0.5)
 
-    async def release(done: TrainingFinished) -> None:
+    async def release(self, done: TrainingFinished) -> None:
         """A pruned run: delete its checkpoints (the catalogue keeps their records, marked released)."""
-        entries = await settled(done, scored=False, wait_s=CATALOGUE_WAIT_S)
-        rdir = ctx.run_dir(done.run_id)
+        entries = await self.settled(done, scored=False, wait_s=CATALOGUE_WAIT_S)
+        rdir = self.ctx.run_dir(done.run_id)
         folders = [*(rdir / "checkpoints").glob("checkpoint-*"), *(rdir / SNAPSHOTS).glob("step-*")]
         freed = sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
         for d in folders:
             await asyncio.to_thread(shutil.rmtree, d, True)
         for e in entries:
             e.released = True
-            await catalogue.put(done.run_id, e)
+            await self.catalogue.put(done.run_id, e)
         steps = sorted({int(d.name.rsplit("-", 1)[1]) for d in folders if d.name.rsplit("-", 1)[1].isdigit()})
-        await bus.publish(CheckpointsReleased(run_id=done.run_id, event_id=derived_id("released", done.event_id),
+        await self.bus.publish(CheckpointsReleased(run_id=done.run_id, event_id=derived_id("released", done.event_id),
                                               steps=steps, bytes=freed, reason=done.detail))
         log.info("run %s pruned: released %d checkpoints (%.1f MB)", done.run_id, len(folders), freed / 1e6)
 
-    async def on_done(done: TrainingFinished) -> None:
+    @handles(TrainingFinished, ack_wait=60)
+    async def on_done(self, done: TrainingFinished) -> None:
         if done.reason == "error":
             log.warning("run %s failed (%s); nothing to export", done.run_id, done.detail)
             return
@@ -157,10 +154,10 @@ async def main(ctx: ServiceContext) -> None:
             log.info("run %s interrupted at step %d; it resumes from its checkpoint, nothing to export", done.run_id, done.step)
             return
         if done.reason == "pruned":
-            return await release(done)
-        cfg = ctx.config(done.run_id)
-        run_dir = ctx.run_dir(done.run_id)
-        entries = await settled(done, scored=True, wait_s=VERDICT_WAIT_S)
+            return await self.release(done)
+        cfg = self.ctx.config(done.run_id)
+        run_dir = self.ctx.run_dir(done.run_id)
+        entries = await self.settled(done, scored=True, wait_s=VERDICT_WAIT_S)
         chosen = best(entries, cfg.feedback.metric)
         if chosen is None:
             log.error("run %s has no checkpoint to export", done.run_id)
@@ -181,43 +178,43 @@ async def main(ctx: ServiceContext) -> None:
         # The exported model itself is scored on the held-out test split and on every test suite.
         final, final_adapter = (merged_path, False) if merged_path else (adapter_path, True)
         for i, split in enumerate(["test"] + [f"suite:{s.name}" for s in cfg.eval.suites]):
-            await bus.publish(EvalRequest(run_id=done.run_id, event_id=derived_id(f"final{i or ''}", done.event_id),
+            await self.bus.publish(EvalRequest(run_id=done.run_id, event_id=derived_id(f"final{i or ''}", done.event_id),
                                           step=chosen.step, checkpoint=relative(run_dir, final),
                                           base_model=chosen.base_model, adapter=final_adapter, split=split,
                                           purpose="final"))
-        await bus.publish(ExportDone(
+        await self.bus.publish(ExportDone(
             run_id=done.run_id, event_id=derived_id("export", done.event_id), step=chosen.step,
             score=(chosen.scores or {}).get(cfg.feedback.metric),
             adapter_path=relative(run_dir, adapter_path) if adapter_path else None,
             merged_path=relative(run_dir, merged_path) if merged_path else None,
         ))
 
-    async def on_export_request(req: ExportRequest) -> None:
+    @handles(ExportRequest, ack_wait=60)
+    async def on_export_request(self, req: ExportRequest) -> None:
         """The merged model of a run that exported its adapter only; answered with ExportDone."""
-        done = await bus.latest(ExportDone, req.run_id)
+        done = await self.bus.latest(ExportDone, req.run_id)
         if done is None or done.adapter_path is None:
             raise Reject(f"run {req.run_id} has no exported adapter to merge (export.done: "
                          f"{'none yet' if done is None else 'a merged model already'})")
-        rdir = ctx.run_dir(req.run_id)
+        rdir = self.ctx.run_dir(req.run_id)
         adapter = confine(rdir, done.adapter_path)
         base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
         t0 = time.perf_counter()
         merged = await on_torch_thread(export.export_merged, adapter, base, True, adapter.parent / "merged")
         log.info("run %s: merged its adapter (step %d) in %.1fs, asked: %s", req.run_id, done.step,
                  time.perf_counter() - t0, req.reason)
-        await bus.publish(ExportDone(run_id=req.run_id, event_id=derived_id("export", req.event_id), step=done.step,
+        await self.bus.publish(ExportDone(run_id=req.run_id, event_id=derived_id("export", req.event_id), step=done.step,
                                      score=done.score, adapter_path=done.adapter_path,
                                      merged_path=relative(rdir, merged), requested_by=req.event_id))
 
-    # Short ack wait: a hashing handler keeps its message alive (in-progress acks), and a killed
-    # service's message comes back to the restarted one within seconds.
-    warm_up(export.imports)  # merged exports load models: imported now, not in front of the first one
-    await bus.consume(CheckpointSaved, ctx.run_id, on_saved, ack_wait=5)
-    if annotator:  # applied controls become Grafana annotations too
-        await bus.consume(ControlApplied, ctx.run_id, annotator.post, group="checkpoint-grafana")
-    await bus.consume(EvalVerdict, ctx.run_id, on_verdict)
-    await bus.consume(TrainingFinished, ctx.run_id, on_done, ack_wait=60)
-    await bus.consume(ExportRequest, ctx.run_id, on_export_request, ack_wait=60)
+
+async def main(ctx: ServiceContext) -> None:
+    service = CheckpointService(ctx, await open_catalogue(ctx),
+                                Annotator.from_env())  # GRAFANA_URL + GRAFANA_TOKEN: annotate checkpoints and controls
+    warm_up(models.imports)  # merged exports load models: imported now, not in front of the first one
+    await consume_handlers(ctx.bus, ctx.run_id, service)
+    if service.annotator:  # applied controls become Grafana annotations too
+        await ctx.bus.consume(ControlApplied, ctx.run_id, service.annotator.post, group="checkpoint-grafana")
     await ctx.stop.wait()
 
 

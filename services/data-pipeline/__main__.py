@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from tuneloop.bus import Reject
-from tuneloop.events import Control, ControlApplied, DatasetReady, Feedback, MixtureRequest, RunQueued, SplitInfo, derived_id
+from tuneloop.events import (Control, ControlApplied, DatasetReady, Feedback, MixtureRequest, Reject, RunQueued, SplitInfo,
+                             derived_id)
 from tuneloop.service import ServiceContext, run_service
+from tuneloop.subjects import ALL_RUNS
 
 from .prepare import DataError, adapt_weights, evidence_is_new, prepare
 
@@ -53,7 +54,7 @@ async def announce(ctx: ServiceContext, run_id: str, *, weights: dict[str, float
 
 
 async def main(ctx: ServiceContext) -> None:
-    if ctx.run_id != "*":
+    if ctx.run_id != ALL_RUNS:
         try:
             await announce(ctx, ctx.run_id)
         except DataError as e:
@@ -98,7 +99,7 @@ async def main(ctx: ServiceContext) -> None:
         await ctx.bus.publish(Control(run_id=fb.run_id, event_id=derived_id("adapt", fb.event_id), command="set-data",
                                       value=ready.dataset_id, operator="data-pipeline (adaptive data)"))
 
-    if ctx.run_id == "*":
+    if ctx.run_id == ALL_RUNS:
         await ctx.bus.consume(RunQueued, ctx.run_id, on_queued)
     await ctx.bus.consume(MixtureRequest, ctx.run_id, on_mixture)
     await ctx.bus.consume(Feedback, ctx.run_id, on_feedback)

@@ -31,7 +31,9 @@ from tuneloop.service import ServiceContext, on_torch_thread, run_service, warm_
 from tuneloop.storage import confine, resolve_model
 from tuneloop.suites import parse_checks
 
-from .generate import generate, imports, load_for_eval
+from tuneloop.models import imports
+
+from .generate import generate, load_for_eval
 from .suite import Case, ShardResult, combine, tally
 
 log = logging.getLogger("tuneloop.evaluator")

@@ -5,33 +5,21 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from tuneloop.models import load_model, tokenizer_source
+
 log = logging.getLogger(__name__)
 
 
-def imports() -> None:
-    """What ``load_for_eval`` imports (seconds of CPU, once per process): see ``service.warm_up``."""
-    import peft  # noqa: F401
-    import torch  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-
 def load_for_eval(base: str | Path, checkpoint: str | Path, adapter: bool):
-    """Model in eval mode and its tokenizer. For an adapter checkpoint, base + LoRA merged in memory."""
+    """Model in eval mode (on the GPU when there is one) and its tokenizer, padding on the left."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tok_src = checkpoint if (Path(checkpoint) / "tokenizer_config.json").exists() else base
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(base, checkpoint))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if adapter:
-        from peft import PeftModel
-
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-        model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    model = load_model(base, checkpoint, adapter)
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()

@@ -18,14 +18,15 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
+from tuneloop.checkpoints import latest_intact, read_state
 from tuneloop.events import CheckpointRecorded, Control, ControlRejected, DatasetReady, DeadLetter, Feedback, RunQueued, TrainingFinished
 from tuneloop.service import ServiceContext, on_torch_thread, parent_gone, parse_args, run_log, run_service, setup_logging
 from tuneloop.subjects import ALL_RUNS
 from tuneloop.storage import load_run_config, run_dir
 
 from . import distributed, recipe
-from .callback import latest_intact, read_state
 from .link import BusLink, FollowerLink
 
 log = logging.getLogger("tuneloop.trainer")
@@ -94,7 +95,7 @@ async def train_run(ctx: ServiceContext, run_id: str, in_pool: bool = False) -> 
         dataset = None
     if dataset is not None:
         link.recorded = {r.path: r.sha256 for r in await bus.history(CheckpointRecorded, run_id)}  # newest wins
-        dataset = await _dataset_to_resume(link, dataset, ctx.run_dir(run_id))
+        dataset, resume = await _dataset_to_resume(link, dataset, ctx.run_dir(run_id))
     if not in_pool:
         await on_torch_thread(distributed.broadcast, dataset)  # None tells the other ranks to leave
     if dataset is None:
@@ -108,7 +109,7 @@ async def train_run(ctx: ServiceContext, run_id: str, in_pool: bool = False) -> 
     stopper = asyncio.create_task(_forward_stop(ctx, link))
 
     try:
-        finished = await on_torch_thread(recipe.train, cfg, run_id, ctx.run_dir(run_id), dataset, link)
+        finished = await on_torch_thread(recipe.train, cfg, run_id, ctx.run_dir(run_id), dataset, link, resume)
     except Exception as e:
         log.exception("training failed")
         finished = TrainingFinished(run_id=run_id, step=0, reason="error", detail=f"{type(e).__name__}: {e}")
@@ -151,15 +152,16 @@ async def wait_for_data(ctx: ServiceContext, run_id: str, announced: asyncio.Eve
     return None
 
 
-async def _dataset_to_resume(link: BusLink, latest: DatasetReady, rdir) -> DatasetReady:
-    """A fresh run trains on the newest data set; a resumed one on the data set its checkpoint names."""
-    ckpt = latest_intact(rdir / "checkpoints", link.recorded)
+async def _dataset_to_resume(link: BusLink, latest: DatasetReady, rdir) -> tuple[DatasetReady, Path | None]:
+    """(data set, checkpoint to resume from): a fresh run trains on the newest data set; a
+    resumed one on the data set its checkpoint names."""
+    ckpt = await asyncio.to_thread(latest_intact, rdir / "checkpoints", link.recorded)
     want = read_state(ckpt).dataset_id if ckpt else ""
     if not want or want == latest.dataset_id:
-        return latest
+        return latest, ckpt
     for _ in range(100):  # the replay of announced data sets is under way
         if want in link.datasets:
-            return link.datasets[want]
+            return link.datasets[want], ckpt
         await asyncio.sleep(0.1)
     raise SystemExit(f"{ckpt} trains on data set {want}, which was never announced for this run")
 

@@ -11,20 +11,20 @@ step boundary so every rank applies the same ones, and only rank 0 speaks on the
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from tuneloop.storage import APPLIED_FILE, SNAPSHOTS, STATE_FILE, complete_checkpoints
+from tuneloop import controls
+from tuneloop.checkpoints import folder, read_steering, write_state, write_steering
+from tuneloop.storage import APPLIED_FILE, SNAPSHOTS
 from tuneloop.events import (CheckpointSaved, Control, ControlApplied, ControlRejected, DatasetReady, Feedback, StepMetrics,
                              derived_id)
 
-from . import controls, distributed
+from . import distributed
 from .link import BusLink, FollowerLink
 
 log = logging.getLogger(__name__)
@@ -45,73 +45,20 @@ def set_learning_rate(optimizer, scheduler, new: float) -> None:
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def sync_args(args, run_state: controls.RunState) -> None:
+def sync_args(args, run_state: controls.Steering) -> None:
     """Mirror the steerable values into TrainingArguments, which the training loop reads."""
     args.max_grad_norm, args.save_steps, args.logging_steps = run_state.max_grad_norm, run_state.save_steps, run_state.logging_steps
 
 
-def write_state(checkpoint: Path, run_state: controls.RunState) -> None:
-    """Controls applied so far, saved atomically as the checkpoint's last file."""
-    _write_atomically(checkpoint / STATE_FILE, run_state)
-
-
-def _write_atomically(path: Path, run_state: controls.RunState) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(run_state.to_dict(), indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def durable_state(run_dir: Path, fallback: controls.RunState) -> controls.RunState:
+def durable_state(run_dir: Path, fallback: controls.Steering) -> controls.Steering:
     """What operators were told was applied: the run directory's record when it holds controls
     that ``fallback`` (a checkpoint's state, or a fresh run's) lacks, i.e. applied after it."""
     try:
-        recorded = read_state_file(run_dir / APPLIED_FILE)
+        recorded = read_steering(run_dir / APPLIED_FILE)
     except (OSError, ValueError, TypeError):
         return fallback
     newer = recorded.applied_ids() - fallback.applied_ids()
     return recorded if newer and recorded.applied_ids() >= fallback.applied_ids() else fallback
-
-
-def latest_complete(output_dir: Path) -> Path | None:
-    """Newest checkpoint that was fully written (has the state file); half-written ones are skipped."""
-    done = complete_checkpoints(output_dir)
-    return done[max(done)] if done else None
-
-
-def latest_intact(output_dir: Path, recorded: dict[str, str] | None = None) -> Path | None:
-    """Newest complete checkpoint whose files still match the checkpoint service's manifest and
-    record (``recorded``: run-relative path -> sha256 of its ``ckpt.recorded``).
-
-    A damaged one (truncated, edited, files missing or added, manifest removed) is moved aside
-    as ``<name>.corrupt`` — kept for inspection, never deleted or overwritten — and the one
-    before it is used. One never recorded and without a manifest is used: the service had no
-    time to hash what was saved just before a stop."""
-    from tuneloop.checkpoint.integrity import verify
-
-    recorded = recorded or {}
-    while (ckpt := latest_complete(output_dir)) is not None:
-        problem = verify(ckpt, recorded.get(f"{output_dir.name}/{ckpt.name}"), uncatalogued_ok=True)
-        if problem is None:
-            return ckpt
-        aside = ckpt.with_name(f"{ckpt.name}.corrupt")
-        n = 1
-        while aside.exists():
-            n += 1
-            aside = ckpt.with_name(f"{ckpt.name}.corrupt{n}")
-        ckpt.rename(aside)
-        log.error("not resuming from %s; moved aside to %s", problem, aside.name)
-    return None
-
-
-def read_state(checkpoint: Path) -> controls.RunState:
-    return read_state_file(checkpoint / STATE_FILE)
-
-
-def read_state_file(path: Path) -> controls.RunState:
-    return controls.RunState.from_dict(json.loads(path.read_text()))
 
 
 def _noop() -> None:
@@ -128,7 +75,7 @@ def weights_checksum(model) -> float:
 
 class BusCallback(TrainerCallback):
     def __init__(self, link: BusLink | FollowerLink, run_id: str, run_dir: Path, base_model: str, adapter: bool,
-                 state: controls.RunState, method: str = "sft", sharded: bool = False, eval_every: int | None = None):
+                 state: controls.Steering, method: str = "sft", sharded: bool = False, eval_every: int | None = None):
         self.link = link
         # eval.every: evaluate weights-only snapshots at this cadence; checkpoints then only serve
         # resume (the last one, and one an operator's `eval` asked for, are evaluated too).
@@ -284,33 +231,30 @@ class BusCallback(TrainerCallback):
             return ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
                                   control_id=event.event_id, command=event.command, step=done["step"], new=done["value"])
         try:
-            if event.command in ("stop", "prune") and self.stop_reason is not None:
-                raise controls.Rejected(f"already stopping ({self.stop_reason[0]})")
-            outcome = controls.apply(self.run_state, event.command, event.value, frozenset(self.link.datasets))
+            outcome = controls.apply(self.run_state, event.command, event.value, frozenset(self.link.datasets),
+                                     stopping=self.stop_reason[0] if self.stop_reason else None,
+                                     who=event.operator or event.source or "operator")
         except controls.Rejected as e:
             log.warning("control %s rejected at step %d: %s", event.command, step, e)
             return ControlRejected(run_id=self.run_id, event_id=derived_id("rejected", event.event_id),
                                    control_id=event.event_id, command=event.command, step=step, reason=str(e))
         rs = self.run_state
-        if event.command == "set-lr":
+        if outcome.set_lr:
             set_learning_rate(optimizer, scheduler, rs.learning_rate)
         sync_args(args, rs)
         state.save_steps, state.logging_steps = rs.save_steps, rs.logging_steps  # what DefaultFlowCallback reads
         if outcome.stop:
             control.should_training_stop = True
-            who = event.operator or event.source or "operator"
-            self.stop_reason = (("pruned", f"pruned by {who}" + (f": {event.value}" if event.value else ""))
-                                if outcome.prune else ("control", f"stop by {who}"))
+            self.stop_reason = outcome.stop_reason
         if outcome.save:
             control.should_save = True
         if outcome.switch_data and not control.should_training_stop:
             self.switch_to = self.link.datasets[rs.dataset_id]
             control.should_training_stop = True  # the recipe goes on with the new data from this checkpoint
-        if event.command == "eval":
-            self.evaluate_next_save = True
+        self.evaluate_next_save |= outcome.evaluate
         rs.applied.append({"control_id": event.event_id, "command": event.command, "value": event.value, "step": step})
         if state.is_world_process_zero:  # durable before it is answered: a crash now does not undo it
-            _write_atomically(self.run_dir / APPLIED_FILE, rs)
+            write_steering(self.run_dir / APPLIED_FILE, rs)
         log.info("control %s applied at step %d: %r -> %r", event.command, step, outcome.old, outcome.new)
         return ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
                               control_id=event.event_id, command=event.command, step=step, old=outcome.old, new=outcome.new)
@@ -341,7 +285,7 @@ class BusCallback(TrainerCallback):
             })
         if not state.is_world_process_zero:
             return
-        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        path = folder(args.output_dir, state.global_step)
         write_state(path, self.run_state)
         rel = str(path.resolve().relative_to(self.run_dir.resolve()))
         ending = bool(control.should_training_stop) and (self.switch_to is None or self.stop_reason is not None)

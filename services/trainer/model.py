@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-TINY = "tiny"
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):

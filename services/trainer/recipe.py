@@ -12,13 +12,16 @@ import logging
 import time
 from pathlib import Path
 
+from tuneloop import controls
+from tuneloop.checkpoints import latest_complete, latest_intact, read_state
 from tuneloop.config import Config
+from tuneloop.models import base_ref, local_base
 from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished, derived_id
 from tuneloop.storage import confine
 
-from . import controls, distributed, model as models, prepared
-from .callback import BusCallback, durable_state, latest_complete, latest_intact, read_state, sync_args
+from . import distributed, model as models, prepared
+from .callback import BusCallback, durable_state, sync_args
 from .remote_reward import RemoteReward
 from .threads import CoreShareCallback
 
@@ -84,20 +87,6 @@ def peak_memory_mb(cuda: bool) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def local_base(cfg: Config) -> Path | None:
-    """The configured model as a local folder (relative to the config file), if it is one."""
-    if cfg.model.name_or_path == models.TINY:
-        return None
-    path = cfg.resolve(cfg.model.name_or_path)
-    return path if path.is_dir() else None
-
-
-def base_ref(cfg: Config) -> str:
-    """The base model as events name it: ``base`` (inside the run directory) for the tiny
-    model and for a local folder (linked in), else the hub id."""
-    return "base" if cfg.model.name_or_path == models.TINY or local_base(cfg) else cfg.model.name_or_path
 
 
 def prepare_base(cfg: Config, run_dir: Path, dataset: DatasetReady) -> tuple[str, Path | str]:
@@ -178,14 +167,17 @@ def train_rows(cfg: Config, run_dir: Path, dataset: DatasetReady) -> list[dict]:
     return [{c: r[c] for c in columns} for r in rows]
 
 
-def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: list, args=None, link=None, run_id=""):
-    """Base model + data + the TRL trainer. ``callbacks=[]`` is plain TRL (the benchmarks' baseline)."""
+def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: list, args=None, link=None, run_id="",
+                  base_path: Path | str | None = None):
+    """Base model + data + the TRL trainer. ``callbacks=[]`` is plain TRL (the benchmarks' baseline);
+    ``base_path``: what ``prepare_base`` returned, when the caller prepared the base already."""
     import trl
     from datasets import Dataset
     from transformers import set_seed
 
     set_seed(cfg.run.seed)
-    _, base_path = prepare_base(cfg, run_dir, dataset)
+    if base_path is None:
+        _, base_path = prepare_base(cfg, run_dir, dataset)
     model, tokenizer = models.load(base_path, quantization=quantization_config(cfg))
     kwargs = {}
     if cfg.train.method == "grpo":
@@ -221,23 +213,32 @@ def core_sharing(bus_callback: BusCallback) -> list:
     return [CoreShareCallback(budget, bus_callback.expecting_verdicts)]
 
 
-def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) -> TrainingFinished:
-    """The whole run: resume where a complete checkpoint exists, train, switch data when told, report why it ended."""
+NEWEST = "newest"
+
+
+def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, resume: Path | None | str = NEWEST) -> TrainingFinished:
+    """The whole run: resume where a complete checkpoint exists, train, switch data when told, report why it ended.
+
+    ``resume``: the checkpoint to resume from (None: start afresh), when rank 0's caller has
+    checked it already (verifying hashes every file); by default the newest intact one."""
     tc = cfg.train
     seconds = 0.0  # in trainer.train() itself: set-up (base model, tokenizing) aside
     out_dir = run_dir / "checkpoints"
     args = trl_args(cfg, out_dir)
-    resume = latest_intact(out_dir, getattr(link, "recorded", None)) if distributed.rank() == 0 else None
+    if distributed.rank() != 0:
+        resume = None
+    elif resume == NEWEST:
+        resume = latest_intact(out_dir, getattr(link, "recorded", None))
     resume = distributed.broadcast(resume)  # one rank checks (and moves aside); all resume from the same
     if resume:  # what operators decided before the restart still holds
         state = read_state(resume)
         log.info("resuming from %s (%d controls applied so far)", resume, len(state.applied))
     else:
-        state = controls.RunState.from_config(tc, dataset.dataset_id)
+        state = controls.Steering.from_config(tc, dataset.dataset_id)
     checkpointed = state
     state = durable_state(run_dir, state)  # ... and so do those answered since that checkpoint
     sync_args(args, state)
-    ref, _ = prepare_base(cfg, run_dir, dataset)
+    ref, base_path = prepare_base(cfg, run_dir, dataset)
     if cfg.eval.baseline and not resume:  # the "before" of this run: its starting model on the test split
         link.publish(EvalRequest(run_id=run_id, event_id=derived_id("baseline", run_id), step=0, checkpoint=None,
                                  base_model=ref, adapter=False, split="test", purpose="baseline"))
@@ -247,7 +248,7 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link) 
         callback.restored = [a for a in state.applied if a["control_id"] not in checkpointed.applied_ids()]
     callbacks = [callback, *core_sharing(callback)]
     while True:
-        trainer = build_trainer(cfg, run_dir, dataset, callbacks, args=args, link=link, run_id=run_id)
+        trainer = build_trainer(cfg, run_dir, dataset, callbacks, args=args, link=link, run_id=run_id, base_path=base_path)
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds += time.perf_counter() - t0

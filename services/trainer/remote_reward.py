@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+from tuneloop.bus import NoAnswer
 from tuneloop.events import RewardRequest
 
 from . import distributed
@@ -65,7 +66,7 @@ class RemoteReward:
             try:
                 return self.link.score(req, timeout=max(min(ATTEMPT_S, left), 1.0))
             except Exception as e:
-                retry = "no service answers" in str(e) or "no answer on" in str(e)
+                retry = isinstance(e, NoAnswer)
                 if time.monotonic() >= deadline or not retry:
                     raise RewardServiceError(f"rl-reward could not score {len(req.completions)} completions: {e}") from e
                 self.retries += 1

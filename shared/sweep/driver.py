@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from rich.console import Console
-from rich.table import Table
 
 from .. import subjects
 from ..bus import Bus
@@ -48,8 +47,12 @@ from ..control import ExportRefused, request_merged_export, send_control
 from ..embedded import NatsServer, _accepts
 from ..events import (CheckpointsReleased, Control, ControlApplied, DeadLetter, EvalVerdict, ExportDone, RunQueued,
                       StepMetrics, TrainingFinished, derived_id)
-from ..runner import CRITICAL_KINDS, FIRST, LATER_WITHIN_S, init_run, spawn, stop_all
-from ..storage import CONFIG_FILE, run_dir, write_run_info
+from ..procfs import running
+from ..records import Records
+from ..processes import FIRST, LATER_WITHIN_S, spawn, stop_all
+from ..progress import Progress
+from ..storage import CONFIG_FILE, init_run, run_dir, write_run_info
+from ..summary import SweepBest, SweepSummary, write
 from . import search
 from .search import TrialRecord
 from .spec import SweepSpec, load_sweep, trial_config
@@ -70,6 +73,7 @@ class Store:
 
     def __init__(self, kv, name: str):
         self.kv, self.name = kv, name
+        self.trials: Records[TrialRecord] = Records(kv, TrialRecord)
 
     @classmethod
     async def open(cls, bus: Bus, spec: SweepSpec, base: Config) -> "Store":
@@ -96,19 +100,10 @@ class Store:
         return store
 
     async def records(self) -> list[TrialRecord]:
-        try:
-            keys = await self.kv.keys()
-        except (NoKeysError, NotFoundError):
-            return []
-        out = []
-        for k in sorted(k for k in keys if k.startswith(f"{self.name}.trial-")):
-            entry = await self.kv.get(k)
-            if entry.value:
-                out.append(TrialRecord.model_validate_json(entry.value))
-        return out
+        return await self.trials.under(f"{self.name}.trial-")
 
     async def put(self, record: TrialRecord) -> None:
-        await self.kv.put(f"{self.name}.trial-{record.number:04d}", record.model_dump_json().encode())
+        await self.trials.put(f"{self.name}.trial-{record.number:04d}", record)
 
 
 # ---------------------------------------------------------------- one trial in this process
@@ -117,12 +112,17 @@ class Trial:
     record: TrialRecord
     optuna: object
     subs: list = field(default_factory=list)
-    finished: TrainingFinished | None = None
-    exported: ExportDone | None = None
-    final: EvalVerdict | None = None
-    released: CheckpointsReleased | None = None
-    fatal: str | None = None
     prune_sent: bool = False
+    # Over when its export has its test verdict, or when pruned once its checkpoints are
+    # released; an interrupted trainer resumes (a pool worker takes the run again).
+    progress: Progress = field(init=False)
+
+    def __post_init__(self):
+        self.progress = Progress(self.record.run_id, wants_release=True, interrupted_ends=False)
+
+    @property
+    def finished(self) -> TrainingFinished | None:
+        return self.progress.finished
 
 
 class Sweep:
@@ -140,7 +140,7 @@ class Sweep:
         self.merging: dict[int, asyncio.Task] = {}  # trial number -> its merged export, asked for
         self.news = asyncio.Event()  # a trial's event arrived: look again now, not at the next tick
 
-    async def run(self) -> dict:
+    async def run(self) -> SweepSummary:
         self.bus = await Bus.connect(self.url, "sweep")
         try:
             self.store = await Store.open(self.bus, self.spec, self.base)
@@ -202,7 +202,7 @@ class Sweep:
                 self.start_pool(service, i)
         self.later = [(s, i) for s, n in sizes.items() if s not in FIRST for i in range(n)]
         self.later_by = time.monotonic() + (LATER_WITHIN_S if staged else 0.0)
-        self.first_step = await self.bus.subscribe(StepMetrics, "*", self.on_first_step)
+        self.first_step = await self.bus.subscribe(StepMetrics, subjects.ALL_RUNS, self.on_first_step)
         await self.start_later_pools()
         self.save_pids()
 
@@ -234,7 +234,7 @@ class Sweep:
             # the trainers hold spins and stalls (a 1 s merge took 26 s, a verdict 15 s).
             share = max(1, len(os.sched_getaffinity(0)) // self.spec.concurrency)
             env = {"OMP_NUM_THREADS": str(share if service == "trainer" else 1)}
-        self.pools[(service, replica)] = spawn(service, "*", self.storage, self.url, self.dir / "logs", replica=replica,
+        self.pools[(service, replica)] = spawn(service, subjects.ALL_RUNS, self.storage, self.url, self.dir / "logs", replica=replica,
                                                env=env)
 
     def watch_pools(self) -> None:
@@ -284,9 +284,9 @@ class Sweep:
     async def launch(self, trial: Trial, queue: bool) -> None:
         record = trial.record
         rid = record.run_id
-        for cls, handler in ((EvalVerdict, self.on_verdict), (TrainingFinished, self.on_finished),
-                             (ExportDone, self.on_export), (CheckpointsReleased, self.on_released),
-                             (DeadLetter, self.on_dead_letter)):
+        for cls, handler in ((EvalVerdict, self.on_verdict), (TrainingFinished, self.on_event),
+                             (ExportDone, self.on_event), (CheckpointsReleased, self.on_event),
+                             (DeadLetter, self.on_event)):
             trial.subs.append(await self.bus.follow(cls, rid, _for(trial, handler, self.news)))  # history first, then live
         write_run_info(self.storage, rid, {"run_id": rid, **self.where, "pid": os.getpid(), "state": "running",
                                            "sweep": self.spec.name, "started": _now()})
@@ -327,8 +327,8 @@ class Sweep:
 
     # ------------------------------------------------------------ events of a trial
     async def on_verdict(self, trial: Trial, v: EvalVerdict) -> None:
-        if v.purpose == "final" and v.split == "test":
-            trial.final = v
+        trial.progress.update(v)
+        if v.purpose == "final":
             return
         if v.purpose != "periodic" or v.step in trial.record.values:
             return  # another kind, or seen before (a replay after a restart)
@@ -363,30 +363,17 @@ class Sweep:
         else:  # e.g. training had just finished: the trial completes instead
             self.console.log(f"{trial.record.run_id}: prune rejected: {answer.reason}")
 
-    async def on_finished(self, trial: Trial, ev: TrainingFinished) -> None:
-        if ev.reason != "interrupted":  # an interrupted trainer resumes: not an end
-            trial.finished = ev
-
-    async def on_export(self, trial: Trial, ev: ExportDone) -> None:
-        trial.exported = ev
-
-    async def on_released(self, trial: Trial, ev: CheckpointsReleased) -> None:
-        trial.released = ev
-
-    async def on_dead_letter(self, trial: Trial, ev: DeadLetter) -> None:
-        if any(ev.subject.endswith("." + k) for k in CRITICAL_KINDS):
-            trial.fatal = f"{ev.service} could not handle {ev.subject}: {ev.reason}"
+    async def on_event(self, trial: Trial, ev) -> None:
+        trial.progress.update(ev)
 
     # ------------------------------------------------------------ ends
     async def check(self, trial: Trial) -> None:
-        f = trial.finished
-        if trial.fatal:
-            return await self.end(trial, "failed", trial.fatal)
-        if f and f.reason == "error":
-            return await self.end(trial, "failed", f.detail)
-        if f and f.reason == "pruned" and trial.released:
+        p, f = trial.progress, trial.progress.finished
+        if p.outcome == "failed":
+            return await self.end(trial, "failed", p.failure)
+        if p.outcome == "pruned":
             return await self.end(trial, "pruned", f.detail)
-        if f and f.reason != "pruned" and trial.exported and trial.final:
+        if p.outcome == "complete":
             return await self.end(trial, "complete", f"{f.reason}: {f.detail}")
 
     async def end(self, trial: Trial, state: str, detail: str) -> None:
@@ -399,12 +386,13 @@ class Sweep:
             if state == "pruned":  # from the trainer's own event: a sweep killed mid-prune never saw the answer
                 r.pruned_at = f.step
             r.tokens_per_second, r.peak_memory_mb = f.tokens_per_second, f.peak_memory_mb
-        if trial.final:
-            r.test, r.value = dict(trial.final.scores), trial.final.scores.get(self.metric)
-        if trial.exported:
-            r.export = trial.exported.merged_path or trial.exported.adapter_path
-        if trial.released:
-            r.released_bytes = trial.released.bytes
+        p = trial.progress
+        if p.final_verdict:
+            r.test, r.value = dict(p.final_verdict.scores), p.final_verdict.scores.get(self.metric)
+        if p.exported:
+            r.export = p.exported.merged_path or p.exported.adapter_path
+        if p.released:
+            r.released_bytes = p.released.bytes
         await self.store.put(r)
         search.tell(self.study, trial.optuna, r)
         del self.live[r.number]
@@ -435,14 +423,7 @@ async def wait_gone(pids: list[int], marker: str, timeout: float = 30.0) -> None
     """Wait for a dead sweep's pool processes to finish stopping (a trainer saves a checkpoint);
     SIGKILL what is left after ``timeout``. A pid is only theirs while its command names ``marker``."""
     def theirs() -> list[int]:
-        out = []
-        for pid in pids:
-            try:
-                if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    out.append(pid)
-            except OSError:
-                pass
-        return out
+        return [pid for pid in pids if running(pid, marker)]
 
     deadline = time.monotonic() + timeout
     while theirs() and time.monotonic() < deadline:
@@ -459,7 +440,7 @@ def attach_nats(sdir: Path) -> tuple[str, NatsServer | int]:
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     pid, url = info.get("nats_pid"), info.get("nats_url", "")
     host, _, port = url.removeprefix("nats://").rpartition(":")
-    if pid and _alive(pid, b"nats-server") and port.isdigit() and _accepts(host, int(port)):
+    if pid and running(pid, "nats-server") and port.isdigit() and _accepts(host, int(port)):
         return url, pid
     server = NatsServer(sdir / "nats")
     url = server.start()
@@ -469,14 +450,7 @@ def attach_nats(sdir: Path) -> tuple[str, NatsServer | int]:
     return url, server
 
 
-def _alive(pid: int, marker: bytes) -> bool:
-    try:
-        return marker in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def sweep(path: Path, *, nats_url: str | None = None, console: Console | None = None) -> dict:
+def sweep(path: Path, *, nats_url: str | None = None, console: Console | None = None) -> SweepSummary:
     """Run (or continue) the sweep of ``path``; returns its summary."""
     console = console or Console()
     spec, base = load_sweep(path)
@@ -497,12 +471,11 @@ def sweep(path: Path, *, nats_url: str | None = None, console: Console | None = 
 
 
 # ---------------------------------------------------------------- the result
-def summarize(spec: SweepSpec, metric: str, records: list[TrialRecord], storage: Path) -> dict:
+def summarize(spec: SweepSpec, metric: str, records: list[TrialRecord], storage: Path) -> SweepSummary:
     sdir = run_dir(storage, spec.name)
     top = search.best(records)
-    summary = {"sweep": spec.name, "metric": metric, "sampler": spec.sampler, "pruner": spec.pruner.kind,
-               "trials": [r.model_dump(mode="json") for r in sorted(records, key=lambda r: r.number)],
-               "best": None}
+    summary = SweepSummary(sweep=spec.name, metric=metric, sampler=spec.sampler, pruner=spec.pruner.kind,
+                           trials=sorted(records, key=lambda r: r.number))
     if top:
         trial_dir = run_dir(storage, top.run_id)
         (sdir / "best.yaml").write_text((trial_dir / CONFIG_FILE).read_text())
@@ -510,40 +483,8 @@ def summarize(spec: SweepSpec, metric: str, records: list[TrialRecord], storage:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(Path("..") / top.run_id / Path(top.export).parent if top.export else Path("..") / top.run_id)
-        summary["best"] = {"trial": top.number, "run_id": top.run_id, "params": top.params, "value": top.value,
-                           "config": str(sdir / "best.yaml"),
-                           "export": str(trial_dir / top.export) if top.export else None}
-    (sdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary.best = SweepBest(trial=top.number, run_id=top.run_id, params=top.params, value=top.value,
+                                 config=str(sdir / "best.yaml"),
+                                 export=str(trial_dir / top.export) if top.export else None)
+    write(summary, sdir)
     return summary
-
-
-def print_sweep(summary: dict, console: Console) -> None:
-    trials = summary["trials"]
-    names = list(trials[0]["params"]) if trials else []
-    best = (summary["best"] or {}).get("trial")
-    t = Table(title=f"sweep {summary['sweep']}: {summary['metric']} on val while training (step:score), on test at the end")
-    t.add_column("#", no_wrap=True)
-    for n in names:
-        t.add_column(n.rsplit(".", 1)[-1], overflow="fold")
-    t.add_column("state", no_wrap=True)
-    t.add_column("val", overflow="fold", min_width=12)
-    for col in ("test", "tok/s", "MB"):
-        t.add_column(col, no_wrap=True, justify="right")
-    for r in trials:
-        curve = " ".join(f"{s}:{v:.2f}".replace("0.", ".") for s, v in sorted((int(k), v) for k, v in r["values"].items()))
-        state = "pruned@" + str(r["pruned_at"]) if r["state"] == "pruned" and r["pruned_at"] is not None else r["state"]
-        t.add_row(f"{r['number']}{'*' if r['number'] == best else ''}", *(_fmt(r["params"][n]) for n in names), state,
-                  curve or "-", f"{r['value']:.3f}" if r["value"] is not None else "-",
-                  f"{r['tokens_per_second']:.0f}" if r["tokens_per_second"] else "-",
-                  f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] else "-")
-    console.print(t)
-    if summary["best"]:
-        b = summary["best"]
-        console.print(f"best (*): trial {b['trial']} ({b['run_id']}) {b['params']} -> test {summary['metric']} "
-                      f"{b['value']:.3f}; config {b['config']}; model {b['export']}", soft_wrap=True)
-    else:
-        console.print("[red]no trial completed[/]")
-
-
-def _fmt(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)

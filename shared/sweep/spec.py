@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import Config, ConfigError, load_config, merge, read_yaml
+from ..config import Config, ConfigError, load_config, read_yaml
 from ..events import explain
 
 Value = bool | int | float | str
@@ -111,29 +111,12 @@ def grid(spec: SweepSpec) -> list[dict[str, Value]]:
     return [dict(zip(names, combo)) for combo in itertools.product(*(spec.params[n].values for n in names))]
 
 
-def set_path(raw: dict, dotted: str, value: Value) -> None:
-    """``raw[a][b][c] = value`` for ``a.b.c``; a missing section is created, validation judges it."""
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for key in parents:
-        if not isinstance(node.get(key, {}), dict):
-            raise ValueError(f"{dotted}: {key} is not a section")
-        node = node.setdefault(key, {})
-    node[leaf] = value
-
-
 def trial_config(spec: SweepSpec, base: Config, params: dict[str, Value], run_name: str) -> Config:
     """The config of one trial: base, then the sweep's overrides, then the trial's values."""
-    raw = merge(base.model_dump(mode="json"), spec.overrides)
-    raw["run"]["name"] = run_name
-    for path, value in params.items():
-        set_path(raw, path, value)
-    if raw["train"]["lora"]["enabled"] and "merged" not in spec.overrides.get("export", {}):
-        raw["export"]["merged"] = False  # a trial exports its adapter; the sweep merges the winner's alone
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as e:
-        raise ValueError(explain(e)) from None
+    cfg = base.with_overrides(spec.overrides, {"run.name": run_name}, params)
+    if cfg.train.lora.enabled and "merged" not in spec.overrides.get("export", {}):
+        cfg = cfg.with_overrides({"export.merged": False})  # a trial exports its adapter; the sweep merges the winner's alone
+    return cfg
 
 
 def load_sweep(path: str | Path) -> tuple[SweepSpec, Config]:

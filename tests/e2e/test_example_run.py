@@ -8,6 +8,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from helpers import REPO, processes_mentioning
@@ -34,6 +35,8 @@ def example_run(tmp_path_factory):
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp / "runs" / "example" / "summary.json").read_text())
+    # What users script against has the shape proto/ publishes.
+    jsonschema.validate(summary, json.loads((REPO / "proto" / "summaries" / "job.json").read_text()))
     return summary, proc.stdout
 
 

@@ -13,16 +13,24 @@ from tuneloop.events import Control, DeadLetter, Feedback
 pytestmark = pytest.mark.integration
 
 
-async def test_durable_event_reaches_a_consumer_that_starts_later_once(bus):
-    ev = Feedback(run_id="bus-late", step=1, action="continue", reason="r", score=0.5)
-    await bus.publish(ev)
-    await bus.publish(ev)  # same event_id: JetStream keeps one
+async def consumed(bus, cls, run: str, group: str, fail: bool = False, **options) -> list:
+    """What a durable consumer of ``cls`` gets, in a list; with ``fail`` its handler raises."""
     got = []
 
     async def on(e):
         got.append(e)
+        if fail:
+            raise RuntimeError("boom")
 
-    await bus.consume(Feedback, "bus-late", on, group="late")
+    await bus.consume(cls, run, on, group=group, **options)
+    return got
+
+
+async def test_durable_event_reaches_a_consumer_that_starts_later_once(bus):
+    ev = Feedback(run_id="bus-late", step=1, action="continue", reason="r", score=0.5)
+    await bus.publish(ev)
+    await bus.publish(ev)  # same event_id: JetStream keeps one
+    got = await consumed(bus, Feedback, "bus-late", "late")
     await wait_for(lambda: got)
     await asyncio.sleep(0.5)
     assert [e.event_id for e in got] == [ev.event_id] and got[0].source == "test"
@@ -31,12 +39,7 @@ async def test_durable_event_reaches_a_consumer_that_starts_later_once(bus):
 async def test_malformed_event_is_dead_lettered_and_the_consumer_goes_on(bus):
     run = "bus-dlq"
     dead = await collect(bus, DeadLetter, run)
-    got = []
-
-    async def on(e):
-        got.append(e)
-
-    await bus.consume(Control, run, on, group="dlq-test")
+    got = await consumed(bus, Control, run, "dlq-test")
     subj = subjects.subject(run, Control.KIND)
     await bus.js.publish(subj, b'{"run_id": "bus-dlq", "comand": "stop"}')
     await bus.js.publish(subj, b"\xff not json")
@@ -52,13 +55,7 @@ async def test_malformed_event_is_dead_lettered_and_the_consumer_goes_on(bus):
 async def test_failing_handler_is_retried_then_dead_lettered(bus):
     run = "bus-retry"
     dead = await collect(bus, DeadLetter, run)
-    calls = []
-
-    async def on(e):
-        calls.append(e)
-        raise RuntimeError("boom")
-
-    await bus.consume(Control, run, on, group="retry", max_deliver=2)
+    calls = await consumed(bus, Control, run, "retry", fail=True, max_deliver=2)
     await bus.publish(Control(run_id=run, command="stop"))
     await wait_for(lambda: dead, timeout=20)
     assert len(calls) == 2 and "handler failed 2 times" in dead[0].reason

@@ -17,7 +17,7 @@ import pytest
 from helpers import make_run, run_id_for, tiny_config
 from helpers import collect, wait_for
 from tuneloop.bus import Bus
-from tuneloop.checkpoint.integrity import MANIFEST
+from tuneloop.checkpoints import MANIFEST
 from tuneloop.events import CheckpointRecorded, CheckpointSaved, Control, DeadLetter, StepMetrics
 
 def identity(passwords: dict, user: str) -> dict[str, str]:

@@ -132,7 +132,7 @@ def test_a_run_id_in_use_takes_the_same_config_again_but_not_another(tmp_path):
     import subprocess
     import sys
 
-    from tuneloop.runner import init_run
+    from tuneloop.storage import init_run
 
     cfg = load_config(REPO_EXAMPLE).phase_config(0)
     storage = tmp_path / "runs"

@@ -9,10 +9,9 @@ import os
 
 import pytest
 
-from tuneloop.checkpoint.export import export_adapter
-from tuneloop.checkpoint.integrity import MANIFEST, digest_dir, verify
+from tuneloop.export import export_adapter
+from tuneloop.checkpoints import MANIFEST, STATE_FILE, digest_dir, latest_intact, verify
 from tuneloop.storage import UnsafePath, resolve_model
-from tuneloop.trainer.callback import STATE_FILE, latest_intact
 
 
 def catalogue(ckpt) -> str:

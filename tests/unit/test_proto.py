@@ -42,3 +42,30 @@ def test_diff_reports_a_stale_file(tmp_path):
     assert proto.diff(tmp_path) == []
     (tmp_path / "schemas" / "control.json").write_text("{}")
     assert proto.diff(tmp_path) == ["schemas/control.json"]
+
+
+def test_summary_schemas_accept_a_real_summary_and_reject_a_broken_one(tmp_path):
+    from helpers import tiny_config
+    from tuneloop.events import EvalVerdict, ExportDone, TrainingFinished
+    from tuneloop.progress import Progress
+    from tuneloop.summary import SUMMARY_FILE, run_summary, write
+
+    p = Progress("r")
+    p.update(TrainingFinished(run_id="r", step=40, reason="completed", detail="max_steps", train_seconds=3.0))
+    p.update(ExportDone(run_id="r", step=40, score=1.0, adapter_path="export/adapter"))
+    p.update(EvalVerdict(run_id="r", request_id="q", step=40, checkpoint="c", split="test", purpose="final", cases=3,
+                         scores={"protocol": 1.0, "correctness": 0.5}))
+    p.update(EvalVerdict(run_id="r", request_id="q", step=40, checkpoint="c", split="suite:fmt", purpose="final", cases=2,
+                         scores={"protocol": 0.5, "correctness": 0.0}))
+    write(run_summary(p, tmp_path, tiny_config(tmp_path)), tmp_path)
+    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    assert summary["suites"]["fmt"]["pass"] == 0.5 and summary["test"]["protocol"] == 1.0
+    schema = json.loads((PROTO / "summaries" / "run.json").read_text())
+    jsonschema.validate(summary, schema)
+    summary["suites"]["fmt"]["pass"] = "half"
+    try:
+        jsonschema.validate(summary, schema)
+    except jsonschema.ValidationError as e:
+        assert "half" in e.message
+    else:
+        raise AssertionError("schema accepted a pass rate that is not a number")

@@ -17,7 +17,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from tuneloop.storage import refuse_links
+from .models import load_model, tokenizer_source
+from .storage import refuse_links
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -115,29 +116,14 @@ def export_adapter(checkpoint: Path, base: Path | str, dest: Path, force: bool =
         return _place(tmp, dest, force)
 
 
-def imports() -> None:
-    """What ``export_merged`` imports (seconds of CPU, once per process): see ``service.warm_up``."""
-    import peft  # noqa: F401
-    import torch  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-
 def export_merged(checkpoint: Path, base: Path | str, adapter: bool, dest: Path, force: bool = False) -> Path:
     """Base with the adapter merged in (or the full fine-tuned weights), as safetensors."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     check_destination(dest, force)
     refuse_links(checkpoint)
-    if adapter:
-        from peft import PeftModel
-
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-        model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
-    tok_src = checkpoint if (checkpoint / "tokenizer_config.json").exists() else base
+    model = load_model(base, checkpoint, adapter)
     with _staging(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tokenizer_source(base, checkpoint)).save_pretrained(tmp)
         return _place(tmp, dest, force)

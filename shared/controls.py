@@ -1,0 +1,203 @@
+"""The controls an operator can send a run: one vocabulary, and what each one does.
+
+``COMMANDS`` is the vocabulary: each command's value, its limits and its help. The CLI's
+help, the trainer's validation and the README's table are made from it. ``apply`` is the
+whole effect of a control on the run's ``Steering`` (the steerable state, saved in every
+checkpoint so a resumed run keeps what operators decided), as pure logic the trainer's
+callback calls at a step boundary: it returns an ``Outcome`` saying what the training loop
+must do, or raises ``Rejected`` with the reason; a rejected control changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+
+class Rejected(ValueError):
+    """The control cannot be applied; the message says why."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    value: str = ""  # what the value is, as the help names it: "" (none), "X" (a number), "N" (a whole number), a word
+    upper: float = 0.0  # numbers: the largest accepted value (the smallest is just above 0)
+    optional: bool = False  # the value may be left out
+
+    @property
+    def number(self) -> bool:
+        return self.value in ("X", "N")
+
+    @property
+    def usage(self) -> str:
+        if not self.value:
+            return self.name
+        return f"{self.name} [{self.value}]" if self.optional else f"{self.name} {self.value}"
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    Command("stop", "checkpoint, then stop"),
+    Command("prune", "stop without a last checkpoint; the checkpoint service deletes the run's checkpoints "
+                     "instead of exporting", value="WHY", optional=True),
+    Command("pause", "hold at the next step boundary (metrics keep coming, marked paused)"),
+    Command("resume", "go on after a pause"),
+    Command("checkpoint", "save a checkpoint now"),
+    Command("eval", "save a checkpoint now and evaluate it"),
+    Command("set-lr", "learning rate from the next step; the schedule continues from it", value="X", upper=10.0),
+    Command("set-grad-clip", "max gradient norm", value="X", upper=1e6),
+    Command("set-save-interval", "a checkpoint every N steps", value="N", upper=1e9),
+    Command("set-log-interval", "metrics every N steps", value="N", upper=1e9),
+    Command("set-data", "go on with another data set announced for the run (see `tuneloop data`)", value="ID"),
+)}
+# The steering field each setter changes.
+FIELDS = {"set-lr": "learning_rate", "set-grad-clip": "max_grad_norm", "set-save-interval": "save_steps",
+          "set-log-interval": "logging_steps"}
+
+
+def usage() -> str:
+    """One line naming every command with its value: the CLI's help."""
+    return " | ".join(c.usage for c in COMMANDS.values())
+
+
+def table() -> str:
+    """The commands as a Markdown table: the README's."""
+    rows = ["| command | what it does |", "|---|---|"]
+    rows += [f"| `{c.usage}` | {c.help} |" for c in COMMANDS.values()]
+    return "\n".join(rows)
+
+
+DOC_BEGIN, DOC_END = "<!-- controls:begin -->", "<!-- controls:end -->"
+
+
+def in_document(text: str) -> str:
+    """``text`` (the README) with ``table()`` between its controls markers."""
+    if DOC_BEGIN not in text or DOC_END not in text:
+        raise ValueError(f"no {DOC_BEGIN} ... {DOC_END} section to write the controls into")
+    head, rest = text.split(DOC_BEGIN, 1)
+    return f"{head}{DOC_BEGIN}\n{table()}\n{DOC_END}{rest.split(DOC_END, 1)[1]}"
+
+
+def parse_value(command: str, text: str | None):
+    """The value of ``command`` as typed on a command line: a number for a numeric command,
+    else the text as it is (the trainer, which validates every control, answers a bad one)."""
+    spec = COMMANDS.get(command)
+    if text is None or spec is None or not spec.number:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+@dataclass
+class Outcome:
+    old: object = None
+    new: object = None
+    stop: bool = False
+    save: bool = False
+    prune: bool = False  # stop without a last checkpoint: the run's checkpoints are to be released
+    switch_data: bool = False  # set-data: save, then go on with the new data set
+    set_lr: bool = False  # the optimizer and schedule take the new learning rate
+    evaluate: bool = False  # the checkpoint saved now is evaluated
+    stop_reason: tuple[str, str] | None = None  # (reason, detail) for TrainingFinished
+
+
+@dataclass
+class Steering:
+    """The steerable state of a run: the trainer reads it at every step boundary."""
+
+    learning_rate: float
+    max_grad_norm: float
+    save_steps: int
+    logging_steps: int
+    dataset_id: str = ""
+    paused: bool = False
+    applied: list[dict] = field(default_factory=list)  # audit: every applied control, in order
+
+    def applied_ids(self) -> set[str]:
+        return {a["control_id"] for a in self.applied}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, train, dataset_id: str = "") -> "Steering":
+        """The state a fresh run starts with (``train`` is the config's train section)."""
+        return cls(learning_rate=train.learning_rate, max_grad_norm=train.max_grad_norm,
+                   save_steps=train.save_steps, logging_steps=train.logging_steps, dataset_id=dataset_id)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Steering":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def _number(value, spec: Command) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise Rejected(f"{spec.name} needs a number, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0 or v > spec.upper:
+        raise Rejected(f"{spec.name} must be in (0, {spec.upper:g}], got {value!r}")
+    if spec.value == "N":
+        if v != int(v):
+            raise Rejected(f"{spec.name} needs a whole number, got {value!r}")
+        return int(v)
+    return v
+
+
+def _set(state: Steering, attr: str, new) -> Outcome:
+    old = getattr(state, attr)
+    setattr(state, attr, new)
+    return Outcome(old=old, new=new)
+
+
+def apply(state: Steering, command: str, value, datasets: frozenset[str] = frozenset(), *,
+          stopping: str | None = None, who: str = "operator") -> Outcome:
+    """Apply ``command`` to ``state``; raises Rejected for unknown commands or bad values.
+
+    ``datasets``: ids of the data sets announced for the run (what set-data may switch to);
+    ``stopping``: why the run is already stopping, if it is; ``who``: who sent the control.
+    """
+    if command not in COMMANDS:
+        raise Rejected(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+    if command in ("stop", "prune") and stopping is not None:
+        raise Rejected(f"already stopping ({stopping})")
+    if command == "stop":
+        return Outcome(old="paused" if state.paused else "running", new="stopping", stop=True, save=True,
+                       stop_reason=("control", f"stop by {who}"))
+    if command == "prune":  # a sweep's trial that fell behind: stop now, nothing more to save
+        return Outcome(old="paused" if state.paused else "running", new="pruned", stop=True, prune=True,
+                       stop_reason=("pruned", f"pruned by {who}" + (f": {value}" if value else "")))
+    if command in ("checkpoint", "eval"):
+        return Outcome(new="saving", save=True, evaluate=command == "eval")
+    if command == "pause":
+        if state.paused:
+            raise Rejected("already paused")
+        return _set(state, "paused", True)
+    if command == "resume":
+        if not state.paused:
+            raise Rejected("not paused")
+        return _set(state, "paused", False)
+    if command in FIELDS:
+        outcome = _set(state, FIELDS[command], _number(value, COMMANDS[command]))
+        outcome.set_lr = command == "set-lr"
+        return outcome
+    # set-data
+    if value not in datasets:
+        known = ", ".join(sorted(datasets)) or "none"
+        raise Rejected(f"no data set {value!r} was announced for this run (announced: {known})")
+    if value == state.dataset_id:
+        raise Rejected(f"already training on data set {value!r}")
+    outcome = _set(state, "dataset_id", value)
+    outcome.save = outcome.switch_data = True
+    return outcome
+
+
+if __name__ == "__main__":  # make docs: python -m tuneloop.controls README.md
+    import sys
+    from pathlib import Path
+
+    doc = Path(sys.argv[1])
+    doc.write_text(in_document(doc.read_text()))

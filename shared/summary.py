@@ -1,0 +1,239 @@
+"""What a run, a phased job and a sweep leave in their ``summary.json``, typed.
+
+Users script against these files, so their shape is a contract like the events': the models
+here are the source of truth, their JSON Schemas are in ``proto/summaries/`` (``tuneloop
+proto``; a test fails when they drift). ``run_summary`` makes a run's from its ``Progress``;
+``print_*`` show them as tables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.table import Table
+
+from .config import Config
+from .events import EvalVerdict
+from .progress import Progress
+from .sweep.search import TrialRecord
+from .sweep.spec import Value
+
+SUMMARY_FILE = "summary.json"
+
+
+class Scores(BaseModel):
+    """One verdict: its cases and scores (``protocol``, ``correctness`` and any other metric)."""
+
+    model_config = ConfigDict(extra="allow")
+    cases: int
+    protocol: float
+    correctness: float
+    mean_new_tokens: float
+    by_category: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, v: EvalVerdict | None) -> "Scores | None":
+        return cls(cases=v.cases, **v.scores, mean_new_tokens=v.mean_new_tokens, by_category=v.by_category) if v else None
+
+
+class Evaluation(BaseModel):
+    """A verdict during training: the step and its scores."""
+
+    model_config = ConfigDict(extra="allow")
+    step: int
+    protocol: float
+    correctness: float
+
+
+class SuiteResult(BaseModel):
+    """The exported model on one test suite."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    cases: int
+    pass_rate: float = Field(alias="pass", description="Fraction of cases that followed the protocol.")
+    mean_new_tokens: float
+    by_category: dict[str, float] = Field(default_factory=dict)
+    failures: list[str] = Field(default_factory=list, description="The first failures' reasons.")
+
+
+class DataSummary(BaseModel):
+    dataset_id: str | None = None
+    category_weights: dict[str, float] = Field(default_factory=dict)
+
+
+class RunSummary(BaseModel):
+    """``<run>/summary.json``: how one run went and where its export is."""
+
+    run_id: str
+    run_dir: str
+    method: str
+    processes: int
+    steps: int | None = None
+    stop_reason: str | None = Field(default=None, description="<reason>: <detail>, from train.done.")
+    final_loss: float | None = None
+    train_seconds: float | None = None
+    tokens_per_second: float | None = None
+    peak_memory_mb: float | None = None
+    batch_size: int | None = None
+    data: DataSummary = Field(default_factory=DataSummary)
+    baseline: Scores | None = Field(default=None, description="The starting model on test (eval.baseline).")
+    evaluations: list[Evaluation] = Field(default_factory=list)
+    exported_step: int | None = None
+    adapter: str | None = None
+    merged: str | None = None
+    test: Scores | None = Field(default=None, description="The exported model on test.")
+    suites: dict[str, SuiteResult] = Field(default_factory=dict)
+
+
+class PhaseSummary(RunSummary):
+    """One phase of a phased job: a run of its own."""
+
+    phase: str
+
+
+class JobSummary(BaseModel):
+    """``<job>/summary.json`` of a config with ``phases``."""
+
+    job_id: str
+    run_dir: str
+    phases: list[PhaseSummary]
+    test: Scores | None = None
+    adapter: str | None = None
+    merged: str | None = None
+
+
+class SweepBest(BaseModel):
+    trial: int
+    run_id: str
+    params: dict[str, Value]
+    value: float | None
+    config: str
+    export: str | None = None
+
+
+class SweepSummary(BaseModel):
+    """``<sweep>/summary.json``: every trial, and the best one."""
+
+    sweep: str
+    metric: str
+    sampler: str
+    pruner: str
+    trials: list[TrialRecord]
+    best: SweepBest | None = None
+
+
+SCHEMAS = {"run": RunSummary, "job": JobSummary, "sweep": SweepSummary}
+
+
+def write(summary: BaseModel, folder: Path) -> None:
+    (Path(folder) / SUMMARY_FILE).write_text(summary.model_dump_json(indent=2, by_alias=True))
+
+
+def run_summary(progress: Progress, rdir: Path, cfg: Config) -> RunSummary:
+    p, f, x = progress, progress.finished, progress.exported
+    return RunSummary(
+        run_id=p.run_id, run_dir=str(rdir), method=cfg.train.method,
+        processes=f.processes if f else cfg.train.processes,
+        steps=f.step if f else None,
+        stop_reason=f"{f.reason}: {f.detail}" if f else None,
+        final_loss=f.final_loss if f else None,
+        train_seconds=round(f.train_seconds, 1) if f else None,
+        tokens_per_second=round(f.tokens_per_second, 1) if f and f.tokens_per_second else None,
+        peak_memory_mb=round(f.peak_memory_mb) if f and f.peak_memory_mb else None,
+        batch_size=f.batch_size if f else None,
+        data=DataSummary(dataset_id=p.dataset.dataset_id, category_weights=p.dataset.category_weights) if p.dataset else DataSummary(),
+        baseline=Scores.of(p.baseline),
+        evaluations=[Evaluation(step=v.step, **v.scores) for v in p.verdicts],
+        exported_step=x.step if x else None,
+        adapter=str(rdir / x.adapter_path) if x and x.adapter_path else None,
+        merged=str(rdir / x.merged_path) if x and x.merged_path else None,
+        test=Scores.of(p.final_verdict),
+        suites={name: SuiteResult(cases=v.cases, pass_rate=v.scores["protocol"], mean_new_tokens=v.mean_new_tokens,
+                                  by_category={c: s["protocol"] for c, s in v.by_category.items()},
+                                  failures=[x.reason for x in v.failures[:3]])
+                for name, v in sorted(p.suite_verdicts.items())},
+    )
+
+
+# ------------------------------------------------------------------ printing
+def print_summary(summary: RunSummary | JobSummary, console: Console) -> None:
+    if isinstance(summary, JobSummary):
+        return print_job(summary, console)
+    s = summary
+    t = Table(title=f"tuneloop run {s.run_id}", show_header=False)
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")
+    t.add_row("steps", f"{s.steps} ({s.method}, {s.processes} process{'es' if s.processes != 1 else ''})")
+    t.add_row("stopped", str(s.stop_reason))
+    t.add_row("final loss", f"{s.final_loss:.4f}" if s.final_loss is not None else "-")
+    t.add_row("training time", f"{s.train_seconds} s")
+    t.add_row("throughput", f"{s.tokens_per_second or '-'} tokens/s  (batch {s.batch_size}, "
+                            f"peak memory {s.peak_memory_mb or '-'} MB)")
+    if s.baseline:
+        t.add_row("before (test)", f"protocol {s.baseline.protocol:.3f}  correctness {s.baseline.correctness:.3f}  "
+                                   "(the starting model)")
+    for v in s.evaluations:
+        t.add_row(f"val @ step {v.step}", f"protocol {v.protocol:.3f}  correctness {v.correctness:.3f}")
+    if s.test:
+        t.add_row("held-out test", f"[bold green]protocol adherence {s.test.protocol:.3f}[/]  correctness "
+                  f"{s.test.correctness:.3f}  ({s.test.cases} prompts, {s.test.mean_new_tokens:.1f} tokens/answer)")
+    for name, r in s.suites.items():
+        t.add_row(f"suite {name}", f"pass {r.pass_rate:.3f}  ({r.cases} cases, {r.mean_new_tokens:.1f} tokens/answer)")
+    t.add_row("exported step", str(s.exported_step))
+    t.add_row("adapter", str(s.adapter))
+    t.add_row("merged model", str(s.merged))
+    console.print(t)
+    console.print(f"summary: {s.run_dir}/{SUMMARY_FILE}", soft_wrap=True)
+
+
+def print_job(job: JobSummary, console: Console) -> None:
+    """The job at a glance: each phase's held-out scores before (its starting model) and after (its export)."""
+    t = Table(title=f"tuneloop job {job.job_id}: held-out test scores before -> after each phase")
+    for col in ("phase", "method", "steps", "stopped", "protocol", "correctness", "category weights"):
+        t.add_column(col, overflow="fold")
+
+    def change(p: PhaseSummary, metric: str) -> str:
+        before = getattr(p.baseline, metric) if p.baseline else None
+        after = getattr(p.test, metric)
+        return f"{before:.3f} -> [bold]{after:.3f}[/]" if before is not None else f"[bold]{after:.3f}[/]"
+
+    for p in job.phases:
+        weights = ", ".join(f"{k} {v:g}" for k, v in sorted(p.data.category_weights.items())) or "-"
+        t.add_row(p.phase, p.method, str(p.steps), str(p.stop_reason).split(":")[0],
+                  change(p, "protocol"), change(p, "correctness"), weights)
+    console.print(t)
+    console.print(f"merged model: {job.merged}", soft_wrap=True)
+    console.print(f"summary: {job.run_dir}/{SUMMARY_FILE}", soft_wrap=True)
+
+
+def print_sweep(summary: SweepSummary, console: Console) -> None:
+    trials, best = summary.trials, summary.best.trial if summary.best else None
+    names = list(trials[0].params) if trials else []
+    t = Table(title=f"sweep {summary.sweep}: {summary.metric} on val while training (step:score), on test at the end")
+    t.add_column("#", no_wrap=True)
+    for n in names:
+        t.add_column(n.rsplit(".", 1)[-1], overflow="fold")
+    t.add_column("state", no_wrap=True)
+    t.add_column("val", overflow="fold", min_width=12)
+    for col in ("test", "tok/s", "MB"):
+        t.add_column(col, no_wrap=True, justify="right")
+    for r in trials:
+        curve = " ".join(f"{s}:{v:.2f}".replace("0.", ".") for s, v in sorted(r.values.items()))
+        state = f"pruned@{r.pruned_at}" if r.state == "pruned" and r.pruned_at is not None else r.state
+        t.add_row(f"{r.number}{'*' if r.number == best else ''}", *(_fmt(r.params[n]) for n in names), state,
+                  curve or "-", f"{r.value:.3f}" if r.value is not None else "-",
+                  f"{r.tokens_per_second:.0f}" if r.tokens_per_second else "-",
+                  f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb else "-")
+    console.print(t)
+    if summary.best:
+        b = summary.best
+        console.print(f"best (*): trial {b.trial} ({b.run_id}) {b.params} -> test {summary.metric} "
+                      f"{b.value:.3f}; config {b.config}; model {b.export}", soft_wrap=True)
+    else:
+        console.print("[red]no trial completed[/]")
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
