@@ -361,9 +361,62 @@ def report(
     console.print(f"wrote {png} and {page}", soft_wrap=True)
 
 
-def _events(run_id: str, storage: Path, nats_url: Optional[str]) -> list:
+@app.command("replay")
+def replay_run(
+    run_id: str = typer.Argument(..., help="A finished run to backtest."),
+    feedback: str = typer.Option("", "--feedback", help="Policy settings to try: target=0.9,patience=2,min_step=100 "
+                                                        "(the rest as the run had them)."),
+    grid: str = typer.Option("", "--grid", help="Several settings at once: patience=1|2|4,target=0.9|0.95."),
+    nats_url: Optional[str] = NATS_URL,
+    storage: Path = STORAGE,
+) -> None:
+    """Backtest the feedback policy: the run's recorded verdicts through the same policy code,
+    with other settings: when it would have stopped, what it would have exported, the steps and
+    time saved or lost. With no settings, the run's own: the live decisions, exactly."""
+    from rich.table import Table
+
+    from . import replay as backtesting
+    from .events import EvalVerdict, Feedback, StepMetrics, TrainingFinished
+    from .storage import load_run_config
+
+    recorded = load_run_config(storage, run_id).feedback
+    try:
+        tries = backtesting.grid(grid, recorded) if grid else [backtesting.parse_settings(feedback, recorded)]
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2)
+    events = _events(run_id, storage, nats_url, kinds=(StepMetrics, EvalVerdict, Feedback, TrainingFinished))
+    if not backtesting.verdicts_seen(events):
+        console.print(f"[red]run {run_id} has no recorded verdicts to replay[/]")
+        raise typer.Exit(2)
+    results = [backtesting.backtest(events, recorded, s) for s in tries]
+    live = results[0].live
+    t = Table(title=f"replay of {run_id}: {len(backtesting.verdicts_seen(events))} verdicts, ended at step "
+                    f"{results[0].end_step}; live: {_stop_text(live)}, best {_best_text(live)}")
+    for col in ("metric", "target", "patience", "min_step", "would stop", "ends at", "exports", "steps saved",
+                "seconds saved", "same as live"):
+        t.add_column(col, overflow="fold")
+    for r in results:
+        s, ended = r.replayed.settings, r.would_end
+        same = [(d.step, d.action, d.reason) for d in r.replayed.decisions] == [(d.step, d.action, d.reason) for d in live.decisions]
+        t.add_row(s.metric, f"{s.target:g}", str(s.patience), str(s.min_step), _stop_text(r.replayed),
+                  "past the recording" if ended is None else str(ended), _best_text(r.replayed),
+                  "-" if r.steps_saved is None else f"{r.steps_saved:+d}",
+                  "-" if r.seconds_saved is None else f"{r.seconds_saved:+.1f}", "yes" if same else "no")
+    console.print(t)
+
+
+def _stop_text(outcome) -> str:
+    return "never" if outcome.stop_at is None else f"after the verdict of step {outcome.stop_at}"
+
+
+def _best_text(outcome) -> str:
+    return "-" if outcome.best_step is None else f"step {outcome.best_step} ({outcome.best_score:.3f})"
+
+
+def _events(run_id: str, storage: Path, nats_url: Optional[str], kinds: tuple | None = None) -> list:
     """A run's recorded events: its timeline file (embedded runs), else a replay from NATS."""
-    from .report import TIMELINE_FILE, read_timeline, replay
+    from .report import KINDS, TIMELINE_FILE, read_timeline, replay
     from .storage import run_dir
 
     timeline = run_dir(storage, run_id) / TIMELINE_FILE
@@ -375,7 +428,7 @@ def _events(run_id: str, storage: Path, nats_url: Optional[str]) -> list:
 
         bus = await Bus.connect(url, "report", patience=CONNECT_PATIENCE_S)
         try:
-            return await replay(bus, run_id)
+            return await replay(bus, run_id, kinds=kinds or KINDS)
         finally:
             await bus.close()
 

@@ -61,8 +61,8 @@ def read_timeline(path: Path) -> list[Event]:
     return events
 
 
-async def replay(bus, run_id: str, settle_s: float = 1.0) -> list[Event]:
-    """Every event of ``KINDS`` the stream still holds for ``run_id``."""
+async def replay(bus, run_id: str, settle_s: float = 1.0, kinds: tuple = KINDS) -> list[Event]:
+    """Every event of ``kinds`` the stream still holds for ``run_id`` (in order within a kind)."""
     import asyncio
 
     events: list[Event] = []
@@ -70,7 +70,7 @@ async def replay(bus, run_id: str, settle_s: float = 1.0) -> list[Event]:
     async def keep(e: Event) -> None:
         events.append(e)
 
-    subs = [await bus.follow(cls, run_id, keep) for cls in KINDS]
+    subs = [await bus.follow(cls, run_id, keep) for cls in kinds]
     seen = -1
     while seen != len(events):  # replay until nothing new arrives for settle_s
         seen = len(events)

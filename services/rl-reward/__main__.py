@@ -16,7 +16,7 @@ from tuneloop.events import EvalVerdict, RewardReply, RewardRequest
 from tuneloop.service import ServiceContext, run_service
 
 from . import rewards
-from .policy import PolicyState, decide
+from tuneloop.policy import PolicyState, decide
 
 log = logging.getLogger("tuneloop.rl_reward")
 

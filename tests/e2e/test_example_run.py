@@ -1,6 +1,7 @@
 """The README's main job, end to end, and what a user does with its result."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -181,3 +182,53 @@ def test_a_bad_row_fails_the_run_naming_file_line_and_field(tmp_path):
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "data-pipeline exited with code 2" in out and "broken.jsonl:42" in out and "messages.1.role" in out
     assert processes_mentioning(str(tmp_path / "runs")) == []
+
+
+def test_replay_gives_back_the_live_decisions_and_says_what_other_settings_would_have_done(example_run, figures):
+    """The SFT phase's recorded verdicts through the same policy code: with the run's own
+    settings, exactly the feedback the rl-reward service sent; with other ones, the stop the
+    verdicts call for (worked out here from the scores, independently of the policy code)."""
+    from tuneloop.replay import backtest, verdicts_seen
+    from tuneloop.report import TIMELINE_FILE, read_timeline
+    from tuneloop.storage import load_run_config
+
+    job, _ = example_run
+    storage = Path(job["run_dir"]).parent
+    run = f"{job['job_id']}-sft"
+    events, recorded = read_timeline(storage / run / TIMELINE_FILE), load_run_config(storage, run).feedback
+    same = backtest(events, recorded, recorded)
+    key = lambda o: [(d.step, d.action, d.reason, d.best_step) for d in o.decisions]  # noqa: E731
+    assert len(same.live.decisions) >= 2 and key(same.replayed) == key(same.live)
+    assert same.would_end == same.end_step and same.steps_saved == 0
+
+    def expected_stop(target: float, patience: int) -> int | None:
+        best, since = -1.0, 0
+        for v in verdicts_seen(events):
+            score = v.scores[recorded.metric]
+            best, since = (score, 0) if score > best else (best, since + 1)
+            if v.step >= recorded.min_step and (score >= target or since >= patience):
+                return v.step
+        return None
+
+    figures["verdicts"], figures["live_stop_after_verdict_of_step"] = len(verdicts_seen(events)), same.live.stop_at
+    figures["run_ended_at_step"], figures["same_decisions_replayed"] = same.end_step, len(same.replayed.decisions)
+    stops = set()
+    for target, patience in ((recorded.target, 1), (1.0, recorded.patience), (0.05, recorded.patience), (1.0, 1000)):
+        other = backtest(events, recorded, recorded.model_copy(update={"target": target, "patience": patience}))
+        stop = other.replayed.stop_at
+        assert stop == expected_stop(target, patience), (target, patience)
+        stops.add(stop)
+        figures[f"target_{target:g}_patience_{patience}"] = ("past the recording" if other.would_end is None else
+                                                             f"stop at {stop}, {other.steps_saved:+d} steps")
+        if stop is not None:  # it ends where its stop is applied, as live feedback was (same lag)
+            assert other.steps_saved == same.end_step - (stop + same.live_lag)
+            if stop < (same.live.stop_at or same.end_step):
+                assert other.steps_saved > 0 and other.seconds_saved > 0
+        elif same.live.stop_at is not None:  # it would have trained on past what was recorded
+            assert other.would_end is None and other.steps_saved is None
+    assert stops - {same.live.stop_at}, "no other settings changed the stop"
+    shown = subprocess.run([*TUNELOOP, "replay", run, "--grid", f"patience=1|{recorded.patience}|1000,target=0.05|1.0",
+                            "--storage", str(storage)], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "COLUMNS": "250"})
+    assert shown.returncode == 0 and f"replay of {run}" in shown.stdout, shown.stdout + shown.stderr
+    print(shown.stdout)

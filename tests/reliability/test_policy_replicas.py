@@ -8,7 +8,7 @@ import pytest
 
 from helpers import collect, make_run, run_id_for, tiny_config, wait_for
 from tuneloop.events import EvalVerdict, Feedback
-from tuneloop.rl_reward.policy import PolicyState, decide
+from tuneloop.policy import PolicyState, decide
 
 pytestmark = pytest.mark.reliability
 # Best at step 50; three evaluations without improvement after it: patience 3 stops at step 80.

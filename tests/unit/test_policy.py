@@ -2,7 +2,7 @@
 
 from tuneloop.config import FeedbackSection
 from tuneloop.events import EvalVerdict
-from tuneloop.rl_reward.policy import PolicyState, decide
+from tuneloop.policy import PolicyState, decide
 
 
 def verdict(step, score, vid=None):

@@ -1,4 +1,7 @@
-"""The feedback policy: from a run's verdicts, decide whether training should go on. Pure."""
+"""The feedback policy: from a run's verdicts, decide whether training should go on. Pure.
+
+The rl-reward service runs it on live verdicts; `tuneloop replay` runs it on recorded ones,
+with other settings, to ask what they would have done."""
 
 from __future__ import annotations
 

@@ -1,0 +1,137 @@
+"""Backtesting the feedback policy on a recorded run: what would other settings have done?
+
+A run's stream (or its timeline file, once the broker is gone) keeps every verdict the policy
+saw and every feedback it sent. ``replay`` feeds the same verdicts, in the same order, through
+the same ``policy.decide`` the rl-reward service runs, with the settings asked for, and says
+when the run would have stopped, what it would have exported, and the steps and time that
+would have been saved or lost. With the run's own settings it gives back exactly the live
+decisions (a test holds it to that).
+
+What cannot be known is said, not guessed: verdicts after the live run ended do not exist,
+so settings that would have trained on are reported as "past the end of the recording".
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from .config import FeedbackSection
+from .events import EvalVerdict, Event, Feedback, StepMetrics, TrainingFinished
+from .policy import PolicyState, decide
+
+
+@dataclass
+class Outcome:
+    """What the policy did (live) or would have done (replayed) with one set of settings."""
+
+    settings: FeedbackSection
+    decisions: list[Feedback]
+    stop_at: int | None  # the step of the verdict whose feedback said stop; None: it never did
+    best_step: int | None
+    best_score: float | None
+
+
+@dataclass
+class Backtest:
+    live: Outcome
+    replayed: Outcome
+    end_step: int  # where the recorded run ended
+    live_lag: int  # steps between the live stop verdict and the end (feedback is applied at a step boundary)
+    seconds_at: dict[int, float]  # step -> seconds since the first step, from train.step
+
+    @property
+    def would_end(self) -> int | None:
+        """The step the replayed run would have ended at; None when past the end of the recording."""
+        if self.replayed.stop_at is None:
+            return self.end_step if self.live.stop_at is None else None
+        return self.replayed.stop_at + self.live_lag
+
+    @property
+    def steps_saved(self) -> int | None:
+        """Steps the settings would have saved (negative: trained longer)."""
+        return None if self.would_end is None else self.end_step - self.would_end
+
+    @property
+    def seconds_saved(self) -> float | None:
+        end = self.would_end
+        if end is None or not self.seconds_at or end > max(self.seconds_at):
+            return None  # past what was recorded
+        at = max((s for s in self.seconds_at if s <= end), default=min(self.seconds_at))
+        return self.seconds_at[max(self.seconds_at)] - self.seconds_at[at]
+
+
+def verdicts_seen(events: list[Event]) -> list[EvalVerdict]:
+    """The verdicts the policy decides on, in the order they were published: periodic ones."""
+    return [e for e in events if isinstance(e, EvalVerdict) and e.purpose == "periodic"]
+
+
+def run_policy(settings: FeedbackSection, verdicts: list[EvalVerdict]) -> Outcome:
+    """``decide`` over ``verdicts``, as the service does; it stops at the first stop."""
+    state, decisions = PolicyState(), []
+    for v in verdicts:
+        feedback = decide(settings, state, v)
+        if feedback is None:  # a verdict seen twice: decided once
+            continue
+        decisions.append(feedback)
+        if feedback.action == "stop":
+            break
+    return _outcome(settings, decisions)
+
+
+def live_outcome(settings: FeedbackSection, events: list[Event]) -> Outcome:
+    """What the rl-reward service decided: the run's feedback events, up to its first stop."""
+    decisions, seen = [], set()
+    for e in events:
+        if isinstance(e, Feedback) and e.event_id not in seen:
+            seen.add(e.event_id)
+            decisions.append(e)
+            if e.action == "stop":
+                break
+    return _outcome(settings, decisions)
+
+
+def _outcome(settings: FeedbackSection, decisions: list[Feedback]) -> Outcome:
+    stop = next((d.step for d in decisions if d.action == "stop"), None)
+    last = decisions[-1] if decisions else None
+    return Outcome(settings, decisions, stop, last.best_step if last else None, last.best_score if last else None)
+
+
+def backtest(events: list[Event], recorded: FeedbackSection, settings: FeedbackSection) -> Backtest:
+    """The run of ``events`` (decided live with ``recorded``) against ``settings``."""
+    live = live_outcome(recorded, events)
+    replayed = run_policy(settings, verdicts_seen(events))
+    done = next((e for e in reversed(events) if isinstance(e, TrainingFinished)), None)
+    steps = [e for e in events if isinstance(e, StepMetrics) and e.loss is not None]
+    end = done.step if done else (steps[-1].step if steps else 0)
+    t0 = steps[0].time if steps else None
+    seconds = {e.step: (e.time - t0).total_seconds() for e in steps}
+    lag = end - live.stop_at if live.stop_at is not None and done and done.reason == "feedback" else 0
+    return Backtest(live, replayed, end, max(lag, 0), seconds)
+
+
+def parse_settings(text: str, base: FeedbackSection) -> FeedbackSection:
+    """``target=0.9,patience=2,min_step=100`` on top of ``base``; ValueError names what is wrong."""
+    found = grid(text, base)
+    if len(found) != 1:
+        raise ValueError(f"{text!r}: one value per setting here (several are for --grid)")
+    return found[0]
+
+
+def grid(text: str, base: FeedbackSection) -> list[FeedbackSection]:
+    """Every combination of ``key=v1|v2,key=v3`` on top of ``base``, in order."""
+    names, choices = [], []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, values = part.partition("=")
+        if not sep or key.strip() not in FeedbackSection.model_fields:
+            raise ValueError(f"{part!r}: expected KEY=VALUE with KEY one of {', '.join(FeedbackSection.model_fields)}")
+        names.append(key.strip())
+        choices.append(values.split("|"))
+    out = []
+    for combo in itertools.product(*choices):
+        raw = {**base.model_dump(), **dict(zip(names, combo))}
+        try:
+            out.append(FeedbackSection.model_validate(raw))
+        except Exception as e:  # pydantic's message names the field and the value
+            raise ValueError(f"feedback settings {dict(zip(names, combo))}: {e}") from None
+    return out

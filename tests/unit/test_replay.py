@@ -1,0 +1,59 @@
+"""Backtesting the feedback policy on recorded events: the arithmetic and the settings' errors.
+(That it gives back a real run's live decisions is shown on the example run, tests/e2e.)"""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from tuneloop.config import FeedbackSection
+from tuneloop.events import EvalVerdict, StepMetrics, TrainingFinished
+from tuneloop.policy import PolicyState, decide
+from tuneloop.replay import backtest, grid, parse_settings
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def recorded_run(scores: list[float], live: FeedbackSection) -> list:
+    """A run evaluated every 10 steps with ``scores``, decided live by ``live``, its stop
+    applied 3 steps after the verdict that asked for it; a step a second."""
+    events, state = [], PolicyState()
+    for i, score in enumerate(scores):
+        step = 10 * (i + 1)
+        events += [StepMetrics(run_id="r", step=s, max_steps=500, loss=1.0, time=T0 + timedelta(seconds=s))
+                   for s in range(step - 9, step + 1)]
+        v = EvalVerdict(run_id="r", request_id=f"q{i}", step=step, checkpoint=f"c{step}", split="val",
+                        purpose="periodic", cases=4, scores={"protocol": score, "correctness": 0.0})
+        feedback = decide(live, state, v)
+        events += [v, feedback]
+        if feedback.action == "stop":
+            end = step + 3
+            events += [StepMetrics(run_id="r", step=s, max_steps=500, loss=1.0, time=T0 + timedelta(seconds=s))
+                       for s in range(step + 1, end + 1)]
+            return events + [TrainingFinished(run_id="r", step=end, reason="feedback", detail=feedback.reason)]
+    raise AssertionError("the live settings never stopped")
+
+
+def test_other_settings_stop_elsewhere_and_the_saving_counts_the_live_lag():
+    live = FeedbackSection(target=0.9, patience=2)
+    events = recorded_run([0.2, 0.5, 0.4, 0.45, 0.3], live)  # live: no improvement twice after 20 -> stop at 40
+    same = backtest(events, live, live)
+    assert (same.live.stop_at, same.end_step, same.live_lag, same.steps_saved) == (40, 43, 3, 0)
+    eager = backtest(events, live, parse_settings("patience=1", live))
+    assert (eager.replayed.stop_at, eager.would_end, eager.steps_saved, eager.seconds_saved) == (30, 33, 10, 10.0)
+    assert eager.replayed.best_step == 20 and eager.replayed.best_score == 0.5
+    early = backtest(events, live, parse_settings("target=0.2", live))
+    assert early.replayed.stop_at == 10 and early.replayed.decisions[0].reason.startswith("target reached")
+    patient = backtest(events, live, parse_settings("patience=5", live))
+    assert patient.replayed.stop_at is None and patient.would_end is None and patient.seconds_saved is None
+
+
+def test_settings_are_checked_and_a_grid_tries_every_combination():
+    base = FeedbackSection()
+    assert [(s.patience, s.target) for s in grid("patience=1|2,target=0.5|0.9", base)] == [
+        (1, 0.5), (1, 0.9), (2, 0.5), (2, 0.9)]
+    with pytest.raises(ValueError, match="expected KEY=VALUE with KEY one of metric, target, patience, min_step"):
+        parse_settings("patiense=2", base)
+    with pytest.raises(ValueError, match="patience"):
+        parse_settings("patience=0", base)
+    with pytest.raises(ValueError, match="one value per setting"):
+        parse_settings("patience=1|2", base)
