@@ -61,7 +61,8 @@ def render(results: dict[str, dict]) -> str:
     if t := results.get("trainer_overhead"):
         out += [f"Trainer overhead ({t['rounds']} rounds of {t['steps']} steps, {t['device']}, a checkpoint every "
                 f"{t['save_steps']} steps in both arms, a control every {t['control_every']} steps): plain TRL "
-                f"{t['plain_tokens_per_s']:.0f} tokens/s, tuneloop {t['tuneloop_tokens_per_s']:.0f} tokens/s; control "
+                f"{t['plain_tokens_per_s']:.0f} tokens/s, tuneloop {t['tuneloop_tokens_per_s']:.0f} tokens/s (the median of the "
+                f"per-round ratios {t['median_of_ratios']:.3f}); control "
                 f"latency median {t['control_latency_median_ms']:.0f} ms"
                 + (f"; the bus's side (loop thread, nats-server, operator) took {t['bus_cpu_share']:.1%} of the CPU"
                    if t.get("bus_cpu_share") is not None else "") + ".", ""]

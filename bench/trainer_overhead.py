@@ -90,8 +90,8 @@ def run_plain(cfg, rdir, ds, out: Path) -> float:
 async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: Path | None = None) -> tuple[float, object, BusCallback]:
     link = BusLink(bus, asyncio.get_running_loop())
     link.start()
-    await bus.consume(Control, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
-    await bus.consume(Feedback, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
+    consumers = [await bus.consume(cls, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
+                 for cls in (Control, Feedback)]
     state = controls.Steering.from_config(cfg.train)
     callback = BusCallback(link, run_id, rdir, "base", adapter=True, state=state)
     out = out or rdir / f"checkpoints-{run_id}"
@@ -102,6 +102,8 @@ async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: P
     extra = await during(job) if during else None
     await job
     await link.close()
+    for task in consumers:  # as the trainer service does when its run ends: no round polls for the ones before it
+        await bus.stop_consuming(task)
     shutil.rmtree(out, ignore_errors=True)
     return tokens_per_second(trainer, time.perf_counter() - t0), extra, callback
 

@@ -186,8 +186,9 @@ def test_a_bad_row_fails_the_run_naming_file_line_and_field(tmp_path):
 
 def test_replay_gives_back_the_live_decisions_and_says_what_other_settings_would_have_done(example_run, figures):
     """The SFT phase's recorded verdicts through the same policy code: with the run's own
-    settings, exactly the feedback the rl-reward service sent; with other ones, the stop the
-    verdicts call for (worked out here from the scores, independently of the policy code)."""
+    settings (the example trains SFT's whole budget: min_step 600), exactly the feedback the
+    rl-reward service sent; with other ones, the stop the verdicts call for (worked out here
+    from the scores, independently of the policy code) and what it would have saved."""
     from tuneloop.replay import backtest, verdicts_seen
     from tuneloop.report import TIMELINE_FILE, read_timeline
     from tuneloop.storage import load_run_config
@@ -201,25 +202,28 @@ def test_replay_gives_back_the_live_decisions_and_says_what_other_settings_would
     assert len(same.live.decisions) >= 2 and key(same.replayed) == key(same.live)
     assert same.would_end == same.end_step and same.steps_saved == 0
 
-    def expected_stop(target: float, patience: int) -> int | None:
+    def expected_stop(target: float, patience: int, min_step: int) -> int | None:
         best, since = -1.0, 0
         for v in verdicts_seen(events):
             score = v.scores[recorded.metric]
             best, since = (score, 0) if score > best else (best, since + 1)
-            if v.step >= recorded.min_step and (score >= target or since >= patience):
+            if v.step >= min_step and (score >= target or since >= patience):
                 return v.step
         return None
 
     figures["verdicts"], figures["live_stop_after_verdict_of_step"] = len(verdicts_seen(events)), same.live.stop_at
     figures["run_ended_at_step"], figures["same_decisions_replayed"] = same.end_step, len(same.replayed.decisions)
     stops = set()
-    for target, patience in ((recorded.target, 1), (1.0, recorded.patience), (0.05, recorded.patience), (1.0, 1000)):
-        other = backtest(events, recorded, recorded.model_copy(update={"target": target, "patience": patience}))
+    for target, patience, min_step in ((recorded.target, 1, 0), (recorded.target, 2, 0), (0.05, recorded.patience, 0),
+                                       (1.0, 1000, 0), (0.05, recorded.patience, recorded.min_step)):
+        settings = recorded.model_copy(update={"target": target, "patience": patience, "min_step": min_step})
+        other = backtest(events, recorded, settings)
         stop = other.replayed.stop_at
-        assert stop == expected_stop(target, patience), (target, patience)
+        assert stop == expected_stop(target, patience, min_step), (target, patience, min_step)
         stops.add(stop)
-        figures[f"target_{target:g}_patience_{patience}"] = ("past the recording" if other.would_end is None else
-                                                             f"stop at {stop}, {other.steps_saved:+d} steps")
+        figures[f"target_{target:g}_patience_{patience}_min_step_{min_step}"] = (
+            "past the recording" if other.would_end is None else "no stop" if stop is None else
+            f"stop after step {stop}: {other.steps_saved:+d} steps, {other.seconds_saved:+.0f} s")
         if stop is not None:  # it ends where its stop is applied, as live feedback was (same lag)
             assert other.steps_saved == same.end_step - (stop + same.live_lag)
             if stop < (same.live.stop_at or same.end_step):
@@ -227,7 +231,7 @@ def test_replay_gives_back_the_live_decisions_and_says_what_other_settings_would
         elif same.live.stop_at is not None:  # it would have trained on past what was recorded
             assert other.would_end is None and other.steps_saved is None
     assert stops - {same.live.stop_at}, "no other settings changed the stop"
-    shown = subprocess.run([*TUNELOOP, "replay", run, "--grid", f"patience=1|{recorded.patience}|1000,target=0.05|1.0",
+    shown = subprocess.run([*TUNELOOP, "replay", run, "--grid", f"patience=1|{recorded.patience},min_step=0|{recorded.min_step}",
                             "--storage", str(storage)], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "COLUMNS": "250"})
     assert shown.returncode == 0 and f"replay of {run}" in shown.stdout, shown.stdout + shown.stderr
