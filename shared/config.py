@@ -144,10 +144,59 @@ class GRPOSection(_Section):
     reward_timeout: float = Field(default=60.0, gt=0, description="Seconds to wait for the rl-reward service.")
 
 
+# Our optimizer names -> transformers' ``optim`` (TrainingArguments): the Trainer builds,
+# checkpoints and restores the optimizer; nothing here steps one by hand.
+OPTIMIZERS = {
+    "adamw": "adamw_torch",        # the default
+    "adamw_8bit": "adamw_bnb_8bit",  # bitsandbytes: CUDA only
+    "adafactor": "adafactor",      # factored second moments: far less optimizer memory
+    "sgd": "sgd",                  # with momentum (optimizer.momentum)
+    "lion": "lion_32bit",          # bitsandbytes: CUDA only
+}
+NEEDS_BITSANDBYTES = ("adamw_8bit", "lion")
+
+
+class OptimizerSection(_Section):
+    """``train.optimizer``: a name (``optimizer: sgd``) or a mapping with its settings."""
+
+    name: str = Field(default="adamw", description=f"One of {', '.join(OPTIMIZERS)}.")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="Adam's and Lion's (beta1, beta2).")
+    eps: float = Field(default=1e-8, gt=0, description="Adam's epsilon.")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD's momentum.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_name_alone(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {v!r}; known: {', '.join(OPTIMIZERS)}")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"betas must lie in [0, 1), got {list(v)}")
+        return v
+
+
+PARALLEL = ("ddp", "fsdp", "tensor", "pipeline")
+
+
 class TrainSection(_Section):
     method: Literal["sft", "dpo", "grpo"] = Field(default="sft", description="sft: prompt-completion; dpo: preference pairs; grpo: rewards from rl-reward.")
-    processes: int = Field(default=1, ge=1, le=64, description="Training processes on this machine (torchrun; DDP, or FSDP with `fsdp`).")
-    fsdp: bool = Field(default=False, description="Shard parameters, gradients and optimizer state over the processes (FSDP).")
+    processes: int = Field(default=1, ge=1, le=64, description="Training processes on this machine (torchrun).")
+    parallel: Literal[PARALLEL] = Field(  # type: ignore[valid-type]
+        default="ddp", description=(
+            "How the processes share the work. ddp: each holds the model, batches are split; fsdp: parameters, "
+            "gradients and optimizer state sharded over the processes (GPUs); tensor: each layer's matrices split "
+            "over the processes (transformers' tp_plan, GPUs); pipeline: one process, the layers placed over "
+            "the visible GPUs (device_map), for a model too large for one GPU."))
+    optimizer: OptimizerSection = OptimizerSection()
     max_steps: int = Field(default=300, ge=1)
     batch_size: int = Field(default=32, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
@@ -176,6 +225,20 @@ class TrainSection(_Section):
         if self.quantization != "none" and not self.lora.enabled:
             raise ValueError("quantization 4bit trains LoRA adapters on a frozen quantized model: set lora.enabled: true")
         return self
+
+    @model_validator(mode="after")
+    def _parallel_fits(self) -> "TrainSection":
+        if self.parallel == "pipeline" and self.processes != 1:
+            raise ValueError(f"parallel pipeline places the layers over the GPUs from one process: set processes: 1 "
+                             f"(got {self.processes})")
+        if self.parallel == "tensor" and self.quantization != "none":
+            raise ValueError("parallel tensor splits full-precision matrices: it does not take quantization 4bit")
+        return self
+
+    @property
+    def sharded(self) -> bool:
+        """Whether a rank holds only part of the weights (fsdp, tensor)."""
+        return self.parallel in ("fsdp", "tensor")
 
     @model_validator(mode="after")
     def _groups_fit(self) -> "TrainSection":
@@ -248,9 +311,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _snapshots_fit(self) -> "Config":
-        if self.eval.every and self.train.fsdp:
-            raise ValueError("eval.every saves snapshots from one rank's weights; with train.fsdp each rank holds a "
-                             "shard: leave eval.every unset (checkpoints are evaluated)")
+        if self.eval.every and self.train.sharded:
+            raise ValueError(f"eval.every saves snapshots from one rank's weights; with train.parallel "
+                             f"{self.train.parallel} each rank holds a shard: leave eval.every unset (checkpoints are "
+                             "evaluated)")
         return self
 
     @model_validator(mode="after")

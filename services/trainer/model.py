@@ -88,16 +88,17 @@ def link_local(src: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def load(name_or_path: str | Path, *, dtype=None, quantization=None):
+def load(name_or_path: str | Path, *, dtype=None, quantization=None, **placement):
     """Model and tokenizer from a hub id or a local directory; ``quantization``: a
-    BitsAndBytesConfig (QLoRA), the model then prepared for k-bit training."""
+    BitsAndBytesConfig (QLoRA), the model then prepared for k-bit training; ``placement``:
+    ``tp_plan`` or ``device_map`` (train.parallel tensor / pipeline)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto",
-                                                 quantization_config=quantization)
+                                                 quantization_config=quantization, **placement)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tuneloop import controls
 from tuneloop.checkpoints import latest_complete, latest_intact, read_state
-from tuneloop.config import Config
+from tuneloop.config import NEEDS_BITSANDBYTES, OPTIMIZERS, Config
 from tuneloop.models import base_ref, local_base
 from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished, derived_id
@@ -129,12 +129,11 @@ def trl_args(cfg: Config, out_dir: Path):
         seed=cfg.run.seed, data_seed=cfg.run.seed, disable_tqdm=True, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
-    if tc.fsdp:
-        if use_cpu:  # accelerate shards on GPUs only; on CPU it would quietly fall back to DDP
-            raise ValueError("train.fsdp needs CUDA GPUs (accelerate's FSDP does not run on CPU); "
-                             "on CPU set fsdp: false: processes > 1 then trains data parallel over gloo")
+    refuse_what_the_machine_cannot_do(cfg, cuda=not use_cpu)
+    if tc.parallel == "fsdp":
         common.update(fsdp=True, fsdp_config={"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                               "reshard_after_forward": True})
+    common.update(optimizer_args(tc.optimizer))
     if tc.method == "sft":
         extra = dict(max_length=tc.max_length)
     elif tc.method == "dpo":
@@ -144,6 +143,76 @@ def trl_args(cfg: Config, out_dir: Path):
         extra = dict(num_generations=g.num_generations, max_completion_length=g.max_completion_length,
                      temperature=g.temperature, beta=g.beta, loss_type=g.loss_type)
     return getattr(trl, METHODS[tc.method][0])(**common, **extra)
+
+
+def optimizer_args(opt) -> dict:
+    """``train.optimizer`` as TrainingArguments' ``optim``/``optim_args``: the Trainer builds the
+    optimizer, saves its state in each checkpoint and restores it on resume."""
+    args = dict(optim=OPTIMIZERS[opt.name], adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_epsilon=opt.eps)
+    if opt.name == "sgd":
+        args["optim_args"] = f"momentum={opt.momentum}"
+    return args
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def refusal(tc, gpus: int) -> str | None:
+    """Why this machine (``gpus`` CUDA devices in use, 0 on CPU) cannot run ``train``'s parallel
+    mode or optimizer, with what to set instead; None when it can. Never a quiet fall-back."""
+    where = "on CPU" if not gpus else f"with {gpus} visible GPU(s)"
+    if tc.parallel == "fsdp" and not gpus:  # accelerate shards on GPUs only; on CPU it would quietly fall back to DDP
+        return ("train.parallel fsdp needs CUDA GPUs (accelerate's FSDP does not run on CPU); "
+                "on CPU set parallel: ddp: processes > 1 then trains data parallel over gloo")
+    if tc.parallel == "tensor":
+        if not gpus:
+            return ("train.parallel tensor needs CUDA GPUs (transformers' tp_plan splits layers over GPUs); "
+                    "on CPU set parallel: ddp")
+        if tc.processes < 2:
+            return ("train.parallel tensor splits each layer over the processes: set processes to the number "
+                    "of GPUs to use (2 or more)")
+        if tc.processes > gpus:
+            return f"train.parallel tensor over {tc.processes} processes needs {tc.processes} GPUs, {where}: lower train.processes"
+    if tc.parallel == "pipeline" and not gpus:
+        return "train.parallel pipeline places layers over GPUs (device_map); on CPU there is one device: set parallel: ddp"
+    if tc.optimizer.name in NEEDS_BITSANDBYTES and not gpus:
+        return (f"train.optimizer {tc.optimizer.name} is a bitsandbytes optimizer and needs a CUDA GPU; "
+                f"{where} use adamw, adafactor or sgd")
+    return None
+
+
+def refuse_what_the_machine_cannot_do(cfg: Config, cuda: bool) -> None:
+    why = refusal(cfg.train, visible_gpus() if cuda else 0)
+    if why:
+        raise ValueError(why)
+    if cfg.train.optimizer.name in NEEDS_BITSANDBYTES:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError(f"train.optimizer {cfg.train.optimizer.name} needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def placement(cfg: Config, base_path: Path | str) -> dict:
+    """from_pretrained's arguments that place the model for ``train.parallel``: the model's own
+    tensor-parallel plan over the processes, or its layers over the visible GPUs."""
+    if cfg.train.parallel == "pipeline":
+        return {"device_map": "auto"}
+    if cfg.train.parallel != "tensor":
+        return {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(base_path))
+    if not getattr(config, "base_model_tp_plan", None):
+        raise ValueError(f"train.parallel tensor: {type(config).__name__} has no tensor-parallel plan in this "
+                         "transformers; use parallel: fsdp or ddp")
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:  # transformers before DistributedConfig took tp_plan directly
+        return {"tp_plan": "auto"}
+    return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=cfg.train.processes)}
 
 
 def lora_config(cfg: Config):
@@ -178,7 +247,8 @@ def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: 
     set_seed(cfg.run.seed)
     if base_path is None:
         _, base_path = prepare_base(cfg, run_dir, dataset)
-    model, tokenizer = models.load(base_path, quantization=quantization_config(cfg))
+    model, tokenizer = models.load(base_path, quantization=quantization_config(cfg),
+                                   **placement(cfg, base_path))
     kwargs = {}
     if cfg.train.method == "grpo":
         g = cfg.train.grpo
@@ -243,7 +313,7 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, 
         link.publish(EvalRequest(run_id=run_id, event_id=derived_id("baseline", run_id), step=0, checkpoint=None,
                                  base_model=ref, adapter=False, split="test", purpose="baseline"))
     callback = BusCallback(link, run_id, run_dir, ref, adapter=tc.lora.enabled, state=state,
-                           method=tc.method, sharded=tc.fsdp, eval_every=cfg.eval.every)
+                           method=tc.method, sharded=tc.sharded, eval_every=cfg.eval.every)
     if state is not checkpointed:
         callback.restored = [a for a in state.applied if a["control_id"] not in checkpointed.applied_ids()]
     callbacks = [callback, *core_sharing(callback)]

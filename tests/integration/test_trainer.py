@@ -85,8 +85,12 @@ def resumed(log: str, steps, since: datetime) -> tuple[int, list]:
     return step, sorted((s for s in steps if s.time >= since and s.loss is not None), key=lambda s: s.time)
 
 
-async def test_sigkill_and_restart_resumes_exactly(tmp_path, nats_url, bus, services, request, figures):
-    common = dict(max_steps=30, save_steps=10, logging_steps=1, lr_scheduler="cosine", warmup_steps=3)
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adafactor"])
+async def test_sigkill_and_restart_resumes_exactly(tmp_path, nats_url, bus, services, request, figures, optimizer):
+    """Weights, optimizer state (momentum, moments, factored second moments), schedule and data
+    position all come back: losses after the restart equal those of an uninterrupted run."""
+    common = dict(max_steps=30, save_steps=10, logging_steps=1, lr_scheduler="cosine", warmup_steps=3,
+                  optimizer=optimizer, learning_rate=3e-3 if optimizer != "sgd" else 0.3)
     base = run_id_for(request)
     ref_svc, ref = await start_training(tmp_path / "a", nats_url, bus, services, base + "a", **common)
     await wait_for(lambda: ref[TrainingFinished], timeout=180)
