@@ -60,9 +60,57 @@ class AdaptSection(_Section):
         "taken at a switch was trained on the old one, and its verdict repeats the evidence already acted on."))
 
 
+class QualitySection(_Section):
+    """The data-quality gate of data-pipeline (services/data-pipeline/quality.py)."""
+
+    duplicates: Literal["drop", "keep"] = Field(
+        default="drop", description="Exact and near-duplicate train rows, and held-out prompts (nearly) in train.")
+    near_duplicate_threshold: float = Field(default=0.9, gt=0, le=1, description="Jaccard similarity (MinHash) from which two texts are near-duplicates.")
+    protocol_violations: Literal["report", "drop", "fail"] = Field(
+        default="report", description="Demonstrations that fail the run's protocol or suite checks.")
+    max_violation_rate: float = Field(default=0.5, ge=0, le=1, description="Refuse the data set when more train rows than this share break the protocol.")
+    lengths: Literal["report", "drop"] = Field(default="report", description="Empty, truncated (over train.max_length) and outlier-length rows.")
+
+
+class PhrasingRule(_Section):
+    """New phrasings of a category's prompts: a prompt that matches one of ``match`` (a regular
+    expression with named groups, matched against the whole user message) is rephrased by one
+    of ``templates``, whose ``{fields}`` are those groups; the answer stays."""
+
+    match: list[str] = Field(min_length=1)
+    templates: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _fields_exist(self) -> "PhrasingRule":
+        import re
+        import string
+
+        for pattern in self.match:
+            try:
+                groups = set(re.compile(pattern).groupindex)
+            except re.error as e:
+                raise ValueError(f"match {pattern!r} is not a valid regular expression: {e}") from None
+            for t in self.templates:
+                fields = {f for _, f, _, _ in string.Formatter().parse(t) if f}
+                if fields - groups:
+                    raise ValueError(f"template {t!r} uses {sorted(fields - groups)}, which match {pattern!r} does not "
+                                     f"capture (its groups: {sorted(groups) or 'none'})")
+        return self
+
+
+class AugmentSection(_Section):
+    """Rows added to train (never to held-out splits) by rules the config names."""
+
+    phrasings: dict[str, PhrasingRule] = Field(default_factory=dict, description="Per category: new phrasings of its prompts.")
+    copies: int = Field(default=1, ge=1, le=16, description="New rows per matching train row.")
+    negatives: bool = Field(default=True, description="Derive a DPO `rejected` answer (the answer as prose) for rows without one.")
+
+
 class DataSection(_Section):
     sources: list[Source] = Field(min_length=1)
     adapt: AdaptSection = AdaptSection()
+    quality: QualitySection = QualitySection()
+    augment: AugmentSection = AugmentSection()
     on_bad_row: Literal["fail", "skip"] = Field(default="fail", description="fail: stop at the first bad row, naming it; skip: drop and count.")
     val_fraction: float = Field(default=0.05, ge=0, lt=0.5)
     test_fraction: float = Field(default=0.05, ge=0, lt=0.5)

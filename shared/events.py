@@ -75,6 +75,10 @@ class DatasetReady(Event):
     mixture: dict[str, float] = Field(default_factory=dict, description="Weight per source.")
     category_weights: dict[str, float] = Field(default_factory=dict, description="Train re-weighting per category (adaptive data).")
     rejected_rows: int = Field(default=0, ge=0)
+    quality: dict = Field(default_factory=dict, description=(
+        "The data-quality gate's summary: rows checked, findings and rows dropped by reason, violation rate, "
+        "categories and balance (quality.json beside the splits has the first examples of each finding)."))
+    augmented_rows: int = Field(default=0, ge=0, description="Train rows added by data.augment.")
     requested_by: str | None = Field(default=None, description="event_id of the MixtureRequest this answers.")
 
 

@@ -14,10 +14,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .events import BY_KIND, CheckpointRecorded, ControlApplied, EvalVerdict, Event, StepMetrics
+from .events import BY_KIND, CheckpointRecorded, ControlApplied, DatasetReady, EvalVerdict, Event, StepMetrics
 
 TIMELINE_FILE = "timeline.jsonl"
-KINDS = (StepMetrics, EvalVerdict, ControlApplied, CheckpointRecorded)
+KINDS = (StepMetrics, EvalVerdict, ControlApplied, CheckpointRecorded, DatasetReady)
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Timeline:
     verdicts: list[EvalVerdict] = field(default_factory=list)  # periodic, on the validation split
     controls: list[ControlApplied] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
+    datasets: list[DatasetReady] = field(default_factory=list)  # what the data-quality gate found in each
 
     @classmethod
     def of(cls, run_id: str, events: list[Event]) -> "Timeline":
@@ -40,6 +41,8 @@ class Timeline:
                 t.controls.append(e)
             elif isinstance(e, CheckpointRecorded):
                 t.checkpoints.append(e.step)
+            elif isinstance(e, DatasetReady) and all(d.dataset_id != e.dataset_id for d in t.datasets):
+                t.datasets.append(e)
         return t
 
 
@@ -123,7 +126,29 @@ def write_png(t: Timeline, path: Path) -> Path:
     return path
 
 
-def write_html(t: Timeline, png: Path, path: Path, config_text: str = "", summary: dict | None = None) -> Path:
+def quality_html(t: Timeline, examples: dict[str, dict]) -> str:
+    """Per data set: the quality gate's findings and drops by reason, and the first examples
+    (``examples``: dataset id -> its quality.json)."""
+    esc, out = html.escape, []
+    for d in t.datasets:
+        q = d.quality
+        if not q:
+            continue
+        reasons = sorted({*q.get("findings", {}), *q.get("dropped", {})})
+        rows = "".join(f"<tr><td>{esc(r)}</td><td>{q['findings'].get(r, 0)}</td><td>{q['dropped'].get(r, 0)}</td>"
+                       "<td style='text-align:left'>" + "<br>".join(
+                           esc(f"{e['where']}: {e['detail']}") for e in examples.get(d.dataset_id, {}).get(
+                               "examples", {}).get(r, [])[:3]) + "</td></tr>" for r in reasons)
+        out.append(f"<h3>data set {esc(d.dataset_id)}</h3><p>{q['rows']} train rows checked; protocol violation rate "
+                   f"{q['violation_rate']:.1%}; categories {esc(json.dumps(q['categories']))} (balance "
+                   f"{q['balance']:.2f}); {d.augmented_rows} rows added by augmentation.</p><table><tr><th>finding</th>"
+                   f"<th>rows</th><th>dropped</th><th>first examples</th></tr>"
+                   f"{rows or '<tr><td colspan=4>none</td></tr>'}</table>")
+    return "".join(out) or "<p>no data-quality report recorded</p>"
+
+
+def write_html(t: Timeline, png: Path, path: Path, config_text: str = "", summary: dict | None = None,
+               quality: dict[str, dict] | None = None) -> Path:
     esc = html.escape
     image = base64.b64encode(png.read_bytes()).decode()
     controls = "".join(f"<tr><td>{c.step}</td><td>{esc(c.command)}</td><td>{esc(repr(c.old))}</td>"
@@ -143,6 +168,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}pre{{background:#
 <img alt="training curves" src="data:image/png;base64,{image}">
 <h2>Evaluations</h2><table><tr><th>step</th><th>split</th><th>cases</th><th>protocol</th><th>correctness</th></tr>{verdicts}</table>
 <h2>Controls applied</h2><table><tr><th>step</th><th>command</th><th>old</th><th>new</th></tr>{controls}</table>
+<h2>Data quality</h2>{quality_html(t, quality or {})}
 <h2>Summary</h2><pre>{esc(json.dumps(summary, indent=2)) if summary else "(no summary: the run has not finished)"}</pre>
 <h2>Config</h2><pre>{esc(config_text)}</pre>
 </body></html>
@@ -160,6 +186,8 @@ def write_report(run_dir: Path, events: list[Event], out_dir: Path | None = None
     png = write_png(t, out_dir / "report.png")
     config = run_dir / "config.yaml"
     summary = run_dir / "summary.json"
+    quality = {d.dataset_id: json.loads(f.read_text()) for d in t.datasets
+               if (f := run_dir / "data" / d.dataset_id / "quality.json").is_file()}
     page = write_html(t, png, out_dir / "report.html", config.read_text() if config.exists() else "",
-                      json.loads(summary.read_text()) if summary.exists() else None)
+                      json.loads(summary.read_text()) if summary.exists() else None, quality)
     return png, page

@@ -38,6 +38,8 @@ async def announce(ctx: ServiceContext, run_id: str, *, weights: dict[str, float
     prepared = await asyncio.to_thread(prepare, cfg, rdir / "data", rdir, "tuneloop", weights, category_weights)
     for r in prepared.rejected[:20]:
         log.warning("skipped bad row %s", r)
+    for line in prepared.quality.lines():
+        log.info("%s", line)
     event = DatasetReady(
         run_id=run_id,
         # Same data, same id: a restarted pipeline re-announces and JetStream drops the copy.
@@ -45,11 +47,13 @@ async def announce(ctx: ServiceContext, run_id: str, *, weights: dict[str, float
         dataset_id=prepared.fingerprint[:16], fingerprint=prepared.fingerprint,
         splits={k: SplitInfo(path=p, rows=n, categories=c) for k, (p, n, c) in prepared.splits.items()},
         chat_template="tuneloop", mixture=prepared.mixture, category_weights=category_weights or {},
-        rejected_rows=len(prepared.rejected), requested_by=requested_by,
+        rejected_rows=len(prepared.rejected), quality=prepared.quality.summary(), augmented_rows=prepared.augmented,
+        requested_by=requested_by,
     )
     await ctx.bus.publish(event)
-    log.info("dataset %s ready: %s, mixture %s, category weights %s (rejected %d)", event.dataset_id,
-             {k: v.rows for k, v in event.splits.items()}, event.mixture, event.category_weights, event.rejected_rows)
+    log.info("dataset %s ready: %s, mixture %s, category weights %s (rejected %d, augmented %d)", event.dataset_id,
+             {k: v.rows for k, v in event.splits.items()}, event.mixture, event.category_weights, event.rejected_rows,
+             event.augmented_rows)
     return event
 
 

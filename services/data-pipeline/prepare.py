@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from tuneloop.chat import render_prompt
 from tuneloop.config import Config
 from tuneloop.events import explain
 from tuneloop.suites import SuiteCase, read_suite
 
-from .augment import break_protocol
+from . import quality
+from .augment import break_protocol, rephrase
 
 
 class DataError(ValueError):
@@ -51,6 +52,7 @@ class Row(BaseModel):
     category: str = "default"
     reference: str | None = None
     rejected: str | None = Field(default=None, min_length=1, description="A dispreferred answer, for DPO.")
+    _where: str = PrivateAttr(default="")  # file:line it was read from, for the quality report
 
     def check_turns(self) -> None:
         if self.messages[-1].role != "assistant":
@@ -115,6 +117,7 @@ def read_source(path: Path | str, name: str, weight: float, on_bad_row: str, max
         try:
             row = Row.model_validate_json(raw) if isinstance(raw, str) else Row.model_validate(raw)
             row.check_turns()
+            row._where = where
         except ValidationError as e:
             problem = explain(e)
         except ValueError as e:
@@ -132,17 +135,37 @@ def read_source(path: Path | str, name: str, weight: float, on_bad_row: str, max
     return out
 
 
-def to_example(row: Row, template: str) -> dict:
+def to_example(row: Row, template: str, negatives: bool = True) -> dict:
+    """A prepared row; ``chosen``/``rejected`` (DPO) only where the row brings a rejected answer
+    or ``negatives`` derives one (a DPO run then names the rows that lack it)."""
     prompt_msgs = [m.model_dump() for m in row.messages[:-1]]
     answer = row.messages[-1].content
+    rejected = row.rejected or (break_protocol(answer) if negatives else None)
     if template == "model":  # conversational: TRL applies the tokenizer's own template
         prompt, completion = prompt_msgs, [{"role": "assistant", "content": answer}]
-        rejected = [{"role": "assistant", "content": row.rejected or break_protocol(answer)}]
+        rejected = rejected and [{"role": "assistant", "content": rejected}]
     else:
         prompt, completion = render_prompt(prompt_msgs), answer
-        rejected = row.rejected or break_protocol(answer)
-    return {"prompt": prompt, "completion": completion, "chosen": completion, "rejected": rejected,
-            "category": row.category, "reference": row.reference}
+    pair = {"chosen": completion, "rejected": rejected} if rejected else {}
+    return {"prompt": prompt, "completion": completion, **pair, "category": row.category, "reference": row.reference}
+
+
+def augmented(rows: list[Row], augment, rng: random.Random) -> list[Row]:
+    """New train rows from ``data.augment.phrasings``: each row whose last user message a rule
+    of its category matches, ``copies`` times in another phrasing, with the same answer."""
+    out = []
+    for row in rows:
+        rule = augment.phrasings.get(row.category)
+        user = max(i for i, m in enumerate(row.messages) if m.role == "user") if rule else None
+        for _ in range(augment.copies if rule else 0):
+            new = rephrase(row.messages[user].content, rule, rng)
+            if new is None:
+                break
+            messages = [m.model_copy(update={"content": new}) if i == user else m for i, m in enumerate(row.messages)]
+            twin = row.model_copy(update={"messages": messages})
+            twin._where = f"augment of {row._where}"
+            out.append(twin)
+    return out
 
 
 def suite_example(case: SuiteCase, template: str) -> dict:
@@ -171,6 +194,8 @@ class Prepared:
     fingerprint: str
     mixture: dict[str, float]
     rejected: list[str]
+    quality: quality.Report | None = None
+    augmented: int = 0
 
 
 def source_weights(cfg: Config, override: dict[str, float] | None = None) -> dict[str, float]:
@@ -243,16 +268,25 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop
     # splits stay the same whatever the weights, so scores before and after a re-mix compare.
     seen = {_prompt_key(r) for s in sources for r in s.rows}
     held = {k: [r for r in v if _prompt_key(r) not in seen] for k, v in held.items()}
+    suites = {}
+    for suite in cfg.eval.suites:
+        try:
+            suites[suite.name] = read_suite(cfg.resolve(suite.path))
+        except ValueError as e:
+            raise DataError(f"eval suite {suite.name!r}: {e}") from None
+    report = gate(cfg, sources, held, [c for cases in suites.values() for c in cases])
+    added, held_prompts = 0, {_prompt_key(r) for rows in held.values() for r in rows}
+    for s in sources:  # after the split, and never a held-out prompt: augmentation must not leak the test
+        new = [r for r in augmented(s.rows, cfg.data.augment, rng) if _prompt_key(r) not in held_prompts]
+        s.rows += new
+        added += len(new)
     train = reweight(mix(sources, rng), category_weights or {}, rng)
     rng.shuffle(train)
 
-    examples = {name: [to_example(r, template) for r in rows] for name, rows in {"train": train, **held}.items()}
-    for suite in cfg.eval.suites:
-        try:
-            cases = read_suite(cfg.resolve(suite.path))
-        except ValueError as e:
-            raise DataError(f"eval suite {suite.name!r}: {e}") from None
-        examples[f"suite:{suite.name}"] = [suite_example(c, template) for c in cases]
+    negatives = cfg.data.augment.negatives
+    examples = {name: [to_example(r, template, negatives) for r in rows] for name, rows in {"train": train, **held}.items()}
+    for name, cases in suites.items():
+        examples[f"suite:{name}"] = [suite_example(c, template) for c in cases]
     texts, digest = {}, hashlib.sha256()
     for name, rows in examples.items():
         lines = [json.dumps(r, ensure_ascii=False) for r in rows]
@@ -260,6 +294,7 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop
         digest.update(name.encode() + b"\0" + texts[name].encode())
     folder = out_dir / digest.hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "quality.json").write_text(json.dumps(report.document(), indent=1) + "\n", encoding="utf-8")
     splits = {}
     for name, rows in examples.items():
         path = folder / f"{name.replace(':', '-')}.jsonl"
@@ -271,8 +306,54 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop
     return Prepared(
         splits=splits, fingerprint=digest.hexdigest(),
         mixture={s.name: s.weight / wsum for s in sources},
-        rejected=[r for s in sources for r in s.rejected],
+        rejected=[r for s in sources for r in s.rejected], quality=report, augmented=added,
     )
+
+
+def length_counter(cfg: Config) -> tuple:
+    """(how long a templated text is, the unit): tokens of the base model's tokenizer when it is
+    a local folder with tokenizer.json; else UTF-8 bytes, which bound a byte-level BPE's
+    tokens from above (the tiny model's tokenizer is trained later, from the train split)."""
+    from tuneloop.models import local_base
+
+    base = local_base(cfg)
+    if base is not None and (base / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            pass
+        else:
+            tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+            return (lambda text: len(tok.encode(text).ids)), "tokens"
+    return (lambda text: len(text.encode("utf-8"))), "bytes"
+
+
+def gate(cfg: Config, sources: list[SourceRows], held: dict[str, list[Row]], cases: list[SuiteCase]) -> quality.Report:
+    """The quality gate over the train rows of every source and the held-out rows: drops what
+    ``data.quality`` says in place, returns the report; DataError when it refuses the data."""
+    def item(r: Row) -> quality.Item:
+        prompt = "\n".join(m.content for m in r.messages[:-1])
+        answer = r.messages[-1].content
+        return quality.Item(r._where, prompt, answer, r.category, r.reference,
+                            render_prompt([m.model_dump() for m in r.messages[:-1]]) + answer)
+
+    train = [(s, r) for s in sources for r in s.rows]
+    held_rows = [(k, r) for k, rows in held.items() for r in rows]
+    length_of, unit = length_counter(cfg)
+    try:
+        drop_train, drop_held, report = quality.run_gate(
+            cfg.data.quality, [item(r) for _, r in train], [item(r) for _, r in held_rows],
+            quality.shape_checks(cases), cfg.train.max_length, length_of, unit)
+    except quality.QualityError as e:
+        raise DataError(str(e)) from None
+    gone = {id(train[i][1]) for i in drop_train} | {id(held_rows[i][1]) for i in drop_held}
+    for s in sources:
+        s.rows = [r for r in s.rows if id(r) not in gone]
+        if not s.rows:
+            raise DataError(f"source {s.name}: the quality gate dropped every train row ({report.summary()})")
+    for k in held:
+        held[k] = [r for r in held[k] if id(r) not in gone]
+    return report
 
 
 def _prompt_key(row: Row) -> str:

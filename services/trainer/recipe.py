@@ -189,10 +189,10 @@ def refuse_what_the_machine_cannot_do(cfg: Config, cuda: bool) -> None:
     if why:
         raise ValueError(why)
     if cfg.train.optimizer.name in NEEDS_BITSANDBYTES:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ValueError(f"train.optimizer {cfg.train.optimizer.name} needs bitsandbytes: pip install bitsandbytes") from None
+        from transformers.utils import is_bitsandbytes_available
+
+        if not is_bitsandbytes_available():
+            raise ValueError(f"train.optimizer {cfg.train.optimizer.name} needs bitsandbytes: pip install bitsandbytes")
 
 
 def placement(cfg: Config, base_path: Path | str) -> dict:
