@@ -21,9 +21,13 @@ def render_prompt(messages: list[dict]) -> str:
     return "".join(out) + f"{ASSISTANT}\n"
 
 
-# The same template in Jinja, saved with the tiny tokenizer so `apply_chat_template` works on exports.
-JINJA = (
-    "{% for m in messages %}{% if m['role'] == 'assistant' %}" + ASSISTANT + "\n{{ m['content'] }}" + END + "\n"
-    "{% else %}" + USER + "\n{{ m['content'] }}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}" + ASSISTANT + "\n{% endif %}"
-)
+def jinja(end: str = END) -> str:
+    """The same template in Jinja, saved with the tokenizer of every checkpoint and export so
+    ``apply_chat_template`` prompts an exported model as it was trained: ``end`` closes an
+    answer (the tokenizer's eos, which the trainer appends to each completion)."""
+    return ("{% for m in messages %}{% if m['role'] == 'assistant' %}" + ASSISTANT + "\n{{ m['content'] }}" + end + "\n"
+            "{% else %}" + USER + "\n{{ m['content'] }}\n{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}" + ASSISTANT + "\n{% endif %}")
+
+
+JINJA = jinja()

@@ -128,9 +128,14 @@ class DataSection(_Section):
         return v
 
 
-class TinyModel(_Section):
-    """The built-in small Llama used when no hub or local model is given."""
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "phi3", "gpt2")
 
+
+class TinyModel(_Section):
+    """The built-in small model used when no hub or local model is given (a Llama by default)."""
+
+    architecture: Literal[ARCHITECTURES] = Field(  # type: ignore[valid-type]
+        default="llama", description="transformers architecture of the model built from these sizes.")
     hidden_size: int = Field(default=128, ge=8)
     intermediate_size: int = Field(default=512, ge=8)
     num_hidden_layers: int = Field(default=4, ge=1)

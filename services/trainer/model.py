@@ -15,7 +15,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tuneloop.chat import END, JINJA, PAD, SPECIAL_TOKENS
+    from tuneloop.chat import END, JINJA, PAD, SPECIAL_TOKENS  # noqa: F401
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -28,14 +28,37 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return fast
 
 
+def architecture_config(tiny, tokenizer):
+    """transformers' config of ``tiny.architecture`` at ``tiny``'s sizes (random weights follow).
+    Gemma and GPT-2 tie their embeddings, as the released models do; GPT-2 has Conv1D layers, Phi-3
+    fused qkv and gate_up projections: what a user's model brings, exercised at small size."""
+    import transformers as tf
+
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+               bos_token_id=None)
+    if tiny.architecture == "gpt2":
+        return tf.GPT2Config(n_embd=tiny.hidden_size, n_inner=tiny.intermediate_size, n_layer=tiny.num_hidden_layers,
+                             n_head=tiny.num_attention_heads, n_positions=tiny.max_position_embeddings, **ids)
+    common = dict(hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
+                  num_hidden_layers=tiny.num_hidden_layers, num_attention_heads=tiny.num_attention_heads,
+                  num_key_value_heads=tiny.num_attention_heads, max_position_embeddings=tiny.max_position_embeddings,
+                  **ids)
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig, "gemma": tf.GemmaConfig,
+           "phi3": tf.Phi3Config}[tiny.architecture]
+    extra = {"head_dim": tiny.hidden_size // tiny.num_attention_heads} if tiny.architecture == "gemma" else {}
+    tie = {} if tiny.architecture == "gemma" else {"tie_word_embeddings": False}
+    return cls(**common, **extra, **tie)
+
+
 def build_tiny(train_file: Path, out_dir: Path, tiny, seed: int) -> Path:
-    """Train the tokenizer on the train split, initialise a small Llama, save both to ``out_dir``.
+    """Train the tokenizer on the train split, initialise a small model of ``tiny.architecture``
+    (a Llama by default), save both to ``out_dir``.
 
     Idempotent: an existing complete base (a restarted trainer) is reused as it is, so a
     resumed run continues on exactly the same weights and vocabulary.
     """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     if (out_dir / "complete").exists():
         return out_dir
@@ -45,22 +68,28 @@ def build_tiny(train_file: Path, out_dir: Path, tiny, seed: int) -> Path:
             row = json.loads(line)
             texts.append(row["prompt"] + row["completion"] if isinstance(row["prompt"], str) else json.dumps(row))
     tokenizer = train_tokenizer(texts, tiny.vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
-        num_hidden_layers=tiny.num_hidden_layers, num_attention_heads=tiny.num_attention_heads,
-        num_key_value_heads=tiny.num_attention_heads, max_position_embeddings=tiny.max_position_embeddings,
-        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(architecture_config(tiny, tokenizer))
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "complete").write_text("ok\n")
-    log.info("built tiny llama: %.2fM parameters, vocab %d -> %s", model.num_parameters() / 1e6, len(tokenizer), out_dir)
+    log.info("built tiny " + tiny.architecture + ": %.2fM parameters, vocab %d -> %s", model.num_parameters() / 1e6, len(tokenizer), out_dir)
     return out_dir
+
+
+def check_target_modules(model, target_modules) -> None:
+    """Named LoRA target modules must exist in the model: the error lists the names it has
+    (Llama's q_proj is GPT-2's c_attn and Phi-3's qkv_proj)."""
+    if isinstance(target_modules, str):  # "all-linear" or a regular expression: peft judges it
+        return
+    leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+              if name and not list(module.children()) and hasattr(module, "weight")}
+    missing = [t for t in target_modules if t not in leaves]
+    if missing:
+        raise ValueError(f"train.lora.target_modules {missing} not in this {type(model).__name__}; its layers with "
+                         f"weights: {', '.join(sorted(leaves))}")
 
 
 def link_local(src: Path, out_dir: Path) -> Path:
@@ -94,9 +123,14 @@ def load(name_or_path: str | Path, *, dtype=None, quantization=None, **placement
     ``tp_plan`` or ``device_map`` (train.parallel tensor / pipeline)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tuneloop.chat import jinja
+
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Prompts are written in tuneloop's chat format (data-pipeline) and each completion ends with
+    # eos: checkpoints and exports carry that template, not the base's own (or none at all).
+    tokenizer.chat_template = jinja(tokenizer.eos_token)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto",
                                                  quantization_config=quantization, **placement)
     if quantization is not None:

@@ -249,6 +249,8 @@ def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: 
         _, base_path = prepare_base(cfg, run_dir, dataset)
     model, tokenizer = models.load(base_path, quantization=quantization_config(cfg),
                                    **placement(cfg, base_path))
+    if cfg.train.lora.enabled:
+        models.check_target_modules(model, cfg.train.lora.target_modules)
     kwargs = {}
     if cfg.train.method == "grpo":
         g = cfg.train.grpo
