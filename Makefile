@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration test-e2e bench docs proto lint clean secrets
+.PHONY: install demo test test-unit test-integration test-e2e bench study docs proto lint clean secrets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ bench: install  ## benchmarks (minutes each; nothing else running): figures to $
 	$(PY) bench/startup.py --json $(BENCH_OUT)/startup.json
 	$(PY) bench/feedback_loop.py --json $(BENCH_OUT)/feedback_loop.json
 	$(PY) bench/sweep.py --json $(BENCH_OUT)/sweep.json
+	$(PY) bench/readme.py --results $(BENCH_OUT)
+
+study: install  ## the data-quality gate and augmentation on the example (about 25 min): scores into the README
+	mkdir -p $(BENCH_OUT)
+	$(PY) bench/data_study.py --seeds 0 1 --json $(BENCH_OUT)/data_study.json
+	$(PY) bench/data_study.py --jobs --json $(BENCH_OUT)/data_jobs.json
 	$(PY) bench/readme.py --results $(BENCH_OUT)
 
 docs: install  ## write the generated parts of the README (the controls table)

@@ -6,7 +6,11 @@ data nor in the augmentation templates).
 Arms: the legacy prose answers (protocol violations) kept or dropped, each without and with
 ``data.augment``. Not a timing bench: figures are scores, with the gate's counts.
 
-    .venv/bin/python bench/data_study.py [--seeds 0] [--json bench/results/data_study.json]
+``--jobs`` runs the whole example job instead (SFT, then GRPO) with the violations kept and
+dropped: does the GRPO phase still earn its place once the data is clean?
+
+    .venv/bin/python bench/data_study.py [--seeds 0 1] [--json bench/results/data_study.json]
+    .venv/bin/python bench/data_study.py --jobs [--json bench/results/data_jobs.json]
 """
 
 from __future__ import annotations
@@ -41,12 +45,38 @@ def arm_config(tmp: Path, arm: dict, seed: int) -> Path:
     raw = example.phase_config(0).model_dump(mode="json")
     raw["run"].update(output_dir=str(tmp / "runs"), name="study", seed=seed)
     raw["data"]["quality"]["protocol_violations"] = arm["protocol_violations"]
-    if not arm["augment"]:
-        raw["data"]["augment"]["phrasings"] = {}
+    raw["data"]["augment"]["enabled"] = arm["augment"]
     raw["data"]["adapt"]["enabled"] = False  # one mixture for every arm: the data, not the loop, differs
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def job_config(tmp: Path, violations: str) -> Path:
+    """The example job as it is, but for ``data.quality.protocol_violations``."""
+    from tuneloop.config import dump_config, load_config
+
+    cfg = load_config(REPO / "examples" / "protocol.yaml")
+    cfg.run.output_dir = str(tmp / "runs")
+    cfg.data.quality.protocol_violations = violations
+    path = tmp / "job.yaml"
+    dump_config(cfg, path)
+    return path
+
+
+def run_job(violations: str) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        subprocess.run([str(TUNELOOP), "run", str(job_config(tmp, violations)), "--run-id", "job"], check=True, cwd=tmp,
+                       stdout=subprocess.DEVNULL)
+        job = json.loads((tmp / "runs" / "job" / "summary.json").read_text())
+        out = {}
+        for p in job["phases"]:
+            out[p["phase"]] = {"steps": p["steps"], "protocol": p["test"]["protocol"],
+                               "correctness": p["test"]["correctness"],
+                               "suite_protocol": p["suites"]["protocol"]["pass"],
+                               "suite_phrasings": p["suites"]["phrasings"]["pass"]}
+        return out
 
 
 def run_arm(arm: dict, seed: int) -> dict:
@@ -71,8 +101,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--jobs", action="store_true", help="the whole example job, violations kept and dropped")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.jobs:
+        jobs = {}
+        for violations in ("report", "drop"):
+            jobs[violations] = run_job(violations)
+            print(f"job, protocol_violations {violations}: {json.dumps(jobs[violations])}", flush=True)
+        write_figures(args.json, {"jobs": jobs})
+        return
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         for name in args.arms:

@@ -16,6 +16,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# The data study (bench/data_study.py): scores, not timings, in the README's Data quality section.
+STUDY_BEGIN, STUDY_END = "<!-- data-study:begin -->", "<!-- data-study:end -->"
+STUDY_FILES = ("data_study", "data_jobs")
 # (file, key, target as text, is it met)
 TARGETS = [
     ("feedback_loop", "remote_over_inline_shared", "<= 1.05", lambda v: v <= 1.05),
@@ -69,19 +72,72 @@ def render(results: dict[str, dict]) -> str:
     if u := results.get("startup"):
         out += [f"Start-up ({u['rounds']} rounds): first training step after {u['plain_s']:.1f} s for a plain TRL "
                 f"script, {u['tuneloop_s']:.1f} s for `tuneloop run` (medians).", ""]
-    cpus = sorted({r.get("cpus") for r in results.values()})
+    cpus = sorted({r.get("cpus") for name, r in results.items() if name not in STUDY_FILES})
     out.append(f"Measured on {', '.join(map(str, cpus))} CPU core(s); JSON files in `bench/results/`.")
     return "\n".join(out)
+
+
+def render_study(results: dict[str, dict]) -> str:
+    """The data study: per arm, the held-out scores of the example's SFT phase (means over the
+    seeds, each seed's in brackets); then the whole job with the violations kept and dropped."""
+    out = []
+    if s := results.get("data_study"):
+        keys = ("test_protocol", "test_correctness", "suite_protocol", "suite_phrasings")
+        out += [f"The example's SFT phase ({s['max_steps']} steps), seeds {', '.join(map(str, s['seeds']))}; "
+                f"commit `{s['commit']}`:", "",
+                "| arm | train rows | test protocol | test correctness | suite `protocol` | suite `phrasings` (unseen) |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for name, arm in s["arms"].items():
+            cells = [f"**{arm[k]:.3f}** ({', '.join(f'{r[k]:.3f}' for r in arm['runs'])})" for k in keys]
+            out.append(f"| {name} | {arm['train_rows']:.0f} | " + " | ".join(cells) + " |")
+        first = next(iter(s["arms"].values()))["runs"][0]
+        out += ["", f"The gate on the example: findings {first['findings']}; violation rate {first['violation_rate']:.1%}.",
+                ""]
+        a = s["arms"]
+        if {"violations kept", "violations dropped"} <= set(a):
+            kept, dropped = a["violations kept"], a["violations dropped"]
+            out += [f"Dropping the violations moved test protocol {kept['test_protocol']:.3f} -> "
+                    f"{dropped['test_protocol']:.3f} and correctness {kept['test_correctness']:.3f} -> "
+                    f"{dropped['test_correctness']:.3f} (means over the seeds).", ""]
+        pairs = [(k, f"{k}, augmented") for k in ("violations kept", "violations dropped") if f"{k}, augmented" in a]
+        if pairs:
+            moves = [f"{a[w]['suite_phrasings'] - a[k]['suite_phrasings']:+.3f} with the {k.split()[1]} violations"
+                     for k, w in pairs]
+            out += [f"Augmentation moved the pass rate on unseen phrasings by {' and '.join(moves)}.", ""]
+    if j := results.get("data_jobs"):
+        out += [f"The whole example job (SFT, then GRPO), commit `{j['commit']}`:", "",
+                "| protocol violations | phase | steps | test protocol | test correctness | suite `protocol` | suite `phrasings` |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for violations, phases in j["jobs"].items():
+            for phase, r in phases.items():
+                out.append(f"| {'kept' if violations == 'report' else 'dropped'} | {phase} | {r['steps']} | "
+                           f"{r['protocol']:.3f} | {r['correctness']:.3f} | {r['suite_protocol']:.3f} | "
+                           f"{r['suite_phrasings']:.3f} |")
+        out.append("")
+        if "drop" in j["jobs"] and {"sft", "grpo"} <= set(j["jobs"]["drop"]):
+            sft, grpo = j["jobs"]["drop"]["sft"], j["jobs"]["drop"]["grpo"]
+            gain = {m: grpo[m] - sft[m] for m in ("protocol", "correctness")}
+            verdict = ("so GRPO still earns its place: it trains on rewards for right answers, which clean "
+                       "demonstrations alone do not give" if max(gain.values()) > 0.01 else
+                       "so on clean data GRPO adds nothing measurable here: its gain came from undoing the prose answers")
+            out += [f"With the violations dropped, GRPO moved test protocol by {gain['protocol']:+.3f} and correctness "
+                    f"by {gain['correctness']:+.3f} over SFT, {verdict}.", ""]
+    return "\n".join(out) or "not measured yet"
+
+
+def replace(text: str, begin: str, end: str, body: str, readme: Path) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme}: no {begin} ... {end} section to write the figures into")
+    return re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{body}\n{end}", text, flags=re.S)
 
 
 def main(args) -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))}
     text = args.readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{args.readme}: no {BEGIN} ... {END} section to write the figures into")
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{render(results)}\n{END}", text,
-                 flags=re.S)
-    args.readme.write_text(new)
+    timings = {k: v for k, v in results.items() if k not in STUDY_FILES}
+    text = replace(text, BEGIN, END, render(timings), args.readme)
+    text = replace(text, STUDY_BEGIN, STUDY_END, render_study(results), args.readme)
+    args.readme.write_text(text)
     print(f"{args.readme}: benchmark figures from {', '.join(results)}")
 
 

@@ -363,18 +363,31 @@ def report(
 
 @app.command("replay")
 def replay_run(
-    run_id: str = typer.Argument(..., help="A finished run to backtest."),
+    run_id: str = typer.Argument(..., help="A finished run (or sweep) to backtest."),
     feedback: str = typer.Option("", "--feedback", help="Policy settings to try: target=0.9,patience=2,min_step=100 "
                                                         "(the rest as the run had them)."),
     grid: str = typer.Option("", "--grid", help="Several settings at once: patience=1|2|4,target=0.9|0.95."),
+    pruner: str = typer.Option("", "--pruner", help="A sweep: the pruner to try, percentile:25, median or none; "
+                                                    "alternatives with | (the rest as the sweep had it)."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="A sweep: prune no trial before this step."),
+    startup_trials: Optional[int] = typer.Option(None, "--startup-trials", help="A sweep: prune nothing until this "
+                                                                                  "many trials completed."),
     nats_url: Optional[str] = NATS_URL,
     storage: Path = STORAGE,
 ) -> None:
     """Backtest the feedback policy: the run's recorded verdicts through the same policy code,
     with other settings: when it would have stopped, what it would have exported, the steps and
-    time saved or lost. With no settings, the run's own: the live decisions, exactly."""
+    time saved or lost. With no settings, the run's own: the live decisions, exactly. Given a
+    sweep, its trials' verdicts through the same pruner code: which trials would have been
+    pruned, and whether the winner would have survived."""
     from rich.table import Table
 
+    if (storage / run_id / "sweep.json").is_file():
+        return _replay_sweep(run_id, pruner, warmup_steps, startup_trials, storage, nats_url)
+    if pruner or warmup_steps is not None or startup_trials is not None:
+        console.print(f"[red]{run_id} is a run, not a sweep: --pruner, --warmup-steps and --startup-trials are for "
+                      "sweeps (a run's policy takes --feedback)[/]")
+        raise typer.Exit(2)
     from . import replay as backtesting
     from .events import EvalVerdict, Feedback, StepMetrics, TrainingFinished
     from .storage import load_run_config
@@ -403,6 +416,63 @@ def replay_run(
                   "past the recording" if ended is None else str(ended), _best_text(r.replayed),
                   "-" if r.steps_saved is None else f"{r.steps_saved:+d}",
                   "-" if r.seconds_saved is None else f"{r.seconds_saved:+.1f}", "yes" if same else "no")
+    console.print(t)
+
+
+def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_trials: Optional[int],
+                  storage: Path, nats_url: Optional[str]) -> None:
+    from rich.table import Table
+
+    from .events import CheckpointsReleased, EvalVerdict, ExportDone, TrainingFinished
+    from .records import Records
+    from .report import replay
+    from .subjects import SWEEP_BUCKET
+    from .sweep import backtest
+    from .sweep.search import TrialRecord, best
+    from .sweep.spec import SweepSpec
+
+    summary = json.loads((storage / name / "summary.json").read_text()) if (storage / name / "summary.json").is_file() else {}
+    if not summary.get("trials"):
+        console.print(f"[red]sweep {name} has no finished trials recorded ({storage / name / 'summary.json'})[/]")
+        raise typer.Exit(2)
+    first = summary["trials"][0]["run_id"]
+
+    async def fetch(url: str):
+        from .bus import CONNECT_PATIENCE_S, Bus
+
+        bus = await Bus.connect(url, "report", patience=CONNECT_PATIENCE_S)
+        try:
+            kv = await bus.key_value(SWEEP_BUCKET)
+            spec = SweepSpec.model_validate(json.loads((await kv.get(f"{name}.spec")).value)["spec"])
+            records = await Records(kv, TrialRecord).under(f"{name}.trial-")
+            kinds = (EvalVerdict, TrainingFinished, ExportDone, CheckpointsReleased)
+            return spec, records, {r.run_id: await replay(bus, r.run_id, settle_s=0.3, kinds=kinds) for r in records}
+        finally:
+            await bus.close()
+
+    with _reading(storage, first, nats_url) as url:
+        spec, records, events = asyncio.run(fetch(url))
+    try:
+        tries = backtest.parse_pruners(pruner, spec.pruner, warmup_steps, startup_trials)
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2)
+    trials = backtest.traces(records, events, spec.metric)
+    live, winner = backtest.live_prunes(trials), best(records)
+    t = Table(title=f"replay of sweep {name}: {len(records)} trials; live pruner {backtest.describe(spec.pruner)} "
+                    f"pruned {', '.join(f'{n}@{s}' for n, s in sorted(live.items())) or 'none'}; winner "
+                    f"{f'trial {winner.number} ({winner.value:.3f})' if winner else '-'}")
+    for col in ("pruner", "would prune (trial@step)", "winner survives", "best", "steps trained", "steps saved",
+                "same as live"):
+        t.add_column(col, overflow="fold")
+    for row in backtest.compare(spec, records, trials, tries):
+        out, top = row.replay, row.replay.winner()
+        survives = "-" if row.winner_survives is None else "yes" if row.winner_survives else \
+            f"no (pruned at {out.fates[winner.number].pruned_at})"
+        t.add_row(backtest.describe(row.pruner), ", ".join(f"{n}@{out.fates[n].pruned_at}" for n in out.pruned) or "none",
+                  survives, "-" if top is None else f"trial {top} ({out.fates[top].value:.3f})",
+                  f">= {row.steps}" if row.unknown else str(row.steps),
+                  "-" if row.steps_saved is None else f"{row.steps_saved:+d}", "yes" if row.same_as_live else "no")
     console.print(t)
 
 

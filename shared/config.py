@@ -101,6 +101,7 @@ class PhrasingRule(_Section):
 class AugmentSection(_Section):
     """Rows added to train (never to held-out splits) by rules the config names."""
 
+    enabled: bool = Field(default=True, description="false: keep the rules, add no rows (the example measures both).")
     phrasings: dict[str, PhrasingRule] = Field(default_factory=dict, description="Per category: new phrasings of its prompts.")
     copies: int = Field(default=1, ge=1, le=16, description="New rows per matching train row.")
     negatives: bool = Field(default=True, description="Derive a DPO `rejected` answer (the answer as prose) for rows without one.")

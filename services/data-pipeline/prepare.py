@@ -154,6 +154,8 @@ def augmented(rows: list[Row], augment, rng: random.Random) -> list[Row]:
     """New train rows from ``data.augment.phrasings``: each row whose last user message a rule
     of its category matches, ``copies`` times in another phrasing, with the same answer."""
     out = []
+    if not augment.enabled:
+        return out
     for row in rows:
         rule = augment.phrasings.get(row.category)
         user = max(i for i, m in enumerate(row.messages) if m.role == "user") if rule else None

@@ -44,6 +44,7 @@ def example_run(tmp_path_factory):
 def test_example_job_sft_then_grpo_raises_the_held_out_score(example_run):
     job, stdout = example_run
     sft, grpo = job["phases"]
+    print(stdout[-2500:])  # the summary the README's Quick start shows
     for p in (sft, grpo):
         print(p["phase"], p["steps"], p["stop_reason"], p["data"], "before", p["baseline"], "after", p["test"])
     assert (sft["method"], grpo["method"]) == ("sft", "grpo")

@@ -164,6 +164,45 @@ def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
     assert summary["best"]["run_id"] == min(r for r, v in finals.items() if v == top)  # ties: the earlier trial
     assert (runs / "sw" / "best.yaml").exists() and (runs / "sw" / "best" / "merged" / "config.json").exists()
     assert processes_mentioning(str(tmp_path)) == [], "processes left behind"
+    replay_the_pruner(tmp_path, trials, summary)
+
+
+def replay_the_pruner(tmp_path, trials, summary):
+    """``tuneloop replay SWEEP``: the recorded verdicts through the same pruner code give back the
+    live prune decisions; without a pruner nothing is pruned and the winner survives; the CLI
+    prints it all from the sweep's stored stream (its server is gone)."""
+    from tuneloop.embedded import NatsServer
+    from tuneloop.events import CheckpointsReleased, ExportDone
+    from tuneloop.sweep import backtest
+    from tuneloop.sweep.search import TrialRecord
+    from tuneloop.sweep.spec import Pruner, load_sweep
+
+    server = NatsServer(tmp_path / "runs" / "sw" / "nats")
+    url = server.start()
+    try:
+        events = {r: asyncio.run(stored(url, r, [EvalVerdict, TrainingFinished, ExportDone, CheckpointsReleased]))
+                  for r in trials}
+    finally:
+        server.stop()
+    spec, _ = load_sweep(tmp_path / "sweep.yaml")
+    records = [TrialRecord.model_validate(t) for t in summary["trials"]]
+    flat = {r: [e for evs in by_kind.values() for e in evs] for r, by_kind in events.items()}
+    traces = backtest.traces(records, flat, "protocol")
+    live = backtest.live_prunes(traces)
+    assert live and set(live) == {r.number for r in records if r.state == "pruned"}
+    own, none, eager = backtest.compare(spec, records, traces, [spec.pruner, Pruner(kind="none"),
+                                                                Pruner(kind="median", startup_trials=1)])
+    assert own.same_as_live and {n: f.pruned_at for n, f in own.replay.fates.items() if f.pruned_at} == live
+    assert own.winner_survives and own.replay.winner() == summary["best"]["trial"] and own.steps_saved == 0
+    assert not none.replay.pruned and none.winner_survives and none.unknown  # pruned trials: past the recording
+    assert set(eager.replay.pruned) >= set(live)  # judging after one completed trial prunes at least as much
+    out = subprocess.run([*TUNELOOP, "replay", "sw", "--pruner", "median|none", "--startup-trials", "2"],
+                         capture_output=True, text=True, timeout=120, env=_env(), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    print(out.stdout)  # the README's transcript
+    text = " ".join(out.stdout.split())
+    assert "replay of sweep sw: 4 trials" in text and "does not answer: reading the run's stored stream" in out.stderr
+    assert "same as live" in out.stdout and "yes" in out.stdout, out.stdout
 
 
 
