@@ -423,7 +423,7 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
                   storage: Path, nats_url: Optional[str]) -> None:
     from rich.table import Table
 
-    from .events import CheckpointsReleased, EvalVerdict, ExportDone, TrainingFinished
+    from .events import CheckpointsReleased, Control, EvalVerdict, ExportDone, TrainingFinished
     from .records import Records
     from .report import replay
     from .subjects import SWEEP_BUCKET
@@ -445,8 +445,8 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
             kv = await bus.key_value(SWEEP_BUCKET)
             spec = SweepSpec.model_validate(json.loads((await kv.get(f"{name}.spec")).value)["spec"])
             records = await Records(kv, TrialRecord).under(f"{name}.trial-")
-            kinds = (EvalVerdict, TrainingFinished, ExportDone, CheckpointsReleased)
-            return spec, records, {r.run_id: await replay(bus, r.run_id, settle_s=0.3, kinds=kinds) for r in records}
+            kinds = (EvalVerdict, Control, TrainingFinished, ExportDone, CheckpointsReleased)
+            return spec, records, {r.run_id: await replay(bus, r.run_id, kinds=kinds) for r in records}
         finally:
             await bus.close()
 
@@ -457,7 +457,7 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
     except ValueError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2)
-    trials = backtest.traces(records, events, spec.metric)
+    trials = backtest.traces(records, events, summary["metric"])  # the metric the driver resolved (spec's may be unset)
     live, winner = backtest.live_prunes(trials), best(records)
     t = Table(title=f"replay of sweep {name}: {len(records)} trials; live pruner {backtest.describe(spec.pruner)} "
                     f"pruned {', '.join(f'{n}@{s}' for n, s in sorted(live.items())) or 'none'}; winner "

@@ -28,6 +28,7 @@ class Trace:
     record: TrialRecord
     verdicts: list[tuple[datetime, int, float]]
     ended: datetime | None  # None: still running when the recording stops
+    prune_sent: datetime | None = None  # when the sweep sent its prune control
 
 
 @dataclass
@@ -55,9 +56,9 @@ class PrunerReplay:
 
 def traces(records: list[TrialRecord], events: dict[str, list], metric: str) -> list[Trace]:
     """Each trial's trace from its recorded events (``events``: run id -> its verdicts, its
-    train.done, export and release events): a verdict redelivered counts once, at its first
-    time; a trial ends at the last of those events (the driver tells it then)."""
-    from ..events import EvalVerdict
+    prune controls, its train.done, export and release events): a verdict redelivered counts
+    once, at its first time; a trial ends at the last of those events (the driver tells it then)."""
+    from ..events import Control, EvalVerdict
 
     out = []
     for r in sorted(records, key=lambda r: r.number):
@@ -65,21 +66,22 @@ def traces(records: list[TrialRecord], events: dict[str, list], metric: str) -> 
         first: dict[int, tuple[datetime, int, float]] = {}
         for e in sorted((e for e in evs if isinstance(e, EvalVerdict) and e.purpose == "periodic"), key=lambda e: e.time):
             first.setdefault(e.step, (e.time, e.step, e.scores.get(metric, 0.0)))
-        ends = [e.time for e in evs if not isinstance(e, EvalVerdict) or e.purpose == "final"]
-        out.append(Trace(r, sorted(first.values()), max(ends) if r.state != "running" and ends else None))
+        prunes = sorted(e.time for e in evs if isinstance(e, Control) and e.command == "prune")
+        ends = [e.time for e in evs if not isinstance(e, (EvalVerdict, Control)) or getattr(e, "purpose", "") == "final"]
+        out.append(Trace(r, sorted(first.values()), max(ends) if r.state != "running" and ends else None,
+                         prunes[0] if prunes else None))
     return out
 
 
 def live_prunes(traces: list[Trace]) -> dict[int, int]:
-    """Trial -> the verdict step its live prune decision was made at (the last verdict before
-    the prune was sent: the sweep records the step the trainer stopped at, so the decision's
-    step is the last verdict at or before it)."""
+    """Trial -> the verdict step its live prune decision was made at: the last verdict
+    published before the sweep sent the prune (the trainer stops some steps later)."""
     out = {}
     for t in traces:
-        r = t.record
-        if r.state == "pruned" and r.pruned_at is not None:
-            steps = [s for _, s, _ in t.verdicts if s <= r.pruned_at]
-            out[r.number] = max(steps) if steps else r.pruned_at
+        if t.record.state == "pruned" and t.prune_sent is not None:
+            steps = [s for when, s, _ in t.verdicts if when <= t.prune_sent]
+            if steps:
+                out[t.record.number] = max(steps)
     return out
 
 

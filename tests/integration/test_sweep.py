@@ -180,8 +180,8 @@ def replay_the_pruner(tmp_path, trials, summary):
     server = NatsServer(tmp_path / "runs" / "sw" / "nats")
     url = server.start()
     try:
-        events = {r: asyncio.run(stored(url, r, [EvalVerdict, TrainingFinished, ExportDone, CheckpointsReleased]))
-                  for r in trials}
+        events = {r: asyncio.run(stored(url, r, [EvalVerdict, Control, TrainingFinished, ExportDone,
+                                                 CheckpointsReleased])) for r in trials}
     finally:
         server.stop()
     spec, _ = load_sweep(tmp_path / "sweep.yaml")
@@ -202,7 +202,12 @@ def replay_the_pruner(tmp_path, trials, summary):
     print(out.stdout)  # the README's transcript
     text = " ".join(out.stdout.split())
     assert "replay of sweep sw: 4 trials" in text and "does not answer: reading the run's stored stream" in out.stderr
-    assert "same as live" in out.stdout and "yes" in out.stdout, out.stdout
+    prunes = ", ".join(f"{n}@{s}" for n, s in sorted(live.items()))
+    rows = {line.split("│")[1].split()[0]: [c.strip() for c in line.split("│")[1:-1]]
+            for line in out.stdout.splitlines() if line.startswith("│ ") and "warm-up" in line}
+    assert f"pruned {prunes};" in text
+    assert rows["median"][1] == prunes and rows["median"][-1] == "yes", out.stdout  # the live prunes, again
+    assert rows["none"][1] == "none" and rows["none"][2] == "yes" and rows["none"][-1] == "no", out.stdout
 
 
 

@@ -25,7 +25,8 @@ def trial(n, state, values, ended, value=None, steps=30, pruned_at=None):
     record = TrialRecord(number=n, run_id=f"s-t{n:02d}", params={"train.learning_rate": n + 1}, state=state,
                          values=dict(values), value=value, steps=steps, pruned_at=pruned_at)
     verdicts = [(at(t), step, score) for t, (step, score) in zip(range(n * 100, n * 100 + 10 * len(values), 10), values)]
-    return backtest.Trace(record, verdicts, at(ended) if ended is not None else None)
+    sent = verdicts[-1][0] + timedelta(seconds=1) if state == "pruned" else None  # the prune follows its verdict
+    return backtest.Trace(record, verdicts, at(ended) if ended is not None else None, sent)
 
 
 def recording():
