@@ -564,9 +564,11 @@ def main() -> None:
     from .bus import NatsUnreachable, PermissionRefused
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # SIGTERM (timeout, systemd, docker stop, a CI cancel) and SIGHUP (a closed terminal) stop
-    # what a command started, as Ctrl-C does: services, pools and the embedded nats-server.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # Ctrl-C, SIGTERM (timeout, systemd, docker stop, a CI cancel) and SIGHUP (a closed terminal)
+    # stop what a command started: services, pools and the embedded nats-server. All three raise
+    # KeyboardInterrupt at once. (Left alone, asyncio.run turns Ctrl-C into a cancellation of its
+    # main task, which the full suite once saw absorbed: the run went on for minutes.)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     try:
         app()
