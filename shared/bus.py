@@ -145,7 +145,9 @@ class Bus:
             await self.js.update_stream(self._stream_config())  # new kinds after an upgrade
         else:
             await self.js.add_stream(self._stream_config())
-        if not await self._exists(subjects.AUDIT_STREAM):
+        if await self._exists(subjects.AUDIT_STREAM):
+            await self.js.update_stream(self._audit_config())  # kinds audited since
+        else:
             await self.js.add_stream(self._audit_config())
         for bucket, ttl in subjects.BUCKETS.items():
             try:
@@ -160,7 +162,8 @@ class Bus:
 
     @staticmethod
     def _audit_config() -> StreamConfig:
-        """The audit trail: a copy of every control, its answer and every mixture request, sourced
+        """The audit trail: a copy of every control, its answer (applied, rejected, rolled back,
+        confirmed), every proposal and its decision, and every mixture request, sourced
         from the main stream, kept for a year and protected from deletes and purges."""
         return StreamConfig(
             name=subjects.AUDIT_STREAM, max_age=365 * 24 * 3600, deny_delete=True, deny_purge=True,

@@ -128,6 +128,9 @@ def ctl(
     nats_url: Optional[str] = NATS_URL,
     storage: Path = STORAGE,
     timeout: float = typer.Option(120.0, help="Seconds to wait for the trainer's answer."),
+    guard: Optional[str] = typer.Option(None, "--guard", help="Roll back unless the next verdicts meet this, "
+                                        "e.g. 'protocol>=0.9 and loss<3' (set-lr, set-grad-clip, set-data)."),
+    within: Optional[int] = typer.Option(None, "--within", min=1, help="Verdicts the guard watches (default 1)."),
 ) -> None:
     """Send a control event and wait until the trainer applies or rejects it."""
     from .control import ControlRefused, send_control
@@ -136,10 +139,15 @@ def ctl(
 
     from .events import explain
 
+    try:  # a guard that cannot parse is named here, before anything is sent
+        controls.check_guard(command, guard, within)
+    except controls.Rejected as e:
+        console.print(f"[red]not sent: {e}[/]", soft_wrap=True)
+        raise typer.Exit(2)
     url = nats_url or _run_url(storage, run_id)
     try:
         answer = asyncio.run(send_control(url, run_id, command, controls.parse_value(command, value),
-                                          timeout=timeout, live_only=True))
+                                          timeout=timeout, live_only=True, guard=guard, within=within))
     except ValidationError as e:  # refused before anything is sent (e.g. an empty command)
         console.print(f"[red]not a valid control: {explain(e)}[/]")
         raise typer.Exit(2)
@@ -153,13 +161,81 @@ def ctl(
 
 
 def _print_answer(answer) -> None:
-    from .events import ControlApplied
+    from .events import ControlApplied, Proposal
 
     if isinstance(answer, ControlApplied):
-        console.print(f"[green]applied[/] {answer.command} at step {answer.step}: {answer.old!r} -> {answer.new!r}")
+        console.print(f"[green]applied[/] {answer.command} at step {answer.step}: {answer.old!r} -> {answer.new!r}"
+                      + (f"; guarded by {answer.guard!r} over the next {answer.within} verdict(s), savepoint at step "
+                         f"{answer.savepoint_step}" if answer.guard else ""), soft_wrap=True)
+    elif isinstance(answer, Proposal):
+        console.print(f"[yellow]proposed[/] {answer.command} at step {answer.step} (proposal {answer.event_id}): "
+                      f"waiting for `tuneloop approve {answer.run_id} {answer.event_id}`", soft_wrap=True)
     else:
         console.print(f"[red]rejected[/] {answer.command} at step {answer.step}: {answer.reason}")
         raise typer.Exit(1)
+
+
+@app.command()
+def approve(
+    run_id: str = typer.Argument(..., help="Run whose proposal to approve."),
+    proposal_id: Optional[str] = typer.Argument(None, help="The proposal (leave out to list the open ones)."),
+    reason: str = typer.Option("", "--reason", help="Why, for the audit trail."),
+    nats_url: Optional[str] = NATS_URL,
+    storage: Path = STORAGE,
+    timeout: float = typer.Option(120.0, help="Seconds to wait for the trainer's answer."),
+) -> None:
+    """Approve what a policy proposed (feedback.approve); it takes effect at the next step boundary."""
+    _decide(run_id, proposal_id, True, reason, nats_url, storage, timeout)
+
+
+@app.command()
+def reject(
+    run_id: str = typer.Argument(..., help="Run whose proposal to reject."),
+    proposal_id: Optional[str] = typer.Argument(None, help="The proposal (leave out to list the open ones)."),
+    reason: str = typer.Option("", "--reason", help="Why, for the audit trail."),
+    nats_url: Optional[str] = NATS_URL,
+    storage: Path = STORAGE,
+    timeout: float = typer.Option(120.0, help="Seconds to wait for the trainer's answer."),
+) -> None:
+    """Reject what a policy proposed: training goes on as it was."""
+    _decide(run_id, proposal_id, False, reason, nats_url, storage, timeout)
+
+
+def _decide(run_id: str, proposal_id: Optional[str], approve: bool, reason: str, nats_url: Optional[str], storage: Path,
+            timeout: float) -> None:
+    from .bus import CONNECT_PATIENCE_S, Bus
+    from .control import decide_proposal, open_proposals
+
+    url = nats_url or _run_url(storage, run_id)
+    if proposal_id is None:
+        async def listing():
+            bus = await Bus.connect(url, "ctl", patience=CONNECT_PATIENCE_S)
+            try:
+                return await open_proposals(bus, run_id)
+            finally:
+                await bus.close()
+
+        found = asyncio.run(listing())
+        for p in found:
+            console.print(f"{p.event_id}  {p.command} {p.value if p.value is not None else ''}  proposed by {p.proposer} "
+                          f"at step {p.step}: {p.reason}  (on timeout after {p.timeout_s:g}s: {p.on_timeout})", soft_wrap=True)
+        if not found:
+            console.print(f"no open proposals for run {run_id}")
+        return
+    try:
+        answer = asyncio.run(decide_proposal(url, run_id, proposal_id, approve, reason, timeout=timeout))
+    except TimeoutError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2)
+    except Exception as e:  # the server refused this identity (only the operator may decide)
+        console.print(f"[red]not decided: {e}[/]", soft_wrap=True)
+        raise typer.Exit(2)
+    if answer.outcome == "unknown":
+        console.print(f"[red]{answer.reason}[/]", soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"{answer.outcome} {answer.command} at step {answer.step}: "
+                  f"{'applied' if answer.applied else 'not applied'}" + (f" ({answer.reason})" if answer.reason else ""),
+                  soft_wrap=True)
 
 
 @app.command()

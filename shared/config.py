@@ -326,6 +326,11 @@ class FeedbackSection(_Section):
     target: float = Field(default=0.95, ge=0, le=1, description="Stop once a verdict reaches this score.")
     patience: int = Field(default=4, ge=1, description="Stop after this many verdicts without improvement.")
     min_step: int = Field(default=0, ge=0, description="Never stop before this step.")
+    approve: list[Literal["stop", "set-data", "prune"]] = Field(default_factory=list, description=(
+        "What the automatic policies may not do by themselves: feedback's early stop, adaptive data's set-data, "
+        "a sweep's prune. Each becomes a proposal that `tuneloop approve` / `reject` answers."))
+    approve_timeout_s: float = Field(default=900.0, gt=0, description="How long a proposal waits for an answer.")
+    on_timeout: Literal["apply", "reject"] = Field(default="reject", description="What a proposal nobody answered does.")
 
 
 class ExportSection(_Section):

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from .bus import CONNECT_PATIENCE_S, Bus
 from .events import (Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter, Event, ExportDone, ExportRequest,
-                     MixtureRequest, StepMetrics, TrainingFinished)
+                     MixtureRequest, Proposal, ProposalDecision, ProposalResolved, StepMetrics, TrainingFinished)
 
 
 async def _ask(url: str, event: Event, answers: dict[type[Event], Callable[[Event], bool]], timeout: float,
@@ -57,24 +57,47 @@ async def why_not_live(bus: Bus, run_id: str) -> str | None:
 
 
 async def send_control(url: str, run_id: str, command: str, value=None, *, timeout: float = 120.0,
-                       bus: Bus | None = None, operator: str | None = None,
-                       live_only: bool = False) -> ControlApplied | ControlRejected:
-    """Publish ``command`` for ``run_id``; return the trainer's ControlApplied or ControlRejected.
-    ``live_only``: raise ControlRefused instead of sending to a run that cannot apply it."""
-    event = Control(run_id=run_id, command=command, value=value, operator=operator or _whoami())
+                       bus: Bus | None = None, operator: str | None = None, live_only: bool = False,
+                       guard: str | None = None, within: int | None = None,
+                       policy: str = "") -> ControlApplied | ControlRejected | Proposal:
+    """Publish ``command`` for ``run_id``; return the trainer's ControlApplied or ControlRejected
+    (or, for a ``policy``'s command that ``feedback.approve`` names, the Proposal holding it).
+    ``live_only``: raise ControlRefused instead of sending to a run that cannot apply it;
+    ``guard``/``within``: keep the change only while the next verdicts meet the guard."""
+    event = Control(run_id=run_id, command=command, value=value, operator=operator or _whoami(), guard=guard,
+                    within=within, policy=policy)
     if live_only:
         own = bus is None
         bus = bus or await Bus.connect(url, "ctl", patience=CONNECT_PATIENCE_S)
         try:
             if reason := await why_not_live(bus, run_id):
                 raise ControlRefused(reason)
-            return await send_control(url, run_id, command, value, timeout=timeout, bus=bus, operator=event.operator)
+            return await send_control(url, run_id, command, value, timeout=timeout, bus=bus, operator=event.operator,
+                                      guard=guard, within=within, policy=policy)
         finally:
             if own:
                 await bus.close()
     mine = lambda ev: ev.control_id == event.event_id  # noqa: E731
-    return await _ask(url, event, {ControlApplied: mine, ControlRejected: mine}, timeout, bus,
+    return await _ask(url, event, {ControlApplied: mine, ControlRejected: mine,
+                                   Proposal: lambda ev: ev.control_id == event.event_id}, timeout, bus,
                       f"{command!r} (is its trainer running?)")
+
+
+async def decide_proposal(url: str, run_id: str, proposal_id: str, approve: bool, reason: str = "", *,
+                          timeout: float = 120.0, bus: Bus | None = None) -> ProposalResolved:
+    """Approve or reject ``proposal_id``; return the trainer's ProposalResolved (applied at its
+    next step boundary). Only the operator identity may publish the decision: the server refuses
+    anyone else's."""
+    event = ProposalDecision(run_id=run_id, proposal_id=proposal_id, decision="approve" if approve else "reject",
+                             operator=_whoami(), reason=reason)
+    return await _ask(url, event, {ProposalResolved: lambda ev: ev.decision_id == event.event_id}, timeout, bus,
+                      f"the decision on proposal {proposal_id} (is its trainer running?)")
+
+
+async def open_proposals(bus: Bus, run_id: str) -> list[Proposal]:
+    """The run's proposals nobody has resolved yet, oldest first."""
+    resolved = {r.proposal_id for r in await bus.history(ProposalResolved, run_id)}
+    return [p for p in await bus.history(Proposal, run_id) if p.event_id not in resolved]
 
 
 class MixtureRefused(ValueError):

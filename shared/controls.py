@@ -79,6 +79,36 @@ def in_document(text: str) -> str:
     return f"{head}{DOC_BEGIN}\n{table()}\n{DOC_END}{rest.split(DOC_END, 1)[1]}"
 
 
+GUARDABLE = ("set-lr", "set-grad-clip", "set-data")  # the controls that change what training does
+
+
+def check_guard(command: str, guard: str | None, within: int | None, categories: frozenset[str] = frozenset(),
+                watching: dict | None = None):
+    """The parsed guard of a control (None without one); Rejected says what is wrong with it.
+    ``categories``: the data set's (a guard on another category could never be judged);
+    ``watching``: the guard already under watch (one at a time)."""
+    from .guard import GuardError, parse
+
+    if guard is None:
+        if within is not None:
+            raise Rejected("--within needs --guard")
+        return None
+    if command not in GUARDABLE:
+        raise Rejected(f"{command} cannot be guarded; guarded controls: {', '.join(GUARDABLE)}")
+    try:
+        parsed = parse(guard)
+    except GuardError as e:
+        raise Rejected(str(e)) from None
+    unknown = parsed.categories() - categories
+    if categories and unknown:
+        raise Rejected(f"guard {guard!r} names categories the data set does not have: {', '.join(sorted(unknown))} "
+                       f"(it has: {', '.join(sorted(categories))})")
+    if watching is not None:
+        raise Rejected(f"{watching['command']} applied at step {watching['applied_step']} is still under its guard "
+                       f"{watching['guard']!r}; wait for its confirmation or rollback")
+    return parsed
+
+
 def parse_value(command: str, text: str | None):
     """The value of ``command`` as typed on a command line: a number for a numeric command,
     else the text as it is (the trainer, which validates every control, answers a bad one)."""
@@ -115,9 +145,13 @@ class Steering:
     dataset_id: str = ""
     paused: bool = False
     applied: list[dict] = field(default_factory=list)  # audit: every applied control, in order
+    rolled_back: list[dict] = field(default_factory=list)  # controls undone by a rollback: never applied again
+    guard: dict | None = None  # the guarded control under watch (see GuardWatch), None when none is
+    proposals: dict[str, dict] = field(default_factory=dict)  # open proposals by id (see the trainer's approvals)
+    discarded_requests: list[str] = field(default_factory=list)  # eval requests of discarded checkpoints
 
     def applied_ids(self) -> set[str]:
-        return {a["control_id"] for a in self.applied}
+        return {a["control_id"] for a in self.applied} | {a["control_id"] for a in self.rolled_back}
 
     def to_dict(self) -> dict:
         return asdict(self)

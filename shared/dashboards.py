@@ -82,6 +82,9 @@ ROWS: dict[str, list[Panel]] = {
         Panel("Dead letters", ((f"sum by (kind, reason) (tuneloop_bus_dead_letters_total{{{RUN}}})", "{{kind}}: {{reason}}"),),
               "short", "Events that failed validation or handling (kept on tuneloop.<run>.dlq)."),
         Panel("Controls", ((f"sum by (command, outcome) (tuneloop_controls_total{{{RUN}}})", "{{command}} {{outcome}}"),)),
+        Panel("Guards and proposals", ((f"sum by (command, outcome) (tuneloop_guards_total{{{RUN}}})", "guard {{command}} {{outcome}}"),
+                                       (f"sum by (command, outcome) (tuneloop_proposals_total{{{RUN}}})", "proposal {{command}} {{outcome}}")),
+              "short", "Guarded controls confirmed or rolled back; policy actions proposed and how they ended."),
     ],
 }
 
@@ -93,12 +96,13 @@ def _changed(series: str) -> str:
 
 CONTROL_ANNOTATION = _changed(f'tuneloop_controls_total{{{RUN}, outcome="applied"}}')
 CHECKPOINT_ANNOTATION = _changed(f"tuneloop_checkpoints_total{{{RUN}}}")
+ROLLBACK_ANNOTATION = _changed(f'tuneloop_guards_total{{{RUN}, outcome="rolled_back"}}')
 
 
 def expressions() -> list[str]:
     """Every PromQL expression the dashboard runs (panels and annotations)."""
-    return [e for panels in ROWS.values() for p in panels for e, _ in p.exprs] + [CONTROL_ANNOTATION,
-                                                                                  CHECKPOINT_ANNOTATION]
+    return [e for panels in ROWS.values() for p in panels for e, _ in p.exprs] + [
+        CONTROL_ANNOTATION, CHECKPOINT_ANNOTATION, ROLLBACK_ANNOTATION]
 
 
 def dashboard() -> dict:
@@ -133,6 +137,9 @@ def dashboard() -> dict:
              "tagKeys": "command,run_id"},
             {"name": "checkpoints", "enable": True, "iconColor": "blue", "datasource": DATASOURCE,
              "expr": CHECKPOINT_ANNOTATION, "step": "5s", "titleFormat": "checkpoint", "tagKeys": "run_id"},
+            {"name": "rollbacks", "enable": True, "iconColor": "red", "datasource": DATASOURCE,
+             "expr": ROLLBACK_ANNOTATION, "step": "5s", "titleFormat": "{{command}} rolled back",
+             "textFormat": "guard broken: back to the savepoint", "tagKeys": "command,run_id"},
         ]},
         "panels": panels,
     }

@@ -136,6 +136,7 @@ class CheckpointSaved(Event):
     loss: float | None = None
     snapshot: bool = Field(default=False, description="Weights (or adapter) only, for evaluation (eval.every): not resumable.")
     evaluate: bool = Field(default=True, description="Ask for its evaluation (False: a checkpoint kept for resume only).")
+    savepoint: bool = Field(default=False, description="Saved before a guarded control: the run rolls back to it if the guard breaks.")
 
 
 class TrainingFinished(Event):
@@ -274,6 +275,12 @@ class Feedback(Event):
     best_step: int | None = None
     best_score: float | None = None
     weak_categories: list[str] = Field(default_factory=list)
+    # The verdict itself, for guards on the metrics it reports (see tuneloop.guard).
+    verdict_id: str | None = None
+    request_id: str | None = Field(default=None, description="The eval request the verdict answers (which checkpoint).")
+    scores: dict[str, float] = Field(default_factory=dict)
+    by_category: dict[str, dict[str, float]] = Field(default_factory=dict)
+    mean_new_tokens: float | None = None
 
 
 # ---------------------------------------------------------------- control
@@ -284,6 +291,13 @@ class Control(Event):
     command: str = Field(min_length=1, max_length=64, description="e.g. stop, set-lr. Unknown commands are rejected, not dropped.")
     value: float | str | None = None
     operator: str = ""
+    guard: str | None = Field(default=None, max_length=200, description=(
+        "Keep the change only while the next `within` verdicts meet this condition (e.g. protocol>=0.9); "
+        "else roll back to the savepoint taken before it."))
+    within: int | None = Field(default=None, ge=1, le=100, description="Verdicts the guard watches (default 1).")
+    policy: str = Field(default="", max_length=64, description=(
+        "The automatic policy that sent it (adaptive data, a sweep's pruner); empty for a person. "
+        "With feedback.approve naming its command, it becomes a proposal instead."))
 
 
 class ControlApplied(Event):
@@ -295,6 +309,42 @@ class ControlApplied(Event):
     step: int = Field(ge=0)
     old: Any = None
     new: Any = None
+    guard: str | None = None
+    within: int | None = None
+    savepoint_step: int | None = Field(default=None, description="A guarded control: the checkpoint saved just before it.")
+
+
+class ControlRolledBack(Event):
+    """trainer → all: a guarded control broke its guard; the run went back to its savepoint.
+
+    Weights, optimizer, schedule, RNG, data position and the controls in force are the
+    savepoint's again; the steps after it were discarded (their checkpoints deleted)."""
+
+    KIND: ClassVar[str] = "control.rolled_back"
+    control_id: str
+    command: str
+    value: Any = None
+    guard: str
+    step: int = Field(ge=0, description="The step the run was at when it rolled back.")
+    savepoint_step: int = Field(ge=0)
+    discarded_steps: list[int] = Field(default_factory=list, description="First and last step discarded.")
+    verdict_step: int = Field(ge=0, description="The step of the verdict that broke the guard.")
+    verdict_id: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict, description="What the guard read from that verdict.")
+    reverted: list[str] = Field(default_factory=list, description="Other controls applied since the savepoint, undone too.")
+    discarded_saves: list[str] = Field(default_factory=list, description="event ids of the discarded checkpoints' ckpt.saved.")
+
+
+class ControlConfirmed(Event):
+    """trainer → all: a guarded control met its guard on ``within`` verdicts; it stays."""
+
+    KIND: ClassVar[str] = "control.confirmed"
+    control_id: str
+    command: str
+    guard: str
+    step: int = Field(ge=0)
+    savepoint_step: int = Field(ge=0)
+    verdict_steps: list[int] = Field(default_factory=list)
 
 
 class ControlRejected(Event):
@@ -305,6 +355,50 @@ class ControlRejected(Event):
     command: str
     step: int = Field(ge=0)
     reason: str
+
+
+# ---------------------------------------------------------------- approval gates
+class Proposal(Event):
+    """trainer → operator: what an automatic policy wants to do, held for approval (feedback.approve).
+
+    Its ``event_id`` is the id ``tuneloop approve RUN ID`` names. Training goes on while it waits."""
+
+    KIND: ClassVar[str] = "proposal"
+    command: Literal["stop", "set-data", "prune"]
+    value: Any = None
+    reason: str
+    proposer: str = Field(description="The policy: feedback, adaptive data, a sweep's pruner.")
+    step: int = Field(ge=0, description="The trainer's step when it was proposed.")
+    verdict_step: int | None = None
+    verdict_id: str | None = None
+    score: float | None = None
+    control_id: str | None = Field(default=None, description="The policy's control this holds (set-data, prune).")
+    timeout_s: float = Field(gt=0)
+    on_timeout: Literal["apply", "reject"]
+
+
+class ProposalDecision(Event):
+    """operator → trainer: approve or reject a proposal (only the operator identity may publish it)."""
+
+    KIND: ClassVar[str] = "proposal.decision"
+    proposal_id: str = Field(min_length=1, max_length=64)
+    decision: Literal["approve", "reject"]
+    operator: str = ""
+    reason: str = Field(default="", max_length=500)
+
+
+class ProposalResolved(Event):
+    """trainer → all: how a proposal ended, and at which step."""
+
+    KIND: ClassVar[str] = "proposal.resolved"
+    proposal_id: str
+    command: str
+    outcome: Literal["approved", "rejected", "timed-out", "unknown"]
+    applied: bool = Field(description="Whether the proposed action took effect.")
+    step: int = Field(ge=0)
+    by: str = ""
+    reason: str = ""
+    decision_id: str | None = Field(default=None, description="The proposal.decision this answers (none for a timeout).")
 
 
 # ---------------------------------------------------------------- rewards (request/reply)
@@ -341,6 +435,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RunQueued, DatasetReady, MixtureRequest, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, CheckpointsReleased,
     ExportDone, ExportRequest,
     EvalRequest, EvalShard, EvalVerdict, Feedback, Control, ControlApplied, ControlRejected,
+    ControlRolledBack, ControlConfirmed, Proposal, ProposalDecision, ProposalResolved,
     RewardRequest, RewardReply, DeadLetter,
 )
 BY_KIND: dict[str, type[Event]] = {cls.KIND: cls for cls in EVENT_TYPES}

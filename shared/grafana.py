@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 
-from .events import CheckpointRecorded, ControlApplied, Event
+from .events import CheckpointRecorded, ControlApplied, ControlRolledBack, Event
 
 log = logging.getLogger(__name__)
 DASHBOARD_UID = "tuneloop"
@@ -23,6 +23,11 @@ def annotation(event: Event) -> dict | None:
     if isinstance(event, ControlApplied):
         return {"dashboard_uid": DASHBOARD_UID, "time_from": when, "tags": ["tuneloop", event.run_id, "control", event.command],
                 "text": f"{event.run_id}: {event.command} at step {event.step}: {event.old!r} -> {event.new!r}"}
+    if isinstance(event, ControlRolledBack):
+        return {"dashboard_uid": DASHBOARD_UID, "time_from": when, "tags": ["tuneloop", event.run_id, "rollback", event.command],
+                "text": f"{event.run_id}: {event.command} {event.value!r} rolled back at step {event.step} to the savepoint "
+                        f"at step {event.savepoint_step}: guard {event.guard!r} broken by the verdict of step "
+                        f"{event.verdict_step} {event.metrics}"}
     if isinstance(event, CheckpointRecorded):
         return {"dashboard_uid": DASHBOARD_UID, "time_from": when, "tags": ["tuneloop", event.run_id, "checkpoint"],
                 "text": f"{event.run_id}: checkpoint step {event.step} ({event.bytes / 1e6:.1f} MB, "

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from .events import (CheckpointRecorded, ControlApplied, ControlRejected, DatasetReady, EvalVerdict, Event,
-                     ExportDone, Feedback, StepMetrics)
+from .events import (CheckpointRecorded, ControlApplied, ControlConfirmed, ControlRejected, ControlRolledBack, DatasetReady,
+                     EvalVerdict, Event, ExportDone, Feedback, Proposal, ProposalResolved, StepMetrics)
 
 R = ["run_id"]
 
@@ -30,6 +30,10 @@ TRAIN_REWARD = Gauge("tuneloop_train_reward", "GRPO: mean reward of the last log
 TRAIN_PAUSED = Gauge("tuneloop_train_paused", "1 while the run is paused by a control.", R)
 CONTROLS = Counter("tuneloop_controls_total", "Controls answered by the trainer.", R + ["command", "outcome"])
 FEEDBACK = Counter("tuneloop_feedback_total", "Feedback events sent by the policy.", R + ["action"])
+GUARDS = Counter("tuneloop_guards_total", "Guarded controls that ended: confirmed, or rolled back to their savepoint.",
+                 R + ["command", "outcome"])
+PROPOSALS = Counter("tuneloop_proposals_total", "Policy actions held for approval: proposed, then approved, rejected "
+                    "or timed-out.", R + ["command", "outcome"])
 
 # evaluator
 EVAL_CASES = Counter("tuneloop_eval_cases_total", "Cases generated and scored.", R)
@@ -86,6 +90,14 @@ def observe(event: Event) -> None:
             TRAIN_PAUSED.labels(run).set(1 if event.command == "pause" else 0)
     elif isinstance(event, ControlRejected):
         CONTROLS.labels(run, event.command, "rejected").inc()
+    elif isinstance(event, ControlRolledBack):
+        GUARDS.labels(run, event.command, "rolled_back").inc()
+    elif isinstance(event, ControlConfirmed):
+        GUARDS.labels(run, event.command, "confirmed").inc()
+    elif isinstance(event, Proposal):
+        PROPOSALS.labels(run, event.command, "proposed").inc()
+    elif isinstance(event, ProposalResolved) and event.outcome != "unknown":
+        PROPOSALS.labels(run, event.command, event.outcome).inc()
     elif isinstance(event, Feedback):
         FEEDBACK.labels(run, event.action).inc()
     elif isinstance(event, EvalVerdict):

@@ -42,6 +42,9 @@ def decide(cfg: FeedbackSection, state: PolicyState, verdict: EvalVerdict, weak_
     feedback = Feedback(
         run_id=verdict.run_id, event_id=derived_id("feedback", verdict.event_id), step=verdict.step, action=action,
         reason=reason, score=score, best_step=state.best_step, best_score=state.best_score, weak_categories=weak,
+        verdict_id=verdict.event_id, request_id=verdict.request_id, scores=dict(verdict.scores),
+        by_category={c: {k: v for k, v in s.items() if k != "cases"} for c, s in verdict.by_category.items()},
+        mean_new_tokens=verdict.mean_new_tokens,
     )
     state.decided[verdict.event_id] = feedback
     return feedback

@@ -1,5 +1,6 @@
 """Training-curve report of a run: a PNG (loss, lr, reward, eval scores over steps, controls
-marked) and an HTML page with the same plus the run's config and summary.
+marked, the steps a rollback discarded shaded) and an HTML page with the same plus the
+guarded controls, the proposals and how each ended, the run's config and summary.
 
 The events come from ``<run>/timeline.jsonl`` (written by the embedded runner) or, for runs
 deployed elsewhere, from a replay of the run's stream (``replay``). Building the timeline is
@@ -14,10 +15,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .events import BY_KIND, CheckpointRecorded, ControlApplied, DatasetReady, EvalVerdict, Event, StepMetrics
+from .events import (BY_KIND, CheckpointRecorded, ControlApplied, ControlConfirmed, ControlRolledBack, DatasetReady,
+                     EvalVerdict, Event, Proposal, ProposalResolved, StepMetrics)
 
 TIMELINE_FILE = "timeline.jsonl"
-KINDS = (StepMetrics, EvalVerdict, ControlApplied, CheckpointRecorded, DatasetReady)
+KINDS = (StepMetrics, EvalVerdict, ControlApplied, ControlRolledBack, ControlConfirmed, Proposal, ProposalResolved,
+         CheckpointRecorded, DatasetReady)
 
 
 @dataclass
@@ -28,6 +31,10 @@ class Timeline:
     controls: list[ControlApplied] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
     datasets: list[DatasetReady] = field(default_factory=list)  # what the data-quality gate found in each
+    rollbacks: list[ControlRolledBack] = field(default_factory=list)
+    confirmed: list[ControlConfirmed] = field(default_factory=list)
+    proposals: list[Proposal] = field(default_factory=list)
+    resolved: dict[str, ProposalResolved] = field(default_factory=dict)  # proposal id -> how it ended
 
     @classmethod
     def of(cls, run_id: str, events: list[Event]) -> "Timeline":
@@ -35,6 +42,16 @@ class Timeline:
         for e in sorted(events, key=lambda e: e.time):
             if isinstance(e, StepMetrics) and e.loss is not None:
                 t.steps.append(e)
+            elif isinstance(e, ControlRolledBack):  # what was trained after the savepoint is not the run's any more
+                t.rollbacks.append(e)
+                t.steps = [s for s in t.steps if s.step <= e.savepoint_step]
+                t.verdicts = [v for v in t.verdicts if v.step <= e.savepoint_step]
+            elif isinstance(e, ControlConfirmed):
+                t.confirmed.append(e)
+            elif isinstance(e, Proposal):
+                t.proposals.append(e)
+            elif isinstance(e, ProposalResolved):
+                t.resolved[e.proposal_id] = e
             elif isinstance(e, EvalVerdict) and e.purpose == "periodic":
                 t.verdicts.append(e)
             elif isinstance(e, ControlApplied):
@@ -108,6 +125,11 @@ def write_png(t: Timeline, path: Path) -> Path:
     scores.set_ylabel("validation score")
     scores.set_xlabel("step")
     scores.legend(loc="lower right")
+    for r in t.rollbacks:  # the discarded span: trained, then undone
+        for ax in axes:
+            ax.axvspan(r.savepoint_step, r.step, color="tab:red", alpha=0.15, linewidth=0)
+        loss.annotate(f"{r.command} rolled back", (r.savepoint_step, 0.5), xycoords=("data", "axes fraction"),
+                      fontsize=7, color="tab:red")
     for c in t.controls:
         for ax in axes:
             ax.axvline(c.step, color="grey", linestyle="--", linewidth=0.8)
@@ -120,6 +142,7 @@ def write_png(t: Timeline, path: Path) -> Path:
     # What was drawn, in the PNG's text chunk: a reader (or a test) can check the axes came from the run.
     drawn = {"steps": [t.steps[0].step, t.steps[-1].step] if t.steps else [], "xlim": list(scores.get_xlim()),
              "panels": [ax.get_ylabel() for ax in axes], "controls": [[c.step, c.command] for c in t.controls],
+             "rolled_back": [[r.savepoint_step, r.step, r.command] for r in t.rollbacks],
              "evaluations": len(val)}
     fig.savefig(path, dpi=100, metadata={"Title": f"tuneloop run {t.run_id}", "Description": json.dumps(drawn)})
     plt.close(fig)
@@ -156,6 +179,15 @@ def write_html(t: Timeline, png: Path, path: Path, config_text: str = "", summar
     verdicts = "".join(f"<tr><td>{v.step}</td><td>{esc(v.split)}</td><td>{v.cases}</td>"
                        + "".join(f"<td>{v.scores.get(m, 0.0):.3f}</td>" for m in ("protocol", "correctness"))
                        + "</tr>" for v in t.verdicts) or "<tr><td colspan=5>none</td></tr>"
+    guards = "".join(f"<tr><td>{esc(r.command)} {esc(repr(r.value))}</td><td>{esc(r.guard)}</td>"
+                     f"<td style='color:#b00'>rolled back at step {r.step} to the savepoint at step {r.savepoint_step} "
+                     f"(verdict of step {r.verdict_step}: {esc(json.dumps(r.metrics))})</td></tr>" for r in t.rollbacks)
+    guards += "".join(f"<tr><td>{esc(c.command)}</td><td>{esc(c.guard)}</td><td>confirmed at step {c.step} (verdicts "
+                      f"of steps {c.verdict_steps})</td></tr>" for c in t.confirmed)
+    props = "".join(f"<tr><td>{esc(p.event_id)}</td><td>{esc(p.command)} {esc(str(p.value or ''))}</td><td>{esc(p.proposer)}"
+                    f"</td><td>{p.step}</td><td style='text-align:left'>{esc(p.reason)}</td><td>"
+                    + (esc(f"{r.outcome} by {r.by} at step {r.step}: {'applied' if r.applied else 'not applied'}")
+                       if (r := t.resolved.get(p.event_id)) else "open") + "</td></tr>" for p in t.proposals)
     last = t.steps[-1] if t.steps else None
     path.write_text(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>tuneloop run {esc(t.run_id)}</title>
@@ -168,6 +200,8 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}pre{{background:#
 <img alt="training curves" src="data:image/png;base64,{image}">
 <h2>Evaluations</h2><table><tr><th>step</th><th>split</th><th>cases</th><th>protocol</th><th>correctness</th></tr>{verdicts}</table>
 <h2>Controls applied</h2><table><tr><th>step</th><th>command</th><th>old</th><th>new</th></tr>{controls}</table>
+<h2>Guarded controls</h2><table><tr><th>control</th><th>guard</th><th>outcome</th></tr>{guards or "<tr><td colspan=3>none</td></tr>"}</table>
+<h2>Proposals</h2><table><tr><th>id</th><th>what</th><th>by</th><th>step</th><th>why</th><th>outcome</th></tr>{props or "<tr><td colspan=6>none</td></tr>"}</table>
 <h2>Data quality</h2>{quality_html(t, quality or {})}
 <h2>Summary</h2><pre>{esc(json.dumps(summary, indent=2)) if summary else "(no summary: the run has not finished)"}</pre>
 <h2>Config</h2><pre>{esc(config_text)}</pre>

@@ -23,8 +23,9 @@ from . import summary as summaries
 from .bus import Bus
 from .config import RUN_ID_STAMP, Config, ConfigError, dump_config, load_config
 from .embedded import NatsServer
-from .events import (CheckpointRecorded, Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter,
-                     EvalVerdict, Event, ExportDone, Feedback, StepMetrics, TrainingFinished)
+from .events import (CheckpointRecorded, Control, ControlApplied, ControlConfirmed, ControlRejected, ControlRolledBack,
+                     DatasetReady, DeadLetter, EvalVerdict, Event, ExportDone, Feedback, Proposal, ProposalResolved,
+                     StepMetrics, TrainingFinished)
 from .processes import FIRST, LATER_WITHIN_S, SERVICES, exited_badly, spawn, stop_all
 from .progress import Progress
 from .report import TIMELINE_FILE, write_report, write_timeline
@@ -33,7 +34,8 @@ from .summary import JobSummary, PhaseSummary, RunSummary
 from .watch import WatchView, log_event
 
 WATCHED = (DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, Control, ControlApplied,
-           ControlRejected, TrainingFinished, ExportDone, DeadLetter)
+           ControlRejected, ControlRolledBack, ControlConfirmed, Proposal, ProposalResolved, TrainingFinished,
+           ExportDone, DeadLetter)
 # After the last event, services keep serving /metrics this long before they are stopped: a
 # Prometheus scraping every second or two still gets the run's final values.
 FINAL_SCRAPE_S = 2.0

@@ -2,7 +2,8 @@
 
 It replays the run's stream from the start (so it shows the history of a run it joins late)
 and then follows it live: progress, loss / lr / reward / validation curves as sparklines, the
-latest verdict by category, controls pending and answered, and how the run ended.
+latest verdict by category, controls pending and answered, the guarded control under watch
+(then confirmed or rolled back), proposals waiting for approval, and how the run ended.
 ``WatchView`` only folds events into state and renders it; the bus part is ``watch``.
 """
 
@@ -18,12 +19,13 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .events import (CheckpointRecorded, Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter, EvalVerdict,
-                     Event, ExportDone, Feedback, StepMetrics, TrainingFinished)
+from .events import (CheckpointRecorded, Control, ControlApplied, ControlConfirmed, ControlRejected, ControlRolledBack,
+                     DatasetReady, DeadLetter, EvalVerdict, Event, ExportDone, Feedback, Proposal, ProposalResolved,
+                     StepMetrics, TrainingFinished)
 from .progress import Progress
 
 KINDS = (DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, Control, ControlApplied,
-         ControlRejected, TrainingFinished, ExportDone)
+         ControlRejected, ControlRolledBack, ControlConfirmed, Proposal, ProposalResolved, TrainingFinished, ExportDone)
 BARS = "▁▂▃▄▅▆▇█"
 
 
@@ -53,6 +55,8 @@ class WatchView:
     pending: dict[str, Control] = field(default_factory=dict)
     answered: deque = field(default_factory=lambda: deque(maxlen=6))
     checkpoints: int = 0
+    guarded: ControlApplied | None = None  # the guarded control under watch
+    proposals: dict[str, Proposal] = field(default_factory=dict)  # open ones
     dataset: str = ""
     finished: TrainingFinished | None = None
     exported: ExportDone | None = None
@@ -71,11 +75,23 @@ class WatchView:
                 self.val.append(e)
         elif isinstance(e, Control):
             self.pending[e.event_id] = e
-        elif isinstance(e, (ControlApplied, ControlRejected)):
+        elif isinstance(e, (ControlApplied, ControlRejected, ControlRolledBack, ControlConfirmed)):
             self.pending.pop(e.control_id, None)
             self.answered.append(e)
             if isinstance(e, ControlApplied) and e.command in ("pause", "resume"):
                 self.paused = e.command == "pause"
+            if isinstance(e, ControlApplied) and e.guard:
+                self.guarded = e
+            elif isinstance(e, (ControlRolledBack, ControlConfirmed)) and self.guarded and self.guarded.control_id == e.control_id:
+                self.guarded = None
+        elif isinstance(e, Proposal):
+            if e.control_id:
+                self.pending.pop(e.control_id, None)
+            self.proposals[e.event_id] = e
+        elif isinstance(e, ProposalResolved):
+            self.proposals.pop(e.proposal_id, None)
+            if e.outcome != "unknown":
+                self.answered.append(e)
         elif isinstance(e, Feedback):
             self.feedback = e
         elif isinstance(e, CheckpointRecorded):
@@ -121,11 +137,34 @@ class WatchView:
             controls.add_row(c.command, str(c.value if c.value is not None else ""), Text("pending", style="yellow"))
         for a in self.answered:
             if isinstance(a, ControlApplied):
-                controls.add_row(a.command, f"{a.old!r} -> {a.new!r}", Text(f"applied at step {a.step}", style="green"))
+                guarded = f", guard {a.guard!r} watching {a.within} verdict(s)" if a.guard else ""
+                controls.add_row(a.command, f"{a.old!r} -> {a.new!r}", Text(f"applied at step {a.step}{guarded}", style="green"))
+            elif isinstance(a, ControlRolledBack):
+                controls.add_row(a.command, repr(a.value), Text(
+                    f"ROLLED BACK at step {a.step} to step {a.savepoint_step}: guard {a.guard!r} broken by the verdict of "
+                    f"step {a.verdict_step}", style="bold red"))
+            elif isinstance(a, ControlConfirmed):
+                controls.add_row(a.command, "", Text(f"confirmed at step {a.step}: guard {a.guard!r} held on verdicts "
+                                                     f"of steps {a.verdict_steps}", style="green"))
+            elif isinstance(a, ProposalResolved):
+                controls.add_row(f"proposal {a.command}", "", Text(
+                    f"{a.outcome} by {a.by} at step {a.step}: {'applied' if a.applied else 'not applied'}",
+                    style="green" if a.applied else "yellow"))
             else:
                 controls.add_row(a.command, "", Text(f"rejected at step {a.step}: {a.reason}", style="red"))
         if controls.row_count:
             parts.append(controls)
+        if self.guarded:
+            g = self.guarded
+            parts.append(Text(f"guard: {g.command} {g.new!r} (applied at step {g.step}) is kept only while the next "
+                              f"{g.within} verdict(s) meet {g.guard!r}; savepoint at step {g.savepoint_step}", style="yellow"))
+        if self.proposals:
+            props = Table("open proposal", "what", "why", "answer with", box=None, padding=(0, 1))
+            for p in self.proposals.values():
+                props.add_row(p.event_id, f"{p.command} {p.value if p.value is not None else ''}".strip() + f" (by {p.proposer})",
+                              p.reason, f"tuneloop approve|reject {p.run_id} {p.event_id} (timeout {p.timeout_s:g}s: "
+                                        f"{p.on_timeout})")
+            parts.append(props)
         if self.exported:
             parts.append(Text(f"exported step {self.exported.step}: {self.exported.merged_path or self.exported.adapter_path}"))
         return Group(Panel(Group(*parts), title="tuneloop watch", border_style="blue"))
@@ -151,6 +190,16 @@ def log_event(ev: Event, console) -> None:
     elif isinstance(ev, (ControlApplied, ControlRejected)):
         what = "applied" if isinstance(ev, ControlApplied) else f"rejected: {ev.reason}"
         console.log(f"control {ev.command} {what} at step {ev.step}")
+    elif isinstance(ev, ControlRolledBack):
+        console.log(f"[red]rolled back[/] {ev.command} at step {ev.step} to the savepoint at step {ev.savepoint_step}: "
+                    f"guard {ev.guard!r} broken by the verdict of step {ev.verdict_step} {ev.metrics}")
+    elif isinstance(ev, ControlConfirmed):
+        console.log(f"confirmed {ev.command}: guard {ev.guard!r} held on the verdicts of steps {ev.verdict_steps}")
+    elif isinstance(ev, Proposal):
+        console.log(f"[yellow]proposal[/] {ev.event_id}: {ev.command} by {ev.proposer} ({ev.reason}); "
+                    f"`tuneloop approve {ev.run_id} {ev.event_id}`")
+    elif isinstance(ev, ProposalResolved):
+        console.log(f"proposal {ev.proposal_id} {ev.outcome} by {ev.by}: {'applied' if ev.applied else 'not applied'}")
     elif isinstance(ev, TrainingFinished):
         console.log(f"training finished at step {ev.step}: {ev.reason} ({ev.detail})")
     elif isinstance(ev, DeadLetter):

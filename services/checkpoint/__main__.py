@@ -12,8 +12,8 @@ import time
 
 from tuneloop import metrics, subjects
 from tuneloop.events import Reject
-from tuneloop.events import (CheckpointRecorded, CheckpointSaved, CheckpointsReleased, ControlApplied, EvalRequest,
-                             EvalVerdict, ExportDone, ExportRequest, TrainingFinished, derived_id)
+from tuneloop.events import (CheckpointRecorded, CheckpointSaved, CheckpointsReleased, ControlApplied, ControlRolledBack,
+                             EvalRequest, EvalVerdict, ExportDone, ExportRequest, TrainingFinished, derived_id)
 from tuneloop.grafana import Annotator
 from tuneloop.records import Records
 from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, run_service, warm_up
@@ -97,9 +97,24 @@ class CheckpointService:
         if entry is None:
             log.warning("verdict for unknown checkpoint %s step %d", v.run_id, v.step)
             return
+        if entry.saved_by and v.request_id != derived_id("eval", entry.saved_by):
+            log.info("verdict of step %d is of a checkpoint saved there before (discarded by a rollback): not its record",
+                     v.step)
+            return
         entry.scores = dict(v.scores)
         await self.catalogue.put(v.run_id, entry)
         await self.drop_stale_snapshots(v.run_id)
+
+    @handles(ControlRolledBack)
+    async def on_rolled_back(self, ev: ControlRolledBack) -> None:
+        """The trainer deleted the checkpoints after a savepoint: their records can no longer be
+        exported (the steps are saved again as training goes on from the savepoint)."""
+        discarded = set(ev.discarded_saves)
+        for e in await self.catalogue.entries(ev.run_id):
+            if e.saved_by in discarded and not e.released:
+                e.released = e.discarded = True
+                await self.catalogue.put(ev.run_id, e)
+                log.info("step %d of run %s discarded by the rollback of %s", e.step, ev.run_id, ev.command)
 
     async def drop_stale_snapshots(self, run_id: str) -> None:
         """Delete the snapshots that lost to another entry (retention; the records stay)."""
@@ -213,8 +228,9 @@ async def main(ctx: ServiceContext) -> None:
                                 Annotator.from_env())  # GRAFANA_URL + GRAFANA_TOKEN: annotate checkpoints and controls
     warm_up(models.imports)  # merged exports load models: imported now, not in front of the first one
     await consume_handlers(ctx.bus, ctx.run_id, service)
-    if service.annotator:  # applied controls become Grafana annotations too
-        await ctx.bus.consume(ControlApplied, ctx.run_id, service.annotator.post, group="checkpoint-grafana")
+    if service.annotator:  # applied and rolled-back controls become Grafana annotations too
+        for kind in (ControlApplied, ControlRolledBack):
+            await ctx.bus.consume(kind, ctx.run_id, service.annotator.post, group="checkpoint-grafana")
     await ctx.stop.wait()
 
 

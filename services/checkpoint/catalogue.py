@@ -19,6 +19,7 @@ class Entry(BaseModel):
     snapshot: bool = False  # weights only, for evaluation (eval.every); not resumable
     evaluated: bool = True  # a verdict was asked for (False: a checkpoint kept for resume only)
     saved_by: str | None = None  # event id of the ckpt.saved recorded: a redelivery of it changes nothing
+    discarded: bool = False  # saved after a savepoint that the run rolled back to (released too)
 
 
 def best(entries: list[Entry], metric: str) -> Entry | None:

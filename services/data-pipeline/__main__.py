@@ -101,7 +101,8 @@ async def main(ctx: ServiceContext) -> None:
                                category_weights=after, requested_by=fb.event_id)
         log.info("feedback of step %d: weak %s -> category weights %s", fb.step, fb.weak_categories, after)
         await ctx.bus.publish(Control(run_id=fb.run_id, event_id=derived_id("adapt", fb.event_id), command="set-data",
-                                      value=ready.dataset_id, operator="data-pipeline (adaptive data)"))
+                                      value=ready.dataset_id, operator="data-pipeline (adaptive data)",
+                                      policy="adaptive data"))
 
     if ctx.run_id == ALL_RUNS:
         await ctx.bus.consume(RunQueued, ctx.run_id, on_queued)

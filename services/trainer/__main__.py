@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from tuneloop.checkpoints import latest_intact, read_state
-from tuneloop.events import CheckpointRecorded, Control, ControlRejected, DatasetReady, DeadLetter, Feedback, RunQueued, TrainingFinished
+from tuneloop.events import (CheckpointRecorded, Control, ControlRejected, DatasetReady, DeadLetter, Feedback, ProposalDecision,
+                             ProposalResolved, RunQueued, TrainingFinished)
 from tuneloop.service import ServiceContext, on_torch_thread, parent_gone, parse_args, run_log, run_service, setup_logging
 from tuneloop.subjects import ALL_RUNS
 from tuneloop.storage import load_run_config, run_dir
@@ -104,8 +105,8 @@ async def train_run(ctx: ServiceContext, run_id: str, in_pool: bool = False) -> 
         return
     log.info("dataset %s: %s", dataset.dataset_id, {k: v.rows for k, v in dataset.splits.items()})
 
-    consumers = [await bus.consume(Control, run_id, link.deliver, concurrency=64, ack_wait=60),
-                 await bus.consume(Feedback, run_id, link.deliver, concurrency=64, ack_wait=60)]
+    consumers = [await bus.consume(kind, run_id, link.deliver, concurrency=64, ack_wait=60)
+                 for kind in (Control, Feedback, ProposalDecision)]
     stopper = asyncio.create_task(_forward_stop(ctx, link))
 
     try:
@@ -121,6 +122,10 @@ async def train_run(ctx: ServiceContext, run_id: str, in_pool: bool = False) -> 
         if isinstance(event, Control):
             await bus.publish(ControlRejected(run_id=run_id, control_id=event.event_id, command=event.command,
                                               step=finished.step, reason="training has finished"))
+        elif isinstance(event, ProposalDecision):
+            await bus.publish(ProposalResolved(run_id=run_id, proposal_id=event.proposal_id, command="", outcome="unknown",
+                                               applied=False, step=finished.step, by=event.operator,
+                                               decision_id=event.event_id, reason="training has finished"))
         done()
     for task in consumers:
         await bus.stop_consuming(task)

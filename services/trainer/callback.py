@@ -3,7 +3,11 @@
 - ``on_log``: publish ``StepMetrics``.
 - ``on_step_end``: apply the control and feedback events that arrived during the step, in
   order, and answer each control with ``ControlApplied`` / ``ControlRejected``.
-- ``on_save``: announce the complete checkpoint with ``CheckpointSaved``.
+- ``on_save``: announce the complete checkpoint with ``CheckpointSaved``; a guarded control
+  waits for this checkpoint (its savepoint) and is applied here (see ``guards``).
+
+Feedback and policy controls that ``feedback.approve`` names become proposals instead (see
+``approvals``); a guard that breaks stops the loop for the recipe to roll back.
 
 With several processes every rank runs this callback; rank 0's events are broadcast at the
 step boundary so every rank applies the same ones, and only rank 0 speaks on the bus.
@@ -11,6 +15,7 @@ step boundary so every rank applies the same ones, and only rank 0 speaks on the
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -21,14 +26,16 @@ from transformers import TrainerCallback
 from tuneloop import controls
 from tuneloop.checkpoints import folder, read_steering, write_state, write_steering
 from tuneloop.storage import APPLIED_FILE, SNAPSHOTS
-from tuneloop.events import (CheckpointSaved, Control, ControlApplied, ControlRejected, DatasetReady, Feedback, StepMetrics,
-                             derived_id)
+from tuneloop.config import FeedbackSection
+from tuneloop.events import (CheckpointSaved, Control, ControlApplied, ControlConfirmed, ControlRejected, DatasetReady,
+                             Feedback, Proposal, ProposalDecision, ProposalResolved, StepMetrics, derived_id)
 
-from . import distributed
+from . import approvals, distributed, guards
 from .link import BusLink, FollowerLink
 
 log = logging.getLogger(__name__)
 PAUSE_POLL_S = 2.0
+DEFERRED = object()  # a guarded control's answer: given once its savepoint is saved
 
 
 def set_learning_rate(optimizer, scheduler, new: float) -> None:
@@ -75,8 +82,15 @@ def weights_checksum(model) -> float:
 
 class BusCallback(TrainerCallback):
     def __init__(self, link: BusLink | FollowerLink, run_id: str, run_dir: Path, base_model: str, adapter: bool,
-                 state: controls.Steering, method: str = "sft", sharded: bool = False, eval_every: int | None = None):
+                 state: controls.Steering, method: str = "sft", sharded: bool = False, eval_every: int | None = None,
+                 gates: FeedbackSection | None = None, categories: frozenset[str] = frozenset()):
         self.link = link
+        self.gates = gates or FeedbackSection()  # feedback.approve: what waits for an operator
+        self.categories = categories  # of the data set: what a guard may name
+        self.deferred: tuple[Control, object] | None = None  # a guarded control and its ack, until its savepoint
+        self.rollback: guards.Rollback | None = None  # a broken guard: the recipe rolls back
+        self.losses: dict[int, float] = {}  # step -> loss, while a guard watches (what `loss` reads)
+        self.rolled_back_to: int | None = None  # the savepoint step the loop resumes from after a rollback
         # eval.every: evaluate weights-only snapshots at this cadence; checkpoints then only serve
         # resume (the last one, and one an operator's `eval` asked for, are evaluated too).
         self.eval_every = eval_every
@@ -104,8 +118,12 @@ class BusCallback(TrainerCallback):
         self.stop_at_first_step = False
 
     # ---------------------------------------------------------------- metrics
-    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, model=None, **kwargs):
         self._t_log, self._tokens_mark = time.perf_counter(), None
+        if self.rolled_back_to is not None and model is not None:  # every rank says what it resumed with
+            log.warning("rank %d resumed from the savepoint at step %d: weights checksum %s", distributed.rank(),
+                        self.rolled_back_to, weights_checksum(model))
+            self.rolled_back_to = None
         if self.restored is not None:  # controls answered after the checkpoint: they hold from this step on
             rs = self.run_state
             current = optimizer.param_groups[0]["lr"] if optimizer is not None else None
@@ -127,6 +145,8 @@ class BusCallback(TrainerCallback):
         if "loss" not in logs:
             return
         self.last_loss = float(logs["loss"])
+        if self.run_state.guard is not None or self.deferred is not None:
+            self.losses[state.global_step] = self.last_loss
         now = time.perf_counter()
         tokens = logs.get("num_tokens")
         tps = None
@@ -156,7 +176,9 @@ class BusCallback(TrainerCallback):
             log.info("termination requested: saving and stopping at step %d", state.global_step)
             self.stop_reason = ("interrupted", "service asked to stop (SIGTERM); resumes from this checkpoint")
             control.should_training_stop = True
-        if control.should_training_stop and not self.pruned:
+        if self.rollback is not None:
+            control.should_save = False  # these weights are discarded
+        elif control.should_training_stop and not self.pruned:
             control.should_save = True  # the last step is always a checkpoint (a pruned run's are released)
         if self._snapshot_due(state, control):
             self._snapshot(kwargs.get("model"), state)
@@ -177,10 +199,11 @@ class BusCallback(TrainerCallback):
         model.save_pretrained(str(tmp), safe_serialization=True)
         shutil.rmtree(final, ignore_errors=True)  # a snapshot of this step from before a resume
         tmp.rename(final)
-        self.link.publish(CheckpointSaved(
-            run_id=self.run_id, step=step, path=f"{SNAPSHOTS}/{final.name}", base_model=self.base_model,
-            adapter=self.adapter, loss=self.last_loss, snapshot=True,
-        ), now=True)  # not waited for: a snapshot lost to a crash costs one evaluation, nothing else
+        saved = CheckpointSaved(run_id=self.run_id, step=step, path=f"{SNAPSHOTS}/{final.name}", base_model=self.base_model,
+                                adapter=self.adapter, loss=self.last_loss, snapshot=True)
+        self.link.publish(saved, now=True)  # not waited for: a snapshot lost to a crash costs one evaluation, nothing else
+        if self.run_state.guard is not None:
+            self.run_state.guard["saves"].append(saved.event_id)
         self.awaiting[step] = time.monotonic()
 
     def expecting_verdicts(self, within_s: float = 60.0) -> bool:
@@ -192,25 +215,58 @@ class BusCallback(TrainerCallback):
         """(events, stop requested) for this boundary, the same on every rank: rank 0's, broadcast."""
         items = self.link.wait(wait_s) if wait_s else self.link.drain()
         stopping = self.link.stopping.is_set()
+        if distributed.rank() == 0:  # judgements and deadlines: rank 0's clock and losses decide for all
+            items = items + [(j, _noop) for j in self._judgements([e for e, _ in items])]
         if distributed.world_size() == 1:
             return items, stopping
         events = [e for e, _ in items]
         wanted = {e.value for e in events if isinstance(e, Control) and e.command == "set-data"}
+        for e in events:  # a proposal answered now may hold a set-data
+            held = self.run_state.proposals.get(getattr(e, "proposal_id", None) or "")
+            if held and held["control"] and held["control"]["command"] == "set-data":
+                wanted.add(held["control"]["value"])
         datasets = {k: v for k, v in self.link.datasets.items() if k in wanted}
         events, stopping, datasets = distributed.broadcast((events, stopping, datasets))
         self.link.datasets.update(datasets)
         return (items if distributed.rank() == 0 else [(e, _noop) for e in events]), stopping
+
+    def _judgements(self, events) -> list:
+        """Rank 0: the guard's judgement of each new verdict, and each proposal past its deadline."""
+        out: list = []
+        watch = self.run_state.guard
+        for e in events:
+            if isinstance(e, Feedback) and watch is not None and not self._stale(e):
+                if (j := guards.judge(watch, e, self.losses)) is not None:
+                    out.append(j)
+        out += [approvals.TimedOut(pid) for pid in approvals.expired(self.run_state.proposals, time.time())]
+        return out
+
+    def _stale(self, fb: Feedback) -> bool:
+        """Feedback on a checkpoint a rollback discarded (its evaluation was under way)."""
+        return fb.request_id is not None and fb.request_id in self.run_state.discarded_requests
 
     def _handle(self, items, args, state, control, optimizer, scheduler) -> None:
         for event, done in items:
             answer = None
             try:
                 if isinstance(event, Control):
-                    answer = self._apply_control(event, args, state, control, optimizer, scheduler)
+                    answer = self._apply_control(event, args, state, control, optimizer, scheduler, done)
                 elif isinstance(event, Feedback):
-                    self._apply_feedback(event, state, control)
+                    answer = self._apply_feedback(event, state, control)
+                elif isinstance(event, guards.Judged):
+                    self._judged(event, state, control)
+                elif isinstance(event, ProposalDecision):
+                    answer = self._resolve(event.proposal_id, event.decision == "approve", "approved" if
+                                           event.decision == "approve" else "rejected", event.operator or event.source,
+                                           event.reason, state, control, args, optimizer, scheduler, event.event_id)
+                elif isinstance(event, approvals.TimedOut):
+                    answer = self._resolve(event.proposal_id, self.gates.on_timeout == "apply", "timed-out", "timeout",
+                                           f"nobody answered within {self.gates.approve_timeout_s:g}s: "
+                                           f"{self.gates.on_timeout}", state, control, args, optimizer, scheduler)
             finally:
-                if answer is None:
+                if answer is DEFERRED:
+                    pass  # acknowledged with its answer, after the savepoint
+                elif answer is None:
                     done()
                 else:  # the control is acknowledged once its answer is stored: a crash before redelivers it
                     self.link.publish(answer, then=done)
@@ -222,22 +278,45 @@ class BusCallback(TrainerCallback):
             self.link.publish(StepMetrics(run_id=self.run_id, step=state.global_step, max_steps=state.max_steps,
                                           learning_rate=self.run_state.learning_rate, paused=True))
 
-    def _apply_control(self, event: Control, args, state, control, optimizer, scheduler) -> ControlApplied | ControlRejected:
-        """Apply ``event`` (or refuse it) and return the answer to publish."""
-        step = state.global_step
-        done = next((a for a in self.run_state.applied if a["control_id"] == event.event_id), None)
+    def _apply_control(self, event: Control, args, state, control, optimizer, scheduler, ack=None):
+        """Apply ``event`` (or refuse it, hold it for its savepoint, or propose it) and return
+        the answer to publish (``DEFERRED``: answered once the savepoint is saved)."""
+        step, rs = state.global_step, self.run_state
+        done = next((a for a in rs.applied + rs.rolled_back if a["control_id"] == event.event_id), None)
         if done is not None:  # redelivered after a restart: answered again (the same event id), not applied twice
             log.info("control %s already applied at step %d (redelivered after a restart)", event.event_id, done["step"])
             return ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
                                   control_id=event.event_id, command=event.command, step=done["step"], new=done["value"])
+        if (held := rs.proposals.get(derived_id("proposal", event.event_id))) is not None:
+            return Proposal.model_validate(held["proposal"])  # redelivered: the same proposal, still open
         try:
-            outcome = controls.apply(self.run_state, event.command, event.value, frozenset(self.link.datasets),
-                                     stopping=self.stop_reason[0] if self.stop_reason else None,
-                                     who=event.operator or event.source or "operator")
+            if event.policy and approvals.gated(self.gates, event.command):
+                self._dry_run(event)  # a proposal that could never apply is refused now
+                return self._propose(approvals.for_control(self.gates, event, step), event)
+            watching = rs.guard or (guards.watch_record(self.deferred[0], "", step, False) if self.deferred else None)
+            if controls.check_guard(event.command, event.guard, event.within, self.categories, watching) is not None:
+                self._dry_run(event)
+                self.deferred = (event, ack)
+                control.should_save = True  # the savepoint; the control is applied in on_save, after it
+                log.info("guarded %s at step %d: saving the savepoint first", event.command, step)
+                return DEFERRED
+            return self._apply(event, args, state, control, optimizer, scheduler)
         except controls.Rejected as e:
             log.warning("control %s rejected at step %d: %s", event.command, step, e)
             return ControlRejected(run_id=self.run_id, event_id=derived_id("rejected", event.event_id),
                                    control_id=event.event_id, command=event.command, step=step, reason=str(e))
+
+    def _dry_run(self, event: Control) -> None:
+        """Raise Rejected if ``event`` would be rejected now (its value, the run's state)."""
+        controls.apply(copy.deepcopy(self.run_state), event.command, event.value, frozenset(self.link.datasets),
+                       stopping=self.stop_reason[0] if self.stop_reason else None)
+
+    def _apply(self, event: Control, args, state, control, optimizer, scheduler) -> ControlApplied:
+        """Apply ``event`` now; Rejected says why it cannot be."""
+        step = state.global_step
+        outcome = controls.apply(self.run_state, event.command, event.value, frozenset(self.link.datasets),
+                                 stopping=self.stop_reason[0] if self.stop_reason else None,
+                                 who=event.operator or event.source or "operator")
         rs = self.run_state
         if outcome.set_lr:
             set_learning_rate(optimizer, scheduler, rs.learning_rate)
@@ -259,12 +338,95 @@ class BusCallback(TrainerCallback):
         return ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
                               control_id=event.event_id, command=event.command, step=step, old=outcome.old, new=outcome.new)
 
-    def _apply_feedback(self, event: Feedback, state, control) -> None:
+    def _apply_feedback(self, event: Feedback, state, control) -> Proposal | None:
+        if self._stale(event):
+            log.info("feedback on step %d ignored: its checkpoint was discarded by a rollback", event.step)
+            return None
         self.awaiting.pop(event.step, None)
         log.info("feedback at step %d (verdict of step %d): %s, %s", state.global_step, event.step, event.action, event.reason)
-        if event.action == "stop" and self.stop_reason is None:
-            control.should_training_stop = True
-            self.stop_reason = ("feedback", event.reason)
+        if event.action != "stop" or self.stop_reason is not None:
+            return None
+        if approvals.gated(self.gates, "stop"):
+            if any(p["proposal"]["command"] == "stop" for p in self.run_state.proposals.values()):
+                return None  # one stop proposal at a time: the open one stands for this verdict too
+            return self._propose(approvals.for_feedback(self.gates, event, state.global_step), None)
+        control.should_training_stop = True
+        self.stop_reason = ("feedback", event.reason)
+        return None
+
+    # ---------------------------------------------------------------- approval gates
+    def _propose(self, proposal: Proposal, held: Control | None) -> Proposal:
+        self.run_state.proposals[proposal.event_id] = approvals.record(proposal, held, time.time())
+        self._write_applied()
+        log.info("proposal %s: %s (%s); waiting for an operator, at most %gs", proposal.event_id, proposal.command,
+                 proposal.reason, proposal.timeout_s)
+        return proposal
+
+    def _resolve(self, pid: str, apply: bool, outcome: str, by: str, reason: str, state, control, args, optimizer,
+                 scheduler, decision_id: str | None = None) -> ProposalResolved:
+        """Answer proposal ``pid``: apply what it holds (``apply``) or drop it."""
+        step, held = state.global_step, self.run_state.proposals.pop(pid, None)
+        if held is None:
+            return ProposalResolved(run_id=self.run_id, event_id=derived_id("resolved", decision_id or pid), proposal_id=pid,
+                                    command="", outcome="unknown", applied=False, step=step, by=by, decision_id=decision_id,
+                                    reason=f"no open proposal {pid!r} (open: {approvals.open_summary(self.run_state.proposals)})")
+        proposal = Proposal.model_validate(held["proposal"])
+        applied, note = False, reason
+        if apply:
+            try:
+                if held["control"] is not None:  # the policy's control, applied as if it came now
+                    event = Control.model_validate(held["control"])
+                    self.link.publish(self._apply(event, args, state, control, optimizer, scheduler))
+                elif self.stop_reason is None:  # feedback's stop
+                    control.should_training_stop = True
+                    self.stop_reason = ("feedback", f"{proposal.reason} ({outcome} by {by})")
+                else:
+                    raise controls.Rejected(f"already stopping ({self.stop_reason[0]})")
+                applied = True
+            except controls.Rejected as e:
+                note = f"{reason}; not applied: {e}" if reason else f"not applied: {e}"
+        self._write_applied()
+        log.info("proposal %s %s by %s at step %d: %s %s", pid, outcome, by, step, proposal.command,
+                 "applied" if applied else "not applied")
+        return ProposalResolved(run_id=self.run_id, event_id=derived_id("resolved", decision_id or pid), proposal_id=pid,
+                                command=proposal.command, outcome=outcome, applied=applied, step=step, by=by,
+                                reason=note, decision_id=decision_id)
+
+    # ---------------------------------------------------------------- guards
+    def _judged(self, j: guards.Judged, state, control) -> None:
+        watch = self.run_state.guard
+        if watch is None or self.rollback is not None:
+            return
+        if not j.held:
+            if self.stop_reason is not None:
+                log.warning("guard %r broken at step %d, but the run is stopping (%s): no rollback", watch["guard"],
+                            j.step, self.stop_reason[0])
+                return
+            self.rollback = guards.Rollback(watch, j, state.global_step)
+            control.should_training_stop = True  # the recipe resumes from the savepoint
+            return
+        watch["held"].append(j.step)
+        log.info("guard %r held on the verdict of step %d (%d of %d): %s", watch["guard"], j.step, len(watch["held"]),
+                 watch["within"], j.metrics)
+        if len(watch["held"]) >= watch["within"]:
+            self.run_state.guard = None
+            self.losses.clear()
+            self.link.publish(ControlConfirmed(
+                run_id=self.run_id, event_id=derived_id("confirmed", watch["control_id"]), control_id=watch["control_id"],
+                command=watch["command"], guard=watch["guard"], step=state.global_step,
+                savepoint_step=watch["savepoint_step"], verdict_steps=list(watch["held"])))
+        self._write_applied()
+
+    def forget_after(self, step: int) -> None:
+        """After a rollback to ``step``: what was observed later belongs to discarded training."""
+        self.losses = {s: v for s, v in self.losses.items() if s <= step}
+        self.awaiting = {s: t for s, t in self.awaiting.items() if s <= step}
+        self.stop_reason, self.switch_to, self.final_checkpoint = None, None, None
+        self.rolled_back_to = step
+
+    def _write_applied(self) -> None:
+        if distributed.rank() == 0:
+            write_steering(self.run_dir / APPLIED_FILE, self.run_state)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -275,16 +437,37 @@ class BusCallback(TrainerCallback):
         return self.stop_reason is not None and self.stop_reason[0] == "pruned"
 
     # ---------------------------------------------------------------- checkpoints
-    def on_save(self, args, state, control, model=None, **kwargs):
+    def on_save(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if distributed.world_size() > 1:
             rs = self.run_state
             distributed.check_agreement({
                 "step": state.global_step, "lr": rs.learning_rate, "controls": len(rs.applied),
-                "dataset": rs.dataset_id, "stop": bool(control.should_training_stop),
+                "rolled_back": len(rs.rolled_back), "dataset": rs.dataset_id, "stop": bool(control.should_training_stop),
                 "weights": None if self.sharded or model is None else weights_checksum(model),
             })
-        if not state.is_world_process_zero:
-            return
+        if state.is_world_process_zero:
+            self._announce(args, state, control, savepoint=self.deferred is not None)
+        if self.deferred is not None:  # this checkpoint is the savepoint: now the guarded control
+            self._apply_guarded(args, state, control, optimizer, lr_scheduler)
+
+    def _apply_guarded(self, args, state, control, optimizer, scheduler) -> None:
+        (event, ack), self.deferred = self.deferred, None
+        savepoint = folder(args.output_dir, state.global_step).resolve().relative_to(self.run_dir.resolve())
+        ignore_data_skip = args.ignore_data_skip
+        try:
+            answer = self._apply(event, args, state, control, optimizer, scheduler)
+        except controls.Rejected as e:  # the run changed since it was checked (e.g. stopping now)
+            answer = ControlRejected(run_id=self.run_id, event_id=derived_id("rejected", event.event_id),
+                                     control_id=event.event_id, command=event.command, step=state.global_step, reason=str(e))
+        else:
+            self.run_state.guard = guards.watch_record(event, str(savepoint), state.global_step, ignore_data_skip)
+            self._write_applied()
+            answer = answer.model_copy(update={"guard": event.guard, "within": event.within or 1,
+                                               "savepoint_step": state.global_step})
+        self.link.publish(answer, then=ack)
+
+    def _announce(self, args, state, control, savepoint: bool) -> None:
+        """Rank 0: the checkpoint's steering file, then ``CheckpointSaved``."""
         path = folder(args.output_dir, state.global_step)
         write_state(path, self.run_state)
         rel = str(path.resolve().relative_to(self.run_dir.resolve()))
@@ -295,9 +478,11 @@ class BusCallback(TrainerCallback):
         evaluate = (self.eval_every is None or final or self.evaluate_next_save
                     or state.global_step % self.eval_every == 0)
         self.evaluate_next_save = False
-        self.link.publish(CheckpointSaved(
-            run_id=self.run_id, step=state.global_step, path=rel, base_model=self.base_model,
-            adapter=self.adapter, is_final=final, loss=self.last_loss, evaluate=evaluate,
-        ), now=True)  # the training thread goes on; the outbox keeps it (in order) while the broker is away
+        saved = CheckpointSaved(run_id=self.run_id, step=state.global_step, path=rel, base_model=self.base_model,
+                                adapter=self.adapter, is_final=final, loss=self.last_loss, evaluate=evaluate,
+                                savepoint=savepoint)
+        self.link.publish(saved, now=True)  # the training thread goes on; the outbox keeps it (in order) while the broker is away
+        if self.run_state.guard is not None:
+            self.run_state.guard["saves"].append(saved.event_id)
         if evaluate:
             self.awaiting[state.global_step] = time.monotonic()

@@ -20,7 +20,7 @@ from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished, derived_id
 from tuneloop.storage import confine
 
-from . import distributed, model as models, prepared
+from . import distributed, guards, model as models, prepared
 from .callback import BusCallback, durable_state, sync_args
 from .remote_reward import RemoteReward
 from .threads import CoreShareCallback
@@ -314,20 +314,27 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, 
     if cfg.eval.baseline and not resume:  # the "before" of this run: its starting model on the test split
         link.publish(EvalRequest(run_id=run_id, event_id=derived_id("baseline", run_id), step=0, checkpoint=None,
                                  base_model=ref, adapter=False, split="test", purpose="baseline"))
+    categories = frozenset(c for split in dataset.splits.values() for c in split.categories)
     callback = BusCallback(link, run_id, run_dir, ref, adapter=tc.lora.enabled, state=state,
-                           method=tc.method, sharded=tc.sharded, eval_every=cfg.eval.every)
+                           method=tc.method, sharded=tc.sharded, eval_every=cfg.eval.every,
+                           gates=cfg.feedback, categories=categories)
     if state is not checkpointed:
         callback.restored = [a for a in state.applied if a["control_id"] not in checkpointed.applied_ids()]
     callbacks = [callback, *core_sharing(callback)]
+    seen = {dataset.dataset_id: dataset}  # what a rollback may go back to
     while True:
         trainer = build_trainer(cfg, run_dir, dataset, callbacks, args=args, link=link, run_id=run_id, base_path=base_path)
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds += time.perf_counter() - t0
+        if callback.rollback is not None:  # a guard broke: back to its savepoint, as it was then
+            resume, dataset = guards.roll_back(callback, run_dir, seen, args)
+            continue
         if callback.switch_to is None or callback.stop_reason is not None:
             break
         # set-data: the checkpoint just saved holds weights, optimizer and schedule; go on with the new rows.
         dataset, callback.switch_to = callback.switch_to, None
+        seen[dataset.dataset_id] = dataset
         resume = latest_complete(out_dir)
         args.ignore_data_skip = True  # the new data set starts at its beginning
         log.info("switching to data set %s at step %d", dataset.dataset_id, trainer.state.global_step)

@@ -45,7 +45,7 @@ from ..bus import Bus
 from ..config import Config, ConfigError, differences
 from ..control import ExportRefused, request_merged_export, send_control
 from ..embedded import NatsServer, _accepts
-from ..events import (CheckpointsReleased, Control, ControlApplied, DeadLetter, EvalVerdict, ExportDone, RunQueued,
+from ..events import (CheckpointsReleased, Control, ControlApplied, DeadLetter, EvalVerdict, ExportDone, Proposal, RunQueued,
                       StepMetrics, TrainingFinished, derived_id)
 from ..procfs import running
 from ..records import Records
@@ -354,12 +354,14 @@ class Sweep:
         why = f"{self.metric} {score:.3f} on val at step {step} fell behind ({self.spec.pruner.kind} pruner)"
         try:
             answer = await send_control(self.url, trial.record.run_id, "prune", why, bus=self.bus, timeout=300,
-                                        operator=f"sweep {self.spec.name}")
+                                        operator=f"sweep {self.spec.name}", policy=f"{self.spec.pruner.kind} pruner")
         except TimeoutError as e:
             self.console.log(f"[yellow]{trial.record.run_id}: prune not answered: {e}[/]")
             return
         if isinstance(answer, ControlApplied):  # the record's pruned_at comes from train.done (see end)
             self.console.log(f"[bold]{trial.record.run_id}[/] pruned at step {answer.step}: {why}")
+        elif isinstance(answer, Proposal):  # feedback.approve names prune: an operator decides, training goes on
+            self.console.log(f"{trial.record.run_id}: prune proposed ({answer.event_id}), waiting for approval: {why}")
         else:  # e.g. training had just finished: the trial completes instead
             self.console.log(f"{trial.record.run_id}: prune rejected: {answer.reason}")
 

@@ -30,9 +30,9 @@ TRAINER_CONSUMER = subjects.durable_name("trainer", RUN, "control")
 
 # ------------------------------------------------------------------ the design
 PUBLISHES = {
-    "operator": {"control", "data.mixture", "run.queued", "export.request", "dlq"},
-    "trainer": {"train.step", "ckpt.saved", "train.done", "control.applied", "control.rejected", "reward.score",
-                "eval.request", "dlq"},
+    "operator": {"control", "data.mixture", "run.queued", "export.request", "proposal.decision", "dlq"},
+    "trainer": {"train.step", "ckpt.saved", "train.done", "control.applied", "control.rejected", "control.rolled_back",
+                "control.confirmed", "proposal", "proposal.resolved", "reward.score", "eval.request", "dlq"},
     "data-pipeline": {"data.ready", "control", "dlq"},
     "evaluator": {"eval.shard", "eval.verdict", "dlq"},
     "rl-reward": {"feedback", "dlq"},

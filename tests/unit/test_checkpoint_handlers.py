@@ -66,7 +66,8 @@ def test_a_pruned_run_releases_its_checkpoints_and_keeps_their_records(service):
     svc, bus, rdir = service
     for step in (10, 20):
         asyncio.run(svc.on_saved(checkpoint(rdir, step)))
-    verdict = EvalVerdict(run_id="r", request_id="q", step=10, checkpoint="checkpoints/checkpoint-10", split="val",
+    [asked] = [e for e in bus.published if e.KIND == "eval.request" and e.step == 10]
+    verdict = EvalVerdict(run_id="r", request_id=asked.event_id, step=10, checkpoint="checkpoints/checkpoint-10", split="val",
                           purpose="periodic", cases=1, scores={"protocol": 0.5, "correctness": 0.0})
     asyncio.run(svc.on_verdict(verdict))
     asyncio.run(svc.on_done(TrainingFinished(run_id="r", step=20, reason="pruned", detail="pruned by sweep")))
@@ -75,3 +76,37 @@ def test_a_pruned_run_releases_its_checkpoints_and_keeps_their_records(service):
     entries = asyncio.run(svc.catalogue.entries("r"))
     assert [(e.step, e.released, e.scores) for e in entries] == [(10, True, {"protocol": 0.5, "correctness": 0.0}),
                                                                 (20, True, None)]
+
+
+def test_a_rollback_discards_the_records_after_the_savepoint_and_their_late_verdicts(service):
+    """Steps saved after a savepoint are discarded by a rollback: never exported, and a verdict
+    of the discarded checkpoint that arrives after the step was saved again is not its record."""
+    from tuneloop.checkpoint.catalogue import best
+    from tuneloop.events import ControlRolledBack
+
+    svc, bus, rdir = service
+    savepoint, bad = checkpoint(rdir, 10), checkpoint(rdir, 20, weights=b"diverged")
+    for saved in (savepoint, bad):
+        asyncio.run(svc.on_saved(saved))
+    request = {r.step: r for r in bus.of(EvalRequest)}
+
+    def verdict(step, protocol):
+        return EvalVerdict(run_id="r", request_id=request[step].event_id, step=step, checkpoint=f"c{step}", split="val",
+                           purpose="periodic", cases=1, scores={"protocol": protocol, "correctness": 0.0})
+
+    asyncio.run(svc.on_verdict(verdict(10, 0.5)))
+    asyncio.run(svc.on_verdict(verdict(20, 0.9)))  # the discarded branch happened to score higher
+    asyncio.run(svc.on_rolled_back(ControlRolledBack(
+        run_id="r", control_id="c", command="set-lr", value=5.0, guard="loss<3", step=23, savepoint_step=10,
+        discarded_steps=[11, 23], verdict_step=20, discarded_saves=[bad.event_id])))
+    entries = asyncio.run(svc.catalogue.entries("r"))
+    assert [(e.step, e.released, e.discarded) for e in entries] == [(10, False, False), (20, True, True)]
+    assert best(entries, "protocol").step == 10
+
+    import shutil
+    shutil.rmtree(rdir / "checkpoints" / "checkpoint-20")  # the trainer deleted it, and saves step 20 again
+    again = checkpoint(rdir, 20, weights=b"retrained")
+    asyncio.run(svc.on_saved(again))
+    asyncio.run(svc.on_verdict(verdict(20, 0.9)))  # late: the discarded checkpoint's verdict
+    [entry] = [e for e in asyncio.run(svc.catalogue.entries("r")) if e.step == 20]
+    assert entry.scores is None and not entry.released

@@ -1,0 +1,58 @@
+"""Approval gates, the trainer's part: what an automatic policy wants to do (feedback's early
+stop, adaptive data's set-data, a sweep's prune) becomes a ``Proposal`` when the config's
+``feedback.approve`` names it, and waits for ``tuneloop approve`` / ``reject``; training goes
+on meanwhile. The trainer holds the proposals because it is where each of these actions takes
+effect, at a step boundary: an answer, or the timeout, is applied there like a control.
+
+Open proposals live in ``Steering.proposals`` (saved with every checkpoint and in the run's
+applied-controls file), so a restarted trainer still knows them and their deadlines. Pure,
+apart from the clock the caller passes in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tuneloop.config import FeedbackSection
+from tuneloop.events import Control, Feedback, Proposal, derived_id
+
+
+@dataclass
+class TimedOut:
+    """Rank 0 saw ``proposal_id``'s deadline pass (broadcast, so every rank acts on it alike)."""
+
+    proposal_id: str
+
+
+def gated(settings: FeedbackSection, command: str) -> bool:
+    return command in settings.approve
+
+
+def for_control(settings: FeedbackSection, event: Control, step: int) -> Proposal:
+    """The proposal holding a policy's control (adaptive data's set-data, a sweep's prune)."""
+    return Proposal(run_id=event.run_id, event_id=derived_id("proposal", event.event_id), command=event.command,
+                    value=event.value, reason=str(event.value) if event.command == "prune" and event.value else
+                    f"{event.policy or event.operator} asks for {event.command} {event.value or ''}".strip(),
+                    proposer=event.policy or event.operator or event.source, step=step, control_id=event.event_id,
+                    timeout_s=settings.approve_timeout_s, on_timeout=settings.on_timeout)
+
+
+def for_feedback(settings: FeedbackSection, fb: Feedback, step: int) -> Proposal:
+    """The proposal holding feedback's early stop."""
+    return Proposal(run_id=fb.run_id, event_id=derived_id("proposal", fb.event_id), command="stop", reason=fb.reason,
+                    proposer="feedback", step=step, verdict_step=fb.step, verdict_id=fb.verdict_id, score=fb.score,
+                    timeout_s=settings.approve_timeout_s, on_timeout=settings.on_timeout)
+
+
+def record(proposal: Proposal, control: Control | None, now: float) -> dict:
+    """What ``Steering.proposals`` keeps of an open proposal (JSON)."""
+    return {"proposal": proposal.model_dump(mode="json"), "deadline": now + proposal.timeout_s,
+            "control": control.model_dump(mode="json") if control else None}
+
+
+def expired(proposals: dict[str, dict], now: float) -> list[str]:
+    return [pid for pid, p in proposals.items() if p["deadline"] <= now]
+
+
+def open_summary(proposals: dict[str, dict]) -> str:
+    return ", ".join(f"{pid} ({p['proposal']['command']})" for pid, p in proposals.items()) or "none"

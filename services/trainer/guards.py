@@ -1,0 +1,132 @@
+"""Guarded interventions, the trainer's part: watch the verdicts after a guarded control, and
+go back to its savepoint when one breaks the guard.
+
+The flow (``BusCallback`` calls these):
+1. A control with ``--guard`` arrives: the callback asks for a checkpoint first (the
+   savepoint) and applies the control in ``on_save``, once the savepoint is on disk.
+2. ``watch_record`` is what the run remembers of it, in ``Steering.guard`` (saved in every
+   checkpoint, so a restarted trainer keeps watching).
+3. Each feedback on a later checkpoint is ``judge``d by rank 0 (the same judgement is
+   broadcast to every rank); ``within`` held verdicts confirm it.
+4. A broken guard stops the training loop without saving; the recipe calls ``roll_back``,
+   which deletes the discarded checkpoints, restores the savepoint's steering and resumes
+   from it: weights, optimizer, schedule, RNG and data position come back with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneloop.checkpoints import all_checkpoints, read_state, write_steering
+from tuneloop.events import Control, ControlRolledBack, Feedback, derived_id
+from tuneloop.guard import metrics_of, parse
+from tuneloop.storage import APPLIED_FILE, SNAPSHOTS
+
+from . import distributed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Judged:
+    """Rank 0's judgement of one verdict against the guard under watch (broadcast to every rank)."""
+
+    step: int
+    verdict_id: str | None
+    metrics: dict[str, float]
+    held: bool
+
+
+@dataclass
+class Rollback:
+    """A broken guard: what the recipe rolls back, and why."""
+
+    watch: dict
+    judged: Judged
+    step: int
+
+
+def watch_record(event: Control, savepoint: str, savepoint_step: int, ignore_data_skip: bool) -> dict:
+    """What the run keeps of a guarded control while it is under watch (JSON, in ``Steering``)."""
+    return {"control_id": event.event_id, "command": event.command, "value": event.value, "guard": event.guard,
+            "within": event.within or 1, "applied_step": savepoint_step, "savepoint": savepoint,
+            "savepoint_step": savepoint_step, "held": [], "saves": [], "ignore_data_skip": ignore_data_skip}
+
+
+def loss_at(losses: dict[int, float], step: int) -> float | None:
+    """The training loss logged at ``step``, or the last one logged before it."""
+    before = [s for s in losses if s <= step]
+    return losses[max(before)] if before else None
+
+
+def judge(watch: dict, feedback: Feedback, losses: dict[int, float]) -> Judged | None:
+    """The guard's judgement of ``feedback``'s verdict; None for a verdict it does not count
+    (of a checkpoint from before the change, or lacking a metric the guard reads)."""
+    if feedback.step <= watch["applied_step"]:
+        return None
+    guard = parse(watch["guard"])
+    metrics = metrics_of(feedback.scores, feedback.by_category, feedback.mean_new_tokens, loss_at(losses, feedback.step))
+    if missing := guard.missing(metrics):
+        log.warning("verdict of step %d lacks %s: guard %r cannot judge it", feedback.step, sorted(missing), watch["guard"])
+        return None
+    return Judged(feedback.step, feedback.verdict_id, metrics, guard.holds(metrics))
+
+
+def discard_after(run_dir: Path, step: int) -> list[int]:
+    """Delete the checkpoints and evaluation snapshots saved after ``step`` (rank 0): training
+    goes on from the savepoint and will save those steps again."""
+    gone = []
+    for s, path in all_checkpoints(run_dir / "checkpoints").items():
+        if s > step:
+            shutil.rmtree(path)
+            gone.append(s)
+    for path in (run_dir / SNAPSHOTS).glob("step-*"):
+        tail = path.name.split("-", 1)[1]
+        if tail.isdigit() and int(tail) > step:
+            shutil.rmtree(path, ignore_errors=True)
+    return sorted(gone)
+
+
+def roll_back(callback, run_dir: Path, datasets: dict, args) -> tuple[Path, object]:
+    """Undo a broken guard's control: returns (the savepoint to resume from, the data set in
+    force there). Every rank calls it; rank 0 deletes, writes and publishes."""
+    plan: Rollback = callback.rollback
+    watch, before = plan.watch, callback.run_state
+    savepoint = run_dir / watch["savepoint"]
+    if distributed.rank() == 0:
+        gone = discard_after(run_dir, watch["savepoint_step"])
+        log.info("deleted the checkpoints after the savepoint: steps %s", gone)
+    distributed.broadcast(None)  # barrier: nobody reads checkpoints while they go
+    state = read_state(savepoint)  # the controls in force at the savepoint
+    kept = state.applied_ids()
+    undone = [a for a in before.applied if a["control_id"] not in kept]
+    state.rolled_back = [*before.rolled_back, *({**a, "rolled_back_at": plan.step} for a in undone)]
+    state.discarded_requests = [*before.discarded_requests, *(derived_id("eval", s) for s in watch["saves"])]
+    state.proposals = before.proposals  # what waits for an operator still does
+    state.guard = None
+    callback.run_state = state
+    args.ignore_data_skip = watch["ignore_data_skip"]
+    callback.forget_after(watch["savepoint_step"])
+    if distributed.rank() == 0:
+        write_steering(run_dir / APPLIED_FILE, state)
+        callback.link.publish(ControlRolledBack(
+            run_id=callback.run_id, event_id=derived_id("rolledback", watch["control_id"]),
+            control_id=watch["control_id"], command=watch["command"], value=watch["value"], guard=watch["guard"],
+            step=plan.step, savepoint_step=watch["savepoint_step"],
+            discarded_steps=[watch["savepoint_step"] + 1, plan.step] if plan.step > watch["savepoint_step"] else [],
+            verdict_step=plan.judged.step, verdict_id=plan.judged.verdict_id, metrics=plan.judged.metrics,
+            reverted=[a["control_id"] for a in undone if a["control_id"] != watch["control_id"]],
+            discarded_saves=list(watch["saves"]),
+        ), now=True)
+    log.warning("rank %d rolls back %s (guard %r broken by the verdict of step %d: %s) from step %d to the savepoint, "
+                "step %d", distributed.rank(), watch["command"], watch["guard"], plan.judged.step, plan.judged.metrics,
+                plan.step, watch["savepoint_step"])
+    callback.rollback = None
+    dataset = datasets.get(state.dataset_id)
+    if dataset is None:
+        raise RuntimeError(f"the savepoint trains on data set {state.dataset_id!r}, which this trainer never saw")
+    return savepoint, dataset
+

@@ -1,0 +1,165 @@
+"""Guards of guarded interventions: ``protocol>=0.9 and loss<3``. Pure.
+
+A guard is a condition the next verdicts must meet for a control to stay applied
+(``tuneloop ctl RUN set-lr 3e-3 --guard "protocol>=0.9" --within 2``). It is parsed by the
+small grammar below, never by ``eval``, and each mistake is named with its column::
+
+    guard  := all ("or" all)*
+    all    := term ("and" term)*
+    term   := "(" guard ")" | NAME OP NUMBER
+    OP     := >= | <= | > | < | == | !=
+    NAME   := protocol | correctness | tokens | loss | CATEGORY.protocol | CATEGORY.correctness
+
+``protocol`` and ``correctness`` are a verdict's scores (fractions in [0, 1]), ``tokens`` its
+mean new tokens per case, ``CATEGORY.<score>`` a score of one category, and ``loss`` the
+training loss logged at the verdict's step.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+
+SCORES = ("protocol", "correctness")
+PLAIN = (*SCORES, "tokens", "loss")
+OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
+_TOKEN = re.compile(r"\s*(?:(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<op>>=|<=|==|!=|>|<)"
+                    r"|(?P<paren>[()])|(?P<word>[A-Za-z_][A-Za-z0-9_.-]*))")
+MAX_LENGTH = 200
+
+
+class GuardError(ValueError):
+    """The guard does not parse, or names what no verdict has; the message says where."""
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    op: str
+    value: float
+
+    def holds(self, metrics: dict[str, float]) -> bool:
+        v = metrics.get(self.name)
+        return v is not None and not math.isnan(v) and OPS[self.op](v, self.value)  # NaN breaks every guard
+
+
+@dataclass(frozen=True)
+class Guard:
+    """``any`` of its alternatives holds when ``all`` of that alternative's terms do."""
+
+    text: str
+    alternatives: tuple  # tuple[tuple[Term | Guard, ...], ...]
+
+    def holds(self, metrics: dict[str, float]) -> bool:
+        return any(all(t.holds(metrics) for t in alt) for alt in self.alternatives)
+
+    @property
+    def names(self) -> set[str]:
+        return {n for alt in self.alternatives for t in alt for n in (t.names if isinstance(t, Guard) else {t.name})}
+
+    def categories(self) -> set[str]:
+        return {n.split(".", 1)[0] for n in self.names if "." in n}
+
+    def missing(self, metrics: dict[str, float]) -> set[str]:
+        """The names this guard reads that ``metrics`` lacks (a verdict it cannot judge)."""
+        return {n for n in self.names if metrics.get(n) is None}
+
+
+def parse(text: str) -> Guard:
+    """The guard ``text``; GuardError names the column and what was expected there."""
+    if not isinstance(text, str) or not text.strip():
+        raise GuardError("empty guard: write a condition such as 'protocol>=0.9'")
+    if len(text) > MAX_LENGTH:
+        raise GuardError(f"guard of {len(text)} characters; at most {MAX_LENGTH}")
+    tokens = _tokens(text)
+    guard, pos = _alternatives(text, tokens, 0)
+    if pos < len(tokens):
+        raise GuardError(f"guard {text!r}, column {tokens[pos][2] + 1}: unexpected {tokens[pos][1]!r}")
+    return guard
+
+
+def _tokens(text: str) -> list[tuple[str, str, int]]:
+    """(kind, text, column) of each token."""
+    out, pos = [], 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            col = pos + len(text[pos:]) - len(text[pos:].lstrip())
+            raise GuardError(f"guard {text!r}, column {col + 1}: unexpected {text[col]!r}")
+        kind = m.lastgroup
+        out.append((kind, m.group(kind), m.start(kind)))
+        pos = m.end()
+    return out
+
+
+def _expected(text: str, tokens, pos: int, what: str) -> GuardError:
+    where = f"column {tokens[pos][2] + 1}, found {tokens[pos][1]!r}" if pos < len(tokens) else "at the end"
+    return GuardError(f"guard {text!r}, {where}: expected {what}")
+
+
+def _alternatives(text, tokens, pos) -> tuple[Guard, int]:
+    alts = []
+    while True:
+        terms, pos = _all(text, tokens, pos)
+        alts.append(tuple(terms))
+        if pos < len(tokens) and tokens[pos][:2] == ("word", "or"):
+            pos += 1
+            continue
+        return Guard(text, tuple(alts)), pos
+
+
+def _all(text, tokens, pos):
+    terms = []
+    while True:
+        term, pos = _term(text, tokens, pos)
+        terms.append(term)
+        if pos < len(tokens) and tokens[pos][:2] == ("word", "and"):
+            pos += 1
+            continue
+        return terms, pos
+
+
+def _term(text, tokens, pos):
+    if pos < len(tokens) and tokens[pos][:2] == ("paren", "("):
+        inner, pos = _alternatives(text, tokens, pos + 1)
+        if pos >= len(tokens) or tokens[pos][:2] != ("paren", ")"):
+            raise _expected(text, tokens, pos, "')'")
+        return inner, pos + 1
+    if pos >= len(tokens) or tokens[pos][0] != "word" or tokens[pos][1] in ("and", "or"):
+        raise _expected(text, tokens, pos, f"a metric ({', '.join(PLAIN)} or CATEGORY.protocol / CATEGORY.correctness)")
+    name, col = tokens[pos][1], tokens[pos][2]
+    _check_name(text, name, col)
+    if pos + 1 >= len(tokens) or tokens[pos + 1][0] != "op":
+        raise _expected(text, tokens, pos + 1, f"a comparison ({' '.join(OPS)}) after {name!r}")
+    if pos + 2 >= len(tokens) or tokens[pos + 2][0] != "num":
+        raise _expected(text, tokens, pos + 2, f"a number after {tokens[pos + 1][1]!r}")
+    return Term(name, tokens[pos + 1][1], float(tokens[pos + 2][1])), pos + 3
+
+
+def _check_name(text: str, name: str, col: int) -> None:
+    if name in PLAIN:
+        return
+    category, _, score = name.rpartition(".")
+    if category and score in SCORES:
+        return
+    raise GuardError(f"guard {text!r}, column {col + 1}: unknown metric {name!r}; known: {', '.join(PLAIN)}, "
+                     "or CATEGORY.protocol / CATEGORY.correctness")
+
+
+def metrics_of(scores: dict[str, float], by_category: dict[str, dict[str, float]], tokens: float | None,
+               loss: float | None) -> dict[str, float]:
+    """The names a guard can read, from one verdict (and the loss at its step)."""
+    out = {k: float(v) for k, v in scores.items() if k in SCORES}
+    for cat, s in by_category.items():
+        for k in SCORES:
+            if k in s:
+                out[f"{cat}.{k}"] = float(s[k])
+    if tokens is not None:
+        out["tokens"] = float(tokens)
+    if loss is not None:
+        out["loss"] = float(loss)
+    return out

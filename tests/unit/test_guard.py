@@ -1,0 +1,85 @@
+"""Guards of guarded controls: the grammar, its errors, what a verdict makes of them, and which
+controls may carry one."""
+
+import math
+
+import pytest
+
+from tuneloop import controls
+from tuneloop.events import Feedback
+from tuneloop.guard import GuardError, metrics_of, parse
+
+VERDICT = metrics_of({"protocol": 0.92, "correctness": 0.5}, {"greet": {"protocol": 1.0, "correctness": 0.25}},
+                     tokens=14.0, loss=2.5)
+
+
+@pytest.mark.parametrize("text, holds", [
+    ("protocol>=0.9", True),
+    ("protocol >= 0.95", False),
+    ("protocol>=0.9 and loss<3", True),
+    ("protocol>=0.9 and loss<2", False),
+    ("protocol>=0.95 or loss<3", True),
+    ("(protocol>=0.95 or correctness>0.4) and greet.protocol==1", True),
+    ("greet.correctness > 0.3", False),
+    ("tokens<=14 and correctness!=0", True),
+    ("loss < 1e1", True),
+])
+def test_a_guard_reads_the_verdict_and_the_loss(text, holds):
+    assert parse(text).holds(VERDICT) is holds
+
+
+def test_nan_breaks_every_comparison():
+    diverged = metrics_of({"protocol": 1.0}, {}, None, math.nan)
+    assert not parse("loss<100").holds(diverged)
+    assert not parse("loss>=0").holds(diverged)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("", "empty guard"),
+    ("protocol>=", "at the end: expected a number after '>='"),
+    ("protocol 0.9", "column 10, found '0.9': expected a comparison"),
+    ("protocl>=0.9", "column 1: unknown metric 'protocl'"),
+    ("greet.speed>1", "unknown metric 'greet.speed'"),
+    ("protocol>=0.9 and", "at the end: expected a metric"),
+    ("(protocol>=0.9", "at the end: expected ')'"),
+    ("protocol>=0.9)", "column 14: unexpected ')'"),
+    ("__import__('os')", "column 12: unexpected \"'\""),
+    ("protocol>=0.9; rm", "column 14: unexpected ';'"),
+])
+def test_a_bad_guard_is_named_with_its_column(text, says):
+    with pytest.raises(GuardError) as e:
+        parse(text)
+    assert says in str(e.value)
+
+
+def test_which_controls_may_be_guarded():
+    assert controls.check_guard("set-lr", None, None) is None
+    assert controls.check_guard("set-lr", "protocol>=0.9", 2).names == {"protocol"}
+    with pytest.raises(controls.Rejected, match="pause cannot be guarded; guarded controls: set-lr, set-grad-clip, set-data"):
+        controls.check_guard("pause", "protocol>=0.9", None)
+    with pytest.raises(controls.Rejected, match="--within needs --guard"):
+        controls.check_guard("set-lr", None, 2)
+    with pytest.raises(controls.Rejected, match="categories the data set does not have: chat"):
+        controls.check_guard("set-lr", "chat.protocol>0.5", None, frozenset({"greet", "tool"}))
+    watching = {"command": "set-lr", "applied_step": 7, "guard": "loss<3"}
+    with pytest.raises(controls.Rejected, match="set-lr applied at step 7 is still under its guard"):
+        controls.check_guard("set-grad-clip", "loss<3", None, watching=watching)
+
+
+def test_the_trainer_judges_only_later_verdicts_with_the_loss_at_their_step():
+    from importlib import import_module
+
+    guards = import_module("tuneloop.trainer.guards")
+    watch = {"guard": "protocol>=0.5 and loss<3", "applied_step": 10}
+
+    def fb(step, protocol):
+        return Feedback(run_id="r", step=step, action="continue", reason="", score=protocol, scores={"protocol": protocol})
+
+    assert guards.judge(watch, fb(10, 0.9), {10: 1.0}) is None  # the savepoint's own verdict does not count
+    losses = {11: 2.0, 12: 4.0, 14: 2.5}
+    assert guards.judge(watch, fb(12, 0.9), losses).held is False  # loss 4.0 at step 12
+    judged = guards.judge(watch, fb(13, 0.9), losses)  # step 13 was not logged: the last loss before it
+    assert judged.held is False and judged.metrics["loss"] == 4.0
+    assert guards.judge(watch, fb(14, 0.9), losses).held is True
+    assert guards.judge(watch, fb(14, 0.4), losses).held is False
+    assert guards.judge({"guard": "greet.protocol>0", "applied_step": 0}, fb(5, 1.0), {}) is None  # cannot judge
