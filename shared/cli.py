@@ -224,11 +224,8 @@ def _decide(run_id: str, proposal_id: Optional[str], approve: bool, reason: str,
         return
     try:
         answer = asyncio.run(decide_proposal(url, run_id, proposal_id, approve, reason, timeout=timeout))
-    except TimeoutError as e:
+    except TimeoutError as e:  # (an identity other than the operator is refused by the server: exit 4, see main)
         console.print(f"[red]{e}[/]")
-        raise typer.Exit(2)
-    except Exception as e:  # the server refused this identity (only the operator may decide)
-        console.print(f"[red]not decided: {e}[/]", soft_wrap=True)
         raise typer.Exit(2)
     if answer.outcome == "unknown":
         console.print(f"[red]{answer.reason}[/]", soft_wrap=True)

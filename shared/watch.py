@@ -159,12 +159,12 @@ class WatchView:
             parts.append(Text(f"guard: {g.command} {g.new!r} (applied at step {g.step}) is kept only while the next "
                               f"{g.within} verdict(s) meet {g.guard!r}; savepoint at step {g.savepoint_step}", style="yellow"))
         if self.proposals:
-            props = Table("open proposal", "what", "why", "answer with", box=None, padding=(0, 1))
+            props = Table("open proposal", "what", "why", "unanswered", box=None, padding=(0, 1))
             for p in self.proposals.values():
                 props.add_row(p.event_id, f"{p.command} {p.value if p.value is not None else ''}".strip() + f" (by {p.proposer})",
-                              p.reason, f"tuneloop approve|reject {p.run_id} {p.event_id} (timeout {p.timeout_s:g}s: "
-                                        f"{p.on_timeout})")
+                              p.reason, f"{p.on_timeout} after {p.timeout_s:g}s")
             parts.append(props)
+            parts.append(Text(f"answer with: tuneloop approve|reject {self.run_id} ID [--reason ...]", style="yellow"))
         if self.exported:
             parts.append(Text(f"exported step {self.exported.step}: {self.exported.merged_path or self.exported.adapter_path}"))
         return Group(Panel(Group(*parts), title="tuneloop watch", border_style="blue"))

@@ -11,10 +11,11 @@ apart from the clock the caller passes in.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from tuneloop.config import FeedbackSection
-from tuneloop.events import Control, Feedback, Proposal, derived_id
+from tuneloop.events import Control, Feedback, Proposal
 
 
 @dataclass
@@ -24,13 +25,19 @@ class TimedOut:
     proposal_id: str
 
 
+def proposal_id(source_event_id: str) -> str:
+    """A short id an operator can type (``tuneloop approve RUN p-1a2b3c4d5e``), the same for the
+    same policy event: a redelivered one proposes nothing new."""
+    return "p-" + hashlib.sha256(source_event_id.encode()).hexdigest()[:10]
+
+
 def gated(settings: FeedbackSection, command: str) -> bool:
     return command in settings.approve
 
 
 def for_control(settings: FeedbackSection, event: Control, step: int) -> Proposal:
     """The proposal holding a policy's control (adaptive data's set-data, a sweep's prune)."""
-    return Proposal(run_id=event.run_id, event_id=derived_id("proposal", event.event_id), command=event.command,
+    return Proposal(run_id=event.run_id, event_id=proposal_id(event.event_id), command=event.command,
                     value=event.value, reason=str(event.value) if event.command == "prune" and event.value else
                     f"{event.policy or event.operator} asks for {event.command} {event.value or ''}".strip(),
                     proposer=event.policy or event.operator or event.source, step=step, control_id=event.event_id,
@@ -39,7 +46,7 @@ def for_control(settings: FeedbackSection, event: Control, step: int) -> Proposa
 
 def for_feedback(settings: FeedbackSection, fb: Feedback, step: int) -> Proposal:
     """The proposal holding feedback's early stop."""
-    return Proposal(run_id=fb.run_id, event_id=derived_id("proposal", fb.event_id), command="stop", reason=fb.reason,
+    return Proposal(run_id=fb.run_id, event_id=proposal_id(fb.event_id), command="stop", reason=fb.reason,
                     proposer="feedback", step=step, verdict_step=fb.step, verdict_id=fb.verdict_id, score=fb.score,
                     timeout_s=settings.approve_timeout_s, on_timeout=settings.on_timeout)
 

@@ -287,7 +287,7 @@ class BusCallback(TrainerCallback):
             log.info("control %s already applied at step %d (redelivered after a restart)", event.event_id, done["step"])
             return ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
                                   control_id=event.event_id, command=event.command, step=done["step"], new=done["value"])
-        if (held := rs.proposals.get(derived_id("proposal", event.event_id))) is not None:
+        if (held := rs.proposals.get(approvals.proposal_id(event.event_id))) is not None:
             return Proposal.model_validate(held["proposal"])  # redelivered: the same proposal, still open
         try:
             if event.policy and approvals.gated(self.gates, event.command):

@@ -193,6 +193,8 @@ async def test_two_processes_roll_back_together_to_the_same_weights(tmp_path, na
                               ("1", str(back.step), str(back.savepoint_step))], rolled
     resumed = dict(re.findall(r"rank (\d) resumed from the savepoint at step \d+: weights checksum ([-0-9.e]+)", log))
     assert set(resumed) == {"0", "1"} and resumed["0"] == resumed["1"], resumed
+    saved = re.search(rf"2 ranks agree at step {back.savepoint_step}: .*'weights': ([-0-9.e]+)", log).group(1)
+    assert resumed["0"] == saved, (resumed, saved)  # the savepoint's weights, not the discarded ones
     agreed = re.findall(r"2 ranks agree at step (\d+): .*'rolled_back': 1", log)
     assert agreed, "no checkpoint after the rollback where the ranks compared their weights"
     assert ev[TrainingFinished][0].processes == 2

@@ -57,7 +57,9 @@ def test_every_dashboard_expression_returns_data_from_a_real_run(tmp_path, nats_
     run = run_id_for(request)
     cfg = tiny_config(tmp_path, method="grpo", max_steps=10**5, batch_size=8, save_steps=10, logging_steps=1,
                       grpo={"num_generations": 4, "max_completion_length": 16, "rewards": {"protocol": 1, "correctness": 1}})
-    cfg.feedback.min_step = 10**6  # it ends by the operator's stop below, not by feedback, however fast it trains
+    # It ends by the operator's stop below, however fast it trains: feedback wants to stop at every
+    # verdict (target 0), and each time that becomes a proposal nobody approves (feedback.approve).
+    cfg.feedback.target, cfg.feedback.approve = 0.0, ["stop"]
     cfg_path = tmp_path / "prom.yaml"
     dump_config(cfg, cfg_path)
     storage = tmp_path / "runs"
@@ -81,11 +83,18 @@ def test_every_dashboard_expression_returns_data_from_a_real_run(tmp_path, nats_
         _publish_garbage(nats_url, f"tuneloop.{run}.control")  # a dead letter, counted by the trainer
         # Controls while paused (the run cannot end meanwhile): paused=1 is scraped, and each answer
         # is counted; the annotation query sees them.
-        for command in (["pause"], ["set-log-interval", "1"], ["resume"], ["stop"]):
+        # A guarded set-lr whose guard no verdict can meet: rolled back at the next verdict.
+        for command in (["pause"], ["set-log-interval", "1"], ["resume"], ["set-lr", "0.002", "--guard", "correctness>1"]):
             ctl = subprocess.run([*TUNELOOP, "ctl", run, *command, "--storage", str(storage)],
                                  capture_output=True, text=True, timeout=120)
             assert ctl.returncode == 0, ctl.stdout + ctl.stderr
             time.sleep(3)
+        _wait_for(lambda: query_range(base, f'tuneloop_guards_total{{run_id="{run}"}}', start, time.time())
+                  and query_range(base, f'tuneloop_proposals_total{{run_id="{run}"}}', start, time.time()), 180,
+                  "no rollback or proposal scraped")
+        ctl = subprocess.run([*TUNELOOP, "ctl", run, "stop", "--storage", str(storage)], capture_output=True, text=True,
+                             timeout=120)
+        assert ctl.returncode == 0, ctl.stdout + ctl.stderr
         out, _ = job.communicate(timeout=600)
         assert job.returncode == 0, out[-3000:]
         time.sleep(3)  # one more scrape of everything
