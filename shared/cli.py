@@ -286,7 +286,8 @@ def audit(
     with _reading(storage, run_id, nats_url) as url:
         trail = asyncio.run(read(url))
     for e in trail:
-        what = {k: v for k, v in e.model_dump(exclude={"run_id", "event_id", "time", "schema_version"}).items()
+        what = {k: v for k, v in e.model_dump(exclude={"run_id", "event_id", "time", "schema_version",
+                                                        "discarded_saves"}).items()  # (ids for the checkpoint service)
                 if v not in (None, "", {}, [])}
         console.print(f"{e.time:%Y-%m-%d %H:%M:%S} [bold]{e.KIND}[/] {what}", soft_wrap=True)
 
@@ -478,18 +479,20 @@ def replay_run(
     results = [backtesting.backtest(events, recorded, s) for s in tries]
     live = results[0].live
     t = Table(title=f"replay of {run_id}: {len(backtesting.verdicts_seen(events))} verdicts, ended at step "
-                    f"{results[0].end_step}; live: {_stop_text(live)}, best {_best_text(live)}")
-    for col in ("metric", "target", "patience", "min_step", "would stop", "ends at", "exports", "steps saved",
-                "seconds saved", "same as live"):
+                    f"{results[0].end_step}; live: {backtesting.stop_text(live)}, best {backtesting.best_text(live)}")
+    rows = [backtesting.row(r) for r in results]
+    for col in rows[0]:
         t.add_column(col, overflow="fold")
-    for r in results:
-        s, ended = r.replayed.settings, r.would_end
-        same = [(d.step, d.action, d.reason) for d in r.replayed.decisions] == [(d.step, d.action, d.reason) for d in live.decisions]
-        t.add_row(s.metric, f"{s.target:g}", str(s.patience), str(s.min_step), _stop_text(r.replayed),
-                  "past the recording" if ended is None else str(ended), _best_text(r.replayed),
-                  "-" if r.steps_saved is None else f"{r.steps_saved:+d}",
-                  "-" if r.seconds_saved is None else f"{r.seconds_saved:+.1f}", "yes" if same else "no")
+    for row in rows:
+        t.add_row(*row.values())
     console.print(t)
+    if grid:  # the trade-off goes into the run's report page too
+        from .report import BACKTEST_FILE
+        from .storage import run_dir
+
+        path = run_dir(storage, run_id) / BACKTEST_FILE
+        path.write_text(json.dumps({"grid": grid, "title": t.title, "rows": rows}, indent=1))
+        console.print(f"wrote {path}: `tuneloop report {run_id}` shows it", soft_wrap=True)
 
 
 def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_trials: Optional[int],
@@ -547,14 +550,6 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
                   f">= {row.steps}" if row.unknown else str(row.steps),
                   "-" if row.steps_saved is None else f"{row.steps_saved:+d}", "yes" if row.same_as_live else "no")
     console.print(t)
-
-
-def _stop_text(outcome) -> str:
-    return "never" if outcome.stop_at is None else f"after the verdict of step {outcome.stop_at}"
-
-
-def _best_text(outcome) -> str:
-    return "-" if outcome.best_step is None else f"step {outcome.best_step} ({outcome.best_score:.3f})"
 
 
 def _events(run_id: str, storage: Path, nats_url: Optional[str], kinds: tuple | None = None) -> list:

@@ -21,6 +21,9 @@ from .events import EvalVerdict, Event, Feedback, StepMetrics, TrainingFinished
 from .policy import PolicyState, decide
 
 
+POLICY_KEYS = ("metric", "target", "patience", "min_step")  # what `policy.decide` reads
+
+
 @dataclass
 class Outcome:
     """What the policy did (live) or would have done (replayed) with one set of settings."""
@@ -110,6 +113,28 @@ def backtest(events: list[Event], recorded: FeedbackSection, settings: FeedbackS
     return Backtest(live, replayed, end, max(lag, 0), seconds)
 
 
+def row(r: Backtest) -> dict[str, str]:
+    """One line of the backtest table: settings, outcome, and the trade-off against the live run
+    (steps and seconds saved, score lost: the live best minus the best these settings export)."""
+    s, live, ended = r.replayed.settings, r.live, r.would_end
+    same = [(d.step, d.action, d.reason) for d in r.replayed.decisions] == [(d.step, d.action, d.reason) for d in live.decisions]
+    lost = (None if live.best_score is None or r.replayed.best_score is None or ended is None
+            else live.best_score - r.replayed.best_score)
+    return {"metric": s.metric, "target": f"{s.target:g}", "patience": str(s.patience), "min_step": str(s.min_step),
+            "would stop": stop_text(r.replayed), "ends at": "past the recording" if ended is None else str(ended),
+            "exports": best_text(r.replayed), "steps saved": "-" if r.steps_saved is None else f"{r.steps_saved:+d}",
+            "seconds saved": "-" if r.seconds_saved is None else f"{r.seconds_saved:+.1f}",
+            "score lost": "-" if lost is None else f"{lost:+.3f}", "same as live": "yes" if same else "no"}
+
+
+def stop_text(o: Outcome) -> str:
+    return f"after the verdict of step {o.stop_at}" if o.stop_at is not None else "never"
+
+
+def best_text(o: Outcome) -> str:
+    return f"step {o.best_step} ({o.best_score:.3f})" if o.best_step is not None else "-"
+
+
 def parse_settings(text: str, base: FeedbackSection) -> FeedbackSection:
     """``target=0.9,patience=2,min_step=100`` on top of ``base``; ValueError names what is wrong."""
     found = grid(text, base)
@@ -123,8 +148,8 @@ def grid(text: str, base: FeedbackSection) -> list[FeedbackSection]:
     names, choices = [], []
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, values = part.partition("=")
-        if not sep or key.strip() not in FeedbackSection.model_fields:
-            raise ValueError(f"{part!r}: expected KEY=VALUE with KEY one of {', '.join(FeedbackSection.model_fields)}")
+        if not sep or key.strip() not in POLICY_KEYS:
+            raise ValueError(f"{part!r}: expected KEY=VALUE with KEY one of {', '.join(POLICY_KEYS)}")
         names.append(key.strip())
         choices.append(values.split("|"))
     out = []

@@ -19,6 +19,7 @@ from .events import (BY_KIND, CheckpointRecorded, ControlApplied, ControlConfirm
                      EvalVerdict, Event, Proposal, ProposalResolved, StepMetrics)
 
 TIMELINE_FILE = "timeline.jsonl"
+BACKTEST_FILE = "backtest.json"  # written by `tuneloop replay RUN --grid`: the trade-off table
 KINDS = (StepMetrics, EvalVerdict, ControlApplied, ControlRolledBack, ControlConfirmed, Proposal, ProposalResolved,
          CheckpointRecorded, DatasetReady)
 
@@ -170,8 +171,18 @@ def quality_html(t: Timeline, examples: dict[str, dict]) -> str:
     return "".join(out) or "<p>no data-quality report recorded</p>"
 
 
+def backtest_html(backtest: dict | None) -> str:
+    """The replay's trade-off table (steps saved against score lost, per setting tried)."""
+    if not backtest:
+        return "<p>no backtest: <code>tuneloop replay RUN --grid ...</code> writes one</p>"
+    esc, rows = html.escape, backtest["rows"]
+    head = "".join(f"<th>{esc(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
+    return f"<p>{esc(backtest['title'])} (grid {esc(backtest['grid'])})</p><table><tr>{head}</tr>{body}</table>"
+
+
 def write_html(t: Timeline, png: Path, path: Path, config_text: str = "", summary: dict | None = None,
-               quality: dict[str, dict] | None = None) -> Path:
+               quality: dict[str, dict] | None = None, backtest: dict | None = None) -> Path:
     esc = html.escape
     image = base64.b64encode(png.read_bytes()).decode()
     controls = "".join(f"<tr><td>{c.step}</td><td>{esc(c.command)}</td><td>{esc(repr(c.old))}</td>"
@@ -203,6 +214,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}pre{{background:#
 <h2>Guarded controls</h2><table><tr><th>control</th><th>guard</th><th>outcome</th></tr>{guards or "<tr><td colspan=3>none</td></tr>"}</table>
 <h2>Proposals</h2><table><tr><th>id</th><th>what</th><th>by</th><th>step</th><th>why</th><th>outcome</th></tr>{props or "<tr><td colspan=6>none</td></tr>"}</table>
 <h2>Data quality</h2>{quality_html(t, quality or {})}
+<h2>Backtest of the feedback policy</h2>{backtest_html(backtest)}
 <h2>Summary</h2><pre>{esc(json.dumps(summary, indent=2)) if summary else "(no summary: the run has not finished)"}</pre>
 <h2>Config</h2><pre>{esc(config_text)}</pre>
 </body></html>
@@ -222,6 +234,8 @@ def write_report(run_dir: Path, events: list[Event], out_dir: Path | None = None
     summary = run_dir / "summary.json"
     quality = {d.dataset_id: json.loads(f.read_text()) for d in t.datasets
                if (f := run_dir / "data" / d.dataset_id / "quality.json").is_file()}
+    backtest = run_dir / BACKTEST_FILE
     page = write_html(t, png, out_dir / "report.html", config.read_text() if config.exists() else "",
-                      json.loads(summary.read_text()) if summary.exists() else None, quality)
+                      json.loads(summary.read_text()) if summary.exists() else None, quality,
+                      json.loads(backtest.read_text()) if backtest.exists() else None)
     return png, page

@@ -149,3 +149,18 @@ def start_job(config: Path, run_id: str, *flags: str, timeout: float = 180) -> s
         assert job.poll() is None, job.communicate()[0][-3000:]
         time.sleep(0.3)
     return job
+
+
+def readme_transcript(name: str, text: str) -> None:
+    """Print ``text`` (a real session of this test) and, with ``TUNELOOP_WRITE_DOCS=1``, put it in
+    the README between ``<!-- name:begin -->`` and ``<!-- name:end -->``: transcripts there are
+    what a test saw, never typed in."""
+    print(text)
+    if not os.environ.get("TUNELOOP_WRITE_DOCS"):
+        return
+    readme = REPO / "README.md"
+    doc, begin, end = readme.read_text(), f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in doc or end not in doc:
+        raise AssertionError(f"README.md has no {begin} ... {end} section")
+    head, rest = doc.split(begin, 1)
+    readme.write_text(f"{head}{begin}\n```\n{text.rstrip()}\n```\n{end}{rest.split(end, 1)[1]}")

@@ -1,5 +1,6 @@
 """The README's main job, end to end, and what a user does with its result."""
 
+import html
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from helpers import REPO, processes_mentioning
+from helpers import REPO, processes_mentioning, readme_transcript
 from tuneloop.config import dump_config, load_config
 
 pytestmark = pytest.mark.e2e
@@ -185,7 +186,7 @@ def test_a_bad_row_fails_the_run_naming_file_line_and_field(tmp_path):
     assert processes_mentioning(str(tmp_path / "runs")) == []
 
 
-def test_replay_gives_back_the_live_decisions_and_says_what_other_settings_would_have_done(example_run, figures):
+def test_replay_gives_back_the_live_decisions_and_says_what_other_settings_would_have_done(example_run, figures, tmp_path):
     """The SFT phase's recorded verdicts through the same policy code: with the run's own
     settings (the example trains SFT's whole budget: min_step 600), exactly the feedback the
     rl-reward service sent; with other ones, the stop the verdicts call for (worked out here
@@ -236,4 +237,13 @@ def test_replay_gives_back_the_live_decisions_and_says_what_other_settings_would
                             "--storage", str(storage)], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "COLUMNS": "250"})
     assert shown.returncode == 0 and f"replay of {run}" in shown.stdout, shown.stdout + shown.stderr
-    print(shown.stdout)
+    readme_transcript("replay-transcript", f"$ tuneloop replay {run} --grid patience=1|{recorded.patience},"
+                                           f"min_step=0|{recorded.min_step}\n{shown.stdout}")
+    # The trade-off in the run's report page too: a row per setting, steps saved against score lost.
+    page = subprocess.run([*TUNELOOP, "report", run, "--storage", str(storage), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert page.returncode == 0, page.stdout + page.stderr
+    text = html.unescape((tmp_path / "report.html").read_text())
+    section = text.split("<h2>Backtest of the feedback policy</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "<th>steps saved</th>" in section and "<th>score lost</th>" in section
+    assert section.count("<tr>") == 1 + 4, section  # the header and the 4 settings of the grid

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from helpers import collect, make_run, run_id_for, tiny_config, wait_for
+from helpers import collect, make_run, readme_transcript, run_id_for, tiny_config, wait_for
 from test_operator_tools import Terminal
 from tuneloop.bus import Bus
 from tuneloop.events import Proposal, ProposalResolved, StepMetrics, TrainingFinished
@@ -65,7 +65,7 @@ async def test_nothing_stops_until_the_operator_approves(tmp_path, secured, serv
     assert not ev[TrainingFinished]
 
     # The policies themselves, and anyone else but the operator, are refused by the server.
-    for user in ("rl-reward", "trainer", "viewer"):
+    for user in ("trainer", "viewer", "rl-reward"):
         refused = await asyncio.to_thread(decide, "approve", run, url, identity(pw, user), first.event_id)
         assert refused.returncode == 4 and f"does not let identity {user} publish" in refused.stdout, (user, refused.stdout)
     assert not [r for r in ev[ProposalResolved] if r.outcome != "unknown"]
@@ -95,6 +95,12 @@ async def test_nothing_stops_until_the_operator_approves(tmp_path, secured, serv
     done = ev[TrainingFinished][0]
     assert done.reason == "feedback" and done.step == approved.step and "approved by" in done.detail, done
     assert term.exit_code() == 0
+    readme_transcript("approval-transcript", "\n".join([
+        f"$ tuneloop watch {run}    # while the first proposal waits", screen.rstrip(),
+        f"$ NATS_USER=rl-reward tuneloop approve {run} {first.event_id}    # a policy approving itself", refused.stdout.rstrip(),
+        f"$ tuneloop reject {run} {first.event_id} --reason 'let it train on'", no.stdout.rstrip(),
+        f"$ tuneloop approve {run}    # no id: what is open", listing.stdout.rstrip(),
+        f"$ tuneloop approve {run} {second.event_id}", yes.stdout.rstrip()]))
 
     audit = await asyncio.to_thread(subprocess.run, [*TUNELOOP, "audit", run, "--nats-url", url], capture_output=True,
                                     text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})

@@ -21,9 +21,9 @@ import time
 import pytest
 from PIL import Image
 
-from helpers import collect, make_run, run_id_for, start_job, tiny_config, wait_for
+from helpers import collect, make_run, readme_transcript, run_id_for, start_job, tiny_config, wait_for
 from test_operator_tools import Terminal
-from test_trainer import ctl, losses_by_step, start_training
+from test_trainer import ctl, losses_by_step
 from tuneloop.config import dump_config
 from tuneloop.events import (CheckpointSaved, ControlApplied, ControlConfirmed, ControlRolledBack, StepMetrics,
                              TrainingFinished)
@@ -162,6 +162,14 @@ def test_watch_audit_and_report_show_the_rollback_and_the_confirmation(guarded_r
     print(audit.stdout)
     assert kinds.index("control.rolled_back") < kinds.index("control.confirmed"), kinds
     assert f"'savepoint_step': {back.savepoint_step}" in audit.stdout and f"'guard': '{GUARD}'" in audit.stdout
+
+    run = r["run"]
+    guard_lines = [ln for ln in audit.stdout.splitlines() if re.search(r"applied|rolled_back|confirmed", ln)]
+    readme_transcript("guard-transcript", "\n".join([
+        f"$ tuneloop ctl {run} set-lr {ABSURD} --guard '{GUARD}' --within 1", r["absurd"].stdout.rstrip(),
+        f"$ tuneloop watch {run}    # in another terminal, once the verdict came", r["rolled_screen"].rstrip(),
+        f"$ tuneloop ctl {run} set-lr 2e-3 --guard '{GUARD}'", r["harmless"].stdout.rstrip(),
+        f'$ tuneloop audit {run} | grep -E "applied|rolled_back|confirmed"', *guard_lines]))
 
     rdir = r["storage"] / r["run"]
     drawn = json.loads(Image.open(rdir / "report.png").text["Description"])  # written by the runner at the end

@@ -8,7 +8,7 @@ import pytest
 from tuneloop.config import FeedbackSection
 from tuneloop.events import EvalVerdict, StepMetrics, TrainingFinished
 from tuneloop.policy import PolicyState, decide
-from tuneloop.replay import backtest, grid, parse_settings
+from tuneloop.replay import backtest, grid, parse_settings, row
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -57,3 +57,13 @@ def test_settings_are_checked_and_a_grid_tries_every_combination():
         parse_settings("patience=0", base)
     with pytest.raises(ValueError, match="one value per setting"):
         parse_settings("patience=1|2", base)
+
+
+def test_a_table_row_weighs_steps_saved_against_score_lost():
+    live = FeedbackSection(target=0.9, patience=2)
+    events = recorded_run([0.2, 0.5, 0.4, 0.45, 0.3], live)
+    eager = row(backtest(events, live, parse_settings("target=0.2", live)))  # stops at 10: exports 0.2, not 0.5
+    assert (eager["steps saved"], eager["score lost"], eager["same as live"]) == ("+30", "+0.300", "no")
+    same = row(backtest(events, live, live))
+    assert (same["steps saved"], same["score lost"], same["same as live"]) == ("+0", "+0.000", "yes")
+    assert row(backtest(events, live, parse_settings("patience=5", live)))["score lost"] == "-"  # past the recording
