@@ -1,40 +1,66 @@
-# One image per service, from one file: `docker build --target trainer -t tuneloop-trainer .`
-# Each target installs only its service's extra. CPU torch by default; for CUDA images:
+# One image per service, from one file: `make images` builds them all (tuneloop/<target>), or
+#   docker build --target trainer -t tuneloop/trainer .
+# Each target installs only its service's extra; the light ones (no torch) come first.
+# Dependencies are installed against an empty package of the same layout (editable), and the
+# code is copied last: a code change rebuilds one small layer, not the dependencies.
+# torch: the pinned CPU build, from a wheel `make images` copies into .images/wheels when this
+# machine has one (air-gapped), else from TORCH_INDEX. For CUDA images:
 #   docker build --target trainer --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 .
 ARG PYTHON=3.11
-FROM python:${PYTHON}-slim AS src
+FROM python:${PYTHON}-slim AS base
 WORKDIR /app
+ENV PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1 TUNELOOP_STORAGE=/runs
 COPY pyproject.toml README.md ./
+RUN for d in shared shared/sweep services/trainer services/data-pipeline services/evaluator services/rl-reward \
+    services/checkpoint; do mkdir -p $d && touch $d/__init__.py; done
+
+FROM base AS data-pipeline
+RUN pip install --no-cache-dir -e ".[data-pipeline]"
 COPY shared shared
 COPY services services
 COPY examples examples
-ENV PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1 TUNELOOP_STORAGE=/runs
+CMD ["python", "-m", "tuneloop.data_pipeline"]
 
-FROM src AS ml
+FROM base AS rl-reward
+RUN pip install --no-cache-dir -e ".[rl-reward]"
+COPY shared shared
+COPY services services
+COPY examples examples
+CMD ["python", "-m", "tuneloop.rl_reward"]
+
+# The CLI (provision, init, ctl, approve) needs no ML stack.
+FROM base AS cli
+RUN pip install --no-cache-dir -e .
+COPY shared shared
+COPY services services
+COPY examples examples
+ENTRYPOINT ["tuneloop"]
+
+FROM base AS ml
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN pip install --no-cache-dir torch==2.13.0 --index-url ${TORCH_INDEX}
+COPY .images/wheels /wheels
+RUN if ls /wheels/torch-*.whl >/dev/null 2>&1; \
+    then pip install --no-cache-dir --find-links /wheels torch==2.13.0; \
+    else pip install --no-cache-dir torch==2.13.0 --index-url ${TORCH_INDEX}; fi \
+    && rm -rf /wheels
 
 FROM ml AS trainer
-RUN pip install --no-cache-dir ".[trainer]"
+RUN pip install --no-cache-dir -e ".[trainer]"
+COPY shared shared
+COPY services services
+COPY examples examples
 CMD ["python", "-m", "tuneloop.trainer"]
 
 FROM ml AS evaluator
-RUN pip install --no-cache-dir ".[evaluator]"
+RUN pip install --no-cache-dir -e ".[evaluator]"
+COPY shared shared
+COPY services services
+COPY examples examples
 CMD ["python", "-m", "tuneloop.evaluator"]
 
 FROM ml AS checkpoint
-RUN pip install --no-cache-dir ".[checkpoint]"
+RUN pip install --no-cache-dir -e ".[checkpoint]"
+COPY shared shared
+COPY services services
+COPY examples examples
 CMD ["python", "-m", "tuneloop.checkpoint"]
-
-FROM src AS data-pipeline
-RUN pip install --no-cache-dir ".[data-pipeline]"
-CMD ["python", "-m", "tuneloop.data_pipeline"]
-
-FROM src AS rl-reward
-RUN pip install --no-cache-dir ".[rl-reward]"
-CMD ["python", "-m", "tuneloop.rl_reward"]
-
-# The CLI (init, ctl) needs no ML stack.
-FROM src AS cli
-RUN pip install --no-cache-dir .
-ENTRYPOINT ["tuneloop"]

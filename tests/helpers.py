@@ -17,6 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOYED_CONF = REPO / "k8s" / "base" / "nats" / "nats.conf"
 IDENTITIES = ("admin", "operator", "trainer", "data-pipeline", "evaluator", "rl-reward", "checkpoint", "viewer")
 EXAMPLE_DATA = REPO / "examples" / "data" / "protocol.jsonl"
+KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/multinode", "overlays/sweep"]
+
+
+def kustomize(kustomization: str) -> list[dict]:
+    """The manifests ``kubectl kustomize k8s/<kustomization>`` builds."""
+    import shutil
+
+    import yaml
+
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    out = subprocess.run([kubectl, "kustomize", str(REPO / "k8s" / kustomization)], capture_output=True, text=True,
+                         check=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def tiny_config(tmp_path: Path, **train) -> Config:

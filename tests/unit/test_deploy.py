@@ -8,7 +8,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,20 +17,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import KUSTOMIZATIONS, REPO, kustomize
 from tuneloop.subjects import durable_name
 
-KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/multinode", "overlays/sweep"]
 CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
         ("kubeflow.org/v1", "PyTorchJob")}
-KUBECTL = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
 SERVICES = ("data-pipeline", "trainer", "evaluator", "rl-reward", "checkpoint")
 
 
-def build(kustomization: str) -> list[dict]:
-    out = subprocess.run([KUBECTL, "kustomize", str(REPO / "k8s" / kustomization)], capture_output=True, text=True,
-                         check=True)
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+build = kustomize
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -119,7 +113,7 @@ def _targets() -> dict[str, str]:
     out = {}
     for block in re.split(r"\n(?=FROM )", text):
         m = re.match(r"FROM \S+ AS ([\w-]+)", block)
-        extra = re.search(r'pip install --no-cache-dir "?\.(?:\[([\w-]+)\])?"?', block)
+        extra = re.search(r'pip install --no-cache-dir -e "?\.(?:\[([\w-]+)\])?"?', block)
         if m and extra:
             out[m.group(1)] = extra.group(1) or ""
     return out
@@ -196,3 +190,53 @@ def test_the_rl_reward_image_needs_no_ml_stack(tmp_path):
                             "print(importlib.util.find_spec('torch') is None, callable(m.score_batch))"],
                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert probe.stdout.split() == ["True", "True"], probe.stdout + probe.stderr
+
+
+def dockerfile_targets() -> dict[str, dict]:
+    """target -> {"entrypoint": [...], "cmd": [...]} of the Dockerfile, inherited along FROM."""
+    targets: dict[str, dict] = {}
+    current = None
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if m := re.match(r"FROM (\S+) AS (\S+)", line):
+            parent = targets.get(m.group(1), {})
+            current = targets[m.group(2)] = {"entrypoint": parent.get("entrypoint"), "cmd": parent.get("cmd")}
+        elif current is not None and (m := re.match(r"(ENTRYPOINT|CMD) (\[.*\])", line)):
+            current[m.group(1).lower()] = json.loads(m.group(2))
+    return targets
+
+
+def test_what_each_manifest_runs_exists_in_its_image():
+    """Every tuneloop container of the manifests runs what its image has: the image's own command
+    (a service module that exists), or the CLI's subcommands, or torchrun on the trainer; and every
+    environment variable a manifest sets for it is one the code reads."""
+    from tuneloop.cli import app
+
+    targets = dockerfile_targets()
+    subcommands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    code = "\n".join(p.read_text() for p in [*REPO.glob("shared/**/*.py"), *REPO.glob("services/**/*.py")])
+    checked = 0
+    for kustomization in KUSTOMIZATIONS:
+        for d in build(kustomization):
+            spec = d.get("spec", {})
+            templates = [spec.get("template")] if "template" in spec else [
+                r["template"] for r in spec.get("pytorchReplicaSpecs", {}).values()]
+            for tmpl in filter(None, templates):
+                for c in tmpl["spec"]["containers"]:
+                    target = next((t for t in targets if c["image"].split("/")[-1].split(":")[0] in (
+                        f"tuneloop-{t}", t)), None)
+                    if target is None or target in ("base", "ml"):
+                        continue
+                    image = targets[target]
+                    argv = c.get("command") or image["entrypoint"] or []
+                    argv = argv + (c.get("args") or ([] if c.get("command") else image["cmd"] or []))
+                    if argv[:1] == ["tuneloop"]:
+                        assert argv[1] in subcommands, (d["metadata"]["name"], argv)
+                    elif argv[:2] == ["torchrun", "-m"]:
+                        assert target == "trainer" and argv[2] == "tuneloop.trainer", argv
+                    else:
+                        assert argv[:2] == ["python", "-m"] and argv[2] == f"tuneloop.{target.replace('-', '_')}", argv
+                        assert (REPO / "services" / target / "__main__.py").is_file()
+                    for env in c.get("env", []):
+                        assert f'"{env["name"]}"' in code or f"'{env['name']}'" in code, (d["metadata"]["name"], env)
+                    checked += 1
+    assert checked >= 10, checked
