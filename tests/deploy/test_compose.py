@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, IDENTITIES, wait_for
+from helpers import IDENTITIES, REPO, readme_transcript, wait_for
 from tuneloop import images
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1500)]
@@ -32,6 +32,15 @@ SERVICES = ("data-pipeline", "trainer", "checkpoint", "evaluator", "rl-reward")
 STACK = ("nats", "provision", "init", *SERVICES, "prometheus")  # all but grafana
 TUNELOOP = [sys.executable, "-m", "tuneloop"]
 COMPOSE = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or "docker-compose"
+
+
+SAID: list[str] = []
+
+
+def say(line: str) -> None:
+    """A figure of this run, printed and kept for the README's Deploy section."""
+    print(line)
+    SAID.append(line)
 
 
 def free_port() -> int:
@@ -102,8 +111,9 @@ async def _scenario(s: Stack) -> None:
     from tuneloop.bus import Bus
     from tuneloop.events import (CheckpointRecorded, EvalVerdict, ExportDone, Feedback, StepMetrics, TrainingFinished)
 
-    for tag in (images.image(t) for t in images.TARGETS):
-        print(f"image {tag}: {images.size_mb(tag):.0f} MB")
+    for t in images.TARGETS:
+        say(f"image {images.image(t)}: {images.size_mb(images.image(t)):.0f} MB"
+            + ("" if t in images.TORCH_TARGETS else " (no torch)"))
     t_up = time.monotonic()
     s.compose("up", "-d", *STACK, timeout=600)
     os.environ.update(NATS_USER="viewer", NATS_PASSWORD=s.passwords["viewer"])
@@ -115,7 +125,7 @@ async def _scenario(s: Stack) -> None:
         await bus.follow(cls, RUN, keep)
     steps = ev[StepMetrics]
     await wait_for(lambda: any(e.loss is not None for e in steps), timeout=600)
-    print(f"from `docker compose up` to the first training step: {time.monotonic() - t_up:.1f} s")
+    say(f"from `docker compose up` to the first training step: {time.monotonic() - t_up:.1f} s")
 
     # Steered from the host with the operator identity; the viewer is refused by the server.
     lr = s.ctl("set-lr", "5e-4")
@@ -135,7 +145,7 @@ async def _scenario(s: Stack) -> None:
                    or len([v for v in ev[EvalVerdict] if v.time.timestamp() > scaled]) >= 8, timeout=600)
     after = [v for v in ev[EvalVerdict] if v.time.timestamp() > scaled]
     workers = {w for v in after for w in v.workers}
-    print(f"workers of the verdicts after scaling: {sorted(workers)}")
+    say(f"after --scale evaluator=3: {len(after)} verdicts, {len(workers)} evaluator containers scored their shards")
     assert len(workers) == 3 and all(v.shards == 3 for v in after), [(v.step, v.workers) for v in after]
 
     # SIGKILL of the trainer's container, then `up -d trainer`: it resumes from its newest complete
@@ -151,13 +161,14 @@ async def _scenario(s: Stack) -> None:
     assert min(e.step for e in again) > 1, "it started from step 0 instead of a checkpoint"
     for e in again:
         assert e.loss == pytest.approx(first[e.step], rel=1e-5, abs=1e-6), e.step
-    print(f"killed at step {killed_at}; resumed from step {min(e.step for e in again) - 1}; "
-          f"{len(again)} steps trained again with equal losses")
+    say(f"docker kill of the trainer at step {killed_at}: resumed from the checkpoint of step "
+        f"{min(e.step for e in again) - 1}; {len(again)} steps trained again, losses equal")
 
     # SIGTERM (`docker compose stop`): the trainer saves, says `interrupted`; a restart goes on.
     s.compose("stop", "trainer", timeout=300)
     await wait_for(lambda: any(d.reason == "interrupted" for d in ev[TrainingFinished]), timeout=120)
     stopped_at = ev[TrainingFinished][-1].step
+    say(f"docker compose stop trainer (SIGTERM) at step {stopped_at}: train.done interrupted; restarted, it went on")
     s.compose("up", "-d", "trainer", timeout=300)
     await wait_for(lambda: steps[-1].step > stopped_at + 5 and not steps[-1].paused, timeout=600)
     stop = s.ctl("stop")
@@ -173,12 +184,14 @@ async def _scenario(s: Stack) -> None:
     assert ev[Feedback], "no feedback reached the stream"
 
     # Prometheus inside the stack scraped every service, and a tuneloop metric of each.
-    up = {r["metric"]["service"]: r["value"][1] for r in prometheus(s.prom_port, "max by (service) (up)")}
+    # (over the run: the trainer's container has exited by now)
+    up = {r["metric"]["service"]: r["value"][1] for r in prometheus(s.prom_port, "max by (service) (max_over_time(up[30m]))")}
     assert {svc: "1" for svc in SERVICES} == {k: v for k, v in up.items() if k in SERVICES}, up
     for service, metric in (("trainer", "tuneloop_train_step"), ("data-pipeline", "tuneloop_data_sets_total"),
                             ("evaluator", "tuneloop_eval_cases_total"), ("checkpoint", "tuneloop_checkpoints_total"),
                             ("rl-reward", "tuneloop_feedback_total")):
-        assert prometheus(s.prom_port, f'{metric}{{service="{service}"}}'), (service, metric)
+        assert prometheus(s.prom_port, f'max_over_time({metric}{{service="{service}"}}[30m])'), (service, metric)
+    say(f"Prometheus in the stack scraped all {len(SERVICES)} services (up == 1) and a tuneloop metric of each")
 
     # The export, on the named volume, loads with plain transformers on the host.
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -187,6 +200,8 @@ async def _scenario(s: Stack) -> None:
     model = AutoModelForCausalLM.from_pretrained(exported)
     tok = AutoTokenizer.from_pretrained(exported)
     assert model.num_parameters() > 0 and tok("hello")["input_ids"]
+    say(f"export of step {ev[ExportDone][-1].step} loaded on the host with transformers "
+        f"({model.num_parameters()} parameters)")
     await bus.close()
 
     # down -v: nothing left running, no volume left.
@@ -196,3 +211,5 @@ async def _scenario(s: Stack) -> None:
     volumes = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
                              capture_output=True, text=True, check=True).stdout.split()
     assert not left and not volumes, (left, volumes)
+    say(f"docker compose down -v: no container, no volume left; the scenario took {time.monotonic() - t_up:.0f} s")
+    readme_transcript("deploy-figures", "\n".join(SAID))
