@@ -175,30 +175,26 @@ def _print_answer(answer) -> None:
         raise typer.Exit(1)
 
 
-@app.command()
-def approve(
-    run_id: str = typer.Argument(..., help="Run whose proposal to approve."),
-    proposal_id: Optional[str] = typer.Argument(None, help="The proposal (leave out to list the open ones)."),
-    reason: str = typer.Option("", "--reason", help="Why, for the audit trail."),
-    nats_url: Optional[str] = NATS_URL,
-    storage: Path = STORAGE,
-    timeout: float = typer.Option(120.0, help="Seconds to wait for the trainer's answer."),
-) -> None:
-    """Approve what a policy proposed (feedback.approve); it takes effect at the next step boundary."""
-    _decide(run_id, proposal_id, True, reason, nats_url, storage, timeout)
+def _decision(approve: bool, doc: str):
+    """`tuneloop approve` / `tuneloop reject`: the same arguments, the other answer."""
+    verb = "approve" if approve else "reject"
+
+    def command(
+        run_id: str = typer.Argument(..., help=f"Run whose proposal to {verb}."),
+        proposal_id: Optional[str] = typer.Argument(None, help="The proposal (leave out to list the open ones)."),
+        reason: str = typer.Option("", "--reason", help="Why, for the audit trail."),
+        nats_url: Optional[str] = NATS_URL,
+        storage: Path = STORAGE,
+        timeout: float = typer.Option(120.0, help="Seconds to wait for the trainer's answer."),
+    ) -> None:
+        _decide(run_id, proposal_id, approve, reason, nats_url, storage, timeout)
+
+    command.__doc__ = doc
+    return app.command(verb)(command)
 
 
-@app.command()
-def reject(
-    run_id: str = typer.Argument(..., help="Run whose proposal to reject."),
-    proposal_id: Optional[str] = typer.Argument(None, help="The proposal (leave out to list the open ones)."),
-    reason: str = typer.Option("", "--reason", help="Why, for the audit trail."),
-    nats_url: Optional[str] = NATS_URL,
-    storage: Path = STORAGE,
-    timeout: float = typer.Option(120.0, help="Seconds to wait for the trainer's answer."),
-) -> None:
-    """Reject what a policy proposed: training goes on as it was."""
-    _decide(run_id, proposal_id, False, reason, nats_url, storage, timeout)
+_decision(True, "Approve what a policy proposed (feedback.approve); it takes effect at the next step boundary.")
+_decision(False, "Reject what a policy proposed: training goes on as it was.")
 
 
 def _decide(run_id: str, proposal_id: Optional[str], approve: bool, reason: str, nats_url: Optional[str], storage: Path,
