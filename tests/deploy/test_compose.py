@@ -24,6 +24,7 @@ import pytest
 
 from helpers import IDENTITIES, REPO, readme_transcript, wait_for
 from tuneloop import images
+from tuneloop.config import load_config
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1500)]
 PROJECT = "tuneloop-deploy-test"
@@ -150,9 +151,12 @@ async def _scenario(s: Stack) -> None:
 
     # SIGKILL of the trainer's container, then `up -d trainer`: it resumes from its newest complete
     # checkpoint, and the steps it trains again have the losses they had the first time.
-    await wait_for(lambda: ev[CheckpointRecorded] and steps[-1].step > ev[CheckpointRecorded][-1].step + 3, timeout=300)
-    first = {e.step: e.loss for e in steps if e.loss is not None}
+    # Killed early in an interval between checkpoints, so that there are steps to train again.
+    every = load_config(REPO / "examples" / "deploy.yaml").train.save_steps
+    await wait_for(lambda: ev[CheckpointRecorded] and 3 <= steps[-1].step % every <= every // 3, timeout=300)
     subprocess.run(["docker", "kill", *s.containers("trainer")], check=True, capture_output=True)
+    await asyncio.sleep(2.0)  # what it published before it died arrives
+    first = {e.step: e.loss for e in steps if e.loss is not None}
     killed_at, n = max(first), len(steps)
     s.compose("up", "-d", "trainer", timeout=300)
     await wait_for(lambda: any(e.loss is not None and e.step > killed_at for e in steps[n:]), timeout=600)
