@@ -59,13 +59,18 @@ def sync_args(args, run_state: controls.Steering) -> None:
 
 def durable_state(run_dir: Path, fallback: controls.Steering) -> controls.Steering:
     """What operators were told was applied: the run directory's record when it holds controls
-    that ``fallback`` (a checkpoint's state, or a fresh run's) lacks, i.e. applied after it."""
+    that ``fallback`` (a checkpoint's state, or a fresh run's) lacks, i.e. applied after it.
+    Open proposals are the record's too (written whenever one opens or ends)."""
     try:
         recorded = read_steering(run_dir / APPLIED_FILE)
     except (OSError, ValueError, TypeError):
         return fallback
-    newer = recorded.applied_ids() - fallback.applied_ids()
-    return recorded if newer and recorded.applied_ids() >= fallback.applied_ids() else fallback
+    if not recorded.applied_ids() >= fallback.applied_ids():
+        return fallback  # a record older than the checkpoint
+    if recorded.applied_ids() - fallback.applied_ids():
+        return recorded
+    fallback.proposals = recorded.proposals
+    return fallback
 
 
 def _noop() -> None:

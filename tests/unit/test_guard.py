@@ -83,3 +83,30 @@ def test_the_trainer_judges_only_later_verdicts_with_the_loss_at_their_step():
     assert guards.judge(watch, fb(14, 0.9), losses).held is True
     assert guards.judge(watch, fb(14, 0.4), losses).held is False
     assert guards.judge({"guard": "greet.protocol>0", "applied_step": 0}, fb(5, 1.0), {}) is None  # cannot judge
+
+
+def test_a_restart_keeps_the_open_proposals_and_the_guard_under_watch(tmp_path):
+    """The run directory's record of what was answered (written at each control, proposal and
+    judgement) wins over an older checkpoint's state; open proposals come from it too."""
+    from importlib import import_module
+
+    from tuneloop.checkpoints import write_steering
+    from tuneloop.config import TrainSection
+    from tuneloop.storage import APPLIED_FILE
+
+    durable_state = import_module("tuneloop.trainer.callback").durable_state
+    checkpoint = controls.Steering.from_config(TrainSection())
+    checkpoint.applied = [{"control_id": "a", "command": "pause", "value": None, "step": 3}]
+    record = controls.Steering.from_dict(checkpoint.to_dict())
+    record.proposals = {"p-1": {"proposal": {}, "deadline": 0.0, "control": None}}
+    write_steering(tmp_path / APPLIED_FILE, record)
+    kept = durable_state(tmp_path, controls.Steering.from_dict(checkpoint.to_dict()))
+    assert kept.applied == checkpoint.applied and set(kept.proposals) == {"p-1"}
+    record.applied.append({"control_id": "b", "command": "set-lr", "value": 5.0, "step": 9})
+    record.learning_rate, record.guard = 5.0, {"control_id": "b", "guard": "loss<3"}
+    write_steering(tmp_path / APPLIED_FILE, record)
+    newer = durable_state(tmp_path, controls.Steering.from_dict(checkpoint.to_dict()))
+    assert newer.learning_rate == 5.0 and newer.guard["control_id"] == "b"
+    older = controls.Steering.from_dict(record.to_dict())
+    older.applied.append({"control_id": "c", "command": "resume", "value": None, "step": 12})
+    assert durable_state(tmp_path, older) is older  # the checkpoint is newer than the record
