@@ -10,8 +10,9 @@ ARG PYTHON=3.11
 FROM python:${PYTHON}-slim AS base
 WORKDIR /app
 ENV PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1 TUNELOOP_STORAGE=/runs
-COPY pyproject.toml README.md ./
-RUN for d in shared shared/sweep services/trainer services/data-pipeline services/evaluator services/rl-reward \
+COPY pyproject.toml ./
+# (an empty README for the package metadata: editing the real one rebuilds no dependency layer)
+RUN touch README.md && for d in shared shared/sweep services/trainer services/data-pipeline services/evaluator services/rl-reward \
     services/checkpoint; do mkdir -p $d && touch $d/__init__.py; done
 
 FROM base AS data-pipeline
