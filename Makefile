@@ -24,7 +24,7 @@ demo: install  ## the example job: NATS + five services, train, evaluate, export
 	$(VENV)/bin/tuneloop run examples/protocol.yaml
 
 test: install  ## every test: unit, integration (real nats-server), end to end
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

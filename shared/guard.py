@@ -12,7 +12,8 @@ small grammar below, never by ``eval``, and each mistake is named with its colum
 
 ``protocol`` and ``correctness`` are a verdict's scores (fractions in [0, 1]), ``tokens`` its
 mean new tokens per case, ``CATEGORY.<score>`` a score of one category, and ``loss`` the
-training loss logged at the verdict's step.
+mean training loss logged from the change (or the last verdict that held) to the verdict's step
+(``services/trainer/guards.py`` says which steps count).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def _check_name(text: str, name: str, col: int) -> None:
 
 def metrics_of(scores: dict[str, float], by_category: dict[str, dict[str, float]], tokens: float | None,
                loss: float | None) -> dict[str, float]:
-    """The names a guard can read, from one verdict (and the loss at its step)."""
+    """The names a guard can read, from one verdict (and the training loss up to its step)."""
     out = {k: float(v) for k, v in scores.items() if k in SCORES}
     for cat, s in by_category.items():
         for k in SCORES:

@@ -56,21 +56,33 @@ def watch_record(event: Control, savepoint: str, savepoint_step: int, ignore_dat
             "savepoint_step": savepoint_step, "held": [], "saves": [], "ignore_data_skip": ignore_data_skip}
 
 
-def loss_at(losses: dict[int, float], step: int) -> float | None:
-    """The training loss logged at ``step``, or the last one logged before it."""
-    before = [s for s in losses if s <= step]
-    return losses[max(before)] if before else None
+def loss_window(watch: dict) -> int:
+    """The steps whose training loss can tell of the change: those after the returned one.
+    The loss logged at step s is measured on the weights of step s - 1, so the first loss the
+    change shows is two steps after the savepoint; after a verdict that held, the steps since it."""
+    return max([watch["applied_step"] + 1, *watch.get("held", [])])
+
+
+def mean_loss(losses: dict[int, float], after: int, step: int) -> float | None:
+    """The mean training loss logged in steps ``after < s <= step``; None when none was. A mean,
+    not one batch's loss: a single batch is noise of the size of the changes a guard catches."""
+    window = [v for s, v in losses.items() if after < s <= step]
+    return sum(window) / len(window) if window else None
 
 
 def judge(watch: dict, feedback: Feedback, losses: dict[int, float]) -> Judged | None:
-    """The guard's judgement of ``feedback``'s verdict; None for a verdict it does not count
-    (of a checkpoint from before the change, or lacking a metric the guard reads)."""
+    """The guard's judgement of ``feedback``'s verdict; None for a verdict it does not count: of
+    a checkpoint from before the change, or lacking a metric the guard reads (as ``loss`` on a
+    checkpoint saved before any logged step could show the change). The guard waits for the next."""
     if feedback.step <= watch["applied_step"]:
         return None
     guard = parse(watch["guard"])
-    metrics = metrics_of(feedback.scores, feedback.by_category, feedback.mean_new_tokens, loss_at(losses, feedback.step))
+    after = loss_window(watch)
+    metrics = metrics_of(feedback.scores, feedback.by_category, feedback.mean_new_tokens,
+                         mean_loss(losses, after, feedback.step))
     if missing := guard.missing(metrics):
-        log.warning("verdict of step %d lacks %s: guard %r cannot judge it", feedback.step, sorted(missing), watch["guard"])
+        log.warning("verdict of step %d lacks %s (the training loss counts from step %d on): guard %r waits for "
+                    "the next verdict", feedback.step, sorted(missing), after + 1, watch["guard"])
         return None
     return Judged(feedback.step, feedback.verdict_id, metrics, guard.holds(metrics))
 

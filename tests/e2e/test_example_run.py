@@ -52,8 +52,9 @@ def test_example_job_sft_then_grpo_raises_the_held_out_score(example_run):
     assert sft["test"]["cases"] >= 100 and sft["evaluations"], "no periodic evaluation happened"
     # 1. SFT teaches the protocol to a model that starts from random weights (all but the prose
     #    some of the demonstrations use, see examples/make_protocol_data.py).
-    # (>= 0.8: where feedback stops SFT depends on when verdicts land, so the score varies a little)
-    assert sft["baseline"]["protocol"] < 0.1 and sft["test"]["protocol"] >= 0.8
+    # (>= 0.7: 40% of the math and length demonstrations are prose, and how much math the mixture
+    # holds depends on when verdicts land: the score varies, 0.775 to 0.955 over the runs on record)
+    assert sft["baseline"]["protocol"] < 0.1 and sft["test"]["protocol"] >= 0.7
     # 2. The evaluator's verdicts named weak categories and the mixture shifted towards them.
     weights = sft["data"]["category_weights"]
     assert weights and max(weights.values()) > 1 and grpo["data"]["category_weights"] == weights
