@@ -19,17 +19,36 @@ class PolicyState(BaseModel):
     best_step: int | None = None
     since_best: int = 0
     decided: dict[str, Feedback] = {}  # verdict id -> the feedback decided for it (a redelivery sends it again)
+    discarded: list[str] = []  # eval requests of checkpoints a rollback discarded: their verdicts never count
+
+
+def _count(state: PolicyState, score: float, step: int) -> None:
+    """One more verdict scored ``score``: a new best, or one more evaluation without one."""
+    if score > state.best_score:
+        state.best_score, state.best_step, state.since_best = score, step, 0
+    else:
+        state.since_best += 1
+
+
+def rewind(state: PolicyState, discarded_requests: list[str]) -> PolicyState:
+    """The state as if the verdicts of the checkpoints a rollback discarded (``control.rolled_back``'s
+    ``discarded_saves``, as eval request ids) had never come: best and patience counted again from
+    the verdicts that remain, in the order they came; those that arrive later are not counted."""
+    out = PolicyState(discarded=sorted({*state.discarded, *discarded_requests}))
+    for verdict_id, feedback in state.decided.items():
+        if feedback.request_id not in out.discarded:
+            _count(out, feedback.score, feedback.step)
+            out.decided[verdict_id] = feedback
+    return out
 
 
 def decide(cfg: FeedbackSection, state: PolicyState, verdict: EvalVerdict, weak_below: float = 0.9) -> Feedback | None:
-    """Update ``state`` with ``verdict`` and return the feedback to send (None for a duplicate)."""
-    if verdict.event_id in state.decided:
+    """Update ``state`` with ``verdict`` and return the feedback to send (None for a duplicate, and
+    for a verdict of a checkpoint a rollback discarded)."""
+    if verdict.event_id in state.decided or verdict.request_id in state.discarded:
         return None
     score = verdict.scores.get(cfg.metric, 0.0)
-    if score > state.best_score:
-        state.best_score, state.best_step, state.since_best = score, verdict.step, 0
-    else:
-        state.since_best += 1
+    _count(state, score, verdict.step)
     weak = sorted(c for c, s in verdict.by_category.items() if s.get(cfg.metric, 0.0) < weak_below)
     action, reason = "continue", f"{cfg.metric} {score:.3f} < target {cfg.target:.3f}"
     if verdict.step < cfg.min_step:

@@ -1,7 +1,7 @@
 """Backtesting the feedback policy on a recorded run: what would other settings have done?
 
 A run's stream (or its timeline file, once the broker is gone) keeps every verdict the policy
-saw and every feedback it sent. ``replay`` feeds the same verdicts, in the same order, through
+saw, every rollback that made it forget some, and every feedback it sent. ``replay`` feeds the same verdicts, in the same order, through
 the same ``policy.decide`` the rl-reward service runs, with the settings asked for, and says
 when the run would have stopped, what it would have exported, and the steps and time that
 would have been saved or lost. With the run's own settings it gives back exactly the live
@@ -17,8 +17,8 @@ import itertools
 from dataclasses import dataclass
 
 from .config import FeedbackSection
-from .events import EvalVerdict, Event, Feedback, StepMetrics, TrainingFinished
-from .policy import PolicyState, decide
+from .events import ControlRolledBack, EvalVerdict, Event, Feedback, StepMetrics, TrainingFinished, derived_id
+from .policy import PolicyState, decide, rewind
 
 
 POLICY_KEYS = ("metric", "target", "patience", "min_step")  # what `policy.decide` reads
@@ -69,12 +69,18 @@ def verdicts_seen(events: list[Event]) -> list[EvalVerdict]:
     return [e for e in events if isinstance(e, EvalVerdict) and e.purpose == "periodic"]
 
 
-def run_policy(settings: FeedbackSection, verdicts: list[EvalVerdict]) -> Outcome:
-    """``decide`` over ``verdicts``, as the service does; it stops at the first stop."""
+def run_policy(settings: FeedbackSection, events: list[Event]) -> Outcome:
+    """``decide`` over the periodic verdicts of ``events``, and ``rewind`` at each rollback, as
+    the service does; it stops at the first stop."""
     state, decisions = PolicyState(), []
-    for v in verdicts:
+    for v in events:
+        if isinstance(v, ControlRolledBack):
+            state = rewind(state, [derived_id("eval", s) for s in v.discarded_saves])
+            continue
+        if not isinstance(v, EvalVerdict) or v.purpose != "periodic":
+            continue
         feedback = decide(settings, state, v)
-        if feedback is None:  # a verdict seen twice: decided once
+        if feedback is None:  # a verdict seen twice (decided once), or of a discarded checkpoint
             continue
         decisions.append(feedback)
         if feedback.action == "stop":
@@ -103,7 +109,7 @@ def _outcome(settings: FeedbackSection, decisions: list[Feedback]) -> Outcome:
 def backtest(events: list[Event], recorded: FeedbackSection, settings: FeedbackSection) -> Backtest:
     """The run of ``events`` (decided live with ``recorded``) against ``settings``."""
     live = live_outcome(recorded, events)
-    replayed = run_policy(settings, verdicts_seen(events))
+    replayed = run_policy(settings, events)
     done = next((e for e in reversed(events) if isinstance(e, TrainingFinished)), None)
     steps = [e for e in events if isinstance(e, StepMetrics) and e.loss is not None]
     end = done.step if done else (steps[-1].step if steps else 0)

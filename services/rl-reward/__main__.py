@@ -12,11 +12,11 @@ import time
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from tuneloop import metrics, subjects
-from tuneloop.events import EvalVerdict, RewardReply, RewardRequest
+from tuneloop.events import ControlRolledBack, EvalVerdict, RewardReply, RewardRequest, derived_id
 from tuneloop.service import ServiceContext, run_service
 
 from . import rewards
-from tuneloop.policy import PolicyState, decide
+from tuneloop.policy import PolicyState, decide, rewind
 
 log = logging.getLogger("tuneloop.rl_reward")
 
@@ -69,18 +69,43 @@ async def main(ctx: ServiceContext) -> None:
         if verdict.purpose != "periodic":
             return
         cfg = ctx.config(verdict.run_id).feedback
-        while True:  # compare-and-set: another replica may update the run's state meanwhile
-            state, revision = await load_state(verdict.run_id)
-            feedback = decide(cfg, state, verdict) or state.decided[verdict.event_id]
-            try:
-                await save_state(verdict.run_id, state, revision)
-                break
-            except KeyWrongLastSequenceError:
-                continue
+
+        def decide_on(state: PolicyState):
+            return state, decide(cfg, state, verdict) or state.decided.get(verdict.event_id)
+
+        feedback = await update(verdict.run_id, decide_on)
+        if feedback is None:
+            log.info("verdict of step %d is of a checkpoint a rollback discarded: not counted", verdict.step)
+            return
         # A decision made before (by a replica that died before sending it) goes out again;
         # its event id is the same, so JetStream stores it once.
         await ctx.bus.publish(feedback)
         log.info("feedback for step %d: %s (%s)", feedback.step, feedback.action, feedback.reason)
+
+    async def on_rolled_back(ev: ControlRolledBack) -> None:
+        """The run went back to a savepoint: its policy forgets the discarded checkpoints' verdicts
+        (a patience counted on training that no longer exists would stop the run too early)."""
+        requests = [derived_id("eval", saved) for saved in ev.discarded_saves]
+
+        def forget(state: PolicyState):
+            rewound = rewind(state, requests)
+            return rewound, rewound
+
+        state = await update(ev.run_id, forget)
+        log.info("rollback to step %d: %d discarded checkpoint(s) forgotten; best %.3f at step %s, %d evaluation(s) "
+                 "since", ev.savepoint_step, len(requests), state.best_score, state.best_step, state.since_best)
+
+    async def update(run_id: str, change):
+        """``change(state) -> (new state, result)`` on the run's state, by compare-and-set: another
+        replica may update it meanwhile, and then ``change`` runs again on what it wrote."""
+        while True:
+            state, revision = await load_state(run_id)
+            state, result = change(state)
+            try:
+                await save_state(run_id, state, revision)
+                return result
+            except KeyWrongLastSequenceError:
+                continue
 
     async def load_state(run_id: str) -> tuple[PolicyState, int]:
         try:
@@ -98,6 +123,7 @@ async def main(ctx: ServiceContext) -> None:
 
     await ctx.bus.serve(RewardRequest, ctx.run_id, on_reward, queue="rl-reward")
     await ctx.bus.consume(EvalVerdict, ctx.run_id, on_verdict)
+    await ctx.bus.consume(ControlRolledBack, ctx.run_id, on_rolled_back)
     await ctx.stop.wait()
 
 

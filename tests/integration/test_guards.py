@@ -5,7 +5,7 @@ operator would: an absurd learning rate under a guard is rolled back to its save
 next verdict, and training from there gives exactly the losses of a run that never had it; a
 harmless one is confirmed. `watch` (in a pseudo-terminal), `audit` and the report show both.
 Then the same guard on two training processes: both ranks roll back at the same step to the
-same weights."""
+same weights. And rl-reward's feedback policy forgets the verdicts of discarded checkpoints."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from helpers import collect, make_run, readme_transcript, run_id_for, start_job,
 from test_operator_tools import Terminal
 from test_trainer import ctl, losses_by_step
 from tuneloop.config import dump_config
-from tuneloop.events import (CheckpointSaved, ControlApplied, ControlConfirmed, ControlRolledBack, StepMetrics,
-                             TrainingFinished)
+from tuneloop.events import (CheckpointSaved, ControlApplied, ControlConfirmed, ControlRolledBack, EvalVerdict,
+                             Feedback, StepMetrics, TrainingFinished, derived_id)
 
 pytestmark = pytest.mark.integration
 TUNELOOP = [sys.executable, "-m", "tuneloop"]
@@ -212,3 +212,40 @@ async def ctl_guarded(url, bus, run):
     from tuneloop.control import send_control
 
     return await send_control(url, run, "set-lr", float(ABSURD), bus=bus, timeout=120, guard=GUARD, within=1)
+
+
+async def test_rl_reward_forgets_the_verdicts_of_discarded_checkpoints(tmp_path, nats_url, bus, services, request):
+    """The feedback policy's memory is in KV, across replicas: after `control.rolled_back` the
+    service decides as if the discarded checkpoints' verdicts never came (late ones included),
+    where the same verdicts without the rollback stop the run on patience."""
+    run = run_id_for(request)
+    cfg = config(tmp_path)
+    cfg.feedback.metric, cfg.feedback.target, cfg.feedback.patience, cfg.feedback.min_step = "protocol", 0.9, 2, 0
+    storage = make_run(tmp_path, run, cfg)
+    feedback = await collect(bus, Feedback, run)
+    svc = services(storage, nats_url, run)
+    svc.start("rl-reward")
+
+    def verdict(step, score, saved):
+        return EvalVerdict(run_id=run, request_id=derived_id("eval", saved), step=step, checkpoint=f"checkpoint-{step}",
+                           split="val", purpose="periodic", cases=8, scores={"protocol": score, "correctness": 0.0})
+
+    async def send(v):
+        await bus.publish(v)
+        await wait_for(lambda: any(f.verdict_id == v.event_id for f in feedback), timeout=60)
+
+    await send(verdict(10, 0.5, "s10"))
+    await send(verdict(20, 0.4, "s20"))  # one evaluation without improvement: patience 2 is half spent
+    await bus.publish(ControlRolledBack(run_id=run, control_id="c1", command="set-lr", value=8.0, guard="loss<5",
+                                        step=25, savepoint_step=10, discarded_steps=[11, 25], verdict_step=20,
+                                        discarded_saves=["s20", "s30"]))
+    await wait_for(lambda: "rollback to step 10" in svc.log("rl-reward"), timeout=60)
+    await bus.publish(verdict(30, 0.3, "s30"))  # late, of a discarded checkpoint
+    again = verdict(20, 0.45, "s20-again")
+    await send(again)
+    got = {f.verdict_id: f for f in feedback}
+    assert len(got) == 3, [(f.step, f.action) for f in feedback]  # nothing for the late, discarded verdict
+    assert got[again.event_id].action == "continue" and got[again.event_id].best_step == 10
+    log = svc.log("rl-reward")
+    assert "rollback to step 10: 2 discarded checkpoint(s) forgotten; best 0.500 at step 10, 0 evaluation(s) since" in log
+    assert "verdict of step 30 is of a checkpoint a rollback discarded: not counted" in log

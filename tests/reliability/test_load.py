@@ -1,4 +1,4 @@
-"""Bursts at a live run: 20k metrics events, 1k controls at the trainer, 300 evaluation requests
+"""Bursts at a live run: 20k metrics events, 1k controls at the trainer, 100 evaluation requests
 at the evaluator. Nothing JetStream holds is dropped, every control and request is answered
 exactly once, the services' memory stays bounded; latency percentiles are reported."""
 
@@ -16,7 +16,7 @@ from tuneloop import subjects
 from tuneloop.events import Control, ControlApplied, ControlRejected, EvalRequest, EvalVerdict, StepMetrics
 
 pytestmark = pytest.mark.reliability
-METRICS, CONTROLS, EVALS = 20_000, 1_000, 300
+METRICS, CONTROLS, EVALS = 20_000, 1_000, 100
 
 
 def rss_mb(pid: int) -> float:

@@ -25,3 +25,39 @@ def test_policy_stops_on_target_or_patience_and_ignores_duplicates():
     assert fb.action == "stop" and "no improvement for 2" in fb.reason and fb.best_step == 10
     fb = decide(cfg, PolicyState(), verdict(40, 0.92))
     assert fb.action == "stop" and fb.reason.startswith("target reached")
+
+
+
+def test_a_rollback_rewinds_the_policy_to_the_verdicts_that_remain():
+    """Patience counted on discarded training must not stop the run: after ``rewind`` the
+    policy decides as if the discarded checkpoints' verdicts never came, late ones included."""
+    from tuneloop.events import ControlRolledBack, derived_id
+    from tuneloop.policy import rewind
+    from tuneloop.replay import run_policy
+
+    cfg = FeedbackSection(metric="protocol", target=0.9, patience=2, min_step=0)
+
+    def v(step, score, saved):  # the verdict of the checkpoint whose ckpt.saved is ``saved``
+        return EvalVerdict(run_id="r", request_id=derived_id("eval", saved), step=step, checkpoint=f"c{step}",
+                           split="val", purpose="periodic", cases=10, scores={"protocol": score})
+
+    kept, discarded, late = v(10, 0.5, "save-10"), v(20, 0.4, "save-20"), v(30, 0.3, "save-30")
+    again = v(20, 0.45, "save-20-again")  # step 20 trained again after the rollback
+    untouched = PolicyState()
+    for x in (kept, discarded):
+        decide(cfg, untouched, x)
+    assert decide(cfg, untouched, again).action == "stop"  # what the rollback must prevent
+
+    st = PolicyState()
+    for x in (kept, discarded):
+        decide(cfg, st, x)
+    st = rewind(st, [derived_id("eval", s) for s in ("save-20", "save-30")])
+    assert (st.best_step, st.since_best, list(st.decided)) == (10, 0, [kept.event_id])
+    assert decide(cfg, st, late) is None  # a discarded checkpoint's verdict arriving late
+    assert decide(cfg, st, again).action == "continue" and st.since_best == 1
+    # `tuneloop replay` rewinds at a recorded rollback the same way.
+    rolled = ControlRolledBack(run_id="r", control_id="c", command="set-lr", guard="loss<1", step=25,
+                               savepoint_step=10, verdict_step=20, discarded_saves=["save-20", "save-30"])
+    replayed = run_policy(cfg, [kept, discarded, rolled, late, again])
+    assert [(d.step, d.action) for d in replayed.decisions] == [(10, "continue"), (20, "continue"), (20, "continue")]
+    assert run_policy(cfg, [kept, discarded, late, again]).stop_at == 30  # without the rollback: stopped
