@@ -1,8 +1,9 @@
 """Backtesting the feedback policy on a recorded run: what would other settings have done?
 
 A run's stream (or its timeline file, once the broker is gone) keeps every verdict the policy
-saw, every rollback that made it forget some, and every feedback it sent. ``replay`` feeds the same verdicts, in the same order, through
-the same ``policy.decide`` the rl-reward service runs, with the settings asked for, and says
+saw, every rollback that made it forget some, and every feedback it sent. ``replay`` feeds the
+same verdicts and rollbacks, in the same order, through the same ``policy.decide`` and
+``policy.rewind`` the rl-reward service runs, with the settings asked for, and says
 when the run would have stopped, what it would have exported, and the steps and time that
 would have been saved or lost. With the run's own settings it gives back exactly the live
 decisions (a test holds it to that).
@@ -73,13 +74,13 @@ def run_policy(settings: FeedbackSection, events: list[Event]) -> Outcome:
     """``decide`` over the periodic verdicts of ``events``, and ``rewind`` at each rollback, as
     the service does; it stops at the first stop."""
     state, decisions = PolicyState(), []
-    for v in events:
-        if isinstance(v, ControlRolledBack):
-            state = rewind(state, [derived_id("eval", s) for s in v.discarded_saves])
+    for e in events:
+        if isinstance(e, ControlRolledBack):
+            state = rewind(state, [derived_id("eval", saved) for saved in e.discarded_saves])
             continue
-        if not isinstance(v, EvalVerdict) or v.purpose != "periodic":
+        if not isinstance(e, EvalVerdict) or e.purpose != "periodic":
             continue
-        feedback = decide(settings, state, v)
+        feedback = decide(settings, state, e)
         if feedback is None:  # a verdict seen twice (decided once), or of a discarded checkpoint
             continue
         decisions.append(feedback)
