@@ -41,7 +41,7 @@ def arm_config(tmp: Path, arm: dict, seed: int) -> Path:
     """The example's SFT phase as one run, with the arm's quality and augmentation settings."""
     from tuneloop.config import load_config
 
-    example = load_config(REPO / "examples" / "protocol.yaml")
+    example = load_config(REPO / "examples" / "protocol-tiny.yaml")
     raw = example.phase_config(0).model_dump(mode="json")
     raw["run"].update(output_dir=str(tmp / "runs"), name="study", seed=seed)
     raw["data"]["quality"]["protocol_violations"] = arm["protocol_violations"]
@@ -56,7 +56,7 @@ def job_config(tmp: Path, violations: str) -> Path:
     """The example job as it is, but for ``data.quality.protocol_violations``."""
     from tuneloop.config import dump_config, load_config
 
-    cfg = load_config(REPO / "examples" / "protocol.yaml")
+    cfg = load_config(REPO / "examples" / "protocol-tiny.yaml")
     cfg.run.output_dir = str(tmp / "runs")
     cfg.data.quality.protocol_violations = violations
     path = tmp / "job.yaml"

@@ -70,7 +70,7 @@ def on_train_thread(fn, *args):
 
 def job_config(args) -> dict:
     """The example's SFT phase, evaluation-heavy: many val cases, long answers, often."""
-    cfg = load_config(REPO / "examples" / "protocol.yaml")
+    cfg = load_config(REPO / "examples" / "protocol-tiny.yaml")
     raw = cfg.phase_config(0).model_dump(mode="json")
     raw["data"]["sources"][0]["path"] = str(REPO / "examples" / "data" / "protocol.jsonl")
     raw["data"]["adapt"]["enabled"] = False  # the same data throughout: both arms train alike

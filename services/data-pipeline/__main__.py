@@ -35,7 +35,7 @@ async def announce(ctx: ServiceContext, run_id: str, *, weights: dict[str, float
     rdir = ctx.run_dir(run_id)
     if category_weights is None:
         category_weights = cfg.data.category_weights
-    prepared = await asyncio.to_thread(prepare, cfg, rdir / "data", rdir, "tuneloop", weights, category_weights)
+    prepared = await asyncio.to_thread(prepare, cfg, rdir / "data", rdir, cfg.model.template(), weights, category_weights)
     for r in prepared.rejected[:20]:
         log.warning("skipped bad row %s", r)
     for line in prepared.quality.lines():
@@ -46,7 +46,7 @@ async def announce(ctx: ServiceContext, run_id: str, *, weights: dict[str, float
         event_id=derived_id("data", run_id, prepared.fingerprint[:24], *([requested_by] if requested_by else [])),
         dataset_id=prepared.fingerprint[:16], fingerprint=prepared.fingerprint,
         splits={k: SplitInfo(path=p, rows=n, categories=c) for k, (p, n, c) in prepared.splits.items()},
-        chat_template="tuneloop", mixture=prepared.mixture, category_weights=category_weights or {},
+        chat_template=cfg.model.template(), mixture=prepared.mixture, category_weights=category_weights or {},
         rejected_rows=len(prepared.rejected), quality=prepared.quality.summary(), augmented_rows=prepared.augmented,
         requested_by=requested_by,
     )

@@ -244,13 +244,17 @@ def evidence_is_new(verdict_step: int, switched_at: int | None, cooldown: int) -
     return switched_at is not None and verdict_step >= switched_at + cooldown
 
 
-def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str = "tuneloop",
+def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str | None = None,
             weights: dict[str, float] | None = None, category_weights: dict[str, float] | None = None) -> Prepared:
     """Read every source, mix, split (held-out prompts never seen in train) and write JSONL.
+
+    ``template``: 'tuneloop' writes prompts as text; 'model' keeps them as messages for the
+    base tokenizer's own template; by default what ``model.chat_template`` says.
 
     Each data set goes to its own folder ``out_dir/<dataset id>``: a run that switches data
     (set-data) can still resume on the old one, and the same input lands in the same place.
     """
+    template = template or cfg.model.template()
     rng = random.Random(cfg.run.seed)
     weight = source_weights(cfg, weights)
     sources = []

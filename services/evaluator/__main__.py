@@ -33,7 +33,7 @@ from tuneloop.suites import parse_checks
 
 from tuneloop.models import imports
 
-from .generate import generate, load_for_eval
+from .generate import Models, generate
 from .suite import Case, ShardResult, combine, tally
 
 log = logging.getLogger("tuneloop.evaluator")
@@ -72,19 +72,6 @@ def plan(req: EvalRequest, dataset: DatasetReady, max_cases: int, shard_size: in
             for i in range(count)]
 
 
-class Models:
-    """The last loaded checkpoint: the shards of one request mostly land on the same process."""
-
-    def __init__(self):
-        self.key, self.value = None, None
-
-    def get(self, base, checkpoint, adapter: bool):
-        key = (str(base), str(checkpoint), adapter)
-        if key != self.key:
-            self.key, self.value = key, load_for_eval(base, checkpoint, adapter)
-        return self.value
-
-
 def score_shard(ctx: ServiceContext, models: Models, sh: EvalShard) -> ShardResult:
     """Blocking: load (or reuse) the model, generate, count. Runs on the torch thread."""
     t0 = time.perf_counter()
@@ -92,12 +79,11 @@ def score_shard(ctx: ServiceContext, models: Models, sh: EvalShard) -> ShardResu
     cfg = ctx.config(sh.run_id)
     cases = load_cases(confine(run_dir, sh.cases_path), sh.start, sh.end)
     base = resolve_model(run_dir, req.base_model)
-    if req.checkpoint is None:  # a baseline: the base model as it is
-        model, tokenizer = models.get(base, base, adapter=False)
-    else:
-        model, tokenizer = models.get(base, confine(run_dir, req.checkpoint), req.adapter)
+    checkpoint = None if req.checkpoint is None else confine(run_dir, req.checkpoint)  # None: a baseline
+    model, tokenizer, adapters_on = models.get(base, checkpoint, req.adapter)
     t1 = time.perf_counter()
-    outputs, counts = generate(model, tokenizer, [c.prompt for c in cases], cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    outputs, counts = generate(model, tokenizer, [c.prompt for c in cases], cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                               adapters_on)
     t2 = time.perf_counter()
     result = tally(sh.shard, cases, outputs, counts)
     t3 = time.perf_counter()

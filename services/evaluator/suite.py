@@ -24,7 +24,7 @@ MAX_FAILURES = 10
 
 @dataclass
 class Case:
-    prompt: str          # rendered prompt text, as in training
+    prompt: str | list[dict]  # prompt text as in training, or messages for the tokenizer's template
     category: str
     reference: str | None
     weight: float = 1.0
@@ -78,7 +78,7 @@ def tally(shard: int, cases: list[Case], outputs: list[str], new_tokens: list[in
         c[2] += case.weight * passes
         c[3] += case.weight * correct
         if not passes and len(failures) < MAX_FAILURES:
-            failures.append(Failure(prompt=case.prompt[-300:], output=out[:300], reason=why, category=case.category))
+            failures.append(Failure(prompt=_text(case.prompt)[-300:], output=out[:300], reason=why, category=case.category))
     return ShardResult(shard=shard, counts=dict(counts), failures=failures, new_tokens=sum(new_tokens))
 
 
@@ -105,3 +105,8 @@ def combine(results: list[ShardResult]) -> SuiteResult:
 def score(cases: list[Case], outputs: list[str], new_tokens: list[int] | None = None) -> SuiteResult:
     """Score one batch in one go (a request of a single shard)."""
     return combine([tally(0, cases, outputs, new_tokens)])
+
+
+def _text(prompt: str | list[dict]) -> str:
+    """A prompt as a failure shows it: the text, or the messages' contents one a line."""
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)

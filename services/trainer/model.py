@@ -117,20 +117,16 @@ def link_local(src: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def load(name_or_path: str | Path, *, dtype=None, quantization=None, **placement):
-    """Model and tokenizer from a hub id or a local directory; ``quantization``: a
+def load(name_or_path: str | Path, *, template: str = "tuneloop", dtype=None, quantization=None, **placement):
+    """Model and tokenizer from a hub id or a local directory; ``template``: the data set's
+    (``DatasetReady.chat_template``), which checkpoints and exports carry on; ``quantization``: a
     BitsAndBytesConfig (QLoRA), the model then prepared for k-bit training; ``placement``:
     ``tp_plan`` or ``device_map`` (train.parallel tensor / pipeline)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneloop.chat import jinja
+    from tuneloop.models import with_chat_template
 
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # Prompts are written in tuneloop's chat format (data-pipeline) and each completion ends with
-    # eos: checkpoints and exports carry that template, not the base's own (or none at all).
-    tokenizer.chat_template = jinja(tokenizer.eos_token)
+    tokenizer = with_chat_template(AutoTokenizer.from_pretrained(str(name_or_path)), template)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto",
                                                  quantization_config=quantization, **placement)
     if quantization is not None:

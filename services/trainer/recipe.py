@@ -15,7 +15,7 @@ from pathlib import Path
 from tuneloop import controls
 from tuneloop.checkpoints import latest_complete, latest_intact, read_state
 from tuneloop.config import NEEDS_BITSANDBYTES, OPTIMIZERS, Config
-from tuneloop.models import base_ref, local_base
+from tuneloop.models import base_ref, gguf_base, gguf_folder, local_base
 from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished, derived_id
 from tuneloop.storage import confine
@@ -96,7 +96,7 @@ def prepare_base(cfg: Config, run_dir: Path, dataset: DatasetReady) -> tuple[str
         return ref, ref
     path = run_dir / ref
     if distributed.rank() == 0:  # one rank builds or links the base, the others load it
-        local = local_base(cfg)
+        local = gguf_folder(cfg) if gguf_base(cfg) else local_base(cfg)
         if local:
             models.link_local(local, path)
         else:
@@ -247,7 +247,7 @@ def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: 
     set_seed(cfg.run.seed)
     if base_path is None:
         _, base_path = prepare_base(cfg, run_dir, dataset)
-    model, tokenizer = models.load(base_path, quantization=quantization_config(cfg),
+    model, tokenizer = models.load(base_path, template=dataset.chat_template, quantization=quantization_config(cfg),
                                    **placement(cfg, base_path))
     if cfg.train.lora.enabled:
         models.check_target_modules(model, cfg.train.lora.target_modules)

@@ -21,11 +21,11 @@ TUNELOOP = [sys.executable, "-m", "tuneloop"]
 
 
 def example_config(tmp_path: Path, **train) -> Path:
-    cfg = load_config(REPO / "examples" / "protocol.yaml")
+    cfg = load_config(REPO / "examples" / "protocol-tiny.yaml")
     cfg.run.output_dir = str(tmp_path / "runs")
     for k, v in train.items():
         setattr(cfg.train, k, v)
-    path = tmp_path / "protocol.yaml"
+    path = tmp_path / "protocol-tiny.yaml"
     dump_config(cfg, path)
     return path
 
@@ -175,7 +175,7 @@ def test_a_bad_row_fails_the_run_naming_file_line_and_field(tmp_path):
     rows[41] = rows[41].replace('"role": "assistant"', '"role": "robot"')
     data = tmp_path / "broken.jsonl"
     data.write_text("\n".join(rows) + "\n")
-    cfg = load_config(REPO / "examples" / "protocol.yaml")
+    cfg = load_config(REPO / "examples" / "protocol-tiny.yaml")
     cfg.run.output_dir = str(tmp_path / "runs")
     cfg.data.sources[0].path = str(data)
     dump_config(cfg, tmp_path / "broken.yaml")

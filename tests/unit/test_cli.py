@@ -26,14 +26,14 @@ def test_run_with_a_broken_config_names_the_field_and_starts_nothing(tmp_path):
 
 
 def test_init_writes_the_run_directory_services_read(tmp_path):
-    result = runner.invoke(app, ["init", str(REPO / "examples" / "protocol.yaml"), "--run-id", "demo",
+    result = runner.invoke(app, ["init", str(REPO / "examples" / "protocol-tiny.yaml"), "--run-id", "demo",
                                  "--storage", str(tmp_path)])
     assert result.exit_code == 0, result.output
     from tuneloop.storage import load_run_config
 
     cfg = load_run_config(tmp_path, "demo")
     assert cfg.resolve(cfg.data.sources[0].path).is_file()
-    bad = runner.invoke(app, ["init", str(REPO / "examples" / "protocol.yaml"), "--run-id", "no/slash",
+    bad = runner.invoke(app, ["init", str(REPO / "examples" / "protocol-tiny.yaml"), "--run-id", "no/slash",
                               "--storage", str(tmp_path)])
     assert bad.exit_code == 2 and "invalid run id" in bad.output
 

@@ -3,7 +3,7 @@ from pydantic import ValidationError
 
 from tuneloop.config import ConfigError, load_config
 
-REPO_EXAMPLE = __import__("pathlib").Path(__file__).resolve().parents[2] / "examples" / "protocol.yaml"
+REPO_EXAMPLE = __import__("pathlib").Path(__file__).resolve().parents[2] / "examples" / "protocol-tiny.yaml"
 
 
 def test_example_config_loads_and_resolves_paths_next_to_it():
