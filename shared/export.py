@@ -17,7 +17,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .models import load_model, tokenizer_source
+from .models import Resident, load_model, tokenizer_source
 from .storage import refuse_links
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
@@ -116,14 +116,18 @@ def export_adapter(checkpoint: Path, base: Path | str, dest: Path, force: bool =
         return _place(tmp, dest, force)
 
 
-def export_merged(checkpoint: Path, base: Path | str, adapter: bool, dest: Path, force: bool = False) -> Path:
-    """Base with the adapter merged in (or the full fine-tuned weights), as safetensors."""
+def export_merged(checkpoint: Path, base: Path | str, adapter: bool, dest: Path, force: bool = False,
+                  resident: Resident | None = None) -> Path:
+    """Base with the adapter merged in (or the full fine-tuned weights), as safetensors;
+    ``resident``: a base kept in memory (the checkpoint service's), merged into a copy."""
     from transformers import AutoTokenizer
 
     check_destination(dest, force)
     refuse_links(checkpoint)
-    model = load_model(base, checkpoint, adapter)
     with _staging(dest) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if resident is not None and adapter:
+            resident.save_merged(base, checkpoint, tmp)
+        else:
+            load_model(base, checkpoint, adapter).save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_source(base, checkpoint)).save_pretrained(tmp)
         return _place(tmp, dest, force)

@@ -3,11 +3,13 @@ evaluator, the checkpoint service's export and ``tuneloop export`` all need."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from . import gguf
 from .config import Config
 
+log = logging.getLogger(__name__)
 TINY = "tiny"  # the built-in tiny Llama, built inside the run (no hub here)
 
 
@@ -114,6 +116,8 @@ class Resident:
             model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
             self.base, self.key = (model.to(self.device) if self.device else model).eval(), key
             self.loads["base"] += 1
+            log.info("base %s loaded (%.1fM parameters); checkpoints' adapters swap on it (loads so far: %s)",
+                     base, model.num_parameters() / 1e6, self.loads)
         return self.base
 
     def model(self, base: str | Path, checkpoint: str | Path | None, adapter: bool):
@@ -148,3 +152,23 @@ class Resident:
             self.loads["adapter"] += 1
         self.adapter = str(checkpoint)
         return model, True
+
+    def save_merged(self, base: str | Path, checkpoint: str | Path, dest: Path) -> None:
+        """Save base + the checkpoint's adapter merged, as ``merge_and_unload`` would, without
+        merging into the resident weights: each LoRA layer's delta is added to a copy."""
+        from peft.tuners.lora import LoraLayer
+
+        model, _ = self.model(base, checkpoint, adapter=True)
+        name, inner = model.active_adapter, model.get_base_model()
+        deltas = {path: m.get_delta_weight(name) for path, m in inner.named_modules()
+                  if isinstance(m, LoraLayer) and name in m.lora_A}
+        state = {}
+        for key, value in inner.state_dict().items():
+            if ".lora_" in key:
+                continue
+            clean = key.replace(".base_layer.", ".")
+            layer = clean.rsplit(".", 1)[0]
+            if key.endswith(".base_layer.weight") and layer in deltas:
+                value = value + deltas[layer].to(value.dtype)
+            state[clean] = value
+        inner.save_pretrained(dest, state_dict=state, safe_serialization=True)

@@ -63,12 +63,36 @@ class DataSummary(BaseModel):
     category_weights: dict[str, float] = Field(default_factory=dict)
 
 
+class BaseModelInfo(BaseModel):
+    """What the run started from: the configured name, and for a GGUF the file and its digest."""
+
+    name_or_path: str
+    gguf: str | None = Field(default=None, description="The GGUF file's name, when the base was one.")
+    sha256: str | None = Field(default=None, description="The GGUF file's sha256 (its dequantized folder's key).")
+    parameters: int | None = None
+
+    @classmethod
+    def of(cls, cfg: Config, rdir: Path) -> "BaseModelInfo":
+        """From the config and ``base/source.json``, which a GGUF's dequantized folder carries."""
+        import json
+
+        from .gguf import SOURCE_FILE
+
+        try:
+            src = json.loads((Path(rdir) / "base" / SOURCE_FILE).read_text())
+        except (OSError, ValueError):
+            src = {}
+        return cls(name_or_path=cfg.model.name_or_path, gguf=Path(src["gguf"]).name if src.get("gguf") else None,
+                   sha256=src.get("sha256"), parameters=src.get("parameters"))
+
+
 class RunSummary(BaseModel):
     """``<run>/summary.json``: how one run went and where its export is."""
 
     run_id: str
     run_dir: str
     method: str
+    base_model: BaseModelInfo | None = None
     processes: int
     steps: int | None = None
     stop_reason: str | None = Field(default=None, description="<reason>: <detail>, from train.done.")
@@ -134,7 +158,7 @@ def write(summary: BaseModel, folder: Path) -> None:
 def run_summary(progress: Progress, rdir: Path, cfg: Config) -> RunSummary:
     p, f, x = progress, progress.finished, progress.exported
     return RunSummary(
-        run_id=p.run_id, run_dir=str(rdir), method=cfg.train.method,
+        run_id=p.run_id, run_dir=str(rdir), method=cfg.train.method, base_model=BaseModelInfo.of(cfg, rdir),
         processes=f.processes if f else cfg.train.processes,
         steps=f.step if f else None,
         stop_reason=f"{f.reason}: {f.detail}" if f else None,
@@ -165,6 +189,8 @@ def print_summary(summary: RunSummary | JobSummary, console: Console) -> None:
     t = Table(title=f"tuneloop run {s.run_id}", show_header=False)
     t.add_column(style="bold", no_wrap=True)
     t.add_column(overflow="fold")
+    if s.base_model:
+        t.add_row("base model", describe_base(s.base_model))
     t.add_row("steps", f"{s.steps} ({s.method}, {s.processes} process{'es' if s.processes != 1 else ''})")
     t.add_row("stopped", str(s.stop_reason))
     t.add_row("final loss", f"{s.final_loss:.4f}" if s.final_loss is not None else "-")
@@ -204,8 +230,21 @@ def print_job(job: JobSummary, console: Console) -> None:
         t.add_row(p.phase, p.method, str(p.steps), str(p.stop_reason).split(":")[0],
                   change(p, "protocol"), change(p, "correctness"), weights)
     console.print(t)
+    first, last = job.phases[0] if job.phases else None, job.phases[-1] if job.phases else None
+    if first and first.base_model:
+        console.print(f"base model: {describe_base(first.base_model)}", soft_wrap=True)
+    if last and last.suites:
+        console.print("test suites on the final model: " + ", ".join(
+            f"{name} pass {r.pass_rate:.3f} ({r.cases} cases)" for name, r in last.suites.items()), soft_wrap=True)
     console.print(f"merged model: {job.merged}", soft_wrap=True)
     console.print(f"summary: {job.run_dir}/{SUMMARY_FILE}", soft_wrap=True)
+
+
+def describe_base(b: BaseModelInfo) -> str:
+    if not b.gguf:
+        return b.name_or_path
+    size = f", {b.parameters / 1e6:.1f}M parameters" if b.parameters else ""
+    return f"{b.name_or_path} ({b.gguf}, sha256 {(b.sha256 or '?')[:12]}{size})"
 
 
 def print_sweep(summary: SweepSummary, console: Console) -> None:

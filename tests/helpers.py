@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import jsonschema
 
 from tuneloop.config import Config, dump_config, load_config
 
@@ -177,3 +180,28 @@ def readme_transcript(name: str, text: str) -> None:
         raise AssertionError(f"README.md has no {begin} ... {end} section")
     head, rest = doc.split(begin, 1)
     readme.write_text(f"{head}{begin}\n```\n{text.rstrip()}\n```\n{end}{rest.split(end, 1)[1]}")
+
+
+TUNELOOP_CLI = [sys.executable, "-m", "tuneloop"]
+
+
+def example_config(tmp_path: Path, name: str = "protocol-tiny.yaml", **train) -> Path:
+    """An example config with its runs under ``tmp_path`` (and ``train`` settings changed)."""
+    cfg = load_config(REPO / "examples" / name)
+    cfg.run.output_dir = str(tmp_path / "runs")
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    path = tmp_path / name
+    dump_config(cfg, path)
+    return path
+
+
+def run_job(tmp: Path, name: str, run_id: str, timeout: float) -> tuple[dict, str]:
+    """``tuneloop run`` of an example job as a user starts it: (its summary.json, what it printed)."""
+    proc = subprocess.run([*TUNELOOP_CLI, "run", str(example_config(tmp, name)), "--run-id", run_id],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp / "runs" / run_id / "summary.json").read_text())
+    # What users script against has the shape proto/ publishes.
+    jsonschema.validate(summary, json.loads((REPO / "proto" / "summaries" / "job.json").read_text()))
+    return summary, proc.stdout

@@ -58,6 +58,9 @@ class CheckpointService:
 
     def __init__(self, ctx: ServiceContext, catalogue: Catalogue, annotator: Annotator | None):
         self.ctx, self.bus, self.catalogue, self.annotator = ctx, ctx.bus, catalogue, annotator
+        # The base of the last merged export stays in memory: a pool's runs (a sweep's trials, one
+        # linked base) merge their adapters into a copy of it instead of each loading the base.
+        self.resident = models.Resident()
 
     # Short ack wait: a hashing handler keeps its message alive (in-progress acks), and a killed
     # service's message comes back to the restarted one within seconds.
@@ -187,7 +190,8 @@ class CheckpointService:
         if cfg.export.adapter and chosen.adapter:
             adapter_path = await asyncio.to_thread(export.export_adapter, ckpt, base, run_dir / "export" / "adapter")
         if cfg.export.merged or not chosen.adapter:
-            merged_path = await on_torch_thread(export.export_merged, ckpt, base, chosen.adapter, run_dir / "export" / "merged")
+            merged_path = await on_torch_thread(export.export_merged, ckpt, base, chosen.adapter, run_dir / "export" / "merged",
+                                                False, self.resident)
         metrics.EXPORT_SECONDS.labels(done.run_id).observe(time.perf_counter() - t0)
         log.info("exported step %d (%s) in %.1fs", chosen.step, chosen.scores, time.perf_counter() - t0)
         # The exported model itself is scored on the held-out test split and on every test suite.
@@ -215,7 +219,8 @@ class CheckpointService:
         adapter = confine(rdir, done.adapter_path)
         base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
         t0 = time.perf_counter()
-        merged = await on_torch_thread(export.export_merged, adapter, base, True, adapter.parent / "merged")
+        merged = await on_torch_thread(export.export_merged, adapter, base, True, adapter.parent / "merged",
+                                       False, self.resident)
         log.info("run %s: merged its adapter (step %d) in %.1fs, asked: %s", req.run_id, done.step,
                  time.perf_counter() - t0, req.reason)
         await self.bus.publish(ExportDone(run_id=req.run_id, event_id=derived_id("export", req.event_id), step=done.step,

