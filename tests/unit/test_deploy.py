@@ -163,8 +163,9 @@ def test_each_image_target_installs_what_its_service_imports():
     # The shared package needs only the core dependencies, but for matplotlib (the report, an extra
     # of its own), grafana-client (imported by the checkpoint service, whose extra has it), and the
     # ml stack that models.py and export.py import inside their functions: loading and exporting a
-    # checkpoint, which the torch services and `tuneloop export` do, the slim images never.
-    ml = {"torch", "transformers", "peft"}
+    # checkpoint, which the torch services and `tuneloop export` do, the slim images never (and gguf,
+    # which the trainer's dequantization of a GGUF base imports inside gguf.py's functions).
+    ml = {"torch", "transformers", "peft", "gguf"}
     assert {DIST.get(m, m) for m in _imports(REPO / "shared")} - core == {"matplotlib", "grafana-client"} | ml
     assert not _imports(REPO / "shared", top_level=True) & ml
     assert "grafana-client" in _requirements(targets["checkpoint"])

@@ -64,7 +64,8 @@ def test_a_gguf_base_is_linked_into_the_run_as_base_and_keeps_its_own_chat_templ
     assert gguf_base(cfg) and local_base(cfg) is None and base_ref(cfg) == "base"
     assert cfg.model.template() == "model"  # prompts stay messages: the base's ChatML renders them
     # A later phase starts from the export of the one before and keeps the template it trained with.
-    later = cfg.phase_config(1, model="/tmp/sft-export")
+    phased = cfg.with_overrides({"phases": [{"name": "sft"}, {"name": "more"}]})
+    later = phased.phase_config(1, model="/tmp/sft-export")
     assert later.model.gguf_file is None and later.model.chat_template == "base"
     tiny = load_config(REPO / "examples" / "protocol-tiny.yaml")
     assert tiny.model.template() == "tuneloop" and tiny.phase_config(1, model="/x").model.template() == "tuneloop"
