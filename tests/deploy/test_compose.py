@@ -90,6 +90,15 @@ def prometheus(port: int, query: str) -> list:
         return json.loads(r.read())["data"]["result"]
 
 
+async def scraped(port: int, query: str, timeout: float = 120) -> list:
+    """The query's result once Prometheus has one: waits on the scrape instead of racing it."""
+    deadline = time.monotonic() + timeout
+    while not (result := prometheus(port, query)):
+        assert time.monotonic() < deadline, f"Prometheus has nothing for {query} after {timeout:.0f} s"
+        await asyncio.sleep(1.0)
+    return result
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
@@ -135,6 +144,9 @@ async def _scenario(s: Stack) -> None:
     assert paused.returncode == 0 and "applied pause at step" in paused.stdout, paused.stdout + paused.stderr
     refused = s.ctl("stop", user="viewer")
     assert refused.returncode == 4 and "does not let identity viewer publish" in refused.stdout, refused.stdout
+
+    # While it is paused (its container up), Prometheus finds the trainer and scrapes its step.
+    await scraped(s.prom_port, 'tuneloop_train_step{service="trainer"}')
 
     # Three evaluators while it is paused: the next verdicts' shards spread over them.
     s.compose("up", "-d", "--no-recreate", "--scale", "evaluator=3", "evaluator", timeout=300)
