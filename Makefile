@@ -59,6 +59,7 @@ BENCH_OUT ?= bench/results
 
 bench: install  ## benchmarks (minutes each; nothing else running): figures to $(BENCH_OUT)/*.json
 	mkdir -p $(BENCH_OUT)
+	$(PY) bench/compute_to_target.py --json $(BENCH_OUT)/compute_to_target.json
 	$(PY) bench/trainer_overhead.py --json $(BENCH_OUT)/trainer_overhead.json
 	$(PY) bench/startup.py --json $(BENCH_OUT)/startup.json
 	$(PY) bench/feedback_loop.py --json $(BENCH_OUT)/feedback_loop.json

@@ -9,17 +9,24 @@ services (checkpoint, rl-reward, evaluators: real processes on a real nats-serve
   snapshots every ``eval.every`` steps), the evaluator pool scoring them, rl-reward turning
   verdicts into feedback that the trainer applies between steps.
 
-Same data, cases, answer length, checkpoint cadence (``train.save_steps``) and seed; the
-figure compared is the time in ``trainer.train()`` in both. Two settings:
+Same data, cases, answer length, checkpoint cadence (``train.save_steps``) and seed. The
+figure compared is each arm's time until its last evaluation is scored: ``trainer.train()``
+for inline (its evaluations happen inside), and for remote ``trainer.train()`` plus the wait,
+after training ends, for the feedback on its last snapshot. Inline generates all the cases in
+one batch (the cheapest a user would write). Two settings:
 
-- ``shared``: every process on every core (the cores split by tuneloop's lease folder);
-- ``own_core``: the trainer pinned to core 0 with one thread in both arms, the services and
-  nats-server on the other cores, standing in for evaluators (and a broker) on other machines.
+- ``shared`` (the headline: equal hardware): every process on every core (the cores split by
+  tuneloop's lease folder);
+- ``extra_core``: an extra core for the evaluator: the trainer pinned to core 0 with one
+  thread in both arms, the services and nats-server on the other cores, standing in for
+  evaluators (and a broker) on other machines. Remote has hardware inline does not use.
 
 Then the evaluation throughput of 1 and 2 evaluators on one request, and where the time goes
 from a snapshot saved to the feedback on its verdict applied (per stage, medians).
 
     .venv/bin/python bench/feedback_loop.py [--rounds 5] [--json PATH]
+    .venv/bin/python bench/feedback_loop.py --config examples/protocol.yaml --steps 40 --every 10 \
+        --cases 48 --tokens 32 --shard 48 --rounds 3 --settings shared       # the real model
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from common import order, spread, write_figures
+from common import interval, order, spread, write_figures
 
 from tuneloop import cores
 from tuneloop.bus import Bus
@@ -70,9 +77,9 @@ def on_train_thread(fn, *args):
 
 def job_config(args) -> dict:
     """The example's SFT phase, evaluation-heavy: many val cases, long answers, often."""
-    cfg = load_config(REPO / "examples" / "protocol-tiny.yaml")
-    raw = cfg.phase_config(0).model_dump(mode="json")
-    raw["data"]["sources"][0]["path"] = str(REPO / "examples" / "data" / "protocol.jsonl")
+    cfg = load_config(args.config)
+    raw = (cfg.phase_config(0) if cfg.phases else cfg).model_dump(mode="json")
+    raw["data"]["sources"][0]["path"] = str(cfg.resolve(cfg.data.sources[0].path))
     raw["data"]["adapt"]["enabled"] = False  # the same data throughout: both arms train alike
     raw["train"].update(max_steps=args.steps, save_steps=args.save_steps, logging_steps=10)
     raw["eval"].update(every=args.every, max_cases=args.cases, max_new_tokens=args.tokens, baseline=False,
@@ -150,7 +157,7 @@ class Bench:
         self.splits = {k: SplitInfo(path=path, rows=n, categories=c) for k, (path, n, c) in p.splits.items()}
         self.fingerprint = p.fingerprint
         ds = DatasetReady(run_id="template", dataset_id=p.fingerprint[:16], fingerprint=p.fingerprint,
-                          chat_template="tuneloop", splits=self.splits)
+                          chat_template=cfg.model.template(), splits=self.splits)
         recipe.prepare_base(cfg, rdir, ds)
         return rdir
 
@@ -165,7 +172,7 @@ class Bench:
         for part in ("data", "base"):
             shutil.copytree(self.template / part, rdir / part)
         ds = DatasetReady(run_id=run_id, dataset_id=self.fingerprint[:16], fingerprint=self.fingerprint,
-                          chat_template="tuneloop", splits=self.splits)
+                          chat_template=cfg.model.template(), splits=self.splits)
         await self.bus.publish(ds)
         return cfg, rdir, ds
 
@@ -201,7 +208,7 @@ class Bench:
     async def inline(self, run_id: str, setting: str) -> dict:
         cfg, rdir, ds = await self.new_run(run_id)
         cases = load_cases(confine(rdir, ds.splits["val"].path), 0, cfg.eval.max_cases)
-        ev = InlineEval(cases, cfg.eval.every, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        ev = InlineEval(cases, cfg.eval.every, cfg.eval.max_new_tokens, batch_size=len(cases))  # one batch
 
         def train():
             trainer = recipe.build_trainer(cfg, rdir, ds, [ev], args=recipe.trl_args(cfg, rdir / "checkpoints"))
@@ -229,7 +236,9 @@ class Bench:
                 raise SystemExit(f"{run_id}: no feedback for steps {sorted(expected)} within 300 s; see {self.tmp / 'logs'}")
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)  # the last feedback's ack; the pool is idle before the next arm
-        return {"train_s": finished.train_seconds, "evaluations": len(expected)}
+        last = max(e.time for e in self.events[run_id] if isinstance(e, Feedback))
+        tail = max(0.0, (last - finished.time).total_seconds())  # training over, its last verdict still coming
+        return {"train_s": finished.train_seconds + tail, "after_training_s": tail, "evaluations": len(expected)}
 
     async def rounds(self, setting: str) -> list[dict]:
         out = []
@@ -323,8 +332,9 @@ class Bench:
         try:
             if "shared" in self.args.settings:
                 await self.run_shared(url, ncpu, results)
-            if ncpu >= 2 and "own_core" in self.args.settings:
-                print("\nsetting own_core: trainer on core 0 with 1 thread (both arms), services and nats-server on the others",
+            if ncpu >= 2 and "extra_core" in self.args.settings:
+                print("\nsetting extra_core (an extra core for the evaluator): trainer on core 0 with 1 thread (both arms), "
+                      "services and nats-server on the others",
                       flush=True)
                 me = cores.my_cores()
                 first = min(me)
@@ -333,7 +343,7 @@ class Bench:
                 torch.set_num_threads(1)
                 await on_train_thread(torch.set_num_threads, 1)
                 self.start_services(url, me - {first})
-                results["own_core"] = await self.rounds("own_core")
+                results["extra_core"] = await self.rounds("extra_core")
                 self.stop_services()
                 pin_process(os.getpid(), me)
                 pin_process(server.proc.pid, me)
@@ -358,10 +368,11 @@ class Bench:
 def report(res: dict, args) -> dict:
     out = {"cpus": res["cpus"], "rounds": args.rounds, "steps": args.steps, "eval_every": args.every,
            "cases": args.cases, "max_new_tokens": args.tokens}
-    print(f"\njob: example SFT phase, {args.steps} steps, evaluation every {args.every} steps of {args.cases} val "
+    out["config"] = args.config.name
+    print(f"\njob: {args.config.name} (SFT), {args.steps} steps, evaluation every {args.every} steps of {args.cases} val "
           f"cases x {args.tokens} new tokens, checkpoint every {args.save_steps} steps, {res['cpus']} CPU cores; "
           f"{args.rounds} paired rounds (+{args.warmup} warm-up), order alternating")
-    for setting in ("shared", "own_core"):
+    for setting in ("shared", "extra_core"):
         rounds = res.get(setting)
         if not rounds:
             continue
@@ -369,11 +380,15 @@ def report(res: dict, args) -> dict:
         share = statistics.median(r["inline_eval_s"] / r["inline_train_s"] for r in rounds)
         print(f"({setting}) training time remote/inline: {spread(ratios)}; inline {statistics.median(r['inline_train_s'] for r in rounds):.2f} s "
               f"(evaluating {share:.0%} of it), remote {statistics.median(r['remote_train_s'] for r in rounds):.2f} s")
+        lo, hi = interval(ratios)
+        print(f"    95% interval of the median ratio: {lo:.3f}-{hi:.3f}")
         out[f"remote_over_inline_{setting}"] = round(statistics.median(ratios), 4)
+        out[f"remote_over_inline_{setting}_ci95"] = [round(lo, 4), round(hi, 4)]
+        out[f"remote_over_inline_{setting}_rounds"] = [round(v, 4) for v in ratios]
         out[f"remote_over_inline_{setting}_min"] = round(min(ratios), 4)
         out[f"remote_over_inline_{setting}_max"] = round(max(ratios), 4)
         out[f"inline_eval_share_{setting}"] = round(share, 4)
-    if "stages" not in res:  # --settings own_core
+    if "stages" not in res:  # --settings extra_core
         return out
     rates = res["eval_cases_per_s"]
     out["eval_scaling_1_to_2"] = round(rates["2"] / rates["1"], 4)
@@ -401,6 +416,8 @@ def main(args) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", type=Path, default=REPO / "examples" / "protocol-tiny.yaml",
+                    help="the job (a phased one: its first phase); examples/protocol.yaml is the real model")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=100)
@@ -411,7 +428,7 @@ if __name__ == "__main__":
     ap.add_argument("--shard", type=int, default=50, help="cases per shard (and generation batch, both arms)")
     ap.add_argument("--requests", type=int, default=3, help="requests timed for the evaluation throughput")
     ap.add_argument("--settle", type=float, default=10.0, help="seconds for the services to start")
-    ap.add_argument("--settings", type=lambda v: v.split(","), default=["shared", "own_core"],
-                    help="which settings to measure (comma-separated): shared, own_core")
+    ap.add_argument("--settings", type=lambda v: v.split(","), default=["shared", "extra_core"],
+                    help="which settings to measure (comma-separated): shared, extra_core")
     ap.add_argument("--json", type=Path, default=None)
     sys.exit(main(ap.parse_args()))

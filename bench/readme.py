@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from pathlib import Path
+
+from common import interval, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -21,35 +24,122 @@ STUDY_BEGIN, STUDY_END = "<!-- data-study:begin -->", "<!-- data-study:end -->"
 STUDY_FILES = ("data_study", "data_jobs")
 # Written into the Quick start by bench/fresh_demo.py itself, not into the benchmark table.
 OWN_SECTION = ("fresh_demo",)
-# (file, key, target as text, is it met)
+# (file, key, goal, the key must be at most the goal: else at least)
 TARGETS = [
-    ("feedback_loop", "remote_over_inline_shared", "<= 1.05", lambda v: v <= 1.05),
-    ("feedback_loop", "remote_over_inline_own_core", "<= 0.75", lambda v: v <= 0.75),
-    ("sweep", "tuneloop_over_baseline", "<= 0.7", lambda v: v <= 0.7),
-    ("trainer_overhead", "ratio_of_medians", ">= 0.97", lambda v: v >= 0.97),
-    ("startup", "first_step_over_plain", "<= 1.5", lambda v: v <= 1.5),
+    ("compute_to_target", "wall_to_target_over_fixed", 0.5, True),
+    ("compute_to_target", "wall_to_target_over_trl_callback", 0.85, True),
+    ("feedback_loop", "remote_over_inline_shared", 1.05, True),
+    ("feedback_loop", "remote_over_inline_extra_core", 0.75, True),
+    ("sweep", "tuneloop_over_baseline", 0.7, True),
+    ("trainer_overhead", "median_of_ratios", 0.97, False),
+    ("startup", "first_step_over_plain", 1.5, True),
 ]
-SPREAD = {"remote_over_inline_shared": ("remote_over_inline_shared_min", "remote_over_inline_shared_max"),
-          "remote_over_inline_own_core": ("remote_over_inline_own_core_min", "remote_over_inline_own_core_max")}
+# Figures a review found unfair, until their bench is rebuilt (or rerun): said in the table, not
+# judged, not hidden. (bench, does this JSON predate the fix, why)
+CAVEATS = [
+    ("sweep", lambda r: True, "unfair arms: tuneloop stops trials at the target, walks the grid best-first and "
+                              "runs 2 at a time; the baseline does none of these"),
+    ("feedback_loop", lambda r: "config" not in r, "measured before the fix: the remote arm's last evaluation "
+                                                    "was outside its timed window, inline's inside"),
+]
 
 
-def render(results: dict[str, dict]) -> str:
-    lines = ["| bench | key | target | measured | commit |", "| --- | --- | --- | --- | --- |"]
-    for name, key, target, met in TARGETS:
+def caveat(name: str, r: dict) -> str | None:
+    return next((why for bench, applies, why in CAVEATS if bench == name and applies(r)), None)
+
+
+PER_ROUND = {"remote_over_inline_shared": "remote_over_inline_shared_rounds",
+             "remote_over_inline_extra_core": "remote_over_inline_extra_core_rounds"}
+ARMS = {"fixed": "TRL, fixed schedule", "callback": "TRL + evaluation callback", "tuneloop": "tuneloop",
+        "tuneloop_static": "tuneloop, adaptive data off"}
+
+
+def key_interval(r: dict, key: str) -> tuple[float, float] | None:
+    """The key's 95% interval: as the bench wrote it, or from the per-round values it kept."""
+    if f"{key}_ci95" in r:
+        return tuple(r[f"{key}_ci95"]) if r[f"{key}_ci95"] else None
+    kept = r.get("rounds") if isinstance(r.get("rounds"), list) else []  # the sweep keeps its rounds whole
+    rounds = r.get(PER_ROUND.get(key, "ratios")) or [x["ratio"] for x in kept if "ratio" in x]
+    return interval(rounds) if rounds else None
+
+
+def judged(r: dict, key: str, goal: float, at_most: bool) -> str:
+    if f"{key}_verdict" in r:  # the bench judged it (it knows when a ratio does not count)
+        return r[f"{key}_verdict"]
+    ci = key_interval(r, key)
+    return verdict(*ci, goal, at_most) if ci else "unresolved"
+
+
+def history(results_dir: Path, name: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((results_dir / "history" / name).glob("*.json"))]
+
+
+def stop_kind(reason: str) -> str:
+    """'target', 'patience' or 'max_steps': why an arm of compute_to_target stopped."""
+    return "target" if "target" in reason else "patience" if "patience" in reason or "improvement" in reason else "max_steps"
+
+
+def ratio_text(r: dict, key: str) -> str:
+    ci = r[f"{key}_ci95"]
+    return f"{r[key]:.3f}" + (f" ({ci[0]:.3f} – {ci[1]:.3f})" if ci else " (one round)")
+
+
+def render(results: dict[str, dict], results_dir: Path | None = None) -> str:
+    lines = ["| bench | key | target | measured (95% interval) | verdict | runs that met it | commit |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, key, goal, at_most in TARGETS:
+        target = f"{'<=' if at_most else '>='} {goal}"
         r = results.get(name)
         if r is None or r.get(key) is None:
-            lines.append(f"| `bench/{name}.py` | `{key}` | {target} | not measured | |")
+            lines.append(f"| `bench/{name}.py` | `{key}` | {target} | not measured | | | |")
             continue
-        lo, hi = SPREAD.get(key, ("ratio_min", "ratio_max"))
-        spread = f" ({r[lo]:.3f} – {r[hi]:.3f})" if lo in r and hi in r else ""
-        verdict = "" if met(r[key]) else ": missed"
-        lines.append(f"| `bench/{name}.py` | `{key}` | {target} | **{r[key]:.3f}**{spread}{verdict} | `{r['commit']}` |")
+        ci = key_interval(r, key)
+        shown = f"**{r[key]:.3f}**" + (f" ({ci[0]:.3f} – {ci[1]:.3f})" if ci else " (no interval: one round, or no per-round values kept)")
+        said = f"not judged: {caveat(name, r)}" if caveat(name, r) else judged(r, key, goal, at_most)
+        runs = [h for h in history(results_dir, name) if h.get(key) is not None] if results_dir else []
+        runs = runs or [r]
+        met = sum(not caveat(name, h) and judged(h, key, goal, at_most).startswith("met") for h in runs)
+        lines.append(f"| `bench/{name}.py` | `{key}` | {target} | {shown} | {said} | {met} of {len(runs)} | `{r['commit']}` |")
+    lines += ["", "Verdicts: **met** when the whole 95% bootstrap interval of the paired median is on the target's "
+              "side, **missed** when all of it is on the other, **unresolved** when it spans the target (or no "
+              "interval was kept)."]
     out = ["\n".join(lines), ""]
+    if c := results.get("compute_to_target"):
+        t = c["target"]
+        out += ["", f"Compute to target ({c['model']}, `{c['example']}`, {c['rounds']} rounds, one seed each; target on "
+                f"the whole test split: protocol >= {t['protocol']}, correctness >= {t['correctness']}), medians:", "",
+                "| arm | steps | seconds in `train()` | evaluations | test protocol | test correctness (range) | reached the target |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for arm, label in ARMS.items():
+            f = c[f"{arm}_final"]
+            lo, hi = f["test_correctness_range"]
+            out.append(f"| {label} | {f['steps']:.0f} | {f['train_s']:.0f} | {f['evaluations']:.0f} | "
+                       f"{f['test_protocol']:.3f} | {f['test_correctness']:.3f} ({lo:.3f} – {hi:.3f}) | "
+                       f"{f['reached']} of {c['rounds']} |")
+        out += ["", "Per round (steps, why it stopped, the step its result is from, test correctness):", "", "```"]
+        for r in c["per_round"]:
+            out.append(f"seed {r['seed']}: " + "; ".join(
+                f"{a} {r[a]['steps']} ({stop_kind(r[a]['stopped_by'])}) -> step {r[a]['result_step']} "
+                f"{r[a]['test']['correctness']:.3f}" for a in ARMS))
+        out += ["```"]
+        per_step = {arm: statistics.median(r[arm]["train_s"] / r[arm]["steps"] for r in c["per_round"]) for arm in ARMS}
+        evaluating = statistics.median(r["callback"]["eval_s"] for r in c["per_round"])
+        out += ["", "Seconds per step: " + ", ".join(f"{ARMS[a]} {v:.2f}" for a, v in per_step.items())
+                + f"; the callback spent {evaluating:.0f} s of its time evaluating."]
+        if "data_switches" in c["per_round"][0]["tuneloop"]:
+            out += ["", "Adaptive data, per round: " + "; ".join(
+                f"seed {r['seed']}: {r['tuneloop']['data_switches']} mixture switches, {r['tuneloop']['all_categories_weak']} "
+                f"of {r['tuneloop']['evaluations']} feedbacks named every category weak" for r in c["per_round"]) + "."]
+        out += ["", "Steps: tuneloop / fixed " + ratio_text(c, "steps_to_target_over_fixed") + ", tuneloop / callback "
+                + ratio_text(c, "steps_to_target_over_trl_callback") + "; adaptive data on / off: steps "
+                + ratio_text(c, "adaptive_steps_ratio") + ", seconds " + ratio_text(c, "adaptive_wall_ratio") + ".", ""]
     if f := results.get("feedback_loop"):
-        out += [f"Feedback loop ({f['rounds']} paired rounds, {f['steps']} steps, evaluation every {f['eval_every']} "
-                f"steps of {f['cases']} cases, up to {f['max_new_tokens']} tokens): inline evaluation was "
-                f"{f['inline_eval_share_shared']:.0%} of the inline loop (shared) and {f['inline_eval_share_own_core']:.0%} "
-                f"(own core); `eval_scaling_1_to_2` {f['eval_scaling_1_to_2']:.2f}; snapshot saved -> feedback applied, "
+        out += [f"Feedback loop ({f.get('config', 'protocol-tiny.yaml')}, {f['rounds']} paired rounds, {f['steps']} "
+                f"steps, evaluation every {f['eval_every']} steps of {f['cases']} cases, up to {f['max_new_tokens']} "
+                f"tokens): inline evaluation was {f['inline_eval_share_shared']:.0%} of the inline loop (shared)"
+                + (f" and {f['inline_eval_share_extra_core']:.0%} (an extra core for the evaluator)"
+                   if "inline_eval_share_extra_core" in f else "")
+                + f"; `eval_scaling_1_to_2` {f['eval_scaling_1_to_2']:.2f}; snapshot saved -> feedback applied, "
                 "per stage (medians):", "", "```"]
         out += [f"{stage:58s} {seconds * 1000:8.1f} ms" for stage, seconds in f["stages_s"].items()]
         out += ["```", ""]
@@ -73,7 +163,9 @@ def render(results: dict[str, dict]) -> str:
                    if t.get("bus_cpu_share") is not None else "") + ".", ""]
     if u := results.get("startup"):
         out += [f"Start-up ({u['rounds']} rounds): first training step after {u['plain_s']:.1f} s for a plain TRL "
-                f"script, {u['tuneloop_s']:.1f} s for `tuneloop run` (medians).", ""]
+                f"script, {u['tuneloop_s']:.1f} s for `tuneloop run` (medians)"
+                + (f"; tuneloop's overhead {u['overhead_s']:+.1f} s ({u['overhead_s_ci95'][0]:+.1f} to "
+                   f"{u['overhead_s_ci95'][1]:+.1f} s)" if "overhead_s" in u else "") + ".", ""]
     cpus = sorted({r.get("cpus") for name, r in results.items() if name not in STUDY_FILES})
     out.append(f"Measured on {', '.join(map(str, cpus))} CPU core(s); JSON files in `bench/results/`.")
     return "\n".join(out)
@@ -137,7 +229,7 @@ def main(args) -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))}
     text = args.readme.read_text()
     timings = {k: v for k, v in results.items() if k not in STUDY_FILES + OWN_SECTION}
-    text = replace(text, BEGIN, END, render(timings), args.readme)
+    text = replace(text, BEGIN, END, render(timings, args.results), args.readme)
     text = replace(text, STUDY_BEGIN, STUDY_END, render_study(results), args.readme)
     args.readme.write_text(text)
     print(f"{args.readme}: benchmark figures from {', '.join(results)}")

@@ -93,7 +93,7 @@ class EvalEvery(TrainerCallback):
 
 def setup_data(cfg, rdir: Path):
     p = prepare(cfg, rdir / "data", rdir)
-    ds = DatasetReady(run_id="bench", dataset_id=p.fingerprint[:16], fingerprint=p.fingerprint, chat_template="tuneloop",
+    ds = DatasetReady(run_id="bench", dataset_id=p.fingerprint[:16], fingerprint=p.fingerprint, chat_template=cfg.model.template(),
                       splits={k: SplitInfo(path=path, rows=n, categories=c) for k, (path, n, c) in p.splits.items()})
     val = load_cases(confine(rdir, ds.splits["val"].path), 0, cfg.eval.max_cases)
     test = load_cases(confine(rdir, ds.splits["test"].path), 0, cfg.eval.max_cases)

@@ -6,7 +6,7 @@ run does: a real nats-server, ``StepMetrics`` published every step, control and 
 drained every step, every checkpoint announced, and an operator's control every
 ``--control-every`` steps, each applied and answered. The operator is a process of its own
 (``operator_probe.py``), as ``tuneloop ctl`` is: what it costs is not the trainer's. Prints
-tokens/s of each, their ratio (target >= 0.97), and the control latency: from ``ctl`` publish
+tokens/s of each, the median of the per-round ratios (target >= 0.97) with its 95% interval, and the control latency: from ``ctl`` publish
 to ``ControlApplied``, and what the bus's side (the loop thread, nats-server, the operator)
 took of the CPU: what it can cost on cores the training keeps busy.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_seconds, order, write_figures
+from common import cpu_seconds, interval, order, verdict, write_figures
 from tuneloop.bus import Bus
 from tuneloop.config import load_config
 from tuneloop.control import send_control
@@ -72,7 +72,7 @@ def setup(tmp: Path, steps: int, config: Path, save_steps: int):
     cfg.train.max_steps, cfg.train.logging_steps, cfg.train.save_steps = steps, 1, save_steps
     rdir = tmp / "run"
     p = prepare(cfg, rdir / "data", rdir)
-    ds = DatasetReady(run_id="bench", dataset_id=p.fingerprint[:16], fingerprint=p.fingerprint, chat_template="tuneloop",
+    ds = DatasetReady(run_id="bench", dataset_id=p.fingerprint[:16], fingerprint=p.fingerprint, chat_template=cfg.model.template(),
                       splits={k: SplitInfo(path=path, rows=n, categories=c) for k, (path, n, c) in p.splits.items()})
     recipe.prepare_base(cfg, rdir, ds)  # build the base once, outside the timings
     return cfg, rdir, ds
@@ -155,8 +155,10 @@ async def main(args) -> None:
     print(f"plain TRL          {p:10.0f} tokens/s (median)")
     print(f"tuneloop (bus on)  {o:10.0f} tokens/s (median)")
     ratios = [b / a for a, b in zip(plain, ours)]
-    print(f"ratio tuneloop/plain: {o / p:.3f} of medians, {paired:.3f} median of per-round ratios "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f}; target >= 0.97)")
+    lo, hi = interval(ratios)
+    print(f"ratio tuneloop/plain: {paired:.3f} median of per-round ratios, 95% CI {lo:.3f}-{hi:.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}; target >= 0.97: {verdict(lo, hi, 0.97, at_most=False)}); "
+          f"{o / p:.3f} the ratio of the medians")
     print(f"the bus's CPU (the loop thread, nats-server, the operator process) over the whole process's: "
           f"median {statistics.median(shares):.1%} per round: on cores the training keeps busy, about what it costs")
     if latencies:
@@ -166,7 +168,8 @@ async def main(args) -> None:
               f"max {ms[-1]:.0f} ms; steps from publish to apply: median {statistics.median(steps):.0f}, max {max(steps)}")
     write_figures(args.json, {
         "ratio_of_medians": round(o / p, 4), "median_of_ratios": round(paired, 4),
-        "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4),
+        "median_of_ratios_ci95": [round(lo, 4), round(hi, 4)], "ratios": [round(v, 4) for v in ratios],
+        "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4), "model": cfg.model.name_or_path,
         "plain_tokens_per_s": round(p, 1), "tuneloop_tokens_per_s": round(o, 1), "rounds": args.rounds,
         "steps": args.steps, "save_steps": args.save_steps, "control_every": args.control_every, "device": device,
         "bus_cpu_share": round(statistics.median(shares), 4),

@@ -122,16 +122,30 @@ def backtest(events: list[Event], recorded: FeedbackSection, settings: FeedbackS
 
 def row(r: Backtest) -> dict[str, str]:
     """One line of the backtest table: settings, outcome, and the trade-off against the live run
-    (steps and seconds saved, score lost: the live best minus the best these settings export)."""
+    (steps and seconds saved, score lost: the live export's score minus this one's, metric by metric)."""
     s, live, ended = r.replayed.settings, r.live, r.would_end
     same = [(d.step, d.action, d.reason) for d in r.replayed.decisions] == [(d.step, d.action, d.reason) for d in live.decisions]
-    lost = (None if live.best_score is None or r.replayed.best_score is None or ended is None
-            else live.best_score - r.replayed.best_score)
+    lost = None if ended is None else score_lost(live, r.replayed)
     return {"metric": s.metric, "target": f"{s.target:g}", "patience": str(s.patience), "min_step": str(s.min_step),
             "would stop": stop_text(r.replayed), "ends at": "past the recording" if ended is None else str(ended),
             "exports": best_text(r.replayed), "steps saved": "-" if r.steps_saved is None else f"{r.steps_saved:+d}",
             "seconds saved": "-" if r.seconds_saved is None else f"{r.seconds_saved:+.1f}",
-            "score lost": "-" if lost is None else f"{lost:+.3f}", "same as live": "yes" if same else "no"}
+            "score lost": "-" if not lost else "; ".join(f"{m} {v:+.3f}" for m, v in lost.items()),
+            "same as live": "yes" if same else "no"}
+
+
+def scores_at(o: Outcome, step: int | None) -> dict[str, float]:
+    """Every metric of the verdict of ``step`` among ``o``'s decisions (what its export scored)."""
+    return next((dict(d.scores) or {o.settings.metric: d.score} for d in o.decisions if d.step == step), {})
+
+
+def score_lost(live: Outcome, replayed: Outcome) -> dict[str, float]:
+    """The live export's score minus the replayed one's, metric by metric: the replayed settings'
+    metric first, then the live one's if it differs. A score is never set against another
+    metric's (a correctness-stopped run against protocol settings compares both on both)."""
+    mine, theirs = scores_at(live, live.best_step), scores_at(replayed, replayed.best_step)
+    metrics = dict.fromkeys([replayed.settings.metric, live.settings.metric])
+    return {m: mine[m] - theirs[m] for m in metrics if m in mine and m in theirs}
 
 
 def stop_text(o: Outcome) -> str:

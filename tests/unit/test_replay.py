@@ -13,7 +13,7 @@ from tuneloop.replay import backtest, grid, parse_settings, row
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
-def recorded_run(scores: list[float], live: FeedbackSection) -> list:
+def recorded_run(scores: list[float], live: FeedbackSection, correctness: list[float] | None = None) -> list:
     """A run evaluated every 10 steps with ``scores``, decided live by ``live``, its stop
     applied 3 steps after the verdict that asked for it; a step a second."""
     events, state = [], PolicyState()
@@ -22,7 +22,8 @@ def recorded_run(scores: list[float], live: FeedbackSection) -> list:
         events += [StepMetrics(run_id="r", step=s, max_steps=500, loss=1.0, time=T0 + timedelta(seconds=s))
                    for s in range(step - 9, step + 1)]
         v = EvalVerdict(run_id="r", request_id=f"q{i}", step=step, checkpoint=f"c{step}", split="val",
-                        purpose="periodic", cases=4, scores={"protocol": score, "correctness": 0.0})
+                        purpose="periodic", cases=4,
+                        scores={"protocol": score, "correctness": correctness[i] if correctness else 0.0})
         feedback = decide(live, state, v)
         events += [v, feedback]
         if feedback.action == "stop":
@@ -63,7 +64,17 @@ def test_a_table_row_weighs_steps_saved_against_score_lost():
     live = FeedbackSection(target=0.9, patience=2)
     events = recorded_run([0.2, 0.5, 0.4, 0.45, 0.3], live)
     eager = row(backtest(events, live, parse_settings("target=0.2", live)))  # stops at 10: exports 0.2, not 0.5
-    assert (eager["steps saved"], eager["score lost"], eager["same as live"]) == ("+30", "+0.300", "no")
+    assert (eager["steps saved"], eager["score lost"], eager["same as live"]) == ("+30", "protocol +0.300", "no")
     same = row(backtest(events, live, live))
-    assert (same["steps saved"], same["score lost"], same["same as live"]) == ("+0", "+0.000", "yes")
+    assert (same["steps saved"], same["score lost"], same["same as live"]) == ("+0", "protocol +0.000", "yes")
     assert row(backtest(events, live, parse_settings("patience=5", live)))["score lost"] == "-"  # past the recording
+
+
+def test_score_lost_sets_a_metric_only_against_the_same_metric():
+    # Live: stopped on correctness, exporting step 30 (protocol 0.6, correctness 0.5). Replayed on
+    # protocol, it exports step 20 (protocol 0.9, correctness 0.3): each metric against itself.
+    live = FeedbackSection(metric="correctness", target=0.5, patience=3)
+    events = recorded_run([0.2, 0.9, 0.6], live, correctness=[0.1, 0.3, 0.5])
+    other = row(backtest(events, live, parse_settings("metric=protocol,target=0.95,patience=1", live)))
+    assert other["exports"] == "step 20 (0.900)"
+    assert other["score lost"] == "protocol -0.300; correctness +0.200"
