@@ -37,7 +37,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from common import interval, rotate, verdict, write_figures
+from tuneloop.config import dump_config, load_config
+from tuneloop.data_pipeline.prepare import prepare
+from tuneloop.evaluator.__main__ import load_cases
+from tuneloop.evaluator.generate import Models, generate
+from tuneloop.evaluator.suite import score
+from tuneloop.events import DatasetReady, SplitInfo
+from tuneloop.models import gguf_folder
+from tuneloop.storage import confine
+from tuneloop.trainer import recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TUNELOOP = Path(sys.executable).parent / "tuneloop"
@@ -53,8 +64,6 @@ GOALS = {"wall_to_target_over_fixed": 0.5, "wall_to_target_over_trl_callback": 0
 def arm_config(seed: int, out: Path, adapt: bool, max_steps: int | None = None):
     """The example, its runs under ``out``: the run's seed, adaptive data on or off, and none of
     the work after training that no other arm does (a baseline score, suites, the merged copy)."""
-    from tuneloop.config import load_config
-
     cfg = load_config(EXAMPLE)
     cfg.run.seed, cfg.run.output_dir = seed, str(out)
     if max_steps:  # a quick look at the bench itself, not a figure
@@ -65,21 +74,15 @@ def arm_config(seed: int, out: Path, adapt: bool, max_steps: int | None = None):
     return cfg
 
 
-class TargetStop:
+class TargetStop(TrainerCallback):
     """The in-loop evaluation a TRL user writes: score val every N steps, stop on the rule."""
 
     def __init__(self, cfg, cases):
-        from transformers import TrainerCallback
-
         self.cfg, self.cases = cfg, cases
         self.every, self.evaluations, self.seconds = cfg.train.save_steps, 0, 0.0
         self.best_score, self.best_step, self.since_best, self.stopped_by = -1.0, None, 0, "max_steps"
-        self.callback = type("TargetStopCallback", (TrainerCallback,), {"on_step_end": self.on_step_end})()
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-        from tuneloop.evaluator.generate import generate
-        from tuneloop.evaluator.suite import score
-
         if state.global_step % self.every:
             return
         t0, e, fb = time.perf_counter(), self.cfg.eval, self.cfg.feedback
@@ -92,29 +95,29 @@ class TargetStop:
         value = score(self.cases, outputs, counts).scores[fb.metric]
         self.evaluations += 1
         self.seconds += time.perf_counter() - t0
+        control.should_training_stop = self.stop(state.global_step, value)
+
+    def stop(self, step: int, value: float) -> bool:
+        """The feedback's rule: the target at or after ``min_step``, or ``patience`` without a gain."""
+        fb = self.cfg.feedback
         if value > self.best_score:
-            self.best_score, self.best_step, self.since_best = value, state.global_step, 0
+            self.best_score, self.best_step, self.since_best = value, step, 0
         else:
             self.since_best += 1
-        if state.global_step >= fb.min_step and (value >= fb.target or self.since_best >= fb.patience):
+        if step >= fb.min_step and (value >= fb.target or self.since_best >= fb.patience):
             self.stopped_by = "target" if value >= fb.target else "patience"
-            control.should_training_stop = True
+            return True
+        return False
 
 
 def trl_arm(cfg, run_dir: Path, callback: bool) -> dict:
     """Train with TRL in this process; the result is a checkpoint folder (an adapter)."""
-    from tuneloop.data_pipeline.prepare import prepare
-    from tuneloop.evaluator.__main__ import load_cases
-    from tuneloop.events import DatasetReady, SplitInfo
-    from tuneloop.storage import confine
-    from tuneloop.trainer import recipe
-
     p = prepare(cfg, run_dir / "data", run_dir)
     splits = {k: SplitInfo(path=path, rows=n, categories=c) for k, (path, n, c) in p.splits.items()}
     ds = DatasetReady(run_id=run_dir.name, dataset_id=p.fingerprint[:16], fingerprint=p.fingerprint,
                       chat_template=cfg.model.template(), splits=splits)
     stop = TargetStop(cfg, load_cases(confine(run_dir, splits["val"].path), 0, cfg.eval.max_cases)) if callback else None
-    trainer = recipe.build_trainer(cfg, run_dir, ds, [stop.callback] if stop else [],
+    trainer = recipe.build_trainer(cfg, run_dir, ds, [stop] if stop else [],
                                    args=recipe.trl_args(cfg, run_dir / "checkpoints"))
     t0 = time.perf_counter()
     trainer.train()
@@ -126,15 +129,13 @@ def trl_arm(cfg, run_dir: Path, callback: bool) -> dict:
         trainer.save_model(str(result))
     del trainer
     gc.collect()
-    return {"steps": steps, "epochs": round(trainer_epochs, 3), "train_s": seconds, "evaluations": stop.evaluations if stop else 0,
-            "eval_s": stop.seconds if stop else 0.0, "stopped_by": stop.stopped_by if stop else "max_steps",
+    return {"steps": steps, "epochs": round(trainer_epochs, 3), "train_s": seconds,
+            "evaluations": stop.evaluations if stop else 0, "eval_s": stop.seconds if stop else 0.0, "stopped_by": stop.stopped_by if stop else "max_steps",
             "result_step": kept, "result": str(result), "test_split": str(confine(run_dir, splits["test"].path))}
 
 
 def tuneloop_arm(cfg, run_id: str, logs: Path) -> dict:
     """``tuneloop run`` of the config, as a user starts it; the result is its exported adapter."""
-    from tuneloop.config import dump_config
-
     path = Path(cfg.run.output_dir) / f"{run_id}.yaml"
     dump_config(cfg, path)
     with (logs / f"{run_id}.log").open("w") as log:
@@ -145,27 +146,22 @@ def tuneloop_arm(cfg, run_id: str, logs: Path) -> dict:
     s = json.loads((Path(cfg.run.output_dir) / run_id / "summary.json").read_text())
     timeline = [json.loads(line) for line in (Path(cfg.run.output_dir) / run_id / "timeline.jsonl").open()]
     feedback = [e["event"] for e in timeline if e["kind"] == "feedback"]
-    return {"steps": s["steps"], "data_switches": sum(e["kind"] == "data.ready" and bool(e["event"].get("requested_by"))
-                                                      for e in timeline),
-            "all_categories_weak": sum(len(f["weak_categories"]) == len(f["by_category"]) for f in feedback), "train_s": s["train_seconds"], "evaluations": len(s["evaluations"]),
+    switches = sum(e["kind"] == "data.ready" and bool(e["event"].get("requested_by")) for e in timeline)
+    return {"steps": s["steps"], "train_s": s["train_seconds"], "evaluations": len(s["evaluations"]),
             "stopped_by": s["stop_reason"], "result_step": s["exported_step"], "result": s["adapter"],
-            "own_test": {k: s["test"][k] for k in ("protocol", "correctness", "cases")} if s.get("test") else None}
+            "own_test": {k: s["test"][k] for k in ("protocol", "correctness", "cases")} if s.get("test") else None,
+            # what adaptive data did: mixture switches, and feedbacks that named every category weak
+            "data_switches": switches,
+            "all_categories_weak": sum(len(f["weak_categories"]) == len(f["by_category"]) for f in feedback)}
 
 
 class Scorer:
     """Every arm's result on the test split: the evaluator's resident base, generation and scorer."""
 
     def __init__(self, cfg):
-        from tuneloop.evaluator.generate import Models
-        from tuneloop.models import gguf_folder
-
         self.cfg, self.base, self.models = cfg, gguf_folder(cfg), Models()
 
     def __call__(self, adapter: str, test_split: str) -> dict[str, float]:
-        from tuneloop.evaluator.__main__ import load_cases
-        from tuneloop.evaluator.generate import generate
-        from tuneloop.evaluator.suite import score
-
         cases = load_cases(Path(test_split), 0, 10**9)
         model, tok, on = self.models.get(self.base, adapter, True)
         outputs, counts = generate(model, tok, [c.prompt for c in cases], self.cfg.eval.max_new_tokens,
