@@ -164,8 +164,10 @@ async def test_sigterm_interrupts_and_a_restart_finishes_with_throughput_and_mem
     Gradient checkpointing and the batch-size finder are on: on CPU nothing runs out of memory,
     so the finder keeps the configured batch."""
     run = run_id_for(request)
-    svc, ev = await start_training(tmp_path, nats_url, bus, services, run, max_steps=40, save_steps=1000,
-                                   logging_steps=2, gradient_checkpointing=True, auto_batch_size=True)
+    # Steps too many to finish before the signal lands, however fast the machine: the restart
+    # then gets a reachable end (the run's config, edited as an operator would between the two).
+    train = dict(save_steps=1000, logging_steps=2, gradient_checkpointing=True, auto_batch_size=True)
+    svc, ev = await start_training(tmp_path, nats_url, bus, services, run, max_steps=100000, **train)
     steps, saved, done = ev[StepMetrics], ev[CheckpointSaved], ev[TrainingFinished]
     await wait_for(lambda: any(s.step >= 6 for s in steps), timeout=120)
     svc.procs["trainer"].terminate()
@@ -173,8 +175,10 @@ async def test_sigterm_interrupts_and_a_restart_finishes_with_throughput_and_mem
     first = done[0]
     assert first.reason == "interrupted" and any(c.step == first.step for c in saved), first
     svc.procs["trainer"].wait(30)
+    end = first.step + 20
+    make_run(tmp_path, run, tiny_config(tmp_path, max_steps=end, **train))
     svc.start("trainer")
     await wait_for(lambda: len(done) == 2, timeout=180)
     last = done[1]
-    assert (last.reason, last.step) == ("completed", 40) and "resuming from" in svc.log("trainer")
+    assert (last.reason, last.step) == ("completed", end) and "resuming from" in svc.log("trainer")
     assert last.batch_size == 8 and last.tokens_per_second > 0 and last.peak_memory_mb > 50, last
