@@ -37,9 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from common import interval, rotate, verdict, write_figures
+from inloop import TargetStop
 from tuneloop.config import dump_config, load_config
 from tuneloop.data_pipeline.prepare import prepare
 from tuneloop.evaluator.__main__ import load_cases
@@ -72,42 +71,6 @@ def arm_config(seed: int, out: Path, adapt: bool, max_steps: int | None = None):
     cfg.data.adapt.enabled = adapt
     cfg.eval.baseline, cfg.eval.suites, cfg.export.merged = False, [], False
     return cfg
-
-
-class TargetStop(TrainerCallback):
-    """The in-loop evaluation a TRL user writes: score val every N steps, stop on the rule."""
-
-    def __init__(self, cfg, cases):
-        self.cfg, self.cases = cfg, cases
-        self.every, self.evaluations, self.seconds = cfg.train.save_steps, 0, 0.0
-        self.best_score, self.best_step, self.since_best, self.stopped_by = -1.0, None, 0, "max_steps"
-
-    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if state.global_step % self.every:
-            return
-        t0, e, fb = time.perf_counter(), self.cfg.eval, self.cfg.feedback
-        side, processing_class.padding_side = processing_class.padding_side, "left"
-        model.eval()
-        outputs, counts = generate(model, processing_class, [c.prompt for c in self.cases], e.max_new_tokens,
-                                   e.batch_size)
-        model.train()
-        processing_class.padding_side = side
-        value = score(self.cases, outputs, counts).scores[fb.metric]
-        self.evaluations += 1
-        self.seconds += time.perf_counter() - t0
-        control.should_training_stop = self.stop(state.global_step, value)
-
-    def stop(self, step: int, value: float) -> bool:
-        """The feedback's rule: the target at or after ``min_step``, or ``patience`` without a gain."""
-        fb = self.cfg.feedback
-        if value > self.best_score:
-            self.best_score, self.best_step, self.since_best = value, step, 0
-        else:
-            self.since_best += 1
-        if step >= fb.min_step and (value >= fb.target or self.since_best >= fb.patience):
-            self.stopped_by = "target" if value >= fb.target else "patience"
-            return True
-        return False
 
 
 def trl_arm(cfg, run_dir: Path, callback: bool) -> dict:

@@ -31,13 +31,14 @@ TARGETS = [
     ("feedback_loop", "remote_over_inline_shared", 1.05, True),
     ("feedback_loop", "remote_over_inline_extra_core", 0.75, True),
     ("sweep", "tuneloop_over_baseline", 0.7, True),
+    ("sweep_real", "tuneloop_over_baseline", 0.7, True),
     ("trainer_overhead", "median_of_ratios", 0.97, False),
     ("startup", "first_step_over_plain", 1.5, True),
 ]
 # Figures a review found unfair, until their bench is rebuilt (or rerun): said in the table, not
 # judged, not hidden. (bench, does this JSON predate the fix, why)
 CAVEATS = [
-    ("sweep", lambda r: True, "unfair arms: tuneloop stops trials at the target, walks the grid best-first and "
+    ("sweep", lambda r: "setup" not in r, "unfair arms: tuneloop stops trials at the target, walks the grid best-first and "
                               "runs 2 at a time; the baseline does none of these"),
     ("feedback_loop", lambda r: "config" not in r, "measured before the fix: the remote arm's last evaluation "
                                                     "was outside its timed window, inline's inside"),
@@ -143,16 +144,23 @@ def render(results: dict[str, dict], results_dir: Path | None = None) -> str:
                 "per stage (medians):", "", "```"]
         out += [f"{stage:58s} {seconds * 1000:8.1f} ms" for stage, seconds in f["stages_s"].items()]
         out += ["```", ""]
-    if s := results.get("sweep"):
-        out += [f"Sweep ({s['trials']} trials of {s['steps']} steps, {len(s['rounds'])} rounds), wall seconds:", "", "```"]
-        for i, r in enumerate(s["rounds"], 1):
-            out.append(f"round {i}: baseline {r['baseline_s']:6.1f} s ({r['baseline_pruned']} pruned, best test "
-                       f"{r['baseline_best_test']})  tuneloop {r['tuneloop_s']:6.1f} s ({r['tuneloop_pruned']} pruned, "
-                       f"best test {r['tuneloop_best_test']})  ratio {r['ratio']:.3f}")
-        if s.get("plain_sequential_s"):
-            out.append(f"plain sequential TRL: {s['plain_sequential_s']:.1f} s (best test {s['plain_best_test']}); "
-                       f"tuneloop / plain {s['tuneloop_over_plain']:.3f}")
-        out += ["```", ""]
+    for name in ("sweep", "sweep_real"):
+        s = results.get(name)
+        if not s:
+            continue
+        if "setup" not in s:  # the old, unfair bench: its rounds as they were
+            out += [f"Sweep ({s['trials']} trials of {s['steps']} steps, {len(s['rounds'])} rounds; not judged), "
+                    "wall seconds: " + ", ".join(f"baseline {r['baseline_s']:.0f} / tuneloop {r['tuneloop_s']:.0f}"
+                                                 for r in s["rounds"]) + ".", ""]
+            continue
+        out += [f"Sweep on the {s['model']} model: {s['setup']}. Per round, wall seconds, optimizer steps and "
+                "evaluations over all trials, trials pruned, the best trial's test score:", "", "```"]
+        for r in s["rounds"]:
+            out.append(f"seed {r['seed']}: " + "; ".join(
+                f"{arm} {r[arm]['wall_s']:.0f} s, {r[arm]['steps']} steps, {r[arm]['evaluations']} evaluations, "
+                f"{r[arm]['pruned']} pruned, best {r[arm]['best_test']}" for arm in ("optuna", "tuneloop"))
+                + f"; ratio {r['ratio']:.3f}")
+        out += ["```", "", f"Optimizer steps, tuneloop over the baseline: {s['steps_ratio']:.3f} (median of the rounds).", ""]
     if t := results.get("trainer_overhead"):
         out += [f"Trainer overhead ({t['rounds']} rounds of {t['steps']} steps, {t['device']}, a checkpoint every "
                 f"{t['save_steps']} steps in both arms, a control every {t['control_every']} steps): plain TRL "
@@ -222,7 +230,7 @@ def render_study(results: dict[str, dict]) -> str:
 def replace(text: str, begin: str, end: str, body: str, readme: Path) -> str:
     if begin not in text or end not in text:
         raise SystemExit(f"{readme}: no {begin} ... {end} section to write the figures into")
-    return re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{body}\n{end}", text, flags=re.S)
+    return re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{body}\n{end}", text, flags=re.DOTALL)
 
 
 def main(args) -> None:

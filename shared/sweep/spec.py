@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import random
 from pathlib import Path
 from typing import Literal
 
@@ -72,7 +73,10 @@ class SweepSpec(_Section):
     overrides: dict = Field(default_factory=dict, description="Changes to that config for every trial (e.g. fewer steps).")
     params: dict[str, Param] = Field(min_length=1, description="Dotted config paths (train.learning_rate, train.lora.r) -> what to try.")
     sampler: Literal["grid", "random", "tpe"] = Field(
-        default="grid", description="grid: every combination, in the order written; random and tpe: Optuna's samplers.")
+        default="grid", description="grid: every combination, in the order written (or shuffled); random and tpe: Optuna's samplers.")
+    shuffle: bool = Field(default=False, description=(
+        "grid: walk the combinations in a random order drawn from seed, so that a sweep cut short (trials: N, "
+        "pruning against the first trials) does not favour the values written first."))
     trials: int | None = Field(default=None, ge=1, description="How many trials (random, tpe: required; grid: at most this many).")
     concurrency: int = Field(default=2, ge=1, le=64, description="Trials training at once.")
     evaluators: int = Field(default=1, ge=1, le=64, description="Evaluator processes shared by all trials.")
@@ -106,9 +110,13 @@ class SweepSpec(_Section):
 
 
 def grid(spec: SweepSpec) -> list[dict[str, Value]]:
-    """Every combination of the listed values, the first parameter varying slowest."""
+    """Every combination of the listed values, the first parameter varying slowest; with
+    ``shuffle``, in the order a ``random.Random(seed)`` shuffle gives (the same on every restart)."""
     names = list(spec.params)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(spec.params[n].values for n in names))]
+    points = [dict(zip(names, combo)) for combo in itertools.product(*(spec.params[n].values for n in names))]
+    if spec.shuffle:
+        random.Random(spec.seed).shuffle(points)
+    return points
 
 
 def trial_config(spec: SweepSpec, base: Config, params: dict[str, Value], run_name: str) -> Config:

@@ -14,7 +14,9 @@ from helpers import readme_transcript, run_job
 from test_example_run import LOAD_AND_GENERATE
 from tuneloop import gguf
 
-pytestmark = pytest.mark.e2e
+# The module's fixture is one whole run of the main job (about 5 min here; up to its 200-step
+# budget when the feedback never stops it): the setup counts against the first test's timeout.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")

@@ -149,8 +149,16 @@ async def test_what_was_answered_applied_holds_after_a_crash_before_the_next_che
     assert not ev[CheckpointSaved]
     n = len(ev[StepMetrics])
     svc.start("trainer")
-    await wait_for(lambda: len([s for s in ev[StepMetrics][n:] if s.loss is not None]) >= 3, timeout=120)
-    after = [s for s in ev[StepMetrics][n:] if s.loss is not None]
+
+    def restarted() -> list[StepMetrics]:
+        """The new process's metrics: from where the step count goes back (metrics the killed one
+        published before the kill may still be arriving first)."""
+        steps = ev[StepMetrics]
+        j = next((i for i in range(n, len(steps)) if steps[i].step <= steps[i - 1].step), None)
+        return [] if j is None else [s for s in steps[j:] if s.loss is not None]
+
+    await wait_for(lambda: len(restarted()) >= 3, timeout=120)
+    after = restarted()
     assert after[0].step <= 5  # it started over (no checkpoint) ...
     assert all(s.learning_rate == pytest.approx(5e-4) for s in after), after  # ... with the lr it was told
     assert [a.control_id for a in answers].count(applied.control_id) == 1  # applied once, not again

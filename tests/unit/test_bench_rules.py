@@ -1,5 +1,5 @@
 """The benches' baselines decide as tuneloop does where the bench says they do: the TRL callback
-arm of bench/compute_to_target.py stops on the very rule of tuneloop's feedback policy."""
+arm of bench/compute_to_target.py and the Optuna arm of bench/sweep.py stop on the very rule of tuneloop's feedback policy."""
 
 import random
 import sys
@@ -11,7 +11,7 @@ from tuneloop.events import EvalVerdict
 from tuneloop.policy import PolicyState, decide
 
 sys.path.insert(0, str(REPO / "bench"))
-import compute_to_target  # noqa: E402  (a bench script, beside its common.py)
+import inloop  # noqa: E402  (a bench module, beside its common.py)
 
 
 def test_the_callback_arm_stops_where_the_feedback_policy_stops():
@@ -19,7 +19,7 @@ def test_the_callback_arm_stops_where_the_feedback_policy_stops():
     rng = random.Random(0)
     stops = set()
     for trial in range(200):
-        callback, state, every = compute_to_target.TargetStop(cfg, []), PolicyState(), cfg.train.save_steps
+        callback, state, every = inloop.TargetStop(cfg, []), PolicyState(), cfg.train.save_steps
         for step in range(every, cfg.train.max_steps + 1, every):
             value = round(rng.uniform(0.3, 0.75), 2)
             verdict = EvalVerdict(run_id="r", request_id=f"q{trial}-{step}", step=step, checkpoint=f"c{step}",

@@ -34,6 +34,22 @@ def test_grid_runs_every_combination_first_parameter_slowest(tmp_path):
     assert (cfg.train.learning_rate, cfg.train.lora.r, cfg.train.max_steps, cfg.run.name) == (0.003, 8, 30, "s-t04")
 
 
+def test_a_shuffled_grid_walks_every_point_once_in_an_order_the_seed_fixes(tmp_path):
+    params = {"train.learning_rate": {"values": [0.001, 0.003, 0.01]}, "train.lora.r": {"values": [4, 8, 16]}}
+    written, _ = load_sweep(write(tmp_path, {"params": params}))
+    orders = {seed: [tuple(p.values()) for p in grid(load_sweep(write(tmp_path, {"params": params, "shuffle": True,
+                                                                              "seed": seed}))[0])]
+              for seed in range(4)}
+    listed = [tuple(p.values()) for p in grid(written)]
+    assert all(sorted(o) == sorted(listed) for o in orders.values())  # every point, once
+    assert len({tuple(o) for o in orders.values()} | {tuple(listed)}) > 2  # the seed decides the order
+    spec, _ = load_sweep(write(tmp_path, {"params": params, "shuffle": True, "seed": 3}))
+    assert spec.fingerprint() != written.fingerprint()  # a restart never continues the other order
+    # a restarted sweep takes the next point of the same order
+    taken = [TrialRecord(number=i, run_id=f"s-t{i:02d}", params=p) for i, p in enumerate(grid(spec)[:4])]
+    assert search.next_params(spec, taken) == grid(spec)[4]
+
+
 @pytest.mark.parametrize("sweep, message", [
     ({"params": {"train.learnin_rate": {"values": [0.1]}}}, "params.train.learnin_rate = 0.1 makes an invalid config"),
     ({"params": {"train.learning_rate": {"values": [-1.0]}}}, "params.train.learning_rate = -1.0"),
