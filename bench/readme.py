@@ -45,6 +45,14 @@ CAVEATS = [
 ]
 
 
+# Results files that are not named for their script: what made them.
+MADE_BY = {"sweep_real": "bench/sweep.py --real"}
+
+
+def made_by(name: str) -> str:
+    return MADE_BY.get(name, f"bench/{name}.py")
+
+
 def caveat(name: str, r: dict) -> str | None:
     return next((why for bench, applies, why in CAVEATS if bench == name and applies(r)), None)
 
@@ -92,7 +100,7 @@ def render(results: dict[str, dict], results_dir: Path | None = None) -> str:
         target = f"{'<=' if at_most else '>='} {goal}"
         r = results.get(name)
         if r is None or r.get(key) is None:
-            lines.append(f"| `bench/{name}.py` | `{key}` | {target} | not measured | | | |")
+            lines.append(f"| `{made_by(name)}` | `{key}` | {target} | not measured | | | |")
             continue
         ci = key_interval(r, key)
         shown = f"**{r[key]:.3f}**" + (f" ({ci[0]:.3f} – {ci[1]:.3f})" if ci else " (no interval: one round, or no per-round values kept)")
@@ -100,7 +108,7 @@ def render(results: dict[str, dict], results_dir: Path | None = None) -> str:
         runs = [h for h in history(results_dir, name) if h.get(key) is not None] if results_dir else []
         runs = runs or [r]
         met = sum(not caveat(name, h) and judged(h, key, goal, at_most).startswith("met") for h in runs)
-        lines.append(f"| `bench/{name}.py` | `{key}` | {target} | {shown} | {said} | {met} of {len(runs)} | `{r['commit']}` |")
+        lines.append(f"| `{made_by(name)}` | `{key}` | {target} | {shown} | {said} | {met} of {len(runs)} | `{r['commit']}` |")
     lines += ["", "Verdicts: **met** when the whole 95% bootstrap interval of the paired median is on the target's "
               "side, **missed** when all of it is on the other, **unresolved** when it spans the target (or no "
               "interval was kept)."]

@@ -212,7 +212,7 @@ def one_round(r: int, tmp: Path, args) -> dict:
     for arm, g in got.items():
         for x in g["trials"]:
             print(f"    {arm:8s} {json.dumps(x['params'])}: {x['state']:8s} {x['steps']} steps, {x['evaluations']} "
-                  f"evaluations, stopped by {str(x['stopped_by'])[:40]}, test {x['value']}", flush=True)
+                  f"evaluations, stopped by {str(x['stopped_by'])[:40]}, test {x.get('value')}", flush=True)
     return {"seed": seed, "ratio": t["wall_s"] / o["wall_s"], **got}
 
 
