@@ -167,9 +167,11 @@ def optuna_worker(path: Path, work: Path) -> None:
         args = recipe.trl_args(cfg, work / f"t{trial.number:02d}")
         args.save_strategy = "no"  # its best weights are kept in memory
         trainer = recipe.build_trainer(cfg, work, ds, [stop], args=args, base_path=base_path)
+        t0 = time.perf_counter()
         try:
             trainer.train()
         finally:
+            trial.set_user_attr("train_s", time.perf_counter() - t0)
             trial.set_user_attr("evaluations", stop.evaluations)
             trial.set_user_attr("steps", trainer.state.global_step)
             trial.set_user_attr("stopped_by", stop.stopped_by)
@@ -189,7 +191,8 @@ def tuneloop_arm(path: Path, tmp: Path, name: str) -> tuple[float, list[dict]]:
     seconds = time.perf_counter() - t0
     summary = json.loads((tmp / "runs" / name / "summary.json").read_text())
     return seconds, [{"params": t["params"], "state": t["state"], "steps": t["steps"], "evaluations": len(t["values"]),
-                      "stopped_by": t["stop_reason"], "value": t["value"]} for t in summary["trials"]]
+                      "stopped_by": t["stop_reason"], "value": t["value"], "train_s": t["train_seconds"]}
+                     for t in summary["trials"]]
 
 
 # ------------------------------------------------------------------ rounds and figures
@@ -204,10 +207,13 @@ def one_round(r: int, tmp: Path, args) -> dict:
         done = [t["value"] for t in trials if t["state"] == "complete" and t.get("value") is not None]
         got[arm] = {"wall_s": round(seconds, 1), "trials": trials, "best_test": max(done, default=None),
                     "steps": sum(t["steps"] or 0 for t in trials), "evaluations": sum(t["evaluations"] for t in trials),
+                    # seconds inside the trials' train() calls, summed: the rest of the wall time is
+                    # start-up, data, models loaded, test scoring and waiting
+                    "train_s": round(sum(t.get("train_s") or 0 for t in trials), 1),
                     "pruned": sum(t["state"] == "pruned" for t in trials)}
     o, t = got["optuna"], got["tuneloop"]
     print(f"round {r + 1} (seed {seed}): " + "  ".join(
-        f"{arm} {g['wall_s']:6.1f} s, {g['steps']} steps, {g['evaluations']} evaluations, {g['pruned']} pruned, best "
+        f"{arm} {g['wall_s']:6.1f} s ({g['train_s']:.0f} s in train()), {g['steps']} steps, {g['evaluations']} evaluations, {g['pruned']} pruned, best "
         f"test {g['best_test']}" for arm, g in got.items()) + f"  ratio {t['wall_s'] / o['wall_s']:.3f}", flush=True)
     for arm, g in got.items():
         for x in g["trials"]:
@@ -226,8 +232,8 @@ def figures(rounds: list[dict]) -> dict:
     for arm in ARMS:
         best = [r[arm]["best_test"] for r in rounds]
         out[f"{arm}_best_test"] = best
-        for k in ("wall_s", "steps", "evaluations", "pruned"):
-            out[f"{arm}_{k}"] = statistics.median(r[arm][k] for r in rounds)
+        for k in ("wall_s", "train_s", "steps", "evaluations", "pruned"):
+            out[f"{arm}_{k}"] = statistics.median(r[arm].get(k, 0) for r in rounds)
     out["tuneloop_over_baseline_verdict"] = judge(rounds, ci)
     return out
 
