@@ -165,8 +165,10 @@ def render(results: dict[str, dict], results_dir: Path | None = None) -> str:
                 "evaluations over all trials, trials pruned, the best trial's test score:", "", "```"]
         for r in s["rounds"]:
             out.append(f"seed {r['seed']}: " + "; ".join(
-                f"{arm} {r[arm]['wall_s']:.0f} s, {r[arm]['steps']} steps, {r[arm]['evaluations']} evaluations, "
-                f"{r[arm]['pruned']} pruned, best {r[arm]['best_test']}" for arm in ("optuna", "tuneloop"))
+                f"{arm} {r[arm]['wall_s']:.0f} s"
+                + (f" ({r[arm]['train_s']:.0f} s in train(), all trials)" if "train_s" in r[arm] else "")
+                + f", {r[arm]['steps']} steps, {r[arm]['evaluations']} evaluations, {r[arm]['pruned']} pruned, best "
+                + ("none" if r[arm]["best_test"] is None else f"{r[arm]['best_test']:.3f}") for arm in ("optuna", "tuneloop"))
                 + f"; ratio {r['ratio']:.3f}")
         out += ["```", "", f"Optimizer steps, tuneloop over the baseline: {s['steps_ratio']:.3f} (median of the rounds).", ""]
     if t := results.get("trainer_overhead"):
