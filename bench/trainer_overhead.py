@@ -102,6 +102,11 @@ async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: P
     extra = await during(job) if during else None
     await job
     await link.close()
+    # As the trainer service does when training ends: what arrived after the last step boundary
+    # (the operator's control on the last step) is handed back; a handler left waiting for the
+    # training thread would hold its consumer, and this bench, forever (it did, 2 runs of 2).
+    for _, done in link.drain():
+        done()
     for task in consumers:  # as the trainer service does when its run ends: no round polls for the ones before it
         await bus.stop_consuming(task)
     shutil.rmtree(out, ignore_errors=True)
