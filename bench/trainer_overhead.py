@@ -40,7 +40,7 @@ from tuneloop.events import Control, DatasetReady, Feedback, SplitInfo, StepMetr
 from tuneloop import controls
 from tuneloop.trainer import recipe
 from tuneloop.trainer.callback import BusCallback
-from tuneloop.trainer.link import BusLink
+from tuneloop.trainer.link import BusLink, too_late
 
 REPO = Path(__file__).resolve().parents[1]
 # Every training run on one and the same thread: torch's OpenMP pool is per calling thread, and
@@ -102,11 +102,7 @@ async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: P
     extra = await during(job) if during else None
     await job
     await link.close()
-    # As the trainer service does when training ends: what arrived after the last step boundary
-    # (the operator's control on the last step) is handed back; a handler left waiting for the
-    # training thread would hold its consumer, and this bench, forever (it did, 2 runs of 2).
-    for _, done in link.drain():
-        done()
+    await link.end(too_late(bus, run_id, trainer.state.global_step))  # as the trainer service does when training ends
     for task in consumers:  # as the trainer service does when its run ends: no round polls for the ones before it
         await bus.stop_consuming(task)
     shutil.rmtree(out, ignore_errors=True)

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
 Handler = Callable[[E], Awaitable[None]]
 MAX_DLQ_PAYLOAD = 64 * 1024
+STOP_RETRY_S = 0.2  # stop_consuming cancels again this often until the consumer has ended
 CONSUMER_CHECK_S = 10.0  # an idle consumer looks this often whether its durable still exists
 
 
@@ -96,6 +97,7 @@ class Bus:
         self.js = nc.jetstream()
         self.service = service
         self._tasks: list[asyncio.Task] = []
+        self._stops: dict[asyncio.Task, asyncio.Event] = {}  # consume task -> its stop flag
         self._closing = False
         self.refused = refused if refused is not None else set()  # subjects the server refused us (lower case)
         # How long a durable publish retries while the broker is away: a service waits for it
@@ -267,11 +269,7 @@ class Bus:
 
     async def close(self) -> None:
         self._closing = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await asyncio.gather(*(self.stop_consuming(t) for t in list(self._tasks)))
         with contextlib.suppress(Exception):
             await self.nc.flush(timeout=2)
         with contextlib.suppress(Exception):
@@ -382,12 +380,13 @@ class Bus:
             deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
         )
         psub = await self.js.pull_subscribe(subj, durable=durable, stream=subjects.STREAM, config=config)
+        stop = asyncio.Event()  # set by stop_consuming: checked after every fetch, since a cancel can be lost
 
         async def loop() -> None:
             nonlocal psub
             checked, seen = time.monotonic(), 0  # seen: the newest stream sequence handed to the handler
             try:
-                while not self._closing:
+                while not self._closing and not stop.is_set():
                     try:
                         msgs = await psub.fetch(concurrency, timeout=1.0)
                     except (nats.errors.TimeoutError, asyncio.TimeoutError):
@@ -401,6 +400,9 @@ class Bus:
                         await asyncio.sleep(0.5)
                         psub, checked = await self._ensure_consumer(psub, subj, durable, config, seen), time.monotonic()
                         continue
+                    if stop.is_set():  # fetched after the stop: back to the server for whoever consumes next
+                        await asyncio.gather(*(m.nak() for m in msgs), return_exceptions=True)
+                        return
                     seen = max([seen, *(m.metadata.sequence.stream for m in msgs if m.metadata)])
                     handled = await asyncio.gather(*(self._handle(m, cls, handler, max_deliver, ack_wait) for m in msgs),
                                                    return_exceptions=True)
@@ -415,6 +417,7 @@ class Bus:
 
         task = asyncio.create_task(loop(), name=f"consume:{durable}")
         self._tasks.append(task)
+        self._stops[task] = stop
         return task
 
     async def _ensure_consumer(self, psub, subj: str, durable: str, config: ConsumerConfig, seen: int):
@@ -452,10 +455,23 @@ class Bus:
         await (msg.term() if term else msg.ack())
 
     async def stop_consuming(self, task: asyncio.Task) -> None:
-        """End one ``consume`` (the durable consumer stays on the server, for whoever serves it next)."""
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        """End one ``consume`` whatever arrives meanwhile (the durable consumer stays on the
+        server, for whoever serves it next).
+
+        One ``cancel`` is not enough: on Python 3.11 ``asyncio.wait_for`` inside nats-py's fetch
+        can return a message that arrived at the moment of the cancellation and swallow the
+        cancellation (CPython gh-86296), and the loop would then hand that message to a handler
+        nobody will ever answer. So the loop checks a stop flag after every fetch (what it fetched
+        goes back to the server), and the task is cancelled again until it has ended; a handler
+        it interrupts naks its message."""
+        stop = self._stops.pop(task, None)
+        if stop is not None:
+            stop.set()
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=STOP_RETRY_S)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("consumer %s had ended with %r", task.get_name(), task.exception())
         if task in self._tasks:
             self._tasks.remove(task)
 

@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 
 from tuneloop.checkpoints import latest_intact, read_state
-from tuneloop.events import (CheckpointRecorded, Control, ControlRejected, DatasetReady, DeadLetter, Feedback, ProposalDecision,
-                             ProposalResolved, RunQueued, TrainingFinished)
+from tuneloop.events import (CheckpointRecorded, Control, DatasetReady, DeadLetter, Feedback, ProposalDecision,
+                             RunQueued, TrainingFinished)
 from tuneloop.service import ServiceContext, on_torch_thread, parent_gone, parse_args, run_log, run_service, setup_logging
 from tuneloop.subjects import ALL_RUNS
 from tuneloop.storage import load_run_config, run_dir
 
 from . import distributed, recipe
-from .link import BusLink, FollowerLink
+from .link import BusLink, FollowerLink, too_late
 
 log = logging.getLogger("tuneloop.trainer")
 
@@ -118,15 +118,7 @@ async def train_run(ctx: ServiceContext, run_id: str, in_pool: bool = False) -> 
     await link.close()
     await bus.publish(finished)
     # Whatever arrives now can no longer take effect: say so instead of leaving the operator waiting.
-    for event, done in link.drain():
-        if isinstance(event, Control):
-            await bus.publish(ControlRejected(run_id=run_id, control_id=event.event_id, command=event.command,
-                                              step=finished.step, reason="training has finished"))
-        elif isinstance(event, ProposalDecision):
-            await bus.publish(ProposalResolved(run_id=run_id, proposal_id=event.proposal_id, command="", outcome="unknown",
-                                               applied=False, step=finished.step, by=event.operator,
-                                               decision_id=event.event_id, reason="training has finished"))
-        done()
+    await link.end(too_late(bus, run_id, finished.step))
     for task in consumers:
         await bus.stop_consuming(task)
     await replay.unsubscribe()

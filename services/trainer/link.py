@@ -30,10 +30,12 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from tuneloop.bus import Bus
-from tuneloop.events import DatasetReady, Event, RewardReply, RewardRequest
+from tuneloop.events import (
+    Control, ControlRejected, DatasetReady, Event, ProposalDecision, ProposalResolved, RewardReply, RewardRequest,
+)
 
 log = logging.getLogger(__name__)
 FLUSH_S = 0.5
@@ -53,6 +55,7 @@ class BusLink:
         self.outbox: queue.Queue[tuple[Event, Callable[[], None] | None]] = queue.Queue(OUTBOX_MAX)
         self._pump: asyncio.Task | None = None
         self._flushing = asyncio.Lock()  # one flush at a time: events leave in the order queued
+        self._late: Callable[[Event], Awaitable[None]] | None = None  # set when the run has ended
 
     # loop side -----------------------------------------------------------
     def start(self) -> None:
@@ -89,11 +92,24 @@ class BusLink:
                 if then:
                     then()
 
+    async def end(self, answer: Callable[[Event], Awaitable[None]]) -> None:
+        """Training has ended: ``answer`` what waits in the inbox, and from now on whatever
+        ``deliver`` is handed, instead of leaving its handler (and its consumer, which cannot
+        stop while a handler runs) waiting for a step boundary that will never come."""
+        self._late = answer
+        for event, done in self.drain():
+            await answer(event)
+            done()
+
     async def remember_dataset(self, event: DatasetReady) -> None:
         self.datasets[event.dataset_id] = event
 
     async def deliver(self, event: Event) -> None:
-        """Bus handler: hand ``event`` to the training thread; return once it was handled."""
+        """Bus handler: hand ``event`` to the training thread; return once it was handled.
+        After the run's end (``end``) no step boundary will come: it is answered at once."""
+        if self._late is not None:
+            await self._late(event)
+            return
         done = self.loop.create_future()
         self.inbox.put((event, lambda: self.loop.call_soon_threadsafe(_resolve, done)))
         await done
@@ -152,6 +168,24 @@ class FollowerLink:
     def publish(self, event: Event, *, now: bool = False, then: Callable[[], None] | None = None) -> None:
         if then:
             then()
+
+
+def too_late(bus: Bus, run_id: str, step: int) -> Callable[[Event], Awaitable[None]]:
+    """How a finished run answers what reaches it: a control is rejected and a proposal's
+    decision resolved as "training has finished", so the operator is not left waiting;
+    feedback needs no answer. The answer's id comes from the event's, so an event delivered
+    again (its consumer stopped before the ack) is answered once in the stream."""
+    async def answer(event: Event) -> None:
+        answer_id = f"{event.event_id[:59]}.late"
+        if isinstance(event, Control):
+            await bus.publish(ControlRejected(event_id=answer_id, run_id=run_id, control_id=event.event_id,
+                                              command=event.command, step=step, reason="training has finished"))
+        elif isinstance(event, ProposalDecision):
+            await bus.publish(ProposalResolved(event_id=answer_id, run_id=run_id, proposal_id=event.proposal_id,
+                                               command="", outcome="unknown", applied=False, step=step,
+                                               by=event.operator, decision_id=event.event_id,
+                                               reason="training has finished"))
+    return answer
 
 
 def _resolve(fut: asyncio.Future) -> None:
