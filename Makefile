@@ -61,6 +61,7 @@ bench: install  ## benchmarks (minutes each; nothing else running): figures to $
 	mkdir -p $(BENCH_OUT)
 	$(PY) bench/compute_to_target.py --json $(BENCH_OUT)/compute_to_target.json
 	$(PY) bench/trainer_overhead.py --json $(BENCH_OUT)/trainer_overhead.json
+	$(PY) bench/trainer_overhead.py --real --json $(BENCH_OUT)/trainer_overhead_real.json
 	$(PY) bench/startup.py --json $(BENCH_OUT)/startup.json
 	$(PY) bench/feedback_loop.py --json $(BENCH_OUT)/feedback_loop.json
 	$(PY) bench/sweep.py --json $(BENCH_OUT)/sweep.json

@@ -10,7 +10,8 @@ tokens/s of each, the median of the per-round ratios (target >= 0.97) with its 9
 to ``ControlApplied``, and what the bus's side (the loop thread, nats-server, the operator)
 took of the CPU: what it can cost on cores the training keeps busy.
 
-    .venv/bin/python bench/trainer_overhead.py [--steps 80] [--rounds 7] [--warmup 1] [--json PATH]
+    .venv/bin/python bench/trainer_overhead.py [--steps 80] [--rounds 15] [--warmup 1] [--json PATH]
+    .venv/bin/python bench/trainer_overhead.py --real --json bench/results/trainer_overhead_real.json
 """
 
 from __future__ import annotations
@@ -216,4 +217,10 @@ if __name__ == "__main__":
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--controls", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (the first run on a VM is often faster)")
-    sys.exit(asyncio.run(main(ap.parse_args())))
+    ap.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct (examples/protocol.yaml), where a "
+                    "step takes ~1-2 s: 20 steps x 5 rounds, a checkpoint every 10 steps, a control every 5")
+    args = ap.parse_args()
+    if args.real:
+        args.config, args.steps, args.rounds, args.save_steps = REPO / "examples" / "protocol.yaml", 20, 5, 10
+        args.control_every, args.controls = 5, 5
+    sys.exit(asyncio.run(main(args)))

@@ -124,7 +124,7 @@ class Bus:
             log.info("nats: reconnected")
 
         connecting = nats.connect(
-            servers=[url], name=service, connect_timeout=min(timeout, patience or timeout),
+            servers=url.split(","), name=service, connect_timeout=min(timeout, patience or timeout),
             max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
             **credentials(),
@@ -137,25 +137,72 @@ class Bus:
         bus = cls(nc, service, refused)
         if patience is not None:
             bus.publish_patience = 30.0
+        await bus._jetstream_ready(patience)
         await bus.ensure_stream(wait=patience is None)
         return bus
 
-    async def provision(self) -> None:
+    async def _jetstream_ready(self, patience: float | None) -> None:
+        """Wait until JetStream answers: a cluster's only once its nodes have elected a meta
+        leader, seconds after they start (a command gives up after ``patience``)."""
+        deadline = time.monotonic() + patience if patience else math.inf
+        while True:
+            try:
+                await self.js.account_info()
+                return
+            except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.js.errors.ServiceUnavailableError) as e:
+                if time.monotonic() > deadline:
+                    raise BusError(f"JetStream did not answer within {patience:.0f}s ({e!r}): "
+                                   "is it enabled, and has the cluster a quorum?") from None
+                log.info("JetStream not ready yet (%r); waiting", e)
+                await asyncio.sleep(0.5)
+
+    def cluster_size(self) -> int:
+        """How many servers the connected one says its cluster has (1 for a lone server)."""
+        info = getattr(self.nc, "_server_info", None) or {}
+        return max(len(set(info.get("connect_urls") or [])), 1) if info.get("cluster") else 1
+
+    def replicas(self) -> int:
+        """Copies of every stream and KV bucket: ``TUNELOOP_BUS_REPLICAS`` when set, else 3 on
+        a cluster of 3 or more (a node can be lost without losing a message or stalling the
+        quorum), else 1 (one server: the embedded run)."""
+        if os.environ.get("TUNELOOP_BUS_REPLICAS"):
+            return int(os.environ["TUNELOOP_BUS_REPLICAS"])
+        return 3 if self.cluster_size() >= 3 else 1
+
+    async def provision(self) -> dict[str, int]:
         """Create (or bring up to date) every stream and KV bucket tuneloop uses: what the
-        admin identity does once for a deployment (``tuneloop provision``)."""
-        if await self._exists(subjects.STREAM):
-            await self.js.update_stream(self._stream_config())  # new kinds after an upgrade
-        else:
-            await self.js.add_stream(self._stream_config())
-        if await self._exists(subjects.AUDIT_STREAM):
-            await self.js.update_stream(self._audit_config())  # kinds audited since
-        else:
-            await self.js.add_stream(self._audit_config())
+        admin identity does once for a deployment (``tuneloop provision``). Returns each one's
+        replicas. An existing one is scaled up to ``replicas()``, never down unless
+        ``TUNELOOP_BUS_REPLICAS`` says so (a client that cannot see the cluster must not
+        take copies away)."""
+        want, explicit = self.replicas(), bool(os.environ.get("TUNELOOP_BUS_REPLICAS"))
+
+        def target(have: int | None) -> int:
+            return want if explicit else max(want, have or 1)
+        made = {}
+        for config in (self._stream_config(), self._audit_config()):
+            try:
+                have = (await self.js.stream_info(config.name)).config.num_replicas
+            except NotFoundError:
+                config.num_replicas = want
+                await self.js.add_stream(config)
+            else:  # new kinds after an upgrade, kinds audited since, more copies
+                config.num_replicas = target(have)
+                await self.js.update_stream(config)
+            made[config.name] = config.num_replicas
         for bucket, ttl in subjects.BUCKETS.items():
             try:
                 await self.js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
-                await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl)
+                await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl, replicas=want)
+                made[bucket] = want
+                continue
+            config = (await self.js.stream_info(f"KV_{bucket}")).config  # a bucket is a stream
+            if target(config.num_replicas) != (config.num_replicas or 1):
+                config.num_replicas = target(config.num_replicas)
+                await self.js.update_stream(config)
+            made[bucket] = config.num_replicas or 1
+        return made
 
     @staticmethod
     def _stream_config() -> StreamConfig:

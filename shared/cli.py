@@ -101,23 +101,25 @@ def init(
 @app.command()
 def provision(nats_url: str = typer.Option(..., "--nats-url", envvar="NATS_URL", help="The deployment's NATS server.")) -> None:
     """Create the streams and KV buckets of a deployment, as the admin identity (NATS_USER=admin):
-    the init job of compose and Kubernetes. Services of other identities wait for them."""
+    the init job of compose and Kubernetes. Services of other identities wait for them. On a
+    cluster of 3 or more every one has 3 replicas (TUNELOOP_BUS_REPLICAS overrides)."""
     from .bus import CONNECT_PATIENCE_S, Bus, BusError
-    from .subjects import AUDIT_STREAM, BUCKETS, STREAM
 
-    async def go() -> None:
+    async def go() -> tuple[int, dict[str, int]]:
         bus = await Bus.connect(nats_url, "provision", patience=CONNECT_PATIENCE_S)
         try:
-            await bus.provision()
+            return bus.cluster_size(), await bus.provision()
         finally:
             await bus.close()
 
     try:
-        asyncio.run(go())
+        nodes, made = asyncio.run(go())
     except BusError as e:
         console.print(f"[red]{e}[/]", soft_wrap=True)
         raise typer.Exit(2)
-    console.print(f"provisioned on {nats_url}: streams {STREAM}, {AUDIT_STREAM}; KV {', '.join(BUCKETS)}")
+    where = f"a {nodes}-node cluster" if nodes > 1 else "one server"
+    console.print(f"provisioned on {nats_url} ({where}): " + ", ".join(f"{name} R{r}" for name, r in made.items()),
+                  soft_wrap=True)
 
 
 @app.command()

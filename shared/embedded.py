@@ -40,11 +40,15 @@ class NatsServer:
     consumers, which is what the reliability tests rely on.
     """
 
-    def __init__(self, store_dir: Path, *, port: int = 0, host: str = "127.0.0.1", config_file: Path | None = None):
+    def __init__(self, store_dir: Path, *, port: int = 0, host: str = "127.0.0.1", config_file: Path | None = None,
+                 name: str | None = None, cluster_port: int = 0, routes: list[str] = ()):
         self.store_dir = Path(store_dir)
         self.port = port
         self.host = host
         self.config_file = config_file
+        self.name = name  # a cluster node's server name: JetStream knows its peers by it
+        self.cluster_port = cluster_port  # with routes: a node of the cluster named "tuneloop"
+        self.routes = list(routes)
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -58,6 +62,11 @@ class NatsServer:
                "-sd", str(self.store_dir / "jetstream"), "--ports_file_dir", str(ports_dir)]
         if self.config_file:
             cmd += ["-c", str(self.config_file)]
+        if self.name:
+            cmd += ["--name", self.name]
+        if self.cluster_port:
+            cmd += ["--cluster_name", "tuneloop", "--cluster", f"nats://{self.host}:{self.cluster_port}",
+                    "--routes", ",".join(self.routes)]
         log_path = self.store_dir / "nats-server.log"
         with open(log_path, "ab") as log_file:
             self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
@@ -97,6 +106,59 @@ class NatsServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class NatsCluster:
+    """``size`` nats-server processes on this machine, routed to each other as one JetStream
+    cluster: what the reliability tests kill nodes of. Each node keeps its ports and store
+    across ``kill`` and ``start``, as a pod of a StatefulSet keeps its name and volume.
+    ``url`` lists every node, as a deployment's NATS_URL does."""
+
+    def __init__(self, store_dir: Path, size: int = 3, host: str = "127.0.0.1"):
+        ports = free_ports(2 * size)
+        routes = [f"nats://{host}:{p}" for p in ports[size:]]
+        self.nodes = [NatsServer(Path(store_dir) / f"n{i}", port=ports[i], host=host, name=f"n{i}",
+                                 cluster_port=ports[size + i], routes=routes) for i in range(size)]
+        self.url = ",".join(f"nats://{host}:{p}" for p in ports[:size])
+
+    def start(self) -> str:
+        for node in self.nodes:  # each waits for its own port only: JetStream forms once a quorum is up
+            node.start()
+        return self.url
+
+    def node(self, name: str) -> NatsServer:
+        return next(n for n in self.nodes if n.name == name)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one node: no goodbye to its peers, as a node lost with its machine."""
+        node = self.node(name)
+        if node.proc and node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait()
+        node.proc = None
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> "NatsCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free right now (the cluster's routes must be known before it starts)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def answers(url: str) -> bool:
