@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1500)]
 PROJECT = "tuneloop-deploy-test"
 RUN = "deploy"
 SERVICES = ("data-pipeline", "trainer", "checkpoint", "evaluator", "rl-reward")
-STACK = ("nats", "provision", "init", *SERVICES, "prometheus")  # all but grafana
+NODES = ("nats", "nats-2", "nats-3")  # the NATS cluster
+STACK = (*NODES, "provision", "init", *SERVICES, "prometheus")  # all but grafana
 TUNELOOP = [sys.executable, "-m", "tuneloop"]
 COMPOSE = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or "docker-compose"
 
@@ -72,12 +73,20 @@ class Stack:
         return {**os.environ, "NATS_USER": user, "NATS_PASSWORD": self.passwords[user]}
 
     def containers(self, service: str) -> list[str]:
-        return self.compose("ps", "-q", service).stdout.split()
+        return self.compose("--profile", "multinode", "ps", "-q", service).stdout.split()
+
+    def running(self, service: str) -> bool:
+        return bool(self.compose("--profile", "multinode", "ps", "-q", "--status", "running", service).stdout.split())
 
     def volume(self, name: str) -> Path:
         out = subprocess.run(["docker", "volume", "inspect", "-f", "{{.Mountpoint}}", f"{PROJECT}_{name}"],
                              capture_output=True, text=True, check=True)
         return Path(out.stdout.strip())
+
+    def host_url(self) -> str:
+        """Every node of the NATS cluster, as the host reaches them (nodes 2 and 3 on free ports)."""
+        ports = [self.compose("port", node, "4222").stdout.strip().rsplit(":", 1)[1] for node in NODES[1:]]
+        return ",".join([self.url, *(f"nats://127.0.0.1:{p}" for p in ports)])
 
     def ctl(self, *args: str, user: str = "operator") -> subprocess.CompletedProcess:
         return subprocess.run([*TUNELOOP, "ctl", RUN, *args, "--nats-url", self.url, "--timeout", "180"],
@@ -97,6 +106,43 @@ async def scraped(port: int, query: str, timeout: float = 120) -> list:
         assert time.monotonic() < deadline, f"Prometheus has nothing for {query} after {timeout:.0f} s"
         await asyncio.sleep(1.0)
     return result
+
+
+async def lose_the_stream_leader(s: Stack, bus) -> None:
+    """``docker kill`` of the NATS node that leads the TUNELOOP stream, down for 30 s, then
+    started again: a control sent meanwhile is applied, training goes on, and the node catches up."""
+    from tuneloop import subjects
+    from tuneloop.events import StepMetrics
+
+    async def peers():
+        cluster = (await bus.js.stream_info(subjects.STREAM)).cluster
+        return cluster.leader, {p.name: p for p in cluster.replicas or []}
+    leader, _ = await peers()
+    assert leader in NODES and (await bus.js.stream_info(subjects.STREAM)).config.num_replicas == 3, leader
+    steps: list = []
+
+    async def keep(e):
+        steps.append(e)
+    await bus.subscribe(StepMetrics, RUN, keep)
+    subprocess.run(["docker", "kill", *s.containers(leader)], check=True, capture_output=True)
+    down = time.monotonic()
+    during = s.ctl("set-grad-clip", "0.5")  # waits for its answer through the election
+    assert during.returncode == 0 and "applied set-grad-clip" in during.stdout, during.stdout + during.stderr
+    await asyncio.sleep(max(0.0, 30 - (time.monotonic() - down)))
+    trained = len({e.step for e in steps})
+    s.compose("start", leader, timeout=300)
+    up = time.monotonic()
+    while True:
+        now, seen = await peers()
+        if leader in seen and seen[leader].current and not seen[leader].lag and not seen[leader].offline:
+            break
+        await asyncio.sleep(0.5)
+    caught_up = time.monotonic() - up
+    n = len(steps)
+    await wait_for(lambda: len(steps) > n, timeout=120)
+    assert trained > 0, "no step was trained while the leader was down"
+    say(f"docker kill of NATS node {leader} (the stream's leader) for 30 s: {now} leads; {trained} steps trained "
+        f"and a control applied meanwhile; started again, it caught up in {caught_up:.1f} s")
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +172,7 @@ async def _scenario(s: Stack) -> None:
             + ("" if t in images.TORCH_TARGETS else " (no torch)"))
     t_up = time.monotonic()
     s.compose("up", "-d", *STACK, timeout=600)
+    s.url = s.host_url()
     os.environ.update(NATS_USER="viewer", NATS_PASSWORD=s.passwords["viewer"])
     bus = await Bus.connect(s.url, "deploy-test", patience=60)
     ev = {cls: [] for cls in (StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, TrainingFinished, ExportDone)}
@@ -187,6 +234,7 @@ async def _scenario(s: Stack) -> None:
     say(f"docker compose stop trainer (SIGTERM) at step {stopped_at}: train.done interrupted; restarted, it went on")
     s.compose("up", "-d", "trainer", timeout=300)
     await wait_for(lambda: steps[-1].step > stopped_at + 5 and not steps[-1].paused, timeout=600)
+    await lose_the_stream_leader(s, bus)
     stop = s.ctl("stop")
     assert stop.returncode == 0, stop.stdout + stop.stderr
     await wait_for(lambda: ev[ExportDone], timeout=600)
@@ -228,4 +276,62 @@ async def _scenario(s: Stack) -> None:
                              capture_output=True, text=True, check=True).stdout.split()
     assert not left and not volumes, (left, volumes)
     say(f"docker compose down -v: no container, no volume left; the scenario took {time.monotonic() - t_up:.0f} s")
+    readme_transcript("deploy-figures", "\n".join(SAID))
+
+
+def test_the_trainer_spans_two_containers_and_resumes_after_either_node_dies(stack):
+    """compose's multinode profile: trainer-0 and trainer-1, one torchrun each, one run."""
+    s = stack
+    s.compose("down", "-v", "--remove-orphans", check=False)
+    try:
+        asyncio.run(_two_nodes(s))
+    finally:
+        s.compose("--profile", "multinode", "down", "-v", "--remove-orphans", check=False)
+
+
+async def _two_nodes(s: Stack) -> None:
+    from tuneloop.bus import Bus
+    from tuneloop.events import CheckpointRecorded, StepMetrics, TrainingFinished
+
+    s.compose("up", "-d", *NODES, "provision", "init", "data-pipeline", "checkpoint", timeout=600)
+    s.compose("--profile", "multinode", "up", "-d", "trainer-0", "trainer-1", timeout=300)
+    s.url = s.host_url()
+    os.environ.update(NATS_USER="viewer", NATS_PASSWORD=s.passwords["viewer"])
+    bus = await Bus.connect(s.url, "deploy-test", patience=60)
+    ev = {cls: [] for cls in (StepMetrics, CheckpointRecorded, TrainingFinished)}
+    for cls, got in ev.items():
+        async def keep(e, got=got):
+            got.append(e)
+        await bus.follow(cls, RUN, keep)
+    steps = ev[StepMetrics]
+    await wait_for(lambda: any(e.loss is not None for e in steps), timeout=600)
+    clip = s.ctl("set-grad-clip", "1.0")
+    assert clip.returncode == 0 and "applied set-grad-clip" in clip.stdout, clip.stdout + clip.stderr
+    every = load_config(REPO / "examples" / "deploy.yaml").train.save_steps
+    for victim in ("trainer-1", "trainer-0"):  # the follower, then the node that talks to NATS
+        await wait_for(lambda: ev[CheckpointRecorded] and 3 <= steps[-1].step % every <= every // 3, timeout=300)
+        subprocess.run(["docker", "kill", *s.containers(victim)], check=True, capture_output=True)
+        other = "trainer-0" if victim == "trainer-1" else "trainer-1"
+        async with asyncio.timeout(300):  # the survivor ends on its own: its collective lost its peer
+            while s.running(other):
+                await asyncio.sleep(0.5)
+        await asyncio.sleep(2.0)  # what rank 0 published before it went arrives
+        first = {e.step: e.loss for e in steps if e.loss is not None}
+        killed_at, n = max(first), len(steps)
+        s.compose("--profile", "multinode", "up", "-d", "trainer-0", "trainer-1", timeout=300)
+        await wait_for(lambda: any(e.loss is not None and e.step > killed_at for e in steps[n:]), timeout=600)
+        again = [e for e in steps[n:] if e.loss is not None and e.step <= killed_at]
+        assert again and min(e.step for e in again) > 1, "it did not resume from a checkpoint"
+        for e in again:
+            assert e.loss == pytest.approx(first[e.step], rel=1e-5, abs=1e-6), e.step
+        say(f"multinode: docker kill of {victim} at step {killed_at}: {other} exited; both started again resumed "
+            f"from step {min(e.step for e in again) - 1}, {len(again)} steps trained again with equal losses")
+    stop = s.ctl("stop")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    await wait_for(lambda: any(d.reason == "control" for d in ev[TrainingFinished]), timeout=300)
+    done = [d for d in ev[TrainingFinished] if d.reason == "control"][-1]
+    assert done.processes == 2, done
+    recorded = [c.step for c in await bus.history(CheckpointRecorded, RUN) if not c.path.startswith("snapshots")]
+    assert len(recorded) == len(set(recorded)), recorded  # each checkpoint written and catalogued once
+    await bus.close()
     readme_transcript("deploy-figures", "\n".join(SAID))

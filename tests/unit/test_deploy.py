@@ -107,6 +107,71 @@ def test_compose_file_follows_the_compose_spec_and_gives_each_service_its_identi
     assert ".env" in (REPO / ".gitignore").read_text().split()  # the passwords never get committed
 
 
+def _cluster_flags(args: list[str]) -> tuple[str, list[str]]:
+    """A nats-server command line's server name and routes (None, [] when it is no cluster node)."""
+    flag = lambda f: args[args.index(f) + 1] if f in args else None  # noqa: E731
+    return flag("--name"), (flag("--routes") or "").split(",") if flag("--routes") else []
+
+
+def test_nats_is_a_three_node_cluster_in_compose_and_kubernetes_with_the_tested_config():
+    """Every node routes to all three, every client lists all three, and every node runs the one
+    nats.conf whose permissions tests/integration/test_permissions.py checks."""
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    nodes = {name: svc for name, svc in compose["services"].items() if svc.get("image", "").startswith("nats:")}
+    names, routes = zip(*(_cluster_flags(svc["command"]) for svc in nodes.values()))
+    assert len(nodes) == 3 and sorted(names) == sorted(nodes) and len({tuple(r) for r in routes}) == 1
+    assert sorted(r.split("//")[1].split(":")[0] for r in routes[0]) == sorted(nodes)
+    assert all("./k8s/base/nats/nats.conf:/etc/nats/nats.conf:ro" in svc["volumes"] for svc in nodes.values())
+    for name, svc in compose["services"].items():
+        url = (svc.get("environment") or {}).get("NATS_URL")
+        if url:
+            assert sorted(u.split("//")[1].split(":")[0] for u in url.split(",")) == sorted(nodes), name
+    manifests = build("base")
+    sts = next(m for m in manifests if m["kind"] == "StatefulSet" and m["metadata"]["name"] == "nats")
+    spec = sts["spec"]["template"]["spec"]
+    name, routes = _cluster_flags(spec["containers"][0]["args"])
+    assert sts["spec"]["replicas"] == 3 and name == "$(POD_NAME)" and sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert routes == [f"nats://nats-{i}.{sts['spec']['serviceName']}:6222" for i in range(3)]
+    headless = next(m for m in manifests if m["kind"] == "Service" and m["metadata"]["name"] == sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"]
+    pdb = next(m for m in manifests if m["kind"] == "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["selector"]["matchLabels"] == {"app": "nats"}
+    anti = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["topologyKey"] == "kubernetes.io/hostname"
+    env = next(m for m in manifests if m["kind"] == "ConfigMap" and m["metadata"]["name"].startswith("tuneloop-env"))
+    assert env["data"]["NATS_URL"].split(",") == [f"nats://nats-{i}.nats-cluster:4222" for i in range(3)]
+    config = next(m for m in manifests if m["kind"] == "ConfigMap" and m["metadata"]["name"].startswith("nats-config"))
+    assert config["data"]["nats.conf"] == (REPO / "k8s" / "base" / "nats" / "nats.conf").read_text()
+
+
+# What the training operator sets on every replica of a PyTorchJob (static rendezvous), which
+# torchrun reads as its arguments: compose's multinode profile must set exactly these.
+OPERATOR_SETS = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+
+
+def test_the_pytorchjob_runs_what_the_compose_multinode_profile_proves():
+    """The same command and identity on each node, and the torchrun topology compose gives by
+    hand is the one the operator gives (2 nodes, nprocPerNode 1, rank 0 on the master); the
+    replicas' pod templates validate as pods against the Kubernetes schemas."""
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    nodes = [compose["services"][f"trainer-{r}"] for r in (0, 1)]
+    job = next(d for d in build("overlays/multinode") if d["kind"] == "PyTorchJob")
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert sum(r["replicas"] for r in replicas.values()) == 2 == int(nodes[0]["environment"]["PET_NNODES"])
+    assert job["spec"]["nprocPerNode"] == nodes[0]["environment"]["PET_NPROC_PER_NODE"] == "1"
+    for r, node in enumerate(nodes):
+        env = node["environment"]
+        assert {k for k in env if k.startswith("PET_")} == OPERATOR_SETS and env["PET_NODE_RANK"] == str(r)
+        assert env["PET_MASTER_ADDR"] == "trainer-0" and env["NATS_USER"] == "trainer" and "multinode" in node["profiles"]
+    for role, spec in replicas.items():
+        container = spec["template"]["spec"]["containers"][0]
+        assert container["command"] == nodes[0]["command"] == ["torchrun", "-m", "tuneloop.trainer"], role
+        assert {e["name"] for e in container["env"]} >= {"NATS_USER", "NATS_PASSWORD"}, role
+        assert not any(e["name"].startswith("PET_") for e in container["env"]), "the operator sets those"
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"trainer-{role}"},
+                                      "spec": spec["template"]["spec"]}, "1.30.0", strict=True)
+
+
 def _targets() -> dict[str, str]:
     """Dockerfile target -> the extra it installs ("" for the bare package)."""
     text = (REPO / "Dockerfile").read_text()
