@@ -143,11 +143,15 @@ class Bus:
 
     async def _jetstream_ready(self, patience: float | None) -> None:
         """Wait until JetStream answers: a cluster's only once its nodes have elected a meta
-        leader, seconds after they start (a command gives up after ``patience``)."""
+        leader, seconds after they start, and the main stream's only once it has a leader (a
+        node lost: a client connecting meanwhile waits out the election). A command gives up
+        after ``patience``."""
         deadline = time.monotonic() + patience if patience else math.inf
         while True:
             try:
                 await self.js.account_info()
+                with contextlib.suppress(NotFoundError):  # not provisioned yet: ensure_stream's to say
+                    await self.js.stream_info(subjects.STREAM)
                 return
             except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.js.errors.ServiceUnavailableError) as e:
                 if time.monotonic() > deadline:
