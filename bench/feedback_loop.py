@@ -326,7 +326,7 @@ class Bench:
     # all ------------------------------------------------------------------
     async def run(self, server: NatsServer) -> dict:
         url = server.url
-        self.bus = await Bus.connect(url, "trainer")
+        self.bus = await Bus.connect(url, "bench")  # plays the trainer and announces the data
         ncpu = len(cores.my_cores())
         results: dict = {"cpus": ncpu}
         try:

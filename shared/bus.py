@@ -1,4 +1,5 @@
-"""The bus: typed events over nats-py, and nothing else.
+"""The bus: typed events over nats-py (JetStream streams and consumers, core request-reply),
+and the streams and KV buckets they live in.
 
 - ``publish``: durable kinds go through JetStream with ``Nats-Msg-Id = event_id`` (so a
   retried publish is stored once); the rest go over core NATS. ``publish_batch`` sends
@@ -8,6 +9,10 @@
   handler error is retried (nak with back-off) and dead-lettered after ``max_deliver`` tries.
 - ``subscribe``: core subscription for watchers (live, nothing kept).
 - ``request`` / ``serve``: request-reply with a timeout, served by a queue group.
+
+A service (a bus named for one of ``topology.SERVICES``) publishes and consumes only the kinds
+``shared/topology.py`` gives it: anything else raises ``TopologyError`` here, in an embedded
+run and every test alike, before the server's permissions would refuse it in a deployment.
 
 The streams and KV buckets are provisioned once (``provision``): by the admin identity in a
 deployment (``tuneloop provision``, the init job), by whoever comes first where nothing is
@@ -35,7 +40,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig, StreamSourc
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from . import metrics, subjects, telemetry
+from . import metrics, subjects, telemetry, topology
 from .events import BY_KIND, DeadLetter, Event, Reject, explain  # noqa: F401  (Reject: what handlers raise)
 
 log = logging.getLogger(__name__)
@@ -334,6 +339,7 @@ class Bus:
         retry_seconds = self.publish_patience if retry_seconds is None else retry_seconds
         if not event.source:
             event = event.model_copy(update={"source": self.service})
+        topology.check(self.service, "publish", event.KIND)
         subj = subjects.subject(event.run_id, event.KIND)
         data = event.to_bytes()
         if not event.DURABLE:
@@ -367,6 +373,7 @@ class Bus:
         for event in events:
             if not event.source:
                 event = event.model_copy(update={"source": self.service})
+            topology.check(self.service, "publish", event.KIND)
             subj = subjects.subject(event.run_id, event.KIND)
             try:
                 if event.DURABLE:
@@ -424,6 +431,7 @@ class Bus:
         ``concurrency`` > 1 hands up to that many messages to ``handler`` at once (in order of
         arrival), for handlers that wait on something else, like a step boundary.
         """
+        topology.check(self.service, "consume", cls.KIND)
         subj = subjects.subject(run_id, cls.KIND)
         durable = subjects.durable_name(group or self.service, run_id, cls.KIND)
         config = ConsumerConfig(
@@ -600,6 +608,7 @@ class Bus:
     async def request(self, event: Event, reply_cls: type[E], *, timeout: float = 30.0) -> E:
         if not event.source:
             event = event.model_copy(update={"source": self.service})
+        topology.check(self.service, "publish", event.KIND)
         subj = subjects.subject(event.run_id, event.KIND)
         try:
             msg = await self.nc.request(subj, event.to_bytes(), timeout=timeout)
@@ -614,6 +623,7 @@ class Bus:
 
     async def serve(self, cls: type[E], run_id: str, handler: Callable[[E], Awaitable[Event]], *, queue: str) -> None:
         """Answer requests for ``cls`` as a member of queue group ``queue``; bad requests get an error reply."""
+        topology.check(self.service, "consume", cls.KIND)
 
         async def cb(msg: Msg) -> None:
             try:

@@ -65,7 +65,7 @@ class SplitInfo(BaseModel):
 
 
 class DatasetReady(Event):
-    """data-pipeline → trainer, evaluator: a prepared data set is on disk."""
+    """A prepared data set is on disk."""
 
     KIND: ClassVar[str] = "data.ready"
     dataset_id: str = Field(min_length=1, max_length=128)
@@ -83,7 +83,7 @@ class DatasetReady(Event):
 
 
 class RunQueued(Event):
-    """sweep (or an operator) → trainer and data-pipeline pools: serve this run.
+    """Serve this run.
 
     Its config is already in its run directory. Pool processes (``--run-id '*'``) take runs
     from a work queue one after another, so a sweep's trials pay for no process start-up; a
@@ -97,7 +97,7 @@ class RunQueued(Event):
 
 
 class MixtureRequest(Event):
-    """operator / feedback policy → data-pipeline: prepare the run's data again with these source weights.
+    """Prepare the run's data again with these source weights.
 
     data-pipeline answers with a new ``DatasetReady``; the trainer switches to it on ``set-data``.
     """
@@ -107,9 +107,29 @@ class MixtureRequest(Event):
     reason: str = ""
 
 
+class DataSwitch(Event):
+    """Adaptive data asks the trainer to go on with a data set it announced for the run.
+
+    A subject of its own rather than a ``control``: data-pipeline, the one service that parses
+    untrusted datasets, may publish this and nothing the trainer would take as ``stop`` or
+    ``set-lr``. The trainer applies it as ``set-data`` (``as_control``): answered, audited,
+    gated by ``feedback.approve`` and rolled back like any control.
+    """
+
+    KIND: ClassVar[str] = "data.switch"
+    dataset_id: str = Field(min_length=1, max_length=128)
+    policy: str = Field(default="adaptive data", max_length=64)
+    requested_by: str | None = Field(default=None, description="event_id of the feedback that asked for it.")
+
+    def as_control(self) -> "Control":
+        return Control(run_id=self.run_id, event_id=self.event_id, time=self.time, source=self.source,
+                       command="set-data", value=self.dataset_id, operator=f"data-pipeline ({self.policy})",
+                       policy=self.policy)
+
+
 # ---------------------------------------------------------------- trainer
 class StepMetrics(Event):
-    """trainer → watchers: one logging step."""
+    """One logging step."""
 
     KIND: ClassVar[str] = "train.step"
     step: int = Field(ge=0)
@@ -125,7 +145,7 @@ class StepMetrics(Event):
 
 
 class CheckpointSaved(Event):
-    """trainer → checkpoint: a complete checkpoint (or evaluation snapshot) directory exists."""
+    """A complete checkpoint (or evaluation snapshot) directory exists."""
 
     KIND: ClassVar[str] = "ckpt.saved"
     step: int = Field(ge=0)
@@ -140,7 +160,7 @@ class CheckpointSaved(Event):
 
 
 class TrainingFinished(Event):
-    """trainer → all: training ended (completed, stopped by control or feedback, pruned, or failed).
+    """Training ended (completed, stopped by control or feedback, pruned, or failed).
 
     ``interrupted``: the process was told to stop (SIGTERM, its parent gone); it saved a
     checkpoint and resumes from it when started again, so nothing is exported. ``pruned``:
@@ -162,7 +182,7 @@ class TrainingFinished(Event):
 
 # ---------------------------------------------------------------- checkpoint
 class CheckpointRecorded(Event):
-    """checkpoint → all: a checkpoint was verified and catalogued."""
+    """A checkpoint was verified and catalogued."""
 
     KIND: ClassVar[str] = "ckpt.recorded"
     step: int = Field(ge=0)
@@ -172,7 +192,7 @@ class CheckpointRecorded(Event):
 
 
 class CheckpointsReleased(Event):
-    """checkpoint → all: a pruned run's checkpoints were deleted from storage (the catalogue keeps their record)."""
+    """A pruned run's checkpoints were deleted from storage (the catalogue keeps their record)."""
 
     KIND: ClassVar[str] = "ckpt.released"
     steps: list[int] = Field(default_factory=list)
@@ -181,7 +201,7 @@ class CheckpointsReleased(Event):
 
 
 class ExportDone(Event):
-    """checkpoint → all: the run's best checkpoint was exported."""
+    """The run's best checkpoint was exported."""
 
     KIND: ClassVar[str] = "export.done"
     step: int = Field(ge=0, description="Step of the exported checkpoint.")
@@ -192,7 +212,7 @@ class ExportDone(Event):
 
 
 class ExportRequest(Event):
-    """operator (a sweep for its winner) → checkpoint: merge a finished run's exported adapter.
+    """Merge a finished run's exported adapter.
 
     A run that exported only its LoRA adapter gets its merged model too, made by the
     checkpoint service, which has torch loaded already; it answers with an ``ExportDone``
@@ -208,7 +228,7 @@ SPLIT_PATTERN = r"^(val|test|suite:[A-Za-z0-9_-]{1,40})$"
 
 
 class EvalRequest(Event):
-    """checkpoint (or operator) → evaluator: evaluate a checkpoint."""
+    """Evaluate a checkpoint."""
 
     KIND: ClassVar[str] = "eval.request"
     step: int = Field(ge=0)
@@ -221,7 +241,7 @@ class EvalRequest(Event):
 
 
 class EvalShard(Event):
-    """evaluator (planner) → evaluators: one slice of an eval request, on a work queue.
+    """One slice of an eval request, on a work queue.
 
     Any evaluator process takes it; one killed mid-shard leaves it unacked and JetStream hands
     it to another after the ack wait.
@@ -245,7 +265,7 @@ class Failure(BaseModel):
 
 
 class EvalVerdict(Event):
-    """evaluator → rl-reward, checkpoint, watchers: scores of one checkpoint."""
+    """Scores of one checkpoint."""
 
     KIND: ClassVar[str] = "eval.verdict"
     request_id: str = Field(description="event_id of the EvalRequest this answers.")
@@ -265,7 +285,7 @@ class EvalVerdict(Event):
 
 # ---------------------------------------------------------------- feedback
 class Feedback(Event):
-    """rl-reward → trainer, data-pipeline: what the verdicts mean for training."""
+    """What the verdicts mean for training."""
 
     KIND: ClassVar[str] = "feedback"
     step: int = Field(ge=0, description="Step of the verdict this follows.")
@@ -285,7 +305,7 @@ class Feedback(Event):
 
 # ---------------------------------------------------------------- control
 class Control(Event):
-    """operator → trainer: steer a running job. Applied at the next step boundary."""
+    """Steer a running job. Applied at the next step boundary."""
 
     KIND: ClassVar[str] = "control"
     command: str = Field(min_length=1, max_length=64, description="e.g. stop, set-lr. Unknown commands are rejected, not dropped.")
@@ -301,7 +321,7 @@ class Control(Event):
 
 
 class ControlApplied(Event):
-    """trainer → operator: a control took effect."""
+    """A control took effect."""
 
     KIND: ClassVar[str] = "control.applied"
     control_id: str
@@ -315,7 +335,7 @@ class ControlApplied(Event):
 
 
 class ControlRolledBack(Event):
-    """trainer → all: a guarded control broke its guard; the run went back to its savepoint.
+    """A guarded control broke its guard; the run went back to its savepoint.
 
     Weights, optimizer, schedule, RNG, data position and the controls in force are the
     savepoint's again; the steps after it were discarded (their checkpoints deleted)."""
@@ -336,7 +356,7 @@ class ControlRolledBack(Event):
 
 
 class ControlConfirmed(Event):
-    """trainer → all: a guarded control met its guard on ``within`` verdicts; it stays."""
+    """A guarded control met its guard on ``within`` verdicts; it stays."""
 
     KIND: ClassVar[str] = "control.confirmed"
     control_id: str
@@ -348,7 +368,7 @@ class ControlConfirmed(Event):
 
 
 class ControlRejected(Event):
-    """trainer → operator: a control was refused; the run is unchanged."""
+    """A control was refused; the run is unchanged."""
 
     KIND: ClassVar[str] = "control.rejected"
     control_id: str
@@ -359,7 +379,7 @@ class ControlRejected(Event):
 
 # ---------------------------------------------------------------- approval gates
 class Proposal(Event):
-    """trainer → operator: what an automatic policy wants to do, held for approval (feedback.approve).
+    """What an automatic policy wants to do, held for approval (feedback.approve).
 
     Its ``event_id`` is the id ``tuneloop approve RUN ID`` names. Training goes on while it waits."""
 
@@ -378,7 +398,7 @@ class Proposal(Event):
 
 
 class ProposalDecision(Event):
-    """operator → trainer: approve or reject a proposal (only the operator identity may publish it)."""
+    """Approve or reject a proposal (only the operator identity may publish it)."""
 
     KIND: ClassVar[str] = "proposal.decision"
     proposal_id: str = Field(min_length=1, max_length=64)
@@ -388,7 +408,7 @@ class ProposalDecision(Event):
 
 
 class ProposalResolved(Event):
-    """trainer → all: how a proposal ended, and at which step."""
+    """How a proposal ended, and at which step."""
 
     KIND: ClassVar[str] = "proposal.resolved"
     proposal_id: str
@@ -403,7 +423,7 @@ class ProposalResolved(Event):
 
 # ---------------------------------------------------------------- rewards (request/reply)
 class RewardRequest(Event):
-    """trainer (GRPO) → rl-reward: score a batch of completions."""
+    """Score a batch of completions."""
 
     KIND: ClassVar[str] = "reward.score"
     DURABLE: ClassVar[bool] = False
@@ -422,7 +442,7 @@ class RewardReply(Event):
 
 # ---------------------------------------------------------------- operations
 class DeadLetter(Event):
-    """any service → dlq: an event that could not be validated or handled, kept for inspection."""
+    """An event that could not be validated or handled, kept for inspection."""
 
     KIND: ClassVar[str] = "dlq"
     subject: str
@@ -432,7 +452,7 @@ class DeadLetter(Event):
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (
-    RunQueued, DatasetReady, MixtureRequest, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, CheckpointsReleased,
+    RunQueued, DatasetReady, MixtureRequest, DataSwitch, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, CheckpointsReleased,
     ExportDone, ExportRequest,
     EvalRequest, EvalShard, EvalVerdict, Feedback, Control, ControlApplied, ControlRejected,
     ControlRolledBack, ControlConfirmed, Proposal, ProposalDecision, ProposalResolved,

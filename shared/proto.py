@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
+from . import __version__, topology
 from .events import EVENT_TYPES, Event
 from .subjects import PREFIX
 from .summary import SCHEMAS as SUMMARIES
@@ -52,7 +52,7 @@ def asyncapi() -> dict:
             "description": ("JetStream (stream TUNELOOP, de-duplicated by Nats-Msg-Id = event_id)"
                             if cls.DURABLE else "core NATS"),
         }
-        operations[f"send_{channel_id}"] = {"action": "send", "channel": {"$ref": f"#/channels/{channel_id}"}}
+    operations.update(_operations())
     return {
         "asyncapi": "3.0.0",
         "info": {"title": "tuneloop events", "version": __version__,
@@ -60,6 +60,29 @@ def asyncapi() -> dict:
         "defaultContentType": "application/json",
         "channels": channels, "operations": operations, "components": {"messages": messages},
     }
+
+
+def _operations() -> dict:
+    """Who sends and who receives each channel, from the one declaration (topology.py): an
+    operation per identity and direction. A request's reply channel runs the other way."""
+    ops = {}
+
+    def add(identity: str, action: str, kind: str) -> None:
+        channel = kind.replace(".", "_")
+        ops[f"{identity.replace('-', '_')}_{action}s_{channel}"] = {
+            "action": action, "channel": {"$ref": f"#/channels/{channel}"},
+            "summary": f"{identity} {action}s {kind}", "x-identity": identity}
+    for route in topology.ROUTES:
+        for who in route.publishers:
+            add(who, "send", route.kind)
+        for who in route.consumers:
+            add(who, "receive", route.kind)
+        if route.reply:
+            for who in route.consumers:
+                add(who, "send", route.reply)
+            for who in route.publishers:
+                add(who, "receive", route.reply)
+    return ops
 
 
 def render() -> dict[str, str]:

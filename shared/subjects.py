@@ -11,11 +11,10 @@ STREAM = "TUNELOOP"
 AUDIT_STREAM = "TUNELOOP_AUDIT"
 # What operators (and the feedback policy) did to runs, and the answers: kept longer, never purged.
 AUDIT_KINDS = ("control", "control.applied", "control.rejected", "control.rolled_back", "control.confirmed",
-               "data.mixture", "proposal", "proposal.decision", "proposal.resolved")
+               "data.mixture", "data.switch", "proposal", "proposal.decision", "proposal.resolved")
 ALL_RUNS = "*"
 # The JetStream KV buckets, with how long a key lives (None: until deleted). Who may write each
-# is in k8s/base/nats/nats.conf: the checkpoint service, the evaluators, the operator's sweeps,
-# rl-reward's policy.
+# is declared in topology.py (KV_WRITERS).
 CHECKPOINT_BUCKET = "tuneloop-checkpoints"
 SHARD_BUCKET = "tuneloop-eval-shards"
 SWEEP_BUCKET = "tuneloop-sweeps"

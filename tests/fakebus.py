@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from tuneloop import topology
 from tuneloop.events import Event
 
 
@@ -70,9 +71,13 @@ class FakeBus:
         return [None] * len(events)
 
     async def consume(self, cls: type[Event], run_id: str, handler, **_) -> None:
+        topology.check(self.service, "consume", cls.KIND)  # as the real bus does
+        await self.follow(cls, run_id, handler)
+
+    async def follow(self, cls: type[Event], run_id: str, handler, **_) -> None:
         self.handlers[(cls, run_id)].append(handler)
 
-    subscribe = follow = consume
+    subscribe = follow
 
     async def latest(self, cls: type[Event], run_id: str) -> Event | None:
         found = [e for e in self.of(cls) if e.run_id == run_id]

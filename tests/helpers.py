@@ -13,12 +13,13 @@ from pathlib import Path
 
 import jsonschema
 
+from tuneloop import topology
 from tuneloop.config import Config, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 # The deployment's own nats-server config, and every identity it knows (tests/conftest.py: ``secured``).
 DEPLOYED_CONF = REPO / "k8s" / "base" / "nats" / "nats.conf"
-IDENTITIES = ("admin", "operator", "trainer", "data-pipeline", "evaluator", "rl-reward", "checkpoint", "viewer")
+IDENTITIES = topology.IDENTITIES
 EXAMPLE_DATA = REPO / "examples" / "data" / "protocol.jsonl"
 KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/multinode", "overlays/sweep"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from tuneloop.events import (Control, ControlApplied, DatasetReady, Feedback, MixtureRequest, Reject, RunQueued, SplitInfo,
+from tuneloop.events import (ControlApplied, DataSwitch, DatasetReady, Feedback, MixtureRequest, Reject, RunQueued, SplitInfo,
                              derived_id)
 from tuneloop.service import ServiceContext, run_service
 from tuneloop.subjects import ALL_RUNS
@@ -100,9 +100,8 @@ async def main(ctx: ServiceContext) -> None:
         ready = await announce(ctx, fb.run_id, weights=dict(current.mixture) if current else None,
                                category_weights=after, requested_by=fb.event_id)
         log.info("feedback of step %d: weak %s -> category weights %s", fb.step, fb.weak_categories, after)
-        await ctx.bus.publish(Control(run_id=fb.run_id, event_id=derived_id("adapt", fb.event_id), command="set-data",
-                                      value=ready.dataset_id, operator="data-pipeline (adaptive data)",
-                                      policy="adaptive data"))
+        await ctx.bus.publish(DataSwitch(run_id=fb.run_id, event_id=derived_id("adapt", fb.event_id),
+                                         dataset_id=ready.dataset_id, requested_by=fb.event_id))
 
     if ctx.run_id == ALL_RUNS:
         await ctx.bus.consume(RunQueued, ctx.run_id, on_queued)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from tuneloop.checkpoints import latest_intact, read_state
-from tuneloop.events import (CheckpointRecorded, Control, DatasetReady, DeadLetter, Feedback, ProposalDecision,
+from tuneloop.events import (CheckpointRecorded, Control, DataSwitch, DatasetReady, DeadLetter, Feedback, ProposalDecision,
                              RunQueued, TrainingFinished)
 from tuneloop.service import ServiceContext, on_torch_thread, parent_gone, parse_args, run_log, run_service, setup_logging
 from tuneloop.subjects import ALL_RUNS
@@ -106,7 +106,7 @@ async def train_run(ctx: ServiceContext, run_id: str, in_pool: bool = False) -> 
     log.info("dataset %s: %s", dataset.dataset_id, {k: v.rows for k, v in dataset.splits.items()})
 
     consumers = [await bus.consume(kind, run_id, link.deliver, concurrency=64, ack_wait=60)
-                 for kind in (Control, Feedback, ProposalDecision)]
+                 for kind in (Control, DataSwitch, Feedback, ProposalDecision)]
     stopper = asyncio.create_task(_forward_stop(ctx, link))
 
     try:

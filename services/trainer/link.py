@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 
 from tuneloop.bus import Bus
 from tuneloop.events import (
-    Control, ControlRejected, DatasetReady, Event, ProposalDecision, ProposalResolved, RewardReply, RewardRequest,
+    Control, ControlRejected, DataSwitch, DatasetReady, Event, ProposalDecision, ProposalResolved, RewardReply, RewardRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,10 @@ class BusLink:
 
     async def deliver(self, event: Event) -> None:
         """Bus handler: hand ``event`` to the training thread; return once it was handled.
-        After the run's end (``end``) no step boundary will come: it is answered at once."""
+        After the run's end (``end``) no step boundary will come: it is answered at once.
+        Adaptive data's ``data.switch`` is taken as the ``set-data`` control it stands for."""
+        if isinstance(event, DataSwitch):
+            event = event.as_control()
         if self._late is not None:
             await self._late(event)
             return

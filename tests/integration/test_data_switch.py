@@ -13,7 +13,7 @@ from helpers import collect, wait_for
 from test_trainer import ctl
 from tuneloop.config import Source
 from tuneloop.control import MixtureRefused, request_mixture
-from tuneloop.events import (CheckpointSaved, Control, ControlApplied, ControlRejected, DatasetReady, Feedback, StepMetrics,
+from tuneloop.events import (CheckpointSaved, ControlApplied, ControlRejected, DataSwitch, DatasetReady, Feedback, StepMetrics,
                              TrainingFinished)
 
 pytestmark = pytest.mark.integration
@@ -106,7 +106,9 @@ async def test_feedback_naming_weak_categories_shifts_the_mixture_and_the_traine
     assert adapted.splits["test"].categories == first.splits["test"].categories  # same held-out cases
 
     trail = await bus.audit_trail(run)
-    assert any(isinstance(e, Control) and e.operator == "data-pipeline (adaptive data)" for e in trail)
+    # Asked for on data.switch (data-pipeline may not publish a control), applied as set-data.
+    asked = [e for e in trail if isinstance(e, DataSwitch) and e.requested_by == weak.event_id]
+    assert len(asked) == 1 and switch.control_id == asked[0].event_id, trail
 
     # One switch per piece of evidence: the verdict of the checkpoint taken at the switch (and of
     # any within the cooldown) was trained on the old mixture and moves nothing; a later one does.

@@ -19,7 +19,7 @@ import pytest
 from nats.js.api import ConsumerConfig
 
 from helpers import IDENTITIES, REPO
-from tuneloop import subjects
+from tuneloop import subjects, topology
 from tuneloop.events import BY_KIND
 
 DOC = REPO / "docs" / "reliability.md"
@@ -29,17 +29,10 @@ RUN = "m"  # the run the probes aim at
 TRAINER_CONSUMER = subjects.durable_name("trainer", RUN, "control")
 
 # ------------------------------------------------------------------ the design
-PUBLISHES = {
-    "operator": {"control", "data.mixture", "run.queued", "export.request", "proposal.decision", "dlq"},
-    "trainer": {"train.step", "ckpt.saved", "train.done", "control.applied", "control.rejected", "control.rolled_back",
-                "control.confirmed", "proposal", "proposal.resolved", "reward.score", "eval.request", "dlq"},
-    "data-pipeline": {"data.ready", "control", "dlq"},
-    "evaluator": {"eval.shard", "eval.verdict", "dlq"},
-    "rl-reward": {"feedback", "dlq"},
-    "checkpoint": {"ckpt.recorded", "ckpt.released", "eval.request", "export.done", "dlq"},
-}
-KV_WRITERS = {subjects.CHECKPOINT_BUCKET: {"checkpoint"}, subjects.SHARD_BUCKET: {"evaluator"},
-              subjects.SWEEP_BUCKET: {"operator"}, subjects.POLICY_BUCKET: {"rl-reward"}}
+# Who may publish what and write which bucket: the one declaration (shared/topology.py) the
+# server's config is generated from; this test checks the server does what it says.
+PUBLISHES = {who: set(topology.publishes(who)) for who in topology.IDENTITIES}
+KV_WRITERS = {bucket: set(writers) for bucket, writers in topology.KV_WRITERS.items()}
 EVERYONE = set(IDENTITIES)
 READERS = EVERYONE - {"admin"}
 DESIGN: dict[str, set[str]] = {

@@ -1,6 +1,7 @@
 """A real nats-server started from the deployment's own users and permissions
-(k8s/base/nats/nats.conf): only the operator (and data-pipeline's adaptive data) may publish
-control; a service identity's control is refused by the server; an event naming a path outside
+(k8s/base/nats/nats.conf): only the operator may publish control; every service identity's
+control is refused by the server (data-pipeline's adaptive data has data.switch, which the
+trainer takes only as set-data); an event naming a path outside
 the run is rejected and dead-lettered, and the service goes on."""
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ async def test_only_the_operator_may_steer_and_strangers_may_not_connect(tmp_pat
     steps = await collect(bus, StepMetrics, run)
     await wait_for(lambda: steps, timeout=180)
 
-    for user in ("trainer", "evaluator", "rl-reward", "checkpoint", "viewer"):
+    for user in ("trainer", "data-pipeline", "evaluator", "rl-reward", "checkpoint", "viewer"):
         errors = await refused_publish(url, pw, user, f"tuneloop.{run}.control")
         assert any("permissions violation for publish" in e.lower() and f"tuneloop.{run}.control" in e for e in errors), (user, errors)
     with pytest.raises(Exception, match="Authorization Violation"):
