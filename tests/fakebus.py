@@ -19,24 +19,42 @@ from tuneloop.events import Event
 class Entry:
     key: str
     value: bytes
+    revision: int = 0
 
 
 class FakeKV:
-    """What the services use of a JetStream KV bucket."""
+    """What the services use of a JetStream KV bucket (revisions too, for compare-and-set)."""
 
     def __init__(self):
         self.data: dict[str, bytes] = {}
+        self.revisions: dict[str, int] = {}
+        self.revision = 0
 
     async def put(self, key: str, value: bytes) -> int:
-        self.data[key] = value
-        return len(self.data)
+        self.revision += 1
+        self.data[key], self.revisions[key] = value, self.revision
+        return self.revision
 
     async def get(self, key: str) -> Entry:
         from nats.js.errors import KeyNotFoundError
 
         if key not in self.data:
             raise KeyNotFoundError
-        return Entry(key, self.data[key])
+        return Entry(key, self.data[key], self.revisions[key])
+
+    async def create(self, key: str, value: bytes) -> int:
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        if key in self.data:
+            raise KeyWrongLastSequenceError
+        return await self.put(key, value)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        if self.revisions.get(key) != last:
+            raise KeyWrongLastSequenceError
+        return await self.put(key, value)
 
     async def keys(self) -> list[str]:
         from nats.js.errors import NoKeysError

@@ -4,8 +4,8 @@
 - On a ``MixtureRequest`` (operator: ``tuneloop data``) it prepares the data again with other
   source weights and announces the new data set.
 - With ``data.adapt.enabled``, on ``Feedback`` naming weak categories it weighs those up in
-  train, announces the new data set and tells the trainer to switch to it (a ``set-data``
-  control, so the switch is applied at a step boundary, answered and audited like any other).
+  train, announces the new data set and asks the trainer to switch to it (``DataSwitch``, which
+  the trainer applies as ``set-data`` at a step boundary, answered and audited like a control).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 
 from tuneloop.events import (ControlApplied, DataSwitch, DatasetReady, Feedback, MixtureRequest, Reject, RunQueued, SplitInfo,
                              derived_id)
-from tuneloop.service import ServiceContext, run_service
+from tuneloop.service import ServiceContext, consume_handlers, handles, run_service
 from tuneloop.subjects import ALL_RUNS
 
 from .prepare import DataError, adapt_weights, evidence_is_new, prepare
@@ -57,30 +57,32 @@ async def announce(ctx: ServiceContext, run_id: str, *, weights: dict[str, float
     return event
 
 
-async def main(ctx: ServiceContext) -> None:
-    if ctx.run_id != ALL_RUNS:
-        try:
-            await announce(ctx, ctx.run_id)
-        except DataError as e:
-            log.error("data set for run %s rejected: %s", ctx.run_id, e)
-            raise SystemExit(2) from e
+class DataService:
+    """The service's handlers, each declared beside its code with what it consumes (``handles``;
+    a pool's queued runs are consumed only by a pool: see ``main``)."""
 
-    async def on_queued(ev: RunQueued) -> None:
+    def __init__(self, ctx: ServiceContext):
+        self.ctx = ctx
+
+    async def on_queued(self, ev: RunQueued) -> None:
         """A pool serving every run: prepare each queued run's data (a sweep's trials)."""
         try:
-            await announce(ctx, ev.run_id)
+            await announce(self.ctx, ev.run_id)
         except DataError as e:  # the run cannot start; the dead letter names why, the pool goes on
             raise Reject(f"data set for run {ev.run_id} rejected: {e}") from e
 
-    async def on_mixture(req: MixtureRequest) -> None:
-        current = await ctx.bus.latest(DatasetReady, req.run_id)
+    @handles(MixtureRequest)
+    async def on_mixture(self, req: MixtureRequest) -> None:
+        current = await self.ctx.bus.latest(DatasetReady, req.run_id)
         try:
-            await announce(ctx, req.run_id, weights=req.weights, requested_by=req.event_id,
+            await announce(self.ctx, req.run_id, weights=req.weights, requested_by=req.event_id,
                            category_weights=current.category_weights if current else None)
         except DataError as e:  # a wrong request, not a broken service: dead-letter it with the reason
             raise Reject(str(e)) from e
 
-    async def on_feedback(fb: Feedback) -> None:
+    @handles(Feedback)
+    async def on_feedback(self, fb: Feedback) -> None:
+        ctx = self.ctx
         adapt = ctx.config(fb.run_id).data.adapt
         if not adapt.enabled or fb.action != "continue" or not fb.weak_categories:
             return
@@ -103,10 +105,18 @@ async def main(ctx: ServiceContext) -> None:
         await ctx.bus.publish(DataSwitch(run_id=fb.run_id, event_id=derived_id("adapt", fb.event_id),
                                          dataset_id=ready.dataset_id, requested_by=fb.event_id))
 
-    if ctx.run_id == ALL_RUNS:
-        await ctx.bus.consume(RunQueued, ctx.run_id, on_queued)
-    await ctx.bus.consume(MixtureRequest, ctx.run_id, on_mixture)
-    await ctx.bus.consume(Feedback, ctx.run_id, on_feedback)
+
+async def main(ctx: ServiceContext) -> None:
+    service = DataService(ctx)
+    if ctx.run_id != ALL_RUNS:
+        try:
+            await announce(ctx, ctx.run_id)
+        except DataError as e:
+            log.error("data set for run %s rejected: %s", ctx.run_id, e)
+            raise SystemExit(2) from e
+    else:
+        await ctx.bus.consume(RunQueued, ctx.run_id, service.on_queued)
+    await consume_handlers(ctx.bus, ctx.run_id, service)
     await ctx.stop.wait()
 
 

@@ -27,7 +27,7 @@ from tuneloop import metrics, subjects
 from tuneloop.bus import Bus
 from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict, TrainingFinished, derived_id
-from tuneloop.service import ServiceContext, on_torch_thread, run_service, warm_up
+from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, run_service, warm_up
 from tuneloop.storage import confine, resolve_model
 from tuneloop.suites import parse_checks
 
@@ -128,13 +128,16 @@ async def pruned(bus: Bus, run_id: str) -> bool:
     return done is not None and done.reason == "pruned"
 
 
-async def main(ctx: ServiceContext) -> None:
-    kv = await ctx.bus.key_value(SHARD_BUCKET)
-    models = Models()
-    budget = CoreBudget.from_env()  # beside a trainer (tuneloop run): borrow cores while scoring
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or os.cpu_count() or 1
+class EvaluatorService:
+    """The service's handlers, each declared beside its code with what it consumes (``handles``)."""
 
-    async def on_request(req: EvalRequest) -> None:
+    def __init__(self, ctx: ServiceContext, kv, budget: CoreBudget | None = None, threads: int = 1):
+        self.ctx, self.kv, self.models = ctx, kv, Models()
+        self.budget, self.threads = budget, threads  # beside a trainer: cores borrowed while scoring
+
+    @handles(EvalRequest, ack_wait=60, max_deliver=3)
+    async def on_request(self, req: EvalRequest) -> None:
+        ctx = self.ctx
         if await pruned(ctx.bus, req.run_id):
             log.info("run %s was pruned: not evaluating step %d", req.run_id, req.step)
             return
@@ -147,25 +150,34 @@ async def main(ctx: ServiceContext) -> None:
             await ctx.bus.publish(sh)
         log.info("step %d %s: %d cases in %d shards", req.step, req.split, shards[-1].end, len(shards))
 
-    async def on_shard(sh: EvalShard) -> None:
-        if await pruned(ctx.bus, sh.run_id):  # the pool's time goes to trials still running
+    @handles(EvalShard, ack_wait=SHARD_ACK_WAIT, max_deliver=5)
+    async def on_shard(self, sh: EvalShard) -> None:
+        if await pruned(self.ctx.bus, sh.run_id):  # the pool's time goes to trials still running
             return
         log.info("shard %d/%d of step %d %s: cases %d-%d", sh.shard + 1, sh.shards, sh.request.step,
                  sh.request.split, sh.start, sh.end)
-        with budget.borrow(threads) if budget else contextlib.nullcontext():
-            result = await on_torch_thread(score_shard, ctx, models, sh)
+        with self.budget.borrow(self.threads) if self.budget else contextlib.nullcontext():
+            result = await on_torch_thread(self.score, sh)
         metrics.EVAL_CASES.labels(sh.run_id).inc(sh.end - sh.start)
         metrics.EVAL_SHARD_SECONDS.labels(sh.run_id).observe(result.seconds)
-        await kv.put(f"{sh.run_id}.{sh.request.event_id}.{sh.shard:04d}", result.model_dump_json().encode())
-        verdict = await finish_if_complete(ctx.bus, kv, sh)
+        await self.kv.put(f"{sh.run_id}.{sh.request.event_id}.{sh.shard:04d}", result.model_dump_json().encode())
+        verdict = await finish_if_complete(self.ctx.bus, self.kv, sh)
         if verdict:
             log.info("step %d %s: protocol %.3f correctness %.3f (%d cases, %d shards, %.1fs)", verdict.step,
                      verdict.split, verdict.scores["protocol"], verdict.scores["correctness"], verdict.cases,
                      verdict.shards, verdict.seconds)
 
+    def score(self, sh: EvalShard) -> ShardResult:
+        """Blocking, on the torch thread: the shard's cases generated and counted."""
+        return score_shard(self.ctx, self.models, sh)
+
+
+async def main(ctx: ServiceContext) -> None:
+    budget = CoreBudget.from_env()  # beside a trainer (tuneloop run): borrow cores while scoring
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or os.cpu_count() or 1
+    service = EvaluatorService(ctx, await ctx.bus.key_value(SHARD_BUCKET), budget, threads)
     warm_up(imports)  # torch loaded while the trainer's first steps run, not when the first shard arrives
-    await ctx.bus.consume(EvalRequest, ctx.run_id, on_request, ack_wait=60, max_deliver=3)
-    await ctx.bus.consume(EvalShard, ctx.run_id, on_shard, ack_wait=SHARD_ACK_WAIT, max_deliver=5)
+    await consume_handlers(ctx.bus, ctx.run_id, service)
     with budget.present(threads) if budget else contextlib.nullcontext():
         await watch_queue(ctx)
 

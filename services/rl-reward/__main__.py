@@ -13,7 +13,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from tuneloop import metrics, subjects
 from tuneloop.events import ControlRolledBack, EvalVerdict, RewardReply, RewardRequest, derived_id
-from tuneloop.service import ServiceContext, run_service
+from tuneloop.service import ServiceContext, consume_handlers, handles, run_service
 
 from . import rewards
 from tuneloop.policy import PolicyState, decide, rewind
@@ -54,10 +54,14 @@ def record(req: RewardRequest, reply: RewardReply | None, parts: dict[str, list[
         metrics.REWARD_ITEMS.labels(run, "combined", "error").inc(sum(e is not None for e in reply.errors))
 
 
-async def main(ctx: ServiceContext) -> None:
-    kv = await ctx.bus.key_value(subjects.POLICY_BUCKET)
+class RewardService:
+    """The service's handlers, each declared beside its code with what it consumes
+    (``handles``; the reward requests are served, not consumed: see ``main``)."""
 
-    async def on_reward(req: RewardRequest) -> RewardReply:
+    def __init__(self, ctx: ServiceContext, kv):
+        self.ctx, self.kv = ctx, kv  # kv: the feedback policy's state per run
+
+    async def on_reward(self, req: RewardRequest) -> RewardReply:
         t0, parts, reply = time.perf_counter(), {}, None
         try:
             reply = score_batch(req, parts)
@@ -65,24 +69,26 @@ async def main(ctx: ServiceContext) -> None:
         finally:
             record(req, reply, parts, time.perf_counter() - t0)
 
-    async def on_verdict(verdict: EvalVerdict) -> None:
+    @handles(EvalVerdict)
+    async def on_verdict(self, verdict: EvalVerdict) -> None:
         if verdict.purpose != "periodic":
             return
-        cfg = ctx.config(verdict.run_id).feedback
+        cfg = self.ctx.config(verdict.run_id).feedback
 
         def decide_on(state: PolicyState):
             return state, decide(cfg, state, verdict) or state.decided.get(verdict.event_id)
 
-        feedback = await update(verdict.run_id, decide_on)
+        feedback = await self.update(verdict.run_id, decide_on)
         if feedback is None:
             log.info("verdict of step %d is of a checkpoint a rollback discarded: not counted", verdict.step)
             return
         # A decision made before (by a replica that died before sending it) goes out again;
         # its event id is the same, so JetStream stores it once.
-        await ctx.bus.publish(feedback)
+        await self.ctx.bus.publish(feedback)
         log.info("feedback for step %d: %s (%s)", feedback.step, feedback.action, feedback.reason)
 
-    async def on_rolled_back(ev: ControlRolledBack) -> None:
+    @handles(ControlRolledBack)
+    async def on_rolled_back(self, ev: ControlRolledBack) -> None:
         """The run went back to a savepoint: its policy forgets the discarded checkpoints' verdicts
         (a patience counted on training that no longer exists would stop the run too early)."""
         requests = [derived_id("eval", saved) for saved in ev.discarded_saves]
@@ -91,39 +97,41 @@ async def main(ctx: ServiceContext) -> None:
             rewound = rewind(state, requests)
             return rewound, rewound
 
-        state = await update(ev.run_id, forget)
+        state = await self.update(ev.run_id, forget)
         log.info("rollback to step %d: %d discarded checkpoint(s) forgotten; best %.3f at step %s, %d evaluation(s) "
                  "since", ev.savepoint_step, len(requests), state.best_score, state.best_step, state.since_best)
 
-    async def update(run_id: str, change):
+    async def update(self, run_id: str, change):
         """``change(state) -> (new state, result)`` on the run's state, by compare-and-set: another
         replica may update it meanwhile, and then ``change`` runs again on what it wrote."""
         while True:
-            state, revision = await load_state(run_id)
+            state, revision = await self.load_state(run_id)
             state, result = change(state)
             try:
-                await save_state(run_id, state, revision)
+                await self.save_state(run_id, state, revision)
                 return result
             except KeyWrongLastSequenceError:
                 continue
 
-    async def load_state(run_id: str) -> tuple[PolicyState, int]:
+    async def load_state(self, run_id: str) -> tuple[PolicyState, int]:
         try:
-            entry = await kv.get(run_id)
+            entry = await self.kv.get(run_id)
         except KeyNotFoundError:
             return PolicyState(), 0
         return PolicyState.model_validate_json(entry.value), entry.revision
 
-    async def save_state(run_id: str, state: PolicyState, revision: int) -> None:
+    async def save_state(self, run_id: str, state: PolicyState, revision: int) -> None:
         data = state.model_dump_json().encode()
         if revision:
-            await kv.update(run_id, data, last=revision)
+            await self.kv.update(run_id, data, last=revision)
         else:  # KeyWrongLastSequenceError too when a peer created it meanwhile
-            await kv.create(run_id, data)
+            await self.kv.create(run_id, data)
 
-    await ctx.bus.serve(RewardRequest, ctx.run_id, on_reward, queue="rl-reward")
-    await ctx.bus.consume(EvalVerdict, ctx.run_id, on_verdict)
-    await ctx.bus.consume(ControlRolledBack, ctx.run_id, on_rolled_back)
+
+async def main(ctx: ServiceContext) -> None:
+    service = RewardService(ctx, await ctx.bus.key_value(subjects.POLICY_BUCKET))
+    await ctx.bus.serve(RewardRequest, ctx.run_id, service.on_reward, queue="rl-reward")
+    await consume_handlers(ctx.bus, ctx.run_id, service)
     await ctx.stop.wait()
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from tuneloop.checkpoints import latest_intact, read_state
 from tuneloop.events import (CheckpointRecorded, Control, DataSwitch, DatasetReady, DeadLetter, Feedback, ProposalDecision,
                              RunQueued, TrainingFinished)
-from tuneloop.service import ServiceContext, on_torch_thread, parent_gone, parse_args, run_log, run_service, setup_logging
+from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, parent_gone, parse_args, run_log, run_service, setup_logging
 from tuneloop.subjects import ALL_RUNS
 from tuneloop.storage import load_run_config, run_dir
 
@@ -42,8 +42,25 @@ async def main(ctx: ServiceContext) -> None:
 async def serve_pool(ctx: ServiceContext) -> None:
     """A trainer worker: runs queued (``RunQueued``) one after another, in this process, so
     torch and transformers are imported once for all of them (a sweep's trials)."""
+    pool = Pool(ctx)
+    # One run at a time; the message stays in progress while it trains (a dead worker's run goes to another).
+    await consume_handlers(ctx.bus, ALL_RUNS, pool)
+    await ctx.stop.wait()
+    await pool.idle.wait()  # a run in progress saves its checkpoint and says 'interrupted' before the process ends
 
-    async def on_queued(ev: RunQueued) -> None:
+
+class Pool:
+    """The pool worker's handler, declared beside its code with what it consumes (``handles``)."""
+
+    def __init__(self, ctx: ServiceContext, train=None):
+        self.ctx = ctx
+        self.train = train or (lambda run_id: train_run(ctx, run_id, in_pool=True))
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @handles(RunQueued, ack_wait=30, max_deliver=20)
+    async def on_queued(self, ev: RunQueued) -> None:
+        ctx = self.ctx
         if ctx.stop.is_set():
             raise asyncio.CancelledError  # not acked: whoever serves the queue next takes it
         latest = await ctx.bus.latest(RunQueued, ev.run_id)
@@ -54,20 +71,13 @@ async def serve_pool(ctx: ServiceContext) -> None:
         if done is not None and done.reason != "interrupted" and done.time > ev.time:
             log.info("run %s already finished (%s); nothing to train", ev.run_id, done.reason)
             return
-        idle.clear()
+        self.idle.clear()
         try:
             with run_log(ctx.run_dir(ev.run_id) / "logs" / "trainer.log"):
                 log.info("worker %d takes run %s (attempt %d)", os.getpid(), ev.run_id, ev.attempt)
-                await train_run(ctx, ev.run_id, in_pool=True)
+                await self.train(ev.run_id)
         finally:
-            idle.set()
-
-    idle = asyncio.Event()
-    idle.set()
-    # One run at a time; the message stays in progress while it trains (a dead worker's run goes to another).
-    await ctx.bus.consume(RunQueued, ALL_RUNS, on_queued, ack_wait=30, max_deliver=20)
-    await ctx.stop.wait()
-    await idle.wait()  # a run in progress saves its checkpoint and says 'interrupted' before the process ends
+            self.idle.set()
 
 
 async def train_run(ctx: ServiceContext, run_id: str, in_pool: bool = False) -> None:

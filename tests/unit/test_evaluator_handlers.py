@@ -1,0 +1,72 @@
+"""The evaluator's handlers on an in-memory bus (``FakeBus``): a request is planned into
+shards, a pruned run's work is skipped, and the verdict is published once every shard's counts
+are in the bucket, by whichever replica stores the last one. Generation is replaced by canned
+counts here (``score``); the real model and real nats-server are in
+tests/integration/test_evaluators.py."""
+
+import asyncio
+
+import pytest
+
+from fakebus import FakeBus, FakeKV
+from helpers import tiny_config
+from tuneloop.config import dump_config
+from tuneloop.evaluator.__main__ import EvaluatorService
+from tuneloop.evaluator.suite import ShardResult
+from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict, SplitInfo, TrainingFinished
+from tuneloop.service import ServiceContext
+from tuneloop.storage import CONFIG_FILE
+
+
+class Canned(EvaluatorService):
+    """Every shard's cases answered in the protocol, half of them correctly."""
+
+    def score(self, sh: EvalShard) -> ShardResult:
+        n = sh.end - sh.start
+        return ShardResult(shard=sh.shard, counts={"math": [n, n, n, n / 2]}, worker=f"w{id(self)}")
+
+
+@pytest.fixture
+def replicas(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.eval.max_cases, cfg.eval.shard_size = 10, 4
+    (tmp_path / "r").mkdir()
+    dump_config(cfg, tmp_path / "r" / CONFIG_FILE)
+    bus, kv = FakeBus("evaluator"), FakeKV()
+    asyncio.run(bus.publish(DatasetReady(run_id="r", dataset_id="d", fingerprint="f", chat_template="t", splits={
+        "val": SplitInfo(path="data/val.jsonl", rows=30), "test": SplitInfo(path="data/test.jsonl", rows=0)})))
+    return [Canned(ServiceContext("evaluator", bus, "r", tmp_path), kv) for _ in range(2)], bus
+
+
+def request(split: str = "val") -> EvalRequest:
+    return EvalRequest(run_id="r", step=10, checkpoint="checkpoints/checkpoint-10", base_model="base", adapter=True,
+                       split=split, purpose="periodic")
+
+
+def test_a_request_is_planned_into_shards_and_scored_into_one_verdict(replicas):
+    (a, b), bus = replicas
+    req = request()
+    asyncio.run(a.on_request(req))
+    shards = bus.of(EvalShard)
+    assert [(s.start, s.end) for s in shards] == [(0, 4), (4, 8), (8, 10)] and {s.shards for s in shards} == {3}
+    asyncio.run(b.on_shard(shards[0]))
+    asyncio.run(a.on_shard(shards[2]))
+    assert bus.of(EvalVerdict) == []  # shard 1 is still out
+    asyncio.run(b.on_shard(shards[1]))
+    [verdict] = bus.of(EvalVerdict)
+    assert (verdict.request_id, verdict.cases, verdict.shards) == (req.event_id, 10, 3)
+    assert verdict.scores["protocol"] == 1.0 and verdict.scores["correctness"] == 0.5
+    asyncio.run(a.on_shard(shards[1]))  # redelivered: the same verdict again, stored once by its id
+    assert len({v.event_id for v in bus.of(EvalVerdict)}) == 1
+
+
+def test_a_split_without_rows_and_a_run_without_data_are_errors_and_a_pruned_run_is_skipped(replicas, tmp_path):
+    (a, _), bus = replicas
+    with pytest.raises(ValueError, match="data set d has no 'test' rows to evaluate on"):
+        asyncio.run(a.on_request(request("test")))
+    asyncio.run(bus.publish(TrainingFinished(run_id="r", step=10, reason="pruned")))
+    asyncio.run(a.on_request(request()))
+    assert bus.of(EvalShard) == []
+    other = Canned(ServiceContext("evaluator", bus, "x", tmp_path), FakeKV())
+    with pytest.raises(RuntimeError, match="run x has no data set yet"):
+        asyncio.run(other.on_request(request().model_copy(update={"run_id": "x"})))
