@@ -1,13 +1,11 @@
 """``BusCallback``: the one place where the TRL/transformers training loop meets the bus.
 
 - ``on_log``: publish ``StepMetrics``.
-- ``on_step_end``: apply the control and feedback events that arrived during the step, in
-  order, and answer each control with ``ControlApplied`` / ``ControlRejected``.
+- ``on_step_end``: the events that arrived during the step, in order, each decided by the
+  ``Steerer`` (steering.py: pure, every rule there) and carried out here (the optimizer,
+  TRL's control flags, the steering file), its answer published.
 - ``on_save``: announce the complete checkpoint with ``CheckpointSaved``; a guarded control
   waits for this checkpoint (its savepoint) and is applied here (see ``guards``).
-
-Feedback and policy controls that ``feedback.approve`` names become proposals instead (see
-``approvals``); a guard that breaks stops the loop for the recipe to roll back.
 
 With several processes every rank runs this callback; rank 0's events are broadcast at the
 step boundary so every rank applies the same ones, and only rank 0 speaks on the bus.
@@ -15,7 +13,6 @@ step boundary so every rank applies the same ones, and only rank 0 speaks on the
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import time
@@ -27,15 +24,15 @@ from tuneloop import controls
 from tuneloop.checkpoints import folder, read_steering, write_state, write_steering
 from tuneloop.storage import APPLIED_FILE, SNAPSHOTS
 from tuneloop.config import FeedbackSection
-from tuneloop.events import (CheckpointSaved, Control, ControlApplied, ControlConfirmed, ControlRejected, DatasetReady,
-                             Feedback, Proposal, ProposalDecision, ProposalResolved, StepMetrics, derived_id)
+from tuneloop.events import (CheckpointSaved, Control, DatasetReady,
+                             Feedback, StepMetrics)
 
-from . import approvals, distributed, guards
+from . import distributed, guards
 from .link import BusLink, FollowerLink
+from .steering import Boundary, Effects, Steerer
 
 log = logging.getLogger(__name__)
 PAUSE_POLL_S = 2.0
-DEFERRED = object()  # a guarded control's answer: given once its savepoint is saved
 
 
 def set_learning_rate(optimizer, scheduler, new: float) -> None:
@@ -86,14 +83,15 @@ def weights_checksum(model) -> float:
 
 
 class BusCallback(TrainerCallback):
+    """The TRL hooks and the torch side of steering: what arrived is decided by ``Steerer``
+    (steering.py, pure) and carried out here."""
+
     def __init__(self, link: BusLink | FollowerLink, run_id: str, run_dir: Path, base_model: str, adapter: bool,
                  state: controls.Steering, method: str = "sft", sharded: bool = False, eval_every: int | None = None,
                  gates: FeedbackSection | None = None, categories: frozenset[str] = frozenset()):
         self.link = link
-        self.gates = gates or FeedbackSection()  # feedback.approve: what waits for an operator
-        self.categories = categories  # of the data set: what a guard may name
-        self.deferred: tuple[Control, object] | None = None  # a guarded control and its ack, until its savepoint
-        self.rollback: guards.Rollback | None = None  # a broken guard: the recipe rolls back
+        self.steer = Steerer(run_id, state, gates, categories)
+        self.deferred_ack = None  # a guarded control's acknowledgement, until its savepoint is saved
         self.losses: dict[int, float] = {}  # step -> loss, while a guard watches (what `loss` reads)
         self.rolled_back_to: int | None = None  # the savepoint step the loop resumes from after a rollback
         # eval.every: evaluate weights-only snapshots at this cadence; checkpoints then only serve
@@ -105,10 +103,8 @@ class BusCallback(TrainerCallback):
         self.run_dir = Path(run_dir)
         self.base_model = base_model
         self.adapter = adapter
-        self.run_state = state
         self.method = method
         self.sharded = sharded  # FSDP: each rank holds other weights, so only the rest is compared
-        self.stop_reason: tuple[str, str] | None = None  # (reason, detail)
         self.switch_to: DatasetReady | None = None  # set-data: the recipe continues on this data set
         self.last_loss: float | None = None
         self.final_checkpoint: str | None = None
@@ -121,6 +117,31 @@ class BusCallback(TrainerCallback):
         # Controls answered after the checkpoint this run resumes from (see durable_state).
         self.restored: list[dict] | None = None
         self.stop_at_first_step = False
+
+    # What the recipe and the rollback read and reset: the steerer's.
+    @property
+    def run_state(self) -> controls.Steering:
+        return self.steer.state
+
+    @run_state.setter
+    def run_state(self, state: controls.Steering) -> None:
+        self.steer.state = state
+
+    @property
+    def stop_reason(self) -> tuple[str, str] | None:
+        return self.steer.stop_reason
+
+    @stop_reason.setter
+    def stop_reason(self, reason: tuple[str, str] | None) -> None:
+        self.steer.stop_reason = reason
+
+    @property
+    def rollback(self) -> guards.Rollback | None:
+        return self.steer.rollback
+
+    @rollback.setter
+    def rollback(self, plan: guards.Rollback | None) -> None:
+        self.steer.rollback = plan
 
     # ---------------------------------------------------------------- metrics
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, model=None, **kwargs):
@@ -150,7 +171,7 @@ class BusCallback(TrainerCallback):
         if "loss" not in logs:
             return
         self.last_loss = float(logs["loss"])
-        if self.run_state.guard is not None or self.deferred is not None:
+        if self.run_state.guard is not None or self.steer.deferred is not None:
             self.losses[state.global_step] = self.last_loss
         now = time.perf_counter()
         tokens = logs.get("num_tokens")
@@ -236,45 +257,48 @@ class BusCallback(TrainerCallback):
         return (items if distributed.rank() == 0 else [(e, _noop) for e in events]), stopping
 
     def _judgements(self, events) -> list:
-        """Rank 0: the guard's judgement of each new verdict, and each proposal past its deadline."""
-        out: list = []
-        watch = self.run_state.guard
-        for e in events:
-            if isinstance(e, Feedback) and watch is not None and not self._stale(e):
-                if (j := guards.judge(watch, e, self.losses)) is not None:
-                    out.append(j)
-        out += [approvals.TimedOut(pid) for pid in approvals.expired(self.run_state.proposals, time.time())]
-        return out
+        return self.steer.judgements(events, self.losses, time.time())
 
-    def _stale(self, fb: Feedback) -> bool:
-        """Feedback on a checkpoint a rollback discarded (its evaluation was under way)."""
-        return fb.request_id is not None and fb.request_id in self.run_state.discarded_requests
+    def _boundary(self, state, control) -> Boundary:
+        return Boundary(step=state.global_step, datasets=frozenset(self.link.datasets), now=time.time(),
+                        loop_stopping=bool(control.should_training_stop))
 
     def _handle(self, items, args, state, control, optimizer, scheduler) -> None:
+        """Decide each event (the steerer), carry out its effects, answer it."""
         for event, done in items:
-            answer = None
+            fx = None
             try:
-                if isinstance(event, Control):
-                    answer = self._apply_control(event, args, state, control, optimizer, scheduler, done)
-                elif isinstance(event, Feedback):
-                    answer = self._apply_feedback(event, state, control)
-                elif isinstance(event, guards.Judged):
-                    self._judged(event, state, control)
-                elif isinstance(event, ProposalDecision):
-                    answer = self._resolve(event.proposal_id, event.decision == "approve", "approved" if
-                                           event.decision == "approve" else "rejected", event.operator or event.source,
-                                           event.reason, state, control, args, optimizer, scheduler, event.event_id)
-                elif isinstance(event, approvals.TimedOut):
-                    answer = self._resolve(event.proposal_id, self.gates.on_timeout == "apply", "timed-out", "timeout",
-                                           f"nobody answered within {self.gates.approve_timeout_s:g}s: "
-                                           f"{self.gates.on_timeout}", state, control, args, optimizer, scheduler)
+                if isinstance(event, Feedback) and not self.steer.stale(event):
+                    self.awaiting.pop(event.step, None)
+                fx = self.steer.decide(event, self._boundary(state, control))
+                self._carry_out(fx, args, state, control, optimizer, scheduler)
             finally:
-                if answer is DEFERRED:
-                    pass  # acknowledged with its answer, after the savepoint
-                elif answer is None:
+                if fx is not None and fx.deferred:
+                    self.deferred_ack = done  # acknowledged with its answer, after the savepoint
+                elif fx is None or fx.answer is None:
                     done()
-                else:  # the control is acknowledged once its answer is stored: a crash before redelivers it
-                    self.link.publish(answer, then=done)
+                else:  # the event is acknowledged once its answer is stored: a crash before redelivers it
+                    self.link.publish(fx.answer, then=done)
+
+    def _carry_out(self, fx: Effects, args, state, control, optimizer, scheduler) -> None:
+        """Do what a decision asks: the optimizer, TRL's flags, the files; publish what it says."""
+        rs = self.run_state
+        if fx.set_lr:
+            set_learning_rate(optimizer, scheduler, rs.learning_rate)
+        if fx.applied:
+            sync_args(args, rs)
+            state.save_steps, state.logging_steps = rs.save_steps, rs.logging_steps  # what DefaultFlowCallback reads
+        if fx.stop:
+            control.should_training_stop = True
+        if fx.save:
+            control.should_save = True
+        if fx.switch_data:
+            self.switch_to = self.link.datasets[fx.switch_data]
+        self.evaluate_next_save |= fx.evaluate_next_save
+        if fx.write_steering:  # durable before it is answered: a crash now does not undo it
+            self._write_applied()
+        for event in fx.publish:
+            self.link.publish(event)
 
     def _publish_paused(self, state) -> None:
         now = time.monotonic()
@@ -283,150 +307,12 @@ class BusCallback(TrainerCallback):
             self.link.publish(StepMetrics(run_id=self.run_id, step=state.global_step, max_steps=state.max_steps,
                                           learning_rate=self.run_state.learning_rate, paused=True))
 
-    def _apply_control(self, event: Control, args, state, control, optimizer, scheduler, ack=None):
-        """Apply ``event`` (or refuse it, hold it for its savepoint, or propose it) and return
-        the answer to publish (``DEFERRED``: answered once the savepoint is saved)."""
-        step, rs = state.global_step, self.run_state
-        done = next((a for a in rs.applied + rs.rolled_back if a["control_id"] == event.event_id), None)
-        if done is not None:  # redelivered after a restart: answered again (the same event id), not applied twice
-            log.info("control %s already applied at step %d (redelivered after a restart)", event.event_id, done["step"])
-            return ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
-                                  control_id=event.event_id, command=event.command, step=done["step"], new=done["value"])
-        if (held := rs.proposals.get(approvals.proposal_id(event.event_id))) is not None:
-            return Proposal.model_validate(held["proposal"])  # redelivered: the same proposal, still open
-        try:
-            if event.policy and approvals.gated(self.gates, event.command):
-                self._dry_run(event)  # a proposal that could never apply is refused now
-                return self._propose(approvals.for_control(self.gates, event, step), event)
-            watching = rs.guard or (guards.watch_record(self.deferred[0], "", step, False) if self.deferred else None)
-            if controls.check_guard(event.command, event.guard, event.within, self.categories, watching) is not None:
-                self._dry_run(event)
-                self.deferred = (event, ack)
-                control.should_save = True  # the savepoint; the control is applied in on_save, after it
-                log.info("guarded %s at step %d: saving the savepoint first", event.command, step)
-                return DEFERRED
-            return self._apply(event, args, state, control, optimizer, scheduler)
-        except controls.Rejected as e:
-            log.warning("control %s rejected at step %d: %s", event.command, step, e)
-            return ControlRejected(run_id=self.run_id, event_id=derived_id("rejected", event.event_id),
-                                   control_id=event.event_id, command=event.command, step=step, reason=str(e))
-
-    def _dry_run(self, event: Control) -> None:
-        """Raise Rejected if ``event`` would be rejected now (its value, the run's state)."""
-        controls.apply(copy.deepcopy(self.run_state), event.command, event.value, frozenset(self.link.datasets),
-                       stopping=self.stop_reason[0] if self.stop_reason else None)
-
-    def _apply(self, event: Control, args, state, control, optimizer, scheduler) -> ControlApplied:
-        """Apply ``event`` now; Rejected says why it cannot be."""
-        step = state.global_step
-        outcome = controls.apply(self.run_state, event.command, event.value, frozenset(self.link.datasets),
-                                 stopping=self.stop_reason[0] if self.stop_reason else None,
-                                 who=event.operator or event.source or "operator")
-        rs = self.run_state
-        if outcome.set_lr:
-            set_learning_rate(optimizer, scheduler, rs.learning_rate)
-        sync_args(args, rs)
-        state.save_steps, state.logging_steps = rs.save_steps, rs.logging_steps  # what DefaultFlowCallback reads
-        if outcome.stop:
-            control.should_training_stop = True
-            self.stop_reason = outcome.stop_reason
-        if outcome.save:
-            control.should_save = True
-        if outcome.switch_data and not control.should_training_stop:
-            self.switch_to = self.link.datasets[rs.dataset_id]
-            control.should_training_stop = True  # the recipe goes on with the new data from this checkpoint
-        self.evaluate_next_save |= outcome.evaluate
-        rs.applied.append({"control_id": event.event_id, "command": event.command, "value": event.value, "step": step})
-        if state.is_world_process_zero:  # durable before it is answered: a crash now does not undo it
-            write_steering(self.run_dir / APPLIED_FILE, rs)
-        log.info("control %s applied at step %d: %r -> %r", event.command, step, outcome.old, outcome.new)
-        return ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
-                              control_id=event.event_id, command=event.command, step=step, old=outcome.old, new=outcome.new)
-
-    def _apply_feedback(self, event: Feedback, state, control) -> Proposal | None:
-        if self._stale(event):
-            log.info("feedback on step %d ignored: its checkpoint was discarded by a rollback", event.step)
-            return None
-        self.awaiting.pop(event.step, None)
-        log.info("feedback at step %d (verdict of step %d): %s, %s", state.global_step, event.step, event.action, event.reason)
-        if event.action != "stop" or self.stop_reason is not None:
-            return None
-        if approvals.gated(self.gates, "stop"):
-            if any(p["proposal"]["command"] == "stop" for p in self.run_state.proposals.values()):
-                return None  # one stop proposal at a time: the open one stands for this verdict too
-            return self._propose(approvals.for_feedback(self.gates, event, state.global_step), None)
-        control.should_training_stop = True
-        self.stop_reason = ("feedback", event.reason)
-        return None
-
-    # ---------------------------------------------------------------- approval gates
-    def _propose(self, proposal: Proposal, held: Control | None) -> Proposal:
-        self.run_state.proposals[proposal.event_id] = approvals.record(proposal, held, time.time())
-        self._write_applied()
-        log.info("proposal %s: %s (%s); waiting for an operator, at most %gs", proposal.event_id, proposal.command,
-                 proposal.reason, proposal.timeout_s)
-        return proposal
-
-    def _resolve(self, pid: str, apply: bool, outcome: str, by: str, reason: str, state, control, args, optimizer,
-                 scheduler, decision_id: str | None = None) -> ProposalResolved:
-        """Answer proposal ``pid``: apply what it holds (``apply``) or drop it."""
-        step, held = state.global_step, self.run_state.proposals.pop(pid, None)
-        if held is None:
-            return ProposalResolved(run_id=self.run_id, event_id=derived_id("resolved", decision_id or pid), proposal_id=pid,
-                                    command="", outcome="unknown", applied=False, step=step, by=by, decision_id=decision_id,
-                                    reason=f"no open proposal {pid!r} (open: {approvals.open_summary(self.run_state.proposals)})")
-        proposal = Proposal.model_validate(held["proposal"])
-        applied, note = False, reason
-        if apply:
-            try:
-                if held["control"] is not None:  # the policy's control, applied as if it came now
-                    event = Control.model_validate(held["control"])
-                    self.link.publish(self._apply(event, args, state, control, optimizer, scheduler))
-                elif self.stop_reason is None:  # feedback's stop
-                    control.should_training_stop = True
-                    self.stop_reason = ("feedback", f"{proposal.reason} ({outcome} by {by})")
-                else:
-                    raise controls.Rejected(f"already stopping ({self.stop_reason[0]})")
-                applied = True
-            except controls.Rejected as e:
-                note = f"{reason}; not applied: {e}" if reason else f"not applied: {e}"
-        self._write_applied()
-        log.info("proposal %s %s by %s at step %d: %s %s", pid, outcome, by, step, proposal.command,
-                 "applied" if applied else "not applied")
-        return ProposalResolved(run_id=self.run_id, event_id=derived_id("resolved", decision_id or pid), proposal_id=pid,
-                                command=proposal.command, outcome=outcome, applied=applied, step=step, by=by,
-                                reason=note, decision_id=decision_id)
-
-    # ---------------------------------------------------------------- guards
-    def _judged(self, j: guards.Judged, state, control) -> None:
-        watch = self.run_state.guard
-        if watch is None or self.rollback is not None:
-            return
-        if not j.held:
-            if self.stop_reason is not None:
-                log.warning("guard %r broken at step %d, but the run is stopping (%s): no rollback", watch["guard"],
-                            j.step, self.stop_reason[0])
-                return
-            self.rollback = guards.Rollback(watch, j, state.global_step)
-            control.should_training_stop = True  # the recipe resumes from the savepoint
-            return
-        watch["held"].append(j.step)
-        log.info("guard %r held on the verdict of step %d (%d of %d): %s", watch["guard"], j.step, len(watch["held"]),
-                 watch["within"], j.metrics)
-        if len(watch["held"]) >= watch["within"]:
-            self.run_state.guard = None
-            self.losses.clear()
-            self.link.publish(ControlConfirmed(
-                run_id=self.run_id, event_id=derived_id("confirmed", watch["control_id"]), control_id=watch["control_id"],
-                command=watch["command"], guard=watch["guard"], step=state.global_step,
-                savepoint_step=watch["savepoint_step"], verdict_steps=list(watch["held"])))
-        self._write_applied()
-
     def forget_after(self, step: int) -> None:
         """After a rollback to ``step``: what was observed later belongs to discarded training."""
         self.losses = {s: v for s, v in self.losses.items() if s <= step}
         self.awaiting = {s: t for s, t in self.awaiting.items() if s <= step}
-        self.stop_reason, self.switch_to, self.final_checkpoint = None, None, None
+        self.steer.forget_stop()
+        self.switch_to, self.final_checkpoint = None, None
         self.rolled_back_to = step
 
     def _write_applied(self) -> None:
@@ -451,25 +337,16 @@ class BusCallback(TrainerCallback):
                 "weights": None if self.sharded or model is None else weights_checksum(model),
             })
         if state.is_world_process_zero:
-            self._announce(args, state, control, savepoint=self.deferred is not None)
-        if self.deferred is not None:  # this checkpoint is the savepoint: now the guarded control
+            self._announce(args, state, control, savepoint=self.steer.deferred is not None)
+        if self.steer.deferred is not None:  # this checkpoint is the savepoint: now the guarded control
             self._apply_guarded(args, state, control, optimizer, lr_scheduler)
 
     def _apply_guarded(self, args, state, control, optimizer, scheduler) -> None:
-        (event, ack), self.deferred = self.deferred, None
+        ack, self.deferred_ack = self.deferred_ack, None
         savepoint = folder(args.output_dir, state.global_step).resolve().relative_to(self.run_dir.resolve())
-        ignore_data_skip = args.ignore_data_skip
-        try:
-            answer = self._apply(event, args, state, control, optimizer, scheduler)
-        except controls.Rejected as e:  # the run changed since it was checked (e.g. stopping now)
-            answer = ControlRejected(run_id=self.run_id, event_id=derived_id("rejected", event.event_id),
-                                     control_id=event.event_id, command=event.command, step=state.global_step, reason=str(e))
-        else:
-            self.run_state.guard = guards.watch_record(event, str(savepoint), state.global_step, ignore_data_skip)
-            self._write_applied()
-            answer = answer.model_copy(update={"guard": event.guard, "within": event.within or 1,
-                                               "savepoint_step": state.global_step})
-        self.link.publish(answer, then=ack)
+        fx = self.steer.at_savepoint(str(savepoint), self._boundary(state, control), args.ignore_data_skip)
+        self._carry_out(fx, args, state, control, optimizer, scheduler)
+        self.link.publish(fx.answer, then=ack)
 
     def _announce(self, args, state, control, savepoint: bool) -> None:
         """Rank 0: the checkpoint's steering file, then ``CheckpointSaved``."""

@@ -1,0 +1,263 @@
+"""The step boundary, decided in one pure place.
+
+Given what arrived during a step (a control, feedback, a proposal decision, rank 0's judgement
+of a verdict against the guard under watch, a proposal past its deadline) and the step's
+context (``Boundary``), ``Steerer`` updates the run's steering state and returns ``Effects``:
+the answer to publish, anything else to publish, and what the training loop must do (set the
+learning rate, save, stop with a reason, switch data, roll back). ``BusCallback`` carries them
+out: the optimizer, TRL's control flags, the link to the bus, the files. Decide vs do: this
+module touches no torch, no bus and no file, so every rule here is unit-tested without
+training (tests/unit/test_steering.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+from tuneloop import controls
+from tuneloop.config import FeedbackSection
+from tuneloop.events import (Control, ControlApplied, ControlConfirmed, ControlRejected, Event, Feedback, Proposal,
+                             ProposalDecision, ProposalResolved, derived_id)
+
+from . import approvals, guards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """The step boundary an event is decided at."""
+
+    step: int
+    datasets: frozenset[str] = frozenset()  # ids of the data sets announced for the run (set-data's choices)
+    now: float = 0.0  # wall clock: proposals' deadlines
+    loop_stopping: bool = False  # the training loop ends at this step already (its last step, a stop decided)
+
+
+@dataclass
+class Effects:
+    """What a decision asks of the training loop and the bus."""
+
+    answer: Event | None = None  # the reply to the event decided; the event is acknowledged once it is stored
+    publish: list[Event] = field(default_factory=list)  # published too (a held control applied, a guard confirmed)
+    deferred: bool = False  # a guarded control: answered after its savepoint (``at_savepoint``)
+    applied: bool = False  # a control took effect: the trainer's arguments follow the steering state
+    set_lr: bool = False  # the optimizer and schedule take the state's learning rate
+    stop: bool = False
+    save: bool = False
+    switch_data: str | None = None  # set-data: save, then the recipe goes on with this data set
+    evaluate_next_save: bool = False
+    rollback: guards.Rollback | None = None  # a broken guard: stop without saving, the recipe rolls back
+    write_steering: bool = False  # the applied-controls file (rank 0): durable before it is answered
+
+    def merge(self, other: "Effects") -> "Effects":
+        """``other`` carried out after this one (an approved proposal's held control)."""
+        self.publish += ([other.answer] if other.answer else []) + other.publish
+        for name in ("applied", "set_lr", "stop", "save", "evaluate_next_save", "write_steering"):
+            setattr(self, name, getattr(self, name) or getattr(other, name))
+        self.switch_data = other.switch_data or self.switch_data
+        return self
+
+
+class Steerer:
+    """The run's steering: its state (``controls.Steering``, saved with every checkpoint) and
+    the decisions at each step boundary."""
+
+    def __init__(self, run_id: str, state: controls.Steering, gates: FeedbackSection | None = None,
+                 categories: frozenset[str] = frozenset()):
+        self.run_id = run_id
+        self.state = state
+        self.gates = gates or FeedbackSection()  # feedback.approve: what waits for an operator
+        self.categories = categories  # of the data set: what a guard may name
+        self.stop_reason: tuple[str, str] | None = None  # (reason, detail) once the run is stopping
+        self.deferred: Control | None = None  # a guarded control, until its savepoint is saved
+        self.rollback: guards.Rollback | None = None  # a broken guard, until the recipe rolled back
+
+    # ---------------------------------------------------------------- dispatch
+    def decide(self, event, at: Boundary) -> Effects:
+        """The effects of one event that arrived during the step ending at ``at``."""
+        if isinstance(event, Control):
+            return self.control(event, at)
+        if isinstance(event, Feedback):
+            return self.feedback(event, at)
+        if isinstance(event, guards.Judged):
+            return self.judged(event, at)
+        if isinstance(event, ProposalDecision):
+            approve = event.decision == "approve"
+            return self.resolve(event.proposal_id, approve, "approved" if approve else "rejected",
+                                event.operator or event.source, event.reason, at, event.event_id)
+        if isinstance(event, approvals.TimedOut):
+            return self.resolve(event.proposal_id, self.gates.on_timeout == "apply", "timed-out", "timeout",
+                                f"nobody answered within {self.gates.approve_timeout_s:g}s: {self.gates.on_timeout}", at)
+        return Effects()
+
+    @property
+    def stopping(self) -> str | None:
+        return self.stop_reason[0] if self.stop_reason else None
+
+    # ---------------------------------------------------------------- controls
+    def control(self, event: Control, at: Boundary) -> Effects:
+        """Apply ``event``, refuse it, hold it for its savepoint, or propose it."""
+        rs = self.state
+        done = next((a for a in rs.applied + rs.rolled_back if a["control_id"] == event.event_id), None)
+        if done is not None:  # redelivered after a restart: answered again (the same event id), not applied twice
+            log.info("control %s already applied at step %d (redelivered after a restart)", event.event_id, done["step"])
+            return Effects(answer=ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
+                                                 control_id=event.event_id, command=event.command, step=done["step"],
+                                                 new=done["value"]))
+        if (held := rs.proposals.get(approvals.proposal_id(event.event_id))) is not None:
+            return Effects(answer=Proposal.model_validate(held["proposal"]))  # redelivered: the same proposal, still open
+        try:
+            if event.policy and approvals.gated(self.gates, event.command):
+                self._dry_run(event, at)  # a proposal that could never apply is refused now
+                return self._propose(approvals.for_control(self.gates, event, at.step), event, at)
+            watching = rs.guard or (guards.watch_record(self.deferred, "", at.step, False) if self.deferred else None)
+            if controls.check_guard(event.command, event.guard, event.within, self.categories, watching) is not None:
+                self._dry_run(event, at)
+                self.deferred = event
+                log.info("guarded %s at step %d: saving the savepoint first", event.command, at.step)
+                return Effects(deferred=True, save=True)  # the savepoint; the control is applied after it
+            return self.apply(event, at)
+        except controls.Rejected as e:
+            return self._rejected(event, at, e)
+
+    def apply(self, event: Control, at: Boundary) -> Effects:
+        """Apply ``event`` now; ``controls.Rejected`` says why it cannot be."""
+        rs = self.state
+        outcome = controls.apply(rs, event.command, event.value, at.datasets, stopping=self.stopping,
+                                 who=event.operator or event.source or "operator")
+        fx = Effects(applied=True, set_lr=outcome.set_lr, save=outcome.save, evaluate_next_save=outcome.evaluate,
+                     write_steering=True)
+        if outcome.stop:
+            fx.stop = True
+            self.stop_reason = outcome.stop_reason
+        if outcome.switch_data and not fx.stop and not at.loop_stopping:
+            fx.switch_data = rs.dataset_id  # the recipe goes on with the new data from this checkpoint
+            fx.stop = True
+        rs.applied.append({"control_id": event.event_id, "command": event.command, "value": event.value,
+                           "step": at.step})
+        log.info("control %s applied at step %d: %r -> %r", event.command, at.step, outcome.old, outcome.new)
+        fx.answer = ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
+                                   control_id=event.event_id, command=event.command, step=at.step, old=outcome.old,
+                                   new=outcome.new)
+        return fx
+
+    def at_savepoint(self, savepoint: str, at: Boundary, ignore_data_skip: bool) -> Effects:
+        """The deferred guarded control, now that its savepoint (``savepoint``, run-relative) is
+        saved: applied and watched from here, or refused if the run changed since it was checked."""
+        event, self.deferred = self.deferred, None
+        try:
+            fx = self.apply(event, at)
+        except controls.Rejected as e:  # e.g. the run is stopping now
+            return self._rejected(event, at, e)
+        self.state.guard = guards.watch_record(event, savepoint, at.step, ignore_data_skip)
+        fx.answer = fx.answer.model_copy(update={"guard": event.guard, "within": event.within or 1,
+                                                 "savepoint_step": at.step})
+        return fx
+
+    def _rejected(self, event: Control, at: Boundary, e: controls.Rejected) -> Effects:
+        log.warning("control %s rejected at step %d: %s", event.command, at.step, e)
+        return Effects(answer=ControlRejected(run_id=self.run_id, event_id=derived_id("rejected", event.event_id),
+                                              control_id=event.event_id, command=event.command, step=at.step,
+                                              reason=str(e)))
+
+    def _dry_run(self, event: Control, at: Boundary) -> None:
+        """Raise Rejected if ``event`` would be rejected now (its value, the run's state)."""
+        controls.apply(copy.deepcopy(self.state), event.command, event.value, at.datasets, stopping=self.stopping)
+
+    # ---------------------------------------------------------------- feedback
+    def stale(self, fb: Feedback) -> bool:
+        """Feedback on a checkpoint a rollback discarded (its evaluation was under way)."""
+        return fb.request_id is not None and fb.request_id in self.state.discarded_requests
+
+    def feedback(self, event: Feedback, at: Boundary) -> Effects:
+        if self.stale(event):
+            log.info("feedback on step %d ignored: its checkpoint was discarded by a rollback", event.step)
+            return Effects()
+        log.info("feedback at step %d (verdict of step %d): %s, %s", at.step, event.step, event.action, event.reason)
+        if event.action != "stop" or self.stop_reason is not None:
+            return Effects()
+        if approvals.gated(self.gates, "stop"):
+            if any(p["proposal"]["command"] == "stop" for p in self.state.proposals.values()):
+                return Effects()  # one stop proposal at a time: the open one stands for this verdict too
+            return self._propose(approvals.for_feedback(self.gates, event, at.step), None, at)
+        self.stop_reason = ("feedback", event.reason)
+        return Effects(stop=True)
+
+    # ---------------------------------------------------------------- approval gates
+    def _propose(self, proposal: Proposal, held: Control | None, at: Boundary) -> Effects:
+        self.state.proposals[proposal.event_id] = approvals.record(proposal, held, at.now)
+        log.info("proposal %s: %s (%s); waiting for an operator, at most %gs", proposal.event_id, proposal.command,
+                 proposal.reason, proposal.timeout_s)
+        return Effects(answer=proposal, write_steering=True)
+
+    def resolve(self, pid: str, apply: bool, outcome: str, by: str, reason: str, at: Boundary,
+                decision_id: str | None = None) -> Effects:
+        """Answer proposal ``pid``: apply what it holds (``apply``) or drop it."""
+        held = self.state.proposals.pop(pid, None)
+        if held is None:
+            return Effects(answer=ProposalResolved(
+                run_id=self.run_id, event_id=derived_id("resolved", decision_id or pid), proposal_id=pid, command="",
+                outcome="unknown", applied=False, step=at.step, by=by, decision_id=decision_id,
+                reason=f"no open proposal {pid!r} (open: {approvals.open_summary(self.state.proposals)})"))
+        proposal = Proposal.model_validate(held["proposal"])
+        fx, applied, note = Effects(write_steering=True), False, reason
+        if apply:
+            try:
+                if held["control"] is not None:  # the policy's control, applied as if it came now
+                    fx.merge(self.apply(Control.model_validate(held["control"]), at))
+                elif self.stop_reason is None:  # feedback's stop
+                    fx.stop = True
+                    self.stop_reason = ("feedback", f"{proposal.reason} ({outcome} by {by})")
+                else:
+                    raise controls.Rejected(f"already stopping ({self.stop_reason[0]})")
+                applied = True
+            except controls.Rejected as e:
+                note = f"{reason}; not applied: {e}" if reason else f"not applied: {e}"
+        log.info("proposal %s %s by %s at step %d: %s %s", pid, outcome, by, at.step, proposal.command,
+                 "applied" if applied else "not applied")
+        fx.answer = ProposalResolved(run_id=self.run_id, event_id=derived_id("resolved", decision_id or pid),
+                                     proposal_id=pid, command=proposal.command, outcome=outcome, applied=applied,
+                                     step=at.step, by=by, reason=note, decision_id=decision_id)
+        return fx
+
+    # ---------------------------------------------------------------- guards
+    def judgements(self, events, losses: dict[int, float], now: float) -> list:
+        """Rank 0: the guard's judgement of each new verdict, and each proposal past its deadline."""
+        out: list = []
+        watch = self.state.guard
+        for e in events:
+            if isinstance(e, Feedback) and watch is not None and not self.stale(e):
+                if (j := guards.judge(watch, e, losses)) is not None:
+                    out.append(j)
+        out += [approvals.TimedOut(pid) for pid in approvals.expired(self.state.proposals, now)]
+        return out
+
+    def judged(self, j: guards.Judged, at: Boundary) -> Effects:
+        watch = self.state.guard
+        if watch is None or self.rollback is not None:
+            return Effects()
+        if not j.held:
+            if self.stop_reason is not None:
+                log.warning("guard %r broken at step %d, but the run is stopping (%s): no rollback", watch["guard"],
+                            j.step, self.stop_reason[0])
+                return Effects()
+            self.rollback = guards.Rollback(watch, j, at.step)
+            return Effects(rollback=self.rollback, stop=True)  # the recipe resumes from the savepoint
+        watch["held"].append(j.step)
+        log.info("guard %r held on the verdict of step %d (%d of %d): %s", watch["guard"], j.step, len(watch["held"]),
+                 watch["within"], j.metrics)
+        fx = Effects(write_steering=True)
+        if len(watch["held"]) >= watch["within"]:
+            self.state.guard = None
+            fx.publish.append(ControlConfirmed(
+                run_id=self.run_id, event_id=derived_id("confirmed", watch["control_id"]),
+                control_id=watch["control_id"], command=watch["command"], guard=watch["guard"], step=at.step,
+                savepoint_step=watch["savepoint_step"], verdict_steps=list(watch["held"])))
+        return fx
+
+    def forget_stop(self) -> None:
+        """After a rollback: the stop that ended the discarded training is void."""
+        self.stop_reason = None
