@@ -83,7 +83,7 @@ GUARDABLE = ("set-lr", "set-grad-clip", "set-data")  # the controls that change 
 
 
 def check_guard(command: str, guard: str | None, within: int | None, categories: frozenset[str] = frozenset(),
-                watching: dict | None = None):
+                watching: "GuardWatch | None" = None):
     """The parsed guard of a control (None without one); Rejected says what is wrong with it.
     ``categories``: the data set's (a guard on another category could never be judged);
     ``watching``: the guard already under watch (one at a time)."""
@@ -104,8 +104,8 @@ def check_guard(command: str, guard: str | None, within: int | None, categories:
         raise Rejected(f"guard {guard!r} names categories the data set does not have: {', '.join(sorted(unknown))} "
                        f"(it has: {', '.join(sorted(categories))})")
     if watching is not None:
-        raise Rejected(f"{watching['command']} applied at step {watching['applied_step']} is still under its guard "
-                       f"{watching['guard']!r}; wait for its confirmation or rollback")
+        raise Rejected(f"{watching.command} applied at step {watching.applied_step} is still under its guard "
+                       f"{watching.guard!r}; wait for its confirmation or rollback")
     return parsed
 
 
@@ -135,8 +135,61 @@ class Outcome:
 
 
 @dataclass
+class AppliedControl:
+    """A control that took effect: the audit of a run's steering (and, once a rollback undid
+    it, ``rolled_back_at``: the step the run went back from; it is never applied again)."""
+
+    control_id: str
+    command: str
+    value: object = None
+    step: int = 0
+    rolled_back_at: int | None = None
+
+
+@dataclass
+class GuardWatch:
+    """A guarded control under watch (``--guard``): applied after its savepoint, judged on the
+    next ``within`` verdicts, rolled back to the savepoint if one breaks the guard."""
+
+    control_id: str
+    command: str
+    guard: str
+    value: object = None
+    within: int = 1
+    applied_step: int = 0
+    savepoint: str = ""  # run-relative folder of the savepoint checkpoint
+    savepoint_step: int = 0
+    held: list[int] = field(default_factory=list)  # steps of the verdicts that met the guard
+    saves: list[str] = field(default_factory=list)  # ckpt.saved ids since: discarded by a rollback
+    ignore_data_skip: bool = False  # the training arguments' value at the savepoint, restored with it
+
+
+@dataclass
+class OpenProposal:
+    """What a policy wants to do, waiting for an operator (the trainer's approvals)."""
+
+    proposal: dict  # the Proposal event as published (JSON)
+    deadline: float  # wall clock: then ``feedback.on_timeout`` decides
+    control: dict | None = None  # the policy's control it holds (JSON), None for feedback's stop
+
+    @property
+    def command(self) -> str:
+        return self.proposal["command"]
+
+
+def _records(cls, items, where: str):
+    try:
+        return [item if isinstance(item, cls) else cls(**{k: v for k, v in item.items() if k in cls.__dataclass_fields__})
+                for item in items]
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"steering state: {where} is not a list of {cls.__name__} records ({e})") from None
+
+
+@dataclass
 class Steering:
-    """The steerable state of a run: the trainer reads it at every step boundary."""
+    """The steerable state of a run: the trainer reads it at every step boundary. Saved with
+    every checkpoint and in the run's applied-controls file as JSON (``to_dict``), in the shape
+    the plain dicts of earlier versions had, so either reads the other's files."""
 
     learning_rate: float
     max_grad_norm: float
@@ -144,14 +197,14 @@ class Steering:
     logging_steps: int
     dataset_id: str = ""
     paused: bool = False
-    applied: list[dict] = field(default_factory=list)  # audit: every applied control, in order
-    rolled_back: list[dict] = field(default_factory=list)  # controls undone by a rollback: never applied again
-    guard: dict | None = None  # the guarded control under watch (see GuardWatch), None when none is
-    proposals: dict[str, dict] = field(default_factory=dict)  # open proposals by id (see the trainer's approvals)
+    applied: list[AppliedControl] = field(default_factory=list)  # audit: every applied control, in order
+    rolled_back: list[AppliedControl] = field(default_factory=list)  # undone by a rollback: never applied again
+    guard: GuardWatch | None = None  # the guarded control under watch, None when none is
+    proposals: dict[str, OpenProposal] = field(default_factory=dict)  # open proposals by id
     discarded_requests: list[str] = field(default_factory=list)  # eval requests of discarded checkpoints
 
     def applied_ids(self) -> set[str]:
-        return {a["control_id"] for a in self.applied} | {a["control_id"] for a in self.rolled_back}
+        return {a.control_id for a in self.applied} | {a.control_id for a in self.rolled_back}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,7 +217,23 @@ class Steering:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Steering":
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        """The state saved by ``to_dict`` (this version's or an earlier one's); ValueError
+        names what is wrong with a file that is not one."""
+        if not isinstance(data, dict):
+            raise ValueError(f"steering state: expected an object, got {type(data).__name__}")
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["applied"] = _records(AppliedControl, known.get("applied") or [], "applied")
+        known["rolled_back"] = _records(AppliedControl, known.get("rolled_back") or [], "rolled_back")
+        if known.get("guard") is not None:
+            known["guard"] = _records(GuardWatch, [known["guard"]], "guard")[0]
+        proposals = known.get("proposals") or {}
+        if not isinstance(proposals, dict):
+            raise ValueError("steering state: proposals is not an object of open proposals")
+        known["proposals"] = dict(zip(proposals, _records(OpenProposal, proposals.values(), "proposals")))
+        try:
+            return cls(**known)
+        except TypeError as e:
+            raise ValueError(f"steering state: {e}") from None
 
 
 def _number(value, spec: Command) -> float:

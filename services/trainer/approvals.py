@@ -15,6 +15,7 @@ import hashlib
 from dataclasses import dataclass
 
 from tuneloop.config import FeedbackSection
+from tuneloop.controls import OpenProposal
 from tuneloop.events import Control, Feedback, Proposal
 
 
@@ -51,15 +52,15 @@ def for_feedback(settings: FeedbackSection, fb: Feedback, step: int) -> Proposal
                     timeout_s=settings.approve_timeout_s, on_timeout=settings.on_timeout)
 
 
-def record(proposal: Proposal, control: Control | None, now: float) -> dict:
-    """What ``Steering.proposals`` keeps of an open proposal (JSON)."""
-    return {"proposal": proposal.model_dump(mode="json"), "deadline": now + proposal.timeout_s,
-            "control": control.model_dump(mode="json") if control else None}
+def record(proposal: Proposal, control: Control | None, now: float) -> OpenProposal:
+    """What ``Steering.proposals`` keeps of an open proposal."""
+    return OpenProposal(proposal=proposal.model_dump(mode="json"), deadline=now + proposal.timeout_s,
+                        control=control.model_dump(mode="json") if control else None)
 
 
-def expired(proposals: dict[str, dict], now: float) -> list[str]:
-    return [pid for pid, p in proposals.items() if p["deadline"] <= now]
+def expired(proposals: dict[str, OpenProposal], now: float) -> list[str]:
+    return [pid for pid, p in proposals.items() if p.deadline <= now]
 
 
-def open_summary(proposals: dict[str, dict]) -> str:
-    return ", ".join(f"{pid} ({p['proposal']['command']})" for pid, p in proposals.items()) or "none"
+def open_summary(proposals: dict[str, OpenProposal]) -> str:
+    return ", ".join(f"{pid} ({p.command})" for pid, p in proposals.items()) or "none"

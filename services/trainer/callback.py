@@ -115,7 +115,7 @@ class BusCallback(TrainerCallback):
         self._t_log, self._tokens_mark = time.perf_counter(), None
         self._last_pause_note = 0.0
         # Controls answered after the checkpoint this run resumes from (see durable_state).
-        self.restored: list[dict] | None = None
+        self.restored: list[controls.AppliedControl] | None = None
         self.stop_at_first_step = False
 
     # What the recipe and the rollback read and reset: the steerer's.
@@ -158,12 +158,12 @@ class BusCallback(TrainerCallback):
             sync_args(args, rs)
             state.save_steps, state.logging_steps = rs.save_steps, rs.logging_steps
             for a in self.restored:
-                if a["command"] in ("stop", "prune") and self.stop_reason is None:
-                    self.stop_reason = ("pruned" if a["command"] == "prune" else "control",
-                                        f"{a['command']} applied at step {a['step']} before a restart")
+                if a.command in ("stop", "prune") and self.stop_reason is None:
+                    self.stop_reason = ("pruned" if a.command == "prune" else "control",
+                                        f"{a.command} applied at step {a.step} before a restart")
                     self.stop_at_first_step = True
             log.info("holding %d control(s) answered after the last checkpoint: %s", len(self.restored),
-                     [a["command"] for a in self.restored])
+                     [a.command for a in self.restored])
             self.restored = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -229,7 +229,7 @@ class BusCallback(TrainerCallback):
                                 adapter=self.adapter, loss=self.last_loss, snapshot=True)
         self.link.publish(saved, now=True)  # not waited for: a snapshot lost to a crash costs one evaluation, nothing else
         if self.run_state.guard is not None:
-            self.run_state.guard["saves"].append(saved.event_id)
+            self.run_state.guard.saves.append(saved.event_id)
         self.awaiting[step] = time.monotonic()
 
     def expecting_verdicts(self, within_s: float = 60.0) -> bool:
@@ -249,8 +249,8 @@ class BusCallback(TrainerCallback):
         wanted = {e.value for e in events if isinstance(e, Control) and e.command == "set-data"}
         for e in events:  # a proposal answered now may hold a set-data
             held = self.run_state.proposals.get(getattr(e, "proposal_id", None) or "")
-            if held and held["control"] and held["control"]["command"] == "set-data":
-                wanted.add(held["control"]["value"])
+            if held and held.control and held.control["command"] == "set-data":
+                wanted.add(held.control["value"])
         datasets = {k: v for k, v in self.link.datasets.items() if k in wanted}
         events, stopping, datasets = distributed.broadcast((events, stopping, datasets))
         self.link.datasets.update(datasets)
@@ -365,6 +365,6 @@ class BusCallback(TrainerCallback):
                                 savepoint=savepoint)
         self.link.publish(saved, now=True)  # the training thread goes on; the outbox keeps it (in order) while the broker is away
         if self.run_state.guard is not None:
-            self.run_state.guard["saves"].append(saved.event_id)
+            self.run_state.guard.saves.append(saved.event_id)
         if evaluate:
             self.awaiting[state.global_step] = time.monotonic()

@@ -15,12 +15,14 @@ The flow (``BusCallback`` calls these):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from tuneloop.checkpoints import all_checkpoints, read_state, write_steering
+from tuneloop.controls import GuardWatch
 from tuneloop.events import Control, ControlRolledBack, Feedback, derived_id
 from tuneloop.guard import metrics_of, parse
 from tuneloop.storage import APPLIED_FILE, SNAPSHOTS
@@ -44,23 +46,23 @@ class Judged:
 class Rollback:
     """A broken guard: what the recipe rolls back, and why."""
 
-    watch: dict
+    watch: GuardWatch
     judged: Judged
     step: int
 
 
-def watch_record(event: Control, savepoint: str, savepoint_step: int, ignore_data_skip: bool) -> dict:
-    """What the run keeps of a guarded control while it is under watch (JSON, in ``Steering``)."""
-    return {"control_id": event.event_id, "command": event.command, "value": event.value, "guard": event.guard,
-            "within": event.within or 1, "applied_step": savepoint_step, "savepoint": savepoint,
-            "savepoint_step": savepoint_step, "held": [], "saves": [], "ignore_data_skip": ignore_data_skip}
+def watch_record(event: Control, savepoint: str, savepoint_step: int, ignore_data_skip: bool) -> GuardWatch:
+    """What the run keeps of a guarded control while it is under watch (in ``Steering``)."""
+    return GuardWatch(control_id=event.event_id, command=event.command, value=event.value, guard=event.guard,
+                      within=event.within or 1, applied_step=savepoint_step, savepoint=savepoint,
+                      savepoint_step=savepoint_step, ignore_data_skip=ignore_data_skip)
 
 
-def loss_window(watch: dict) -> int:
+def loss_window(watch: GuardWatch) -> int:
     """The steps whose training loss can tell of the change: those after the returned one.
     The loss logged at step s is measured on the weights of step s - 1, so the first loss the
     change shows is two steps after the savepoint; after a verdict that held, the steps since it."""
-    return max([watch["applied_step"] + 1, *watch.get("held", [])])
+    return max([watch.applied_step + 1, *watch.held])
 
 
 def mean_loss(losses: dict[int, float], after: int, step: int) -> float | None:
@@ -70,19 +72,19 @@ def mean_loss(losses: dict[int, float], after: int, step: int) -> float | None:
     return sum(window) / len(window) if window else None
 
 
-def judge(watch: dict, feedback: Feedback, losses: dict[int, float]) -> Judged | None:
+def judge(watch: GuardWatch, feedback: Feedback, losses: dict[int, float]) -> Judged | None:
     """The guard's judgement of ``feedback``'s verdict; None for a verdict it does not count: of
     a checkpoint from before the change, or lacking a metric the guard reads (as ``loss`` on a
     checkpoint saved before any logged step could show the change). The guard waits for the next."""
-    if feedback.step <= watch["applied_step"]:
+    if feedback.step <= watch.applied_step:
         return None
-    guard = parse(watch["guard"])
+    guard = parse(watch.guard)
     after = loss_window(watch)
     metrics = metrics_of(feedback.scores, feedback.by_category, feedback.mean_new_tokens,
                          mean_loss(losses, after, feedback.step))
     if missing := guard.missing(metrics):
         log.warning("verdict of step %d lacks %s (the training loss counts from step %d on): guard %r waits for "
-                    "the next verdict", feedback.step, sorted(missing), after + 1, watch["guard"])
+                    "the next verdict", feedback.step, sorted(missing), after + 1, watch.guard)
         return None
     return Judged(feedback.step, feedback.verdict_id, metrics, guard.holds(metrics))
 
@@ -107,35 +109,35 @@ def roll_back(callback, run_dir: Path, datasets: dict, args) -> tuple[Path, obje
     force there). Every rank calls it; rank 0 deletes, writes and publishes."""
     plan: Rollback = callback.rollback
     watch, before = plan.watch, callback.run_state
-    savepoint = run_dir / watch["savepoint"]
+    savepoint = run_dir / watch.savepoint
     if distributed.rank() == 0:
-        gone = discard_after(run_dir, watch["savepoint_step"])
+        gone = discard_after(run_dir, watch.savepoint_step)
         log.info("deleted the checkpoints after the savepoint: steps %s", gone)
     distributed.broadcast(None)  # barrier: nobody reads checkpoints while they go
     state = read_state(savepoint)  # the controls in force at the savepoint
     kept = state.applied_ids()
-    undone = [a for a in before.applied if a["control_id"] not in kept]
-    state.rolled_back = [*before.rolled_back, *({**a, "rolled_back_at": plan.step} for a in undone)]
-    state.discarded_requests = [*before.discarded_requests, *(derived_id("eval", s) for s in watch["saves"])]
+    undone = [a for a in before.applied if a.control_id not in kept]
+    state.rolled_back = [*before.rolled_back, *(dataclasses.replace(a, rolled_back_at=plan.step) for a in undone)]
+    state.discarded_requests = [*before.discarded_requests, *(derived_id("eval", s) for s in watch.saves)]
     state.proposals = before.proposals  # what waits for an operator still does
     state.guard = None
     callback.run_state = state
-    args.ignore_data_skip = watch["ignore_data_skip"]
-    callback.forget_after(watch["savepoint_step"])
+    args.ignore_data_skip = watch.ignore_data_skip
+    callback.forget_after(watch.savepoint_step)
     if distributed.rank() == 0:
         write_steering(run_dir / APPLIED_FILE, state)
         callback.link.publish(ControlRolledBack(
-            run_id=callback.run_id, event_id=derived_id("rolledback", watch["control_id"]),
-            control_id=watch["control_id"], command=watch["command"], value=watch["value"], guard=watch["guard"],
-            step=plan.step, savepoint_step=watch["savepoint_step"],
-            discarded_steps=[watch["savepoint_step"] + 1, plan.step] if plan.step > watch["savepoint_step"] else [],
+            run_id=callback.run_id, event_id=derived_id("rolledback", watch.control_id),
+            control_id=watch.control_id, command=watch.command, value=watch.value, guard=watch.guard,
+            step=plan.step, savepoint_step=watch.savepoint_step,
+            discarded_steps=[watch.savepoint_step + 1, plan.step] if plan.step > watch.savepoint_step else [],
             verdict_step=plan.judged.step, verdict_id=plan.judged.verdict_id, metrics=plan.judged.metrics,
-            reverted=[a["control_id"] for a in undone if a["control_id"] != watch["control_id"]],
-            discarded_saves=list(watch["saves"]),
+            reverted=[a.control_id for a in undone if a.control_id != watch.control_id],
+            discarded_saves=list(watch.saves),
         ), now=True)
     log.warning("rank %d rolls back %s (guard %r broken by the verdict of step %d: %s) from step %d to the savepoint, "
-                "step %d", distributed.rank(), watch["command"], watch["guard"], plan.judged.step, plan.judged.metrics,
-                plan.step, watch["savepoint_step"])
+                "step %d", distributed.rank(), watch.command, watch.guard, plan.judged.step, plan.judged.metrics,
+                plan.step, watch.savepoint_step)
     callback.rollback = None
     dataset = datasets.get(state.dataset_id)
     if dataset is None:

@@ -319,7 +319,7 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, 
                            method=tc.method, sharded=tc.sharded, eval_every=cfg.eval.every,
                            gates=cfg.feedback, categories=categories)
     if state is not checkpointed:
-        callback.restored = [a for a in state.applied if a["control_id"] not in checkpointed.applied_ids()]
+        callback.restored = [a for a in state.applied if a.control_id not in checkpointed.applied_ids()]
     callbacks = [callback, *core_sharing(callback)]
     seen = {dataset.dataset_id: dataset}  # what a rollback may go back to
     while True:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from tuneloop import controls
 from tuneloop.config import FeedbackSection
+from tuneloop.controls import AppliedControl
 from tuneloop.events import (Control, ControlApplied, ControlConfirmed, ControlRejected, Event, Feedback, Proposal,
                              ProposalDecision, ProposalResolved, derived_id)
 
@@ -101,14 +102,14 @@ class Steerer:
     def control(self, event: Control, at: Boundary) -> Effects:
         """Apply ``event``, refuse it, hold it for its savepoint, or propose it."""
         rs = self.state
-        done = next((a for a in rs.applied + rs.rolled_back if a["control_id"] == event.event_id), None)
+        done = next((a for a in rs.applied + rs.rolled_back if a.control_id == event.event_id), None)
         if done is not None:  # redelivered after a restart: answered again (the same event id), not applied twice
-            log.info("control %s already applied at step %d (redelivered after a restart)", event.event_id, done["step"])
+            log.info("control %s already applied at step %d (redelivered after a restart)", event.event_id, done.step)
             return Effects(answer=ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
-                                                 control_id=event.event_id, command=event.command, step=done["step"],
-                                                 new=done["value"]))
+                                                 control_id=event.event_id, command=event.command, step=done.step,
+                                                 new=done.value))
         if (held := rs.proposals.get(approvals.proposal_id(event.event_id))) is not None:
-            return Effects(answer=Proposal.model_validate(held["proposal"]))  # redelivered: the same proposal, still open
+            return Effects(answer=Proposal.model_validate(held.proposal))  # redelivered: the same proposal, still open
         try:
             if event.policy and approvals.gated(self.gates, event.command):
                 self._dry_run(event, at)  # a proposal that could never apply is refused now
@@ -136,8 +137,8 @@ class Steerer:
         if outcome.switch_data and not fx.stop and not at.loop_stopping:
             fx.switch_data = rs.dataset_id  # the recipe goes on with the new data from this checkpoint
             fx.stop = True
-        rs.applied.append({"control_id": event.event_id, "command": event.command, "value": event.value,
-                           "step": at.step})
+        rs.applied.append(AppliedControl(control_id=event.event_id, command=event.command, value=event.value,
+                                         step=at.step))
         log.info("control %s applied at step %d: %r -> %r", event.command, at.step, outcome.old, outcome.new)
         fx.answer = ControlApplied(run_id=self.run_id, event_id=derived_id("applied", event.event_id),
                                    control_id=event.event_id, command=event.command, step=at.step, old=outcome.old,
@@ -180,7 +181,7 @@ class Steerer:
         if event.action != "stop" or self.stop_reason is not None:
             return Effects()
         if approvals.gated(self.gates, "stop"):
-            if any(p["proposal"]["command"] == "stop" for p in self.state.proposals.values()):
+            if any(p.command == "stop" for p in self.state.proposals.values()):
                 return Effects()  # one stop proposal at a time: the open one stands for this verdict too
             return self._propose(approvals.for_feedback(self.gates, event, at.step), None, at)
         self.stop_reason = ("feedback", event.reason)
@@ -202,12 +203,12 @@ class Steerer:
                 run_id=self.run_id, event_id=derived_id("resolved", decision_id or pid), proposal_id=pid, command="",
                 outcome="unknown", applied=False, step=at.step, by=by, decision_id=decision_id,
                 reason=f"no open proposal {pid!r} (open: {approvals.open_summary(self.state.proposals)})"))
-        proposal = Proposal.model_validate(held["proposal"])
+        proposal = Proposal.model_validate(held.proposal)
         fx, applied, note = Effects(write_steering=True), False, reason
         if apply:
             try:
-                if held["control"] is not None:  # the policy's control, applied as if it came now
-                    fx.merge(self.apply(Control.model_validate(held["control"]), at))
+                if held.control is not None:  # the policy's control, applied as if it came now
+                    fx.merge(self.apply(Control.model_validate(held.control), at))
                 elif self.stop_reason is None:  # feedback's stop
                     fx.stop = True
                     self.stop_reason = ("feedback", f"{proposal.reason} ({outcome} by {by})")
@@ -241,21 +242,21 @@ class Steerer:
             return Effects()
         if not j.held:
             if self.stop_reason is not None:
-                log.warning("guard %r broken at step %d, but the run is stopping (%s): no rollback", watch["guard"],
+                log.warning("guard %r broken at step %d, but the run is stopping (%s): no rollback", watch.guard,
                             j.step, self.stop_reason[0])
                 return Effects()
             self.rollback = guards.Rollback(watch, j, at.step)
             return Effects(rollback=self.rollback, stop=True)  # the recipe resumes from the savepoint
-        watch["held"].append(j.step)
-        log.info("guard %r held on the verdict of step %d (%d of %d): %s", watch["guard"], j.step, len(watch["held"]),
-                 watch["within"], j.metrics)
+        watch.held.append(j.step)
+        log.info("guard %r held on the verdict of step %d (%d of %d): %s", watch.guard, j.step, len(watch.held),
+                 watch.within, j.metrics)
         fx = Effects(write_steering=True)
-        if len(watch["held"]) >= watch["within"]:
+        if len(watch.held) >= watch.within:
             self.state.guard = None
             fx.publish.append(ControlConfirmed(
-                run_id=self.run_id, event_id=derived_id("confirmed", watch["control_id"]),
-                control_id=watch["control_id"], command=watch["command"], guard=watch["guard"], step=at.step,
-                savepoint_step=watch["savepoint_step"], verdict_steps=list(watch["held"])))
+                run_id=self.run_id, event_id=derived_id("confirmed", watch.control_id),
+                control_id=watch.control_id, command=watch.command, guard=watch.guard, step=at.step,
+                savepoint_step=watch.savepoint_step, verdict_steps=list(watch.held)))
         return fx
 
     def forget_stop(self) -> None:

@@ -1,6 +1,7 @@
 """Guards of guarded controls: the grammar, its errors, what a verdict makes of them, and which
 controls may carry one."""
 
+import dataclasses
 import math
 
 import pytest
@@ -61,7 +62,7 @@ def test_which_controls_may_be_guarded():
         controls.check_guard("set-lr", None, 2)
     with pytest.raises(controls.Rejected, match="categories the data set does not have: chat"):
         controls.check_guard("set-lr", "chat.protocol>0.5", None, frozenset({"greet", "tool"}))
-    watching = {"command": "set-lr", "applied_step": 7, "guard": "loss<3"}
+    watching = controls.GuardWatch(control_id="c", command="set-lr", applied_step=7, guard="loss<3")
     with pytest.raises(controls.Rejected, match="set-lr applied at step 7 is still under its guard"):
         controls.check_guard("set-grad-clip", "loss<3", None, watching=watching)
 
@@ -70,7 +71,7 @@ def test_the_trainer_judges_later_verdicts_by_the_mean_loss_the_change_could_sho
     from importlib import import_module
 
     guards = import_module("tuneloop.trainer.guards")
-    watch = {"guard": "protocol>=0.5 and loss<3", "applied_step": 10, "held": []}
+    watch = controls.GuardWatch(control_id="c", command="set-lr", guard="protocol>=0.5 and loss<3", applied_step=10)
 
     def fb(step, protocol):
         return Feedback(run_id="r", step=step, action="continue", reason="", score=protocol, scores={"protocol": protocol})
@@ -85,9 +86,10 @@ def test_the_trainer_judges_later_verdicts_by_the_mean_loss_the_change_could_sho
     assert judged.held is True and judged.metrics["loss"] == pytest.approx(8.5 / 3)
     assert guards.judge(watch, fb(15, 0.4), losses).held is False
     # After a verdict held, the next one reads the steps since it: a late divergence is not diluted.
-    assert guards.judge({**watch, "held": [15]}, fb(16, 0.9), losses).metrics["loss"] == 5.0
-    assert guards.judge({**watch, "held": [16]}, fb(17, 0.9), losses) is None  # no step logged since
-    assert guards.judge({"guard": "greet.protocol>0", "applied_step": 0}, fb(5, 1.0), {}) is None  # cannot judge
+    assert guards.judge(dataclasses.replace(watch, held=[15]), fb(16, 0.9), losses).metrics["loss"] == 5.0
+    assert guards.judge(dataclasses.replace(watch, held=[16]), fb(17, 0.9), losses) is None  # no step logged since
+    cannot = controls.GuardWatch(control_id="c", command="set-lr", guard="greet.protocol>0", applied_step=0)
+    assert guards.judge(cannot, fb(5, 1.0), {}) is None  # cannot judge
 
 
 def test_a_restart_keeps_the_open_proposals_and_the_guard_under_watch(tmp_path):
@@ -101,17 +103,41 @@ def test_a_restart_keeps_the_open_proposals_and_the_guard_under_watch(tmp_path):
 
     durable_state = import_module("tuneloop.trainer.callback").durable_state
     checkpoint = controls.Steering.from_config(TrainSection())
-    checkpoint.applied = [{"control_id": "a", "command": "pause", "value": None, "step": 3}]
+    checkpoint.applied = [controls.AppliedControl(control_id="a", command="pause", step=3)]
     record = controls.Steering.from_dict(checkpoint.to_dict())
-    record.proposals = {"p-1": {"proposal": {}, "deadline": 0.0, "control": None}}
+    record.proposals = {"p-1": controls.OpenProposal(proposal={"command": "stop"}, deadline=0.0)}
     write_steering(tmp_path / APPLIED_FILE, record)
     kept = durable_state(tmp_path, controls.Steering.from_dict(checkpoint.to_dict()))
     assert kept.applied == checkpoint.applied and set(kept.proposals) == {"p-1"}
-    record.applied.append({"control_id": "b", "command": "set-lr", "value": 5.0, "step": 9})
-    record.learning_rate, record.guard = 5.0, {"control_id": "b", "guard": "loss<3"}
+    record.applied.append(controls.AppliedControl(control_id="b", command="set-lr", value=5.0, step=9))
+    record.learning_rate, record.guard = 5.0, controls.GuardWatch(control_id="b", command="set-lr", guard="loss<3")
     write_steering(tmp_path / APPLIED_FILE, record)
     newer = durable_state(tmp_path, controls.Steering.from_dict(checkpoint.to_dict()))
-    assert newer.learning_rate == 5.0 and newer.guard["control_id"] == "b"
+    assert newer.learning_rate == 5.0 and newer.guard.control_id == "b"
     older = controls.Steering.from_dict(record.to_dict())
-    older.applied.append({"control_id": "c", "command": "resume", "value": None, "step": 12})
+    older.applied.append(controls.AppliedControl(control_id="c", command="resume", step=12))
     assert durable_state(tmp_path, older) is older  # the checkpoint is newer than the record
+
+
+def test_the_steering_state_reads_the_plain_dicts_of_earlier_checkpoints_and_refuses_a_broken_one():
+    """An earlier version saved the same JSON with plain dicts: it loads into the typed records,
+    and what this version saves has the keys the earlier one read."""
+    earlier = {"learning_rate": 1e-3, "max_grad_norm": 1.0, "save_steps": 50, "logging_steps": 5, "dataset_id": "d",
+               "applied": [{"control_id": "a", "command": "set-lr", "value": 5e-4, "step": 3}],
+               "rolled_back": [{"control_id": "z", "command": "set-lr", "value": 9.0, "step": 1, "rolled_back_at": 2}],
+               "guard": {"control_id": "a", "command": "set-lr", "value": 5e-4, "guard": "loss<3", "within": 1,
+                         "applied_step": 3, "savepoint": "checkpoints/checkpoint-3", "savepoint_step": 3, "held": [],
+                         "saves": ["s1"], "ignore_data_skip": False},
+               "proposals": {"p-1": {"proposal": {"command": "stop"}, "deadline": 5.0, "control": None}},
+               "discarded_requests": [], "future_field": 1}
+    state = controls.Steering.from_dict(earlier)
+    assert state.applied[0].step == 3 and state.rolled_back[0].rolled_back_at == 2
+    assert state.guard.saves == ["s1"] and state.proposals["p-1"].command == "stop"
+    assert state.applied_ids() == {"a", "z"}
+    again = state.to_dict()
+    assert again["applied"][0]["control_id"] == "a" and again["guard"]["savepoint"] == "checkpoints/checkpoint-3"
+    assert again["proposals"]["p-1"]["deadline"] == 5.0
+    with pytest.raises(ValueError, match="steering state: applied is not a list of AppliedControl records"):
+        controls.Steering.from_dict({**earlier, "applied": [{"command": "x"}]})
+    with pytest.raises(ValueError, match="steering state: expected an object"):
+        controls.Steering.from_dict([1, 2])

@@ -38,7 +38,7 @@ def test_a_setting_is_applied_answered_and_made_durable(command, value, field, n
     assert getattr(s.state, field) == new and fx.applied and fx.write_steering
     assert fx.set_lr == (command == "set-lr")
     assert (fx.switch_data, fx.stop, fx.save) == (("d1", True, True) if command == "set-data" else (None, False, False))
-    assert [a["command"] for a in s.state.applied] == [command]
+    assert [a.command for a in s.state.applied] == [command]
 
 
 def test_set_data_at_the_loops_last_step_switches_nothing():
@@ -93,7 +93,7 @@ def test_a_guarded_control_waits_for_its_savepoint_then_is_watched_and_confirmed
     assert "still under its guard" in other.answer.reason
     fx = s.at_savepoint("checkpoints/checkpoint-10", AT, ignore_data_skip=False)
     assert fx.answer.savepoint_step == 10 and fx.answer.guard == "protocol>=0.9" and fx.set_lr
-    assert s.state.guard["savepoint"] == "checkpoints/checkpoint-10"
+    assert s.state.guard.savepoint == "checkpoints/checkpoint-10"
     for step in (15, 20):
         fb = Feedback(run_id="r", step=step, action="continue", reason="", score=0.95, scores={"protocol": 0.95})
         [judged] = s.judgements([fb], losses={}, now=0.0)
@@ -110,7 +110,7 @@ def test_a_broken_guard_rolls_back_unless_the_run_is_stopping():
     [judged] = s.judgements([fb], losses={}, now=0.0)
     assert not judged.held
     fx = s.decide(judged, Boundary(step=16))
-    assert fx.stop and fx.rollback is s.rollback and s.rollback.watch["savepoint_step"] == 10
+    assert fx.stop and fx.rollback is s.rollback and s.rollback.watch.savepoint_step == 10
     assert s.decide(judged, Boundary(step=16)).rollback is None  # one rollback at a time
     stopping = steerer()
     stopping.decide(ctl("set-lr", 5e-4, guard="protocol>=0.9"), AT)
