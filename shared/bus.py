@@ -323,6 +323,12 @@ class Bus:
             await sub.unsubscribe()
         return out
 
+    async def __aenter__(self) -> "Bus":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
     async def close(self) -> None:
         self._closing = True
         await asyncio.gather(*(self.stop_consuming(t) for t in list(self._tasks)))

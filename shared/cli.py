@@ -106,11 +106,8 @@ def provision(nats_url: str = typer.Option(..., "--nats-url", envvar="NATS_URL",
     from .bus import CONNECT_PATIENCE_S, Bus, BusError
 
     async def go() -> tuple[int, dict[str, int]]:
-        bus = await Bus.connect(nats_url, "provision", patience=CONNECT_PATIENCE_S)
-        try:
+        async with await Bus.connect(nats_url, "provision", patience=CONNECT_PATIENCE_S) as bus:
             return bus.cluster_size(), await bus.provision()
-        finally:
-            await bus.close()
 
     try:
         nodes, made = asyncio.run(go())
@@ -207,11 +204,8 @@ def _decide(run_id: str, proposal_id: Optional[str], approve: bool, reason: str,
     url = nats_url or _run_url(storage, run_id)
     if proposal_id is None:
         async def listing():
-            bus = await Bus.connect(url, "ctl", patience=CONNECT_PATIENCE_S)
-            try:
+            async with await Bus.connect(url, "ctl", patience=CONNECT_PATIENCE_S) as bus:
                 return await open_proposals(bus, run_id)
-            finally:
-                await bus.close()
 
         found = asyncio.run(listing())
         for p in found:
@@ -275,11 +269,8 @@ def audit(
     from .bus import CONNECT_PATIENCE_S, Bus
 
     async def read(url: str):
-        bus = await Bus.connect(url, "audit", patience=CONNECT_PATIENCE_S)
-        try:
+        async with await Bus.connect(url, "audit", patience=CONNECT_PATIENCE_S) as bus:
             return await bus.audit_trail(run_id)
-        finally:
-            await bus.close()
 
     with _reading(storage, run_id, nats_url) as url:
         trail = asyncio.run(read(url))
@@ -514,15 +505,12 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
     async def fetch(url: str):
         from .bus import CONNECT_PATIENCE_S, Bus
 
-        bus = await Bus.connect(url, "report", patience=CONNECT_PATIENCE_S)
-        try:
+        async with await Bus.connect(url, "report", patience=CONNECT_PATIENCE_S) as bus:
             kv = await bus.key_value(SWEEP_BUCKET)
             spec = SweepSpec.model_validate(json.loads((await kv.get(f"{name}.spec")).value)["spec"])
             records = await Records(kv, TrialRecord).under(f"{name}.trial-")
             kinds = (EvalVerdict, Control, TrainingFinished, ExportDone, CheckpointsReleased)
             return spec, records, {r.run_id: await replay(bus, r.run_id, kinds=kinds) for r in records}
-        finally:
-            await bus.close()
 
     with _reading(storage, first, nats_url) as url:
         spec, records, events = asyncio.run(fetch(url))
@@ -562,11 +550,8 @@ def _events(run_id: str, storage: Path, nats_url: Optional[str], kinds: tuple | 
     async def fetch(url: str):
         from .bus import CONNECT_PATIENCE_S, Bus
 
-        bus = await Bus.connect(url, "report", patience=CONNECT_PATIENCE_S)
-        try:
+        async with await Bus.connect(url, "report", patience=CONNECT_PATIENCE_S) as bus:
             return await replay(bus, run_id, kinds=kinds or KINDS)
-        finally:
-            await bus.close()
 
     with _reading(storage, run_id, nats_url) as url:
         return asyncio.run(fetch(url))

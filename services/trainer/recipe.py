@@ -1,8 +1,10 @@
 """The training recipe, top to bottom: data set → base model → TRL trainer (+ LoRA) → done.
 
 One flow for the three methods; what differs is a row of ``METHODS``: TRL's config and
-trainer classes and the columns each one reads. Runs in the training thread; everything it
-says to the world goes through ``BusCallback``.
+trainer classes and the columns each one reads. Runs in the training thread and speaks to
+the world only through the link (link.py): ``BusCallback``'s metrics, answers and checkpoints,
+GRPO's reward requests (remote_reward.py) and a rollback's announcement (guards.py); how the
+run ended is returned to the service, which publishes it.
 """
 
 from __future__ import annotations

@@ -187,3 +187,16 @@ async def test_a_finished_runs_link_answers_every_control_once_and_its_consumers
         answers = await bus.history(ControlRejected, run)
         assert sorted(a.control_id for a in answers) == sorted(c.event_id for c in controls), i
         assert {a.reason for a in answers} == {"training has finished"} and {a.step for a in answers} == {7}
+
+
+async def test_a_bus_used_as_a_context_closes_and_a_service_bus_keeps_to_its_topology(nats_url):
+    from tuneloop.bus import Bus
+    from tuneloop.topology import TopologyError
+
+    async with await Bus.connect(nats_url, "data-pipeline") as bus:
+        with pytest.raises(TopologyError, match="data-pipeline may not publish 'control'"):
+            await bus.publish(Control(run_id="topo", command="stop"))
+        with pytest.raises(TopologyError, match="data-pipeline may not consume 'control'"):
+            await bus.consume(Control, "topo", lambda e: None)
+        assert await bus.history(Control, "topo") == []  # nothing was sent
+    assert bus.nc.is_closed
