@@ -158,6 +158,17 @@ async def scraped(port: int, query: str, timeout: float = 120) -> list:
     return result
 
 
+async def watching(s: Stack, *kinds) -> tuple:
+    """A viewer of every node, and every stored and new event of ``kinds`` of the run, by kind."""
+    bus = await s.connect("viewer", "deploy-test")
+    ev = {cls: [] for cls in kinds}
+    for cls, got in ev.items():
+        async def keep(e, got=got):
+            got.append(e)
+        await bus.follow(cls, RUN, keep)
+    return bus, ev
+
+
 async def bus_state(admin, s: Stack) -> str:
     """What the servers hold, for a failure's message: every stream and bucket (replicas,
     leader, peers), the trainer's consumers, the last lines of the trainer's log."""
@@ -279,12 +290,7 @@ async def _scenario(s: Stack) -> None:
     t_up = time.monotonic()
     s.up(*STACK)
     s.url = s.host_url()
-    bus = await s.connect("viewer", "deploy-test")
-    ev = {cls: [] for cls in (StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, TrainingFinished, ExportDone)}
-    for cls, got in ev.items():
-        async def keep(e, got=got):
-            got.append(e)
-        await bus.follow(cls, RUN, keep)
+    bus, ev = await watching(s, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, TrainingFinished, ExportDone)
     steps = ev[StepMetrics]
     await wait_for(lambda: any(e.loss is not None for e in steps), timeout=600)
     say(f"from `docker compose up` to the first training step: {time.monotonic() - t_up:.1f} s")
@@ -401,12 +407,7 @@ async def _two_nodes(s: Stack) -> None:
 
     s.up(*NODES, "provision", "init", "data-pipeline", "checkpoint", *TRAINER_NODES)
     s.url = s.host_url()
-    bus = await s.connect("viewer", "deploy-test")
-    ev = {cls: [] for cls in (StepMetrics, CheckpointRecorded, TrainingFinished)}
-    for cls, got in ev.items():
-        async def keep(e, got=got):
-            got.append(e)
-        await bus.follow(cls, RUN, keep)
+    bus, ev = await watching(s, StepMetrics, CheckpointRecorded, TrainingFinished)
     steps = ev[StepMetrics]
     await wait_for(lambda: any(e.loss is not None for e in steps), timeout=600)
     clip = s.ctl("set-grad-clip", "1.0")

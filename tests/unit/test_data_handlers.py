@@ -9,23 +9,19 @@ import asyncio
 import pytest
 
 from fakebus import FakeBus
-from helpers import tiny_config
-from tuneloop.config import dump_config
+from helpers import make_run, tiny_config
 from tuneloop.data_pipeline.__main__ import DataService, announce
 from tuneloop.events import (Control, ControlApplied, DataSwitch, DatasetReady, Feedback, MixtureRequest, Reject,
                              RunQueued)
 from tuneloop.service import ServiceContext
-from tuneloop.storage import CONFIG_FILE
 
 
 def service(tmp_path, adapt: bool = True, run: str = "r") -> tuple[DataService, FakeBus]:
     cfg = tiny_config(tmp_path)
     cfg.data.sources[0].name = "protocol"
     cfg.data.adapt.enabled, cfg.data.adapt.cooldown_steps = adapt, 5
-    (tmp_path / run).mkdir(parents=True)
-    dump_config(cfg, tmp_path / run / CONFIG_FILE)
     bus = FakeBus("data-pipeline")
-    return DataService(ServiceContext("data-pipeline", bus, run, tmp_path)), bus
+    return DataService(ServiceContext("data-pipeline", bus, run, make_run(tmp_path, run, cfg))), bus
 
 
 def weak(step: int, action: str = "continue") -> Feedback:
@@ -80,7 +76,6 @@ def test_a_pool_prepares_each_queued_run_and_refuses_one_whose_data_is_broken(tm
     assert [d.run_id for d in bus.of(DatasetReady)] == ["r"]
     broken = tiny_config(tmp_path)
     broken.data.sources[0].path = str(tmp_path / "missing.jsonl")
-    (tmp_path / "b").mkdir()
-    dump_config(broken, tmp_path / "b" / CONFIG_FILE)
+    make_run(tmp_path, "b", broken)
     with pytest.raises(Reject, match="data set for run b rejected: .*missing.jsonl: data file not found"):
         asyncio.run(svc.on_queued(RunQueued(run_id="b")))

@@ -9,13 +9,11 @@ import asyncio
 import pytest
 
 from fakebus import FakeBus, FakeKV
-from helpers import tiny_config
-from tuneloop.config import dump_config
+from helpers import make_run, tiny_config
 from tuneloop.evaluator.__main__ import EvaluatorService
 from tuneloop.evaluator.suite import ShardResult
 from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict, SplitInfo, TrainingFinished
 from tuneloop.service import ServiceContext
-from tuneloop.storage import CONFIG_FILE
 
 
 class Canned(EvaluatorService):
@@ -30,12 +28,10 @@ class Canned(EvaluatorService):
 def replicas(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.eval.max_cases, cfg.eval.shard_size = 10, 4
-    (tmp_path / "r").mkdir()
-    dump_config(cfg, tmp_path / "r" / CONFIG_FILE)
-    bus, kv = FakeBus("evaluator"), FakeKV()
+    storage, bus, kv = make_run(tmp_path, "r", cfg), FakeBus("evaluator"), FakeKV()
     asyncio.run(bus.publish(DatasetReady(run_id="r", dataset_id="d", fingerprint="f", chat_template="t", splits={
         "val": SplitInfo(path="data/val.jsonl", rows=30), "test": SplitInfo(path="data/test.jsonl", rows=0)})))
-    return [Canned(ServiceContext("evaluator", bus, "r", tmp_path), kv) for _ in range(2)], bus
+    return [Canned(ServiceContext("evaluator", bus, "r", storage), kv) for _ in range(2)], bus
 
 
 def request(split: str = "val") -> EvalRequest:
@@ -67,6 +63,6 @@ def test_a_split_without_rows_and_a_run_without_data_are_errors_and_a_pruned_run
     asyncio.run(bus.publish(TrainingFinished(run_id="r", step=10, reason="pruned")))
     asyncio.run(a.on_request(request()))
     assert bus.of(EvalShard) == []
-    other = Canned(ServiceContext("evaluator", bus, "x", tmp_path), FakeKV())
+    other = Canned(ServiceContext("evaluator", bus, "x", tmp_path / "runs"), FakeKV())
     with pytest.raises(RuntimeError, match="run x has no data set yet"):
         asyncio.run(other.on_request(request().model_copy(update={"run_id": "x"})))

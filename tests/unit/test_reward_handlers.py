@@ -8,12 +8,10 @@ import asyncio
 import pytest
 
 from fakebus import FakeBus, FakeKV
-from helpers import tiny_config
-from tuneloop.config import dump_config
+from helpers import make_run, tiny_config
 from tuneloop.events import ControlRolledBack, EvalVerdict, Feedback, RewardRequest, derived_id
 from tuneloop.rl_reward.__main__ import RewardService
 from tuneloop.service import ServiceContext
-from tuneloop.storage import CONFIG_FILE
 
 
 @pytest.fixture
@@ -21,10 +19,8 @@ def replicas(tmp_path):
     """Two replicas of the service on one run and one policy bucket, as deployed."""
     cfg = tiny_config(tmp_path)
     cfg.feedback.patience, cfg.feedback.target = 2, 0.95
-    (tmp_path / "r").mkdir()
-    dump_config(cfg, tmp_path / "r" / CONFIG_FILE)
-    kv, bus = FakeKV(), FakeBus("rl-reward")
-    return [RewardService(ServiceContext("rl-reward", bus, "r", tmp_path), kv) for _ in range(2)], bus
+    storage, kv, bus = make_run(tmp_path, "r", cfg), FakeKV(), FakeBus("rl-reward")
+    return [RewardService(ServiceContext("rl-reward", bus, "r", storage), kv) for _ in range(2)], bus
 
 
 def verdict(step: int, score: float, purpose: str = "periodic", saved: str | None = None) -> EvalVerdict:
