@@ -71,14 +71,15 @@ bench-demo:  ## make demo from a fresh clone of HEAD, timed (about 10 min): figu
 	mkdir -p $(BENCH_OUT)
 	$(PYTHON) bench/fresh_demo.py --json $(BENCH_OUT)/fresh_demo.json
 
-study: install  ## the data-quality gate and augmentation on the example (about 25 min): scores into the README
+study: install  ## the data-quality gate and augmentation on the example (about 25 min): scores into docs/data.md
 	mkdir -p $(BENCH_OUT)
 	$(PY) bench/data_study.py --seeds 0 1 --json $(BENCH_OUT)/data_study.json
 	$(PY) bench/data_study.py --jobs --json $(BENCH_OUT)/data_jobs.json
 	$(PY) bench/readme.py --results $(BENCH_OUT)
 
-docs: install  ## write the generated parts of the README (the controls table)
-	$(PY) -m tuneloop.controls README.md
+docs: install  ## write the generated parts of docs/ (the controls and events tables, nats.conf's permissions)
+	$(PY) -m tuneloop.controls docs/events-and-controls.md
+	$(PY) -m tuneloop.topology --write
 
 proto: install  ## regenerate proto/ from the event models
 	$(VENV)/bin/tuneloop proto

@@ -59,7 +59,7 @@ def write_figures(path: Path | None, figures: dict) -> None:
         return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results",
-                            ":!README.md"], cwd=REPO, capture_output=True, text=True).stdout.strip()  # what benches write
+                            ":!README.md", ":!docs"], cwd=REPO, capture_output=True, text=True).stdout.strip()  # what benches write
     out = {**figures, "commit": commit + ("+changes" if dirty else ""), "cpus": len(os.sched_getaffinity(0)),
            "time": datetime.now().isoformat(timespec="seconds")}
     text = json.dumps(out, indent=2)

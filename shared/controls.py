@@ -1,7 +1,7 @@
 """The controls an operator can send a run: one vocabulary, and what each one does.
 
 ``COMMANDS`` is the vocabulary: each command's value, its limits and its help. The CLI's
-help, the trainer's validation and the README's table are made from it. ``apply`` is the
+help, the trainer's validation and the docs' controls table are made from it. ``apply`` is the
 whole effect of a control on the run's ``Steering`` (the steerable state, saved in every
 checkpoint so a resumed run keeps what operators decided), as pure logic the trainer's
 callback calls at a step boundary: it returns an ``Outcome`` saying what the training loop
@@ -62,7 +62,7 @@ def usage() -> str:
 
 
 def table() -> str:
-    """The commands as a Markdown table: the README's."""
+    """The commands as a Markdown table: docs/events-and-controls.md's."""
     rows = ["| command | what it does |", "|---|---|"]
     rows += [f"| `{c.usage}` | {c.help} |" for c in COMMANDS.values()]
     return "\n".join(rows)
@@ -72,7 +72,7 @@ DOC_BEGIN, DOC_END = "<!-- controls:begin -->", "<!-- controls:end -->"
 
 
 def in_document(text: str) -> str:
-    """``text`` (the README) with ``table()`` between its controls markers."""
+    """``text`` (a page of the docs) with ``table()`` between its controls markers."""
     if DOC_BEGIN not in text or DOC_END not in text:
         raise ValueError(f"no {DOC_BEGIN} ... {DOC_END} section to write the controls into")
     head, rest = text.split(DOC_BEGIN, 1)
@@ -298,7 +298,7 @@ def apply(state: Steering, command: str, value, datasets: frozenset[str] = froze
     return outcome
 
 
-if __name__ == "__main__":  # make docs: python -m tuneloop.controls README.md
+if __name__ == "__main__":  # make docs: python -m tuneloop.controls docs/events-and-controls.md
     import sys
     from pathlib import Path
 

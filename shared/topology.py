@@ -2,8 +2,8 @@
 
 Everything else follows from this table: the permission lists of the deployment's
 ``nats.conf`` (``python -m tuneloop.topology --write`` regenerates its ``authorization``
-block), AsyncAPI's send and receive operations (``proto/asyncapi.yaml``) and the README's
-events table. Tests fail when any of them drifts, and a service's bus refuses to publish or
+block), AsyncAPI's send and receive operations (``proto/asyncapi.yaml``) and the events table
+of docs/events-and-controls.md. Tests fail when any of them drifts, and a service's bus refuses to publish or
 consume a kind this table does not give it (``check``), in every test and embedded run, not
 only in a secured deployment.
 
@@ -32,7 +32,7 @@ class Route:
     publishers: tuple[str, ...]
     consumers: tuple[str, ...] = ()  # identities acting on it through a durable consumer (or serving requests)
     readers: str = ""  # who else reads it, in words (watchers, the operator's commands)
-    payload: str = ""  # what it carries, for the README's events table
+    payload: str = ""  # what it carries, for the docs' events table
     reply: str = ""  # request/reply: the kind the consumers answer with (to whoever asked); not stored
 
 
@@ -183,7 +183,7 @@ def render_conf(text: str) -> str:
     return f"{head}{BEGIN}{note}\n{users_block()}\n{END}{tail}"
 
 
-# ------------------------------------------------------------------ README
+# ------------------------------------------------------------------ the events table
 def events_table() -> str:
     rows = ["| kind | from | acted on by | also read by | payload |", "| --- | --- | --- | --- | --- |"]
     for r in ROUTES:
@@ -203,7 +203,7 @@ def render_readme(text: str) -> str:
 # ------------------------------------------------------------------ files
 REPO = Path(__file__).resolve().parents[1]
 CONF = Path("k8s/base/nats/nats.conf")
-README = Path("README.md")
+README = Path("docs/events-and-controls.md")  # the events table
 
 
 def drifted(root: Path = REPO) -> list[str]:
@@ -214,7 +214,7 @@ def drifted(root: Path = REPO) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tuneloop.topology", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--write", action="store_true", help="rewrite nats.conf's permissions and the README's events table")
+    ap.add_argument("--write", action="store_true", help="rewrite nats.conf's permissions and the docs' events table")
     ap.add_argument("--root", type=Path, default=REPO)
     args = ap.parse_args(argv)
     if args.write:

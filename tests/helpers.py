@@ -169,18 +169,19 @@ def start_job(config: Path, run_id: str, *flags: str, timeout: float = 180) -> s
 
 
 def readme_transcript(name: str, text: str) -> None:
-    """Print ``text`` (a real session of this test) and, with ``TUNELOOP_WRITE_DOCS=1``, put it in
-    the README between ``<!-- name:begin -->`` and ``<!-- name:end -->``: transcripts there are
-    what a test saw, never typed in."""
+    """Print ``text`` (a real session of this test) and, with ``TUNELOOP_WRITE_DOCS=1``, put it
+    between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in the README or the page of docs/
+    that has them: transcripts there are what a test saw, never typed in."""
     print(text)
     if not os.environ.get("TUNELOOP_WRITE_DOCS"):
         return
-    readme = REPO / "README.md"
-    doc, begin, end = readme.read_text(), f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    if begin not in doc or end not in doc:
-        raise AssertionError(f"README.md has no {begin} ... {end} section")
-    head, rest = doc.split(begin, 1)
-    readme.write_text(f"{head}{begin}\n```\n{text.rstrip()}\n```\n{end}{rest.split(end, 1)[1]}")
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    page = next((p for p in pages if begin in p.read_text() and end in p.read_text()), None)
+    if page is None:
+        raise AssertionError(f"neither README.md nor docs/ has a {begin} ... {end} section")
+    head, rest = page.read_text().split(begin, 1)
+    page.write_text(f"{head}{begin}\n```\n{text.rstrip()}\n```\n{end}{rest.split(end, 1)[1]}")
 
 
 TUNELOOP_CLI = [sys.executable, "-m", "tuneloop"]

@@ -1,5 +1,6 @@
-"""The README's benchmark figures are the ones in bench/results/*.json, rendered by
-bench/readme.py: a figure typed in by hand (or JSON updated without the README) fails here."""
+"""The benchmark figures of docs/ (and the README's Quick start) are the ones in
+bench/results/*.json, rendered by bench/readme.py: a figure typed in by hand (or JSON updated
+without the docs) fails here."""
 
 import importlib.util
 import json
@@ -24,9 +25,10 @@ def test_the_readme_shows_the_figures_of_the_bench_results():
     assert set(timings) == {name for name, *_ in readme.TARGETS}  # every target measured
     # the data study and make demo from a fresh clone are measured too
     assert set(results) - set(timings) == set(readme.STUDY_FILES + readme.OWN_SECTION)
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "benchmarks.md").read_text()
     section = text[text.index(readme.BEGIN) + len(readme.BEGIN):text.index(readme.END)].strip()
     assert section == readme.render(timings, REPO / "bench" / "results").strip()
+    text = (REPO / "docs" / "data.md").read_text()
     study = text[text.index(readme.STUDY_BEGIN) + len(readme.STUDY_BEGIN):text.index(readme.STUDY_END)].strip()
     assert study == readme.render_study(results).strip()
 

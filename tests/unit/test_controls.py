@@ -67,8 +67,8 @@ def test_the_vocabulary_is_what_the_trainer_accepts_and_what_the_cli_and_readme_
         controls.apply(s, "explode", None)
     help_text = CliRunner().invoke(app, ["ctl", "--help"], env={"COLUMNS": "400"}).output
     assert all(c.usage in help_text for c in controls.COMMANDS.values()), help_text
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert controls.in_document(readme) == readme, "README's controls table is stale: run `make docs`"
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "events-and-controls.md").read_text()
+    assert controls.in_document(doc) == doc, "docs/events-and-controls.md's controls table is stale: run `make docs`"
     assert controls.table().count("\n| `") == len(controls.COMMANDS)
 
 
