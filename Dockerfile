@@ -13,7 +13,7 @@ ENV PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS
     TUNELOOP_CACHE=/runs/.cache
 COPY pyproject.toml ./
 # (an empty README for the package metadata: editing the real one rebuilds no dependency layer)
-RUN touch README.md && for d in shared shared/sweep services/trainer services/data-pipeline services/evaluator services/rl-reward \
+RUN touch README.md && for d in shared shared/tools shared/tools/sweep services/trainer services/data-pipeline services/evaluator services/rl-reward \
     services/checkpoint; do mkdir -p $d && touch $d/__init__.py; done
 
 FROM base AS data-pipeline

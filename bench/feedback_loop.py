@@ -53,13 +53,13 @@ from tuneloop import cores
 from tuneloop.bus import Bus
 from tuneloop.config import load_config
 from tuneloop.data_pipeline.prepare import prepare
-from tuneloop.embedded import NatsServer
+from tuneloop.tools.embedded import NatsServer
 from tuneloop.evaluator.__main__ import SHARD_BUCKET, load_cases
 from tuneloop.evaluator.generate import generate
 from tuneloop.evaluator.suite import ShardResult, score
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, Control, DatasetReady, EvalRequest, EvalShard,
                              EvalVerdict, Feedback, SplitInfo)
-from tuneloop.processes import spawn, stop_all
+from tuneloop.tools.processes import spawn, stop_all
 from tuneloop.storage import init_run
 from tuneloop.storage import confine
 from tuneloop.trainer import recipe

@@ -90,7 +90,7 @@ def optuna_main(path: Path, work: Path) -> None:
     """What the baseline user runs: prepare the data and base once, a study on shared storage with
     the grid enqueued in order, then the workers, each ``study.optimize`` until the grid is done."""
     import optuna
-    from tuneloop.sweep.spec import grid, load_sweep, trial_config
+    from tuneloop.tools.sweep.spec import grid, load_sweep, trial_config
 
     spec, base = load_sweep(path)
     prepared(trial_config(spec, base, grid(spec)[0], "optuna"), work)
@@ -140,8 +140,8 @@ def optuna_worker(path: Path, work: Path) -> None:
     import torch
     from tuneloop.evaluator.__main__ import load_cases
     from tuneloop.storage import confine
-    from tuneloop.sweep.search import make_study
-    from tuneloop.sweep.spec import load_sweep, trial_config
+    from tuneloop.tools.sweep.search import make_study
+    from tuneloop.tools.sweep.spec import load_sweep, trial_config
     from tuneloop.trainer import recipe
 
     torch.set_num_threads(1)
@@ -253,7 +253,7 @@ def judge(rounds: list[dict], ci: list[float] | None) -> str:
 
 
 def main(args) -> None:
-    from tuneloop.sweep.spec import load_sweep
+    from tuneloop.tools.sweep.spec import load_sweep
 
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as d:
@@ -261,7 +261,7 @@ def main(args) -> None:
         spec, base = load_sweep(sweep_file(args.sweep.resolve(), Path(d), "x", args.seed, args.real, args.max_steps))
     out = figures(rounds)
     took = time.monotonic() - t0
-    from tuneloop.sweep.spec import grid, trial_config
+    from tuneloop.tools.sweep.spec import grid, trial_config
 
     cfg = trial_config(spec, base, grid(spec)[0], "x")
     setup = (f"{spec.total()} trials (grid {' x '.join(spec.params)}, shuffled per round), up to {cfg.train.max_steps} "

@@ -34,9 +34,9 @@ import torch
 from common import cpu_seconds, interval, order, verdict, write_figures
 from tuneloop.bus import Bus
 from tuneloop.config import load_config
-from tuneloop.control import send_control
+from tuneloop.tools.control import send_control
 from tuneloop.data_pipeline.prepare import prepare
-from tuneloop.embedded import NatsServer
+from tuneloop.tools.embedded import NatsServer
 from tuneloop.events import Control, DatasetReady, Feedback, SplitInfo, StepMetrics
 from tuneloop import controls
 from tuneloop.trainer import recipe

@@ -1,5 +1,5 @@
 """`python -m tuneloop` is the `tuneloop` command."""
 
-from .cli import main
+from .tools.cli import main
 
 main()

@@ -7,7 +7,7 @@ metrics of its own events on its /metrics port; only what never rides on an even
 timings, queue lag, reward latency) is measured where it happens.
 
 Conventions: ``tuneloop_<area>_<what>[_<unit>]``, counters end in ``_total``, the run id is
-the ``run_id`` label. The dashboards (``tuneloop.dashboards``) query only these names.
+the ``run_id`` label. The dashboards (``tuneloop.tools.dashboards``) query only these names.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 
 import figures as recorded_figures
 from helpers import DEPLOYED_CONF, IDENTITIES, Services
-from tuneloop.embedded import NatsServer
+from tuneloop.tools.embedded import NatsServer
 
 
 @pytest.fixture(scope="session")

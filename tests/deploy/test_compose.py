@@ -28,7 +28,7 @@ import pytest
 from testcontainers.compose import DockerCompose
 
 from helpers import IDENTITIES, REPO, readme_transcript, wait_for
-from tuneloop import images
+from tuneloop.tools import images
 from tuneloop.config import load_config
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1500)]

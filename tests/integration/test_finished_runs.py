@@ -14,7 +14,7 @@ from pathlib import Path
 
 from helpers import start_job, tiny_config
 from tuneloop.config import dump_config
-from tuneloop.embedded import answers
+from tuneloop.tools.embedded import answers
 
 TUNELOOP = [sys.executable, "-m", "tuneloop"]
 

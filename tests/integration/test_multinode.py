@@ -20,7 +20,7 @@ import pytest
 
 from helpers import make_run, run_id_for, tiny_config, wait_for
 from test_trainer import collect, ctl, losses_by_step, resumed
-from tuneloop.embedded import free_ports
+from tuneloop.tools.embedded import free_ports
 from tuneloop.events import CheckpointSaved, ControlApplied, StepMetrics, TrainingFinished
 
 pytestmark = pytest.mark.integration

@@ -256,7 +256,7 @@ def test_only_the_admin_provisions_and_the_others_are_told_to_ask_for_it(tmp_pat
     import sys
 
     from tuneloop.bus import Bus, BusError
-    from tuneloop.embedded import NatsServer
+    from tuneloop.tools.embedded import NatsServer
 
     from helpers import DEPLOYED_CONF
 

@@ -17,7 +17,7 @@ import nats
 import pytest
 
 from helpers import REPO, run_id_for, tiny_config
-from tuneloop import dashboards
+from tuneloop.tools import dashboards
 from tuneloop.config import dump_config
 
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
@@ -42,7 +42,7 @@ def query_range(base: str, expr: str, start: float, end: float) -> list:
 
 
 def test_generated_files_are_current_and_promtool_accepts_them():
-    assert dashboards.main(["--check"]) == 0, "run python -m tuneloop.dashboards"
+    assert dashboards.main(["--check"]) == 0, "run python -m tuneloop.tools.dashboards"
     for name in ("prometheus-compose.yml",):  # the k8s one needs kubernetes_sd, which Debian's build leaves out
         subprocess.run([PROMTOOL, "check", "config", "--syntax-only", str(OBS / name)], check=True, capture_output=True)
     out = subprocess.run([PROMTOOL, "check", "rules", str(OBS / "prometheus-rules.yml")], capture_output=True, text=True)

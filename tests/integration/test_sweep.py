@@ -119,7 +119,7 @@ def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
     # A trial cut short by the kill went on from its checkpoint.
     assert cut_short and all("resuming from" in (runs / r / "logs" / "trainer.log").read_text() for r in cut_short)
 
-    from tuneloop.embedded import NatsServer
+    from tuneloop.tools.embedded import NatsServer
 
     server = NatsServer(runs / "sw" / "nats")  # the sweep stopped its server; read what the store kept
     url = server.start()
@@ -171,11 +171,11 @@ def replay_the_pruner(tmp_path, trials, summary):
     """``tuneloop replay SWEEP``: the recorded verdicts through the same pruner code give back the
     live prune decisions; without a pruner nothing is pruned and the winner survives; the CLI
     prints it all from the sweep's stored stream (its server is gone)."""
-    from tuneloop.embedded import NatsServer
+    from tuneloop.tools.embedded import NatsServer
     from tuneloop.events import CheckpointsReleased, ExportDone
-    from tuneloop.sweep import backtest
-    from tuneloop.sweep.search import TrialRecord
-    from tuneloop.sweep.spec import Pruner, load_sweep
+    from tuneloop.tools.sweep import backtest
+    from tuneloop.tools.sweep.search import TrialRecord
+    from tuneloop.tools.sweep.spec import Pruner, load_sweep
 
     server = NatsServer(tmp_path / "runs" / "sw" / "nats")
     url = server.start()
@@ -212,8 +212,8 @@ def replay_the_pruner(tmp_path, trials, summary):
 
 
 async def test_a_sweep_whose_base_config_changed_is_refused_naming_the_change(tmp_path, bus):
-    from tuneloop.sweep.driver import Store, SweepMismatch
-    from tuneloop.sweep.spec import load_sweep
+    from tuneloop.tools.sweep.driver import Store, SweepMismatch
+    from tuneloop.tools.sweep.spec import load_sweep
 
     path = write_sweep(tmp_path)
     spec, base = load_sweep(path)

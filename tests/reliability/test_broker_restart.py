@@ -16,7 +16,7 @@ import pytest
 
 from helpers import collect, make_run, stored, tiny_config, wait_for
 from tuneloop.bus import Bus
-from tuneloop.embedded import NatsServer
+from tuneloop.tools.embedded import NatsServer
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, Control, ControlApplied, EvalVerdict, ExportDone,
                              Feedback, StepMetrics, TrainingFinished)
 

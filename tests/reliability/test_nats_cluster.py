@@ -17,7 +17,7 @@ import pytest
 from helpers import collect, make_run, stored, tiny_config, wait_for
 from tuneloop import subjects
 from tuneloop.bus import Bus
-from tuneloop.embedded import NatsCluster
+from tuneloop.tools.embedded import NatsCluster
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, Control, ControlApplied, EvalVerdict, Feedback,
                              StepMetrics, TrainingFinished)
 

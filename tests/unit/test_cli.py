@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import REPO
-from tuneloop.cli import app
+from tuneloop.tools.cli import app
 from tuneloop.storage import write_run_info
 
 runner = CliRunner()

@@ -54,7 +54,7 @@ def test_the_vocabulary_is_what_the_trainer_accepts_and_what_the_cli_and_readme_
 
     from typer.testing import CliRunner
 
-    from tuneloop.cli import app
+    from tuneloop.tools.cli import app
 
     s = controls.Steering(learning_rate=3e-3, max_grad_norm=1.0, save_steps=50, logging_steps=5, dataset_id="a")
     for name, spec in controls.COMMANDS.items():  # each command is known to apply: accepted or refused for its value

@@ -275,7 +275,7 @@ def test_what_each_manifest_runs_exists_in_its_image():
     """Every tuneloop container of the manifests runs what its image has: the image's own command
     (a service module that exists), or the CLI's subcommands, or torchrun on the trainer; and every
     environment variable a manifest sets for it is one the code reads."""
-    from tuneloop.cli import app
+    from tuneloop.tools.cli import app
 
     targets = dockerfile_targets()
     subcommands = {c.name or c.callback.__name__ for c in app.registered_commands}

@@ -1,4 +1,5 @@
-"""The layers point one way: services use shared/, never each other; shared/ uses no service.
+"""The layers point one way: services use shared/, never each other; shared/ uses no service;
+the operator's tools (shared/tools/) are used by nothing below them.
 
 Read from the imports of every module (``ast``), so a new import that breaks the layering
 fails here, with the file and line, before anyone has to untangle it.
@@ -52,6 +53,20 @@ def test_no_service_imports_another_and_shared_imports_none():
             other = service_of(module)
             if other and other != own:
                 who = f"service {own}" if own else "shared/"
+                wrong.append(f"{path.relative_to(REPO)}:{line}: {who} imports {module}")
+    assert not wrong, "layering broken:\n" + "\n".join(wrong)
+
+
+def test_neither_a_service_nor_the_core_imports_the_operators_tools():
+    """shared/tools/ (tuneloop.tools: the CLI and what it runs) sits on top: a service, or a
+    core module of shared/ that services import, never imports it."""
+    wrong = []
+    for path, package, own in modules():
+        if package.startswith("tuneloop.tools") or path == REPO / "shared" / "__main__.py":  # `python -m tuneloop`: the CLI
+            continue
+        for line, module in imported(path, package):
+            if module and (module == "tuneloop.tools" or module.startswith("tuneloop.tools.")):
+                who = f"service {own}" if own else "shared/ (core)"
                 wrong.append(f"{path.relative_to(REPO)}:{line}: {who} imports {module}")
     assert not wrong, "layering broken:\n" + "\n".join(wrong)
 

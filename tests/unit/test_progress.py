@@ -1,7 +1,7 @@
 """``Progress``: the one rule that says a run is over, as the runner, watch and a sweep ask it."""
 
 from tuneloop.events import (CheckpointsReleased, DeadLetter, EvalVerdict, ExportDone, TrainingFinished)
-from tuneloop.progress import Progress
+from tuneloop.tools.progress import Progress
 
 
 def done(reason: str) -> TrainingFinished:

@@ -6,7 +6,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from tuneloop import proto
+from tuneloop.tools import proto
 from tuneloop.events import EVENT_TYPES, Feedback
 
 PROTO = Path(__file__).resolve().parents[2] / "proto"
@@ -47,8 +47,8 @@ def test_diff_reports_a_stale_file(tmp_path):
 def test_summary_schemas_accept_a_real_summary_and_reject_a_broken_one(tmp_path):
     from helpers import tiny_config
     from tuneloop.events import EvalVerdict, ExportDone, TrainingFinished
-    from tuneloop.progress import Progress
-    from tuneloop.summary import SUMMARY_FILE, run_summary, write
+    from tuneloop.tools.progress import Progress
+    from tuneloop.tools.summary import SUMMARY_FILE, run_summary, write
 
     p = Progress("r")
     p.update(TrainingFinished(run_id="r", step=40, reason="completed", detail="max_steps", train_seconds=3.0))

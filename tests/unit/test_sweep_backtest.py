@@ -5,9 +5,9 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from tuneloop.sweep import backtest
-from tuneloop.sweep.search import TrialRecord
-from tuneloop.sweep.spec import Pruner, SweepSpec
+from tuneloop.tools.sweep import backtest
+from tuneloop.tools.sweep.search import TrialRecord
+from tuneloop.tools.sweep.spec import Pruner, SweepSpec
 
 T0 = datetime(2026, 1, 1)
 

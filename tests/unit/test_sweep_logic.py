@@ -10,9 +10,9 @@ import yaml
 
 from helpers import EXAMPLE_DATA
 from tuneloop.config import ConfigError
-from tuneloop.sweep import search
-from tuneloop.sweep.search import TrialRecord
-from tuneloop.sweep.spec import grid, load_sweep, trial_config
+from tuneloop.tools.sweep import search
+from tuneloop.tools.sweep.search import TrialRecord
+from tuneloop.tools.sweep.spec import grid, load_sweep, trial_config
 
 BASE = {"data": {"sources": [{"path": str(EXAMPLE_DATA)}]}, "train": {"max_steps": 40, "save_steps": 10}}
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
-from tuneloop import proto, topology
+from tuneloop import topology
+from tuneloop.tools import proto
 from tuneloop.events import BY_KIND, Control, DataSwitch
 from tuneloop.topology import TopologyError
 

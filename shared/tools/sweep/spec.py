@@ -16,8 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import Config, ConfigError, load_config, read_yaml
-from ..events import explain
+from ...config import Config, ConfigError, load_config, read_yaml
+from ...events import explain
 
 Value = bool | int | float | str
 

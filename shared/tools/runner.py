@@ -20,16 +20,16 @@ from rich.console import Console
 from rich.live import Live
 
 from . import summary as summaries
-from .bus import Bus
-from .config import RUN_ID_STAMP, Config, ConfigError, dump_config, load_config
+from ..bus import Bus
+from ..config import RUN_ID_STAMP, Config, ConfigError, dump_config, load_config
 from .embedded import NatsServer
-from .events import (CheckpointRecorded, Control, ControlApplied, ControlConfirmed, ControlRejected, ControlRolledBack,
+from ..events import (CheckpointRecorded, Control, ControlApplied, ControlConfirmed, ControlRejected, ControlRolledBack,
                      DatasetReady, DeadLetter, EvalVerdict, Event, ExportDone, Feedback, Proposal, ProposalResolved,
                      StepMetrics, TrainingFinished)
 from .processes import FIRST, LATER_WITHIN_S, SERVICES, exited_badly, spawn, stop_all
 from .progress import Progress
 from .report import TIMELINE_FILE, write_report, write_timeline
-from .storage import CONFIG_FILE, init_run, run_dir, write_run_info
+from ..storage import CONFIG_FILE, init_run, run_dir, write_run_info
 from .summary import JobSummary, PhaseSummary, RunSummary
 from .watch import WatchView, log_event
 

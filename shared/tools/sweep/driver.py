@@ -40,18 +40,18 @@ from pathlib import Path
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from rich.console import Console
 
-from .. import subjects
-from ..bus import Bus
-from ..config import Config, ConfigError, differences
+from ... import subjects
+from ...bus import Bus
+from ...config import Config, ConfigError, differences
 from ..control import ExportRefused, request_merged_export, send_control
 from ..embedded import NatsServer, _accepts
-from ..events import (CheckpointsReleased, Control, ControlApplied, DeadLetter, EvalVerdict, ExportDone, Proposal, RunQueued,
+from ...events import (CheckpointsReleased, Control, ControlApplied, DeadLetter, EvalVerdict, ExportDone, Proposal, RunQueued,
                       StepMetrics, TrainingFinished, derived_id)
-from ..procfs import running
-from ..records import Records
+from ...procfs import running
+from ...records import Records
 from ..processes import FIRST, LATER_WITHIN_S, spawn, stop_all
 from ..progress import Progress
-from ..storage import CONFIG_FILE, init_run, run_dir, write_run_info
+from ...storage import CONFIG_FILE, init_run, run_dir, write_run_info
 from ..summary import SweepBest, SweepSummary, write
 from . import search
 from .search import TrialRecord

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .events import (BY_KIND, CheckpointRecorded, ControlApplied, ControlConfirmed, ControlRolledBack, DatasetReady,
+from ..events import (BY_KIND, CheckpointRecorded, ControlApplied, ControlConfirmed, ControlRolledBack, DatasetReady,
                      EvalVerdict, Event, Proposal, ProposalResolved, StepMetrics)
 
 TIMELINE_FILE = "timeline.jsonl"

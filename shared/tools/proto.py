@@ -1,7 +1,7 @@
 """Generate ``proto/``: one JSON Schema per event, an AsyncAPI 3 document of the subjects,
 and the schemas of the ``summary.json`` files runs, jobs and sweeps write.
 
-The events in ``tuneloop.events`` and the summaries in ``tuneloop.summary`` are the source of
+The events in ``tuneloop.events`` and the summaries in ``tuneloop.tools.summary`` are the source of
 truth; ``tuneloop proto --check`` (and a test) fails when the committed files differ from what
 the code would generate.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, topology
-from .events import EVENT_TYPES, Event
-from .subjects import PREFIX
+from .. import __version__, topology
+from ..events import EVENT_TYPES, Event
+from ..subjects import PREFIX
 from .summary import SCHEMAS as SUMMARIES
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .events import (CheckpointsReleased, ControlApplied, ControlRejected, DatasetReady, DeadLetter, EvalVerdict, Event,
+from ..events import (CheckpointsReleased, ControlApplied, ControlRejected, DatasetReady, DeadLetter, EvalVerdict, Event,
                      ExportDone, StepMetrics, TrainingFinished)
 
 # A dead letter of one of these means the run cannot finish: fail fast instead of waiting.

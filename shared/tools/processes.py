@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cores
+from .. import cores
 
 SERVICES = ("data-pipeline", "trainer", "checkpoint", "evaluator", "rl-reward")
 # On the path to the first training step (GRPO asks rl-reward for rewards at its first step;

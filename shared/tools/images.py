@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PYTHON_BASE = "python:3.11-slim"
 NATS_IMAGE = "nats:2.10-alpine"
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.2"
@@ -192,7 +192,7 @@ def size_mb(tag: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tuneloop.images", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tuneloop.tools.images", description=__doc__.split("\n\n")[0])
     p.add_argument("targets", nargs="*", default=list(TARGETS), help="Dockerfile targets (default: all)")
     args = p.parse_args(argv)
     if shutil.which("docker") is None:

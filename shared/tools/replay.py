@@ -17,9 +17,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from .config import FeedbackSection
-from .events import ControlRolledBack, EvalVerdict, Event, Feedback, StepMetrics, TrainingFinished, derived_id
-from .policy import PolicyState, decide, rewind
+from ..config import FeedbackSection
+from ..events import ControlRolledBack, EvalVerdict, Event, Feedback, StepMetrics, TrainingFinished, derived_id
+from ..policy import PolicyState, decide, rewind
 
 
 POLICY_KEYS = ("metric", "target", "patience", "min_step")  # what `policy.decide` reads

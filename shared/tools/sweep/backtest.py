@@ -58,7 +58,7 @@ def traces(records: list[TrialRecord], events: dict[str, list], metric: str) -> 
     """Each trial's trace from its recorded events (``events``: run id -> its verdicts, its
     prune controls, its train.done, export and release events): a verdict redelivered counts
     once, at its first time; a trial ends at the last of those events (the driver tells it then)."""
-    from ..events import Control, EvalVerdict
+    from ...events import Control, EvalVerdict
 
     out = []
     for r in sorted(records, key=lambda r: r.number):

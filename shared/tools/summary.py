@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
 
-from .config import Config
-from .events import EvalVerdict
+from ..config import Config
+from ..events import EvalVerdict
 from .progress import Progress
 from .sweep.search import TrialRecord
 from .sweep.spec import Value
@@ -76,7 +76,7 @@ class BaseModelInfo(BaseModel):
         """From the config and ``base/source.json``, which a GGUF's dequantized folder carries."""
         import json
 
-        from .gguf import SOURCE_FILE
+        from ..gguf import SOURCE_FILE
 
         try:
             src = json.loads((Path(rdir) / "base" / SOURCE_FILE).read_text())

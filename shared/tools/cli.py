@@ -14,8 +14,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from . import controls
-from .config import ConfigError
+from .. import controls
+from ..config import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tuning as event-driven microservices over NATS.")
 console = Console()
@@ -85,9 +85,9 @@ def init(
     storage: Path = STORAGE,
 ) -> None:
     """Create a run directory for services started elsewhere (compose, Kubernetes)."""
-    from .config import load_config
-    from .storage import init_run
-    from .subjects import check_run_id
+    from ..config import load_config
+    from ..storage import init_run
+    from ..subjects import check_run_id
 
     try:
         check_run_id(run_id)
@@ -103,7 +103,7 @@ def provision(nats_url: str = typer.Option(..., "--nats-url", envvar="NATS_URL",
     """Create the streams and KV buckets of a deployment, as the admin identity (NATS_USER=admin):
     the init job of compose and Kubernetes. Services of other identities wait for them. On a
     cluster of 3 or more every one has 3 replicas (TUNELOOP_BUS_REPLICAS overrides)."""
-    from .bus import CONNECT_PATIENCE_S, Bus, BusError
+    from ..bus import CONNECT_PATIENCE_S, Bus, BusError
 
     async def go() -> tuple[int, dict[str, int]]:
         async with await Bus.connect(nats_url, "provision", patience=CONNECT_PATIENCE_S) as bus:
@@ -136,7 +136,7 @@ def ctl(
 
     from pydantic import ValidationError
 
-    from .events import explain
+    from ..events import explain
 
     try:  # a guard that cannot parse is named here, before anything is sent
         controls.check_guard(command, guard, within)
@@ -160,7 +160,7 @@ def ctl(
 
 
 def _print_answer(answer) -> None:
-    from .events import ControlApplied, Proposal
+    from ..events import ControlApplied, Proposal
 
     if isinstance(answer, ControlApplied):
         console.print(f"[green]applied[/] {answer.command} at step {answer.step}: {answer.old!r} -> {answer.new!r}"
@@ -198,7 +198,7 @@ _decision(False, "Reject what a policy proposed: training goes on as it was.")
 
 def _decide(run_id: str, proposal_id: Optional[str], approve: bool, reason: str, nats_url: Optional[str], storage: Path,
             timeout: float) -> None:
-    from .bus import CONNECT_PATIENCE_S, Bus
+    from ..bus import CONNECT_PATIENCE_S, Bus
     from .control import decide_proposal, open_proposals
 
     url = nats_url or _run_url(storage, run_id)
@@ -266,7 +266,7 @@ def audit(
     storage: Path = STORAGE,
 ) -> None:
     """Every control, its answer and every mixture request of a run, from the audit stream."""
-    from .bus import CONNECT_PATIENCE_S, Bus
+    from ..bus import CONNECT_PATIENCE_S, Bus
 
     async def read(url: str):
         async with await Bus.connect(url, "audit", patience=CONNECT_PATIENCE_S) as bus:
@@ -295,10 +295,10 @@ def export(
 
     Never deletes or overwrites a file tuneloop did not write: a target folder holding other
     files is refused unless --force; exporting again into a folder replaces the earlier export."""
-    from . import export as exporter
-    from .checkpoints import folder, is_complete, latest_complete, step_of, verify
-    from .models import base_ref
-    from .storage import load_run_config, resolve_model, run_dir
+    from .. import export as exporter
+    from ..checkpoints import folder, is_complete, latest_complete, step_of, verify
+    from ..models import base_ref
+    from ..storage import load_run_config, resolve_model, run_dir
 
     rdir = run_dir(storage, run_id)
     ckpt = latest_complete(rdir / "checkpoints") if step is None else folder(rdir / "checkpoints", step)
@@ -347,8 +347,8 @@ def runs(storage: Path = STORAGE) -> None:
     """The runs under the storage folder: state, steps, how they ended, held-out scores."""
     from rich.table import Table
 
-    from .procfs import running
-    from .storage import RUN_FILE
+    from ..procfs import running
+    from ..storage import RUN_FILE
 
     from rich.table import Column
 
@@ -380,9 +380,9 @@ def checkpoints(
     """A run's checkpoints: complete or not, size, sha256, and the evaluator's scores."""
     from rich.table import Table
 
-    from .checkpoints import PREFIX, all_checkpoints, is_complete, read_manifest, step_of
-    from .events import EvalVerdict
-    from .storage import run_dir
+    from ..checkpoints import PREFIX, all_checkpoints, is_complete, read_manifest, step_of
+    from ..events import EvalVerdict
+    from ..storage import run_dir
 
     rdir = run_dir(storage, run_id)
     folders = all_checkpoints(rdir / "checkpoints")
@@ -414,7 +414,7 @@ def report(
 ) -> None:
     """Training curves (loss, lr, reward, validation scores, controls marked) as PNG and HTML."""
     from .report import write_report
-    from .storage import run_dir
+    from ..storage import run_dir
 
     try:
         png, page = write_report(run_dir(storage, run_id), _events(run_id, storage, nats_url), out)
@@ -452,8 +452,8 @@ def replay_run(
                       "sweeps (a run's policy takes --feedback)[/]")
         raise typer.Exit(2)
     from . import replay as backtesting
-    from .events import EvalVerdict, Feedback, StepMetrics, TrainingFinished
-    from .storage import load_run_config
+    from ..events import EvalVerdict, Feedback, StepMetrics, TrainingFinished
+    from ..storage import load_run_config
 
     recorded = load_run_config(storage, run_id).feedback
     try:
@@ -477,7 +477,7 @@ def replay_run(
     console.print(t)
     if grid:  # the trade-off goes into the run's report page too
         from .report import BACKTEST_FILE
-        from .storage import run_dir
+        from ..storage import run_dir
 
         path = run_dir(storage, run_id) / BACKTEST_FILE
         path.write_text(json.dumps({"grid": grid, "title": t.title, "rows": rows}, indent=1))
@@ -488,10 +488,10 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
                   storage: Path, nats_url: Optional[str]) -> None:
     from rich.table import Table
 
-    from .events import CheckpointsReleased, Control, EvalVerdict, ExportDone, TrainingFinished
-    from .records import Records
+    from ..events import CheckpointsReleased, Control, EvalVerdict, ExportDone, TrainingFinished
+    from ..records import Records
     from .report import replay
-    from .subjects import SWEEP_BUCKET
+    from ..subjects import SWEEP_BUCKET
     from .sweep import backtest
     from .sweep.search import TrialRecord, best
     from .sweep.spec import SweepSpec
@@ -503,7 +503,7 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
     first = summary["trials"][0]["run_id"]
 
     async def fetch(url: str):
-        from .bus import CONNECT_PATIENCE_S, Bus
+        from ..bus import CONNECT_PATIENCE_S, Bus
 
         async with await Bus.connect(url, "report", patience=CONNECT_PATIENCE_S) as bus:
             kv = await bus.key_value(SWEEP_BUCKET)
@@ -541,14 +541,14 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
 def _events(run_id: str, storage: Path, nats_url: Optional[str], kinds: tuple | None = None) -> list:
     """A run's recorded events: its timeline file (embedded runs), else a replay from NATS."""
     from .report import KINDS, TIMELINE_FILE, read_timeline, replay
-    from .storage import run_dir
+    from ..storage import run_dir
 
     timeline = run_dir(storage, run_id) / TIMELINE_FILE
     if timeline.exists() and not nats_url:
         return read_timeline(timeline)
 
     async def fetch(url: str):
-        from .bus import CONNECT_PATIENCE_S, Bus
+        from ..bus import CONNECT_PATIENCE_S, Bus
 
         async with await Bus.connect(url, "report", patience=CONNECT_PATIENCE_S) as bus:
             return await replay(bus, run_id, kinds=kinds or KINDS)
@@ -582,7 +582,7 @@ def _reading(storage: Path, run_id: str, nats_url: Optional[str]) -> Iterator[st
     else, for an embedded run whose server is gone (finished, killed), a private server on a
     copy of the stream it stored."""
     from .embedded import answers, stored_stream
-    from .storage import read_run_info
+    from ..storage import read_run_info
 
     if nats_url:
         yield nats_url
@@ -598,7 +598,7 @@ def _reading(storage: Path, run_id: str, nats_url: Optional[str]) -> Iterator[st
 
 
 def _run_url(storage: Path, run_id: str) -> str:
-    from .storage import read_run_info
+    from ..storage import read_run_info
 
     try:
         return read_run_info(storage, run_id)["nats_url"]
@@ -612,7 +612,7 @@ def _interrupt(signum, frame) -> None:
 
 
 def main() -> None:
-    from .bus import NatsUnreachable, PermissionRefused
+    from ..bus import NatsUnreachable, PermissionRefused
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ctrl-C, SIGTERM (timeout, systemd, docker stop, a CI cancel) and SIGHUP (a closed terminal)

@@ -6,8 +6,8 @@ import asyncio
 import getpass
 from collections.abc import Callable
 
-from .bus import CONNECT_PATIENCE_S, Bus
-from .events import (Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter, Event, ExportDone, ExportRequest,
+from ..bus import CONNECT_PATIENCE_S, Bus
+from ..events import (Control, ControlApplied, ControlRejected, DatasetReady, DeadLetter, Event, ExportDone, ExportRequest,
                      MixtureRequest, Proposal, ProposalDecision, ProposalResolved, StepMetrics, TrainingFinished)
 
 

@@ -19,7 +19,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .events import (CheckpointRecorded, Control, ControlApplied, ControlConfirmed, ControlRejected, ControlRolledBack,
+from ..events import (CheckpointRecorded, Control, ControlApplied, ControlConfirmed, ControlRejected, ControlRolledBack,
                      DatasetReady, DeadLetter, EvalVerdict, Event, ExportDone, Feedback, Proposal, ProposalResolved,
                      StepMetrics, TrainingFinished)
 from .progress import Progress
@@ -212,7 +212,7 @@ async def watch(url: str, run_id: str, console, *, exit_when_done: bool = True) 
     """Show the run live until it has finished and exported (or Ctrl-C)."""
     from rich.live import Live
 
-    from .bus import CONNECT_PATIENCE_S, Bus
+    from ..bus import CONNECT_PATIENCE_S, Bus
 
     view = WatchView(run_id)
     # Over once exported (its verdict is not waited for), failed or pruned; an interrupted
