@@ -14,7 +14,7 @@ import asyncio
 import signal
 
 from tuneloop.bus import Bus
-from tuneloop.tools.control import send_control
+from tuneloop.tools.client import send_control
 from tuneloop.events import StepMetrics
 
 

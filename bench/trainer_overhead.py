@@ -34,7 +34,7 @@ import torch
 from common import cpu_seconds, interval, order, verdict, write_figures
 from tuneloop.bus import Bus
 from tuneloop.config import load_config
-from tuneloop.tools.control import send_control
+from tuneloop.tools.client import send_control
 from tuneloop.data_pipeline.prepare import prepare
 from tuneloop.tools.embedded import NatsServer
 from tuneloop.events import Control, DatasetReady, Feedback, SplitInfo, StepMetrics

@@ -40,7 +40,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig, StreamSourc
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from . import metrics, subjects, telemetry, topology
+from . import metrics, subjects, exporter, topology
 from .events import BY_KIND, DeadLetter, Event, Reject, explain  # noqa: F401  (Reject: what handlers raise)
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,7 @@ class Bus:
                     log.warning("publish %s failed (%r); retrying", subj, e)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
-        telemetry.BUS_EVENTS.labels(event.run_id, event.KIND, "out").inc()
+        exporter.BUS_EVENTS.labels(event.run_id, event.KIND, "out").inc()
         metrics.observe(event)
 
     async def publish_batch(self, events: list[Event], *, retry_seconds: float | None = None) -> list[Exception | None]:
@@ -398,7 +398,7 @@ class Bus:
         errors: list[Exception | None] = []
         for event, ack in pending:
             if ack is None or (ack.done() and not ack.cancelled() and ack.exception() is None):
-                telemetry.BUS_EVENTS.labels(event.run_id, event.KIND, "out").inc()
+                exporter.BUS_EVENTS.labels(event.run_id, event.KIND, "out").inc()
                 metrics.observe(event)
                 errors.append(None)
                 continue
@@ -412,7 +412,7 @@ class Bus:
     async def dead_letter(self, subj: str, reason: str, payload: bytes) -> None:
         run_id = subjects.run_of(subj)
         kind = subjects.kind_of(subj)
-        telemetry.BUS_DEAD_LETTERS.labels(run_id, kind, reason.split(":")[0][:40]).inc()
+        exporter.BUS_DEAD_LETTERS.labels(run_id, kind, reason.split(":")[0][:40]).inc()
         log.error("dead letter on %s: %s", subj, reason)
         if run_id == "unknown" or kind == DeadLetter.KIND:
             return  # nowhere sensible to put it (or it is a dead letter already): logged and counted
@@ -549,7 +549,7 @@ class Bus:
             reason = f"invalid {cls.__name__}: {explain(e) if isinstance(e, ValidationError) else e}"
             await self._settle_bad(msg, reason)
             return
-        telemetry.BUS_EVENTS.labels(event.run_id, cls.KIND, "in").inc()
+        exporter.BUS_EVENTS.labels(event.run_id, cls.KIND, "in").inc()
         heartbeat = asyncio.create_task(self._keep_alive(msg, ack_wait))
         started = time.perf_counter()
         try:
@@ -573,7 +573,7 @@ class Bus:
                 await msg.nak(delay=min(2.0**delivered, 30.0))
             return
         heartbeat.cancel()
-        telemetry.BUS_HANDLER_SECONDS.labels(cls.KIND).observe(time.perf_counter() - started)
+        exporter.BUS_HANDLER_SECONDS.labels(cls.KIND).observe(time.perf_counter() - started)
         await msg.ack()
 
     @staticmethod
@@ -640,7 +640,7 @@ class Bus:
                 if msg.reply:
                     await msg.respond(json.dumps({"error": reason}).encode())
                 return
-            telemetry.BUS_EVENTS.labels(event.run_id, cls.KIND, "in").inc()
+            exporter.BUS_EVENTS.labels(event.run_id, cls.KIND, "in").inc()
             try:
                 reply = await handler(event)
                 if not reply.source:
@@ -663,7 +663,7 @@ def _live_callback(cls: type[E], handler: Handler) -> Callable[[Msg], Awaitable[
         try:
             event = cls.model_validate_json(msg.data)
         except ValidationError as e:
-            telemetry.BUS_DEAD_LETTERS.labels(subjects.run_of(msg.subject), cls.KIND, "invalid").inc()
+            exporter.BUS_DEAD_LETTERS.labels(subjects.run_of(msg.subject), cls.KIND, "invalid").inc()
             log.warning("ignoring invalid %s on %s: %s", cls.__name__, msg.subject, explain(e))
             return
         try:

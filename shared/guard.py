@@ -13,7 +13,7 @@ small grammar below, never by ``eval``, and each mistake is named with its colum
 ``protocol`` and ``correctness`` are a verdict's scores (fractions in [0, 1]), ``tokens`` its
 mean new tokens per case, ``CATEGORY.<score>`` a score of one category, and ``loss`` the
 mean training loss logged from the change (or the last verdict that held) to the verdict's step
-(``services/trainer/guards.py`` says which steps count).
+(``services/trainer/rollback.py`` says which steps count).
 """
 
 from __future__ import annotations

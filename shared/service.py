@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from . import cores, subjects, telemetry
+from . import cores, subjects, exporter
 from .bus import Bus
 from .config import Config
 from .storage import load_run_config, run_dir
@@ -135,10 +135,10 @@ def run_service(name: str, main: ServiceMain, argv: list[str] | None = None,
     setup_logging(name, args.log_level)
     subjects.check_run_id(args.run_id)
     cores.priority_from_env()
-    server = telemetry.start_http(args.metrics_port)
+    server = exporter.start_http(args.metrics_port)
     target = None
     if server and args.run_id != subjects.ALL_RUNS:  # an embedded run: tell its Prometheus where we are
-        target = telemetry.register_target(Path(args.storage) / args.run_id / "prometheus", name,
+        target = exporter.register_target(Path(args.storage) / args.run_id / "prometheus", name,
                                            server.server_address[1], args.run_id)
     try:
         asyncio.run(_run(name, main, args))

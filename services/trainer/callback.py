@@ -5,7 +5,7 @@
   ``Steerer`` (steering.py: pure, every rule there) and carried out here (the optimizer,
   TRL's control flags, the steering file), its answer published.
 - ``on_save``: announce the complete checkpoint with ``CheckpointSaved``; a guarded control
-  waits for this checkpoint (its savepoint) and is applied here (see ``guards``).
+  waits for this checkpoint (its savepoint) and is applied here (see ``rollback``).
 
 With several processes every rank runs this callback; rank 0's events are broadcast at the
 step boundary so every rank applies the same ones, and only rank 0 speaks on the bus.
@@ -27,7 +27,7 @@ from tuneloop.config import FeedbackSection
 from tuneloop.events import (CheckpointSaved, Control, DatasetReady,
                              Feedback, StepMetrics)
 
-from . import distributed, guards
+from . import distributed, rollback
 from .link import BusLink, FollowerLink
 from .steering import Boundary, Effects, Steerer
 
@@ -136,11 +136,11 @@ class BusCallback(TrainerCallback):
         self.steer.stop_reason = reason
 
     @property
-    def rollback(self) -> guards.Rollback | None:
+    def rollback(self) -> rollback.Rollback | None:
         return self.steer.rollback
 
     @rollback.setter
-    def rollback(self, plan: guards.Rollback | None) -> None:
+    def rollback(self, plan: rollback.Rollback | None) -> None:
         self.steer.rollback = plan
 
     # ---------------------------------------------------------------- metrics

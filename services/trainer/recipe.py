@@ -3,7 +3,7 @@
 One flow for the three methods; what differs is a row of ``METHODS``: TRL's config and
 trainer classes and the columns each one reads. Runs in the training thread and speaks to
 the world only through the link (link.py): ``BusCallback``'s metrics, answers and checkpoints,
-GRPO's reward requests (remote_reward.py) and a rollback's announcement (guards.py); how the
+GRPO's reward requests (remote_reward.py) and a rollback's announcement (rollback.py); how the
 run ended is returned to the service, which publishes it.
 """
 
@@ -22,7 +22,7 @@ from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished, derived_id
 from tuneloop.storage import confine
 
-from . import distributed, guards, model as models, prepared
+from . import distributed, model as models, prepared, rollback
 from .callback import BusCallback, durable_state, sync_args
 from .remote_reward import RemoteReward
 from .threads import CoreShareCallback
@@ -330,7 +330,7 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, 
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds += time.perf_counter() - t0
         if callback.rollback is not None:  # a guard broke: back to its savepoint, as it was then
-            resume, dataset = guards.roll_back(callback, run_dir, seen, args)
+            resume, dataset = rollback.roll_back(callback, run_dir, seen, args)
             continue
         if callback.switch_to is None or callback.stop_reason is not None:
             break

@@ -22,7 +22,7 @@ from tuneloop.controls import AppliedControl
 from tuneloop.events import (Control, ControlApplied, ControlConfirmed, ControlRejected, Event, Feedback, Proposal,
                              ProposalDecision, ProposalResolved, derived_id)
 
-from . import approvals, guards
+from . import approvals, rollback
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Effects:
     save: bool = False
     switch_data: str | None = None  # set-data: save, then the recipe goes on with this data set
     evaluate_next_save: bool = False
-    rollback: guards.Rollback | None = None  # a broken guard: stop without saving, the recipe rolls back
+    rollback: rollback.Rollback | None = None  # a broken guard: stop without saving, the recipe rolls back
     write_steering: bool = False  # the applied-controls file (rank 0): durable before it is answered
 
     def merge(self, other: "Effects") -> "Effects":
@@ -74,7 +74,7 @@ class Steerer:
         self.categories = categories  # of the data set: what a guard may name
         self.stop_reason: tuple[str, str] | None = None  # (reason, detail) once the run is stopping
         self.deferred: Control | None = None  # a guarded control, until its savepoint is saved
-        self.rollback: guards.Rollback | None = None  # a broken guard, until the recipe rolled back
+        self.rollback: rollback.Rollback | None = None  # a broken guard, until the recipe rolled back
 
     # ---------------------------------------------------------------- dispatch
     def decide(self, event, at: Boundary) -> Effects:
@@ -83,7 +83,7 @@ class Steerer:
             return self.control(event, at)
         if isinstance(event, Feedback):
             return self.feedback(event, at)
-        if isinstance(event, guards.Judged):
+        if isinstance(event, rollback.Judged):
             return self.judged(event, at)
         if isinstance(event, ProposalDecision):
             approve = event.decision == "approve"
@@ -114,7 +114,7 @@ class Steerer:
             if event.policy and approvals.gated(self.gates, event.command):
                 self._dry_run(event, at)  # a proposal that could never apply is refused now
                 return self._propose(approvals.for_control(self.gates, event, at.step), event, at)
-            watching = rs.guard or (guards.watch_record(self.deferred, "", at.step, False) if self.deferred else None)
+            watching = rs.guard or (rollback.watch_record(self.deferred, "", at.step, False) if self.deferred else None)
             if controls.check_guard(event.command, event.guard, event.within, self.categories, watching) is not None:
                 self._dry_run(event, at)
                 self.deferred = event
@@ -153,7 +153,7 @@ class Steerer:
             fx = self.apply(event, at)
         except controls.Rejected as e:  # e.g. the run is stopping now
             return self._rejected(event, at, e)
-        self.state.guard = guards.watch_record(event, savepoint, at.step, ignore_data_skip)
+        self.state.guard = rollback.watch_record(event, savepoint, at.step, ignore_data_skip)
         fx.answer = fx.answer.model_copy(update={"guard": event.guard, "within": event.within or 1,
                                                  "savepoint_step": at.step})
         return fx
@@ -231,12 +231,12 @@ class Steerer:
         watch = self.state.guard
         for e in events:
             if isinstance(e, Feedback) and watch is not None and not self.stale(e):
-                if (j := guards.judge(watch, e, losses)) is not None:
+                if (j := rollback.judge(watch, e, losses)) is not None:
                     out.append(j)
         out += [approvals.TimedOut(pid) for pid in approvals.expired(self.state.proposals, now)]
         return out
 
-    def judged(self, j: guards.Judged, at: Boundary) -> Effects:
+    def judged(self, j: rollback.Judged, at: Boundary) -> Effects:
         watch = self.state.guard
         if watch is None or self.rollback is not None:
             return Effects()
@@ -245,7 +245,7 @@ class Steerer:
                 log.warning("guard %r broken at step %d, but the run is stopping (%s): no rollback", watch.guard,
                             j.step, self.stop_reason[0])
                 return Effects()
-            self.rollback = guards.Rollback(watch, j, at.step)
+            self.rollback = rollback.Rollback(watch, j, at.step)
             return Effects(rollback=self.rollback, stop=True)  # the recipe resumes from the savepoint
         watch.held.append(j.step)
         log.info("guard %r held on the verdict of step %d (%d of %d): %s", watch.guard, j.step, len(watch.held),

@@ -132,7 +132,7 @@ def ctl(
     within: Optional[int] = typer.Option(None, "--within", min=1, help="Verdicts the guard watches (default 1)."),
 ) -> None:
     """Send a control event and wait until the trainer applies or rejects it."""
-    from .control import ControlRefused, send_control
+    from .client import ControlRefused, send_control
 
     from pydantic import ValidationError
 
@@ -199,7 +199,7 @@ _decision(False, "Reject what a policy proposed: training goes on as it was.")
 def _decide(run_id: str, proposal_id: Optional[str], approve: bool, reason: str, nats_url: Optional[str], storage: Path,
             timeout: float) -> None:
     from ..bus import CONNECT_PATIENCE_S, Bus
-    from .control import decide_proposal, open_proposals
+    from .client import decide_proposal, open_proposals
 
     url = nats_url or _run_url(storage, run_id)
     if proposal_id is None:
@@ -237,7 +237,7 @@ def data(
     timeout: float = typer.Option(120.0, help="Seconds to wait for each answer."),
 ) -> None:
     """Ask data-pipeline for a new mixture of the run's sources; with --apply, train on it from the next step."""
-    from .control import MixtureRefused, request_mixture, send_control
+    from .client import MixtureRefused, request_mixture, send_control
 
     weights = {}
     for w in weight:
@@ -451,25 +451,25 @@ def replay_run(
         console.print(f"[red]{run_id} is a run, not a sweep: --pruner, --warmup-steps and --startup-trials are for "
                       "sweeps (a run's policy takes --feedback)[/]")
         raise typer.Exit(2)
-    from . import replay as backtesting
+    from . import backtest
     from ..events import EvalVerdict, Feedback, StepMetrics, TrainingFinished
     from ..storage import load_run_config
 
     recorded = load_run_config(storage, run_id).feedback
     try:
-        tries = backtesting.grid(grid, recorded) if grid else [backtesting.parse_settings(feedback, recorded)]
+        tries = backtest.grid(grid, recorded) if grid else [backtest.parse_settings(feedback, recorded)]
     except ValueError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2)
     events = _events(run_id, storage, nats_url, kinds=(StepMetrics, EvalVerdict, Feedback, TrainingFinished))
-    if not backtesting.verdicts_seen(events):
+    if not backtest.verdicts_seen(events):
         console.print(f"[red]run {run_id} has no recorded verdicts to replay[/]")
         raise typer.Exit(2)
-    results = [backtesting.backtest(events, recorded, s) for s in tries]
+    results = [backtest.backtest(events, recorded, s) for s in tries]
     live = results[0].live
-    t = Table(title=f"replay of {run_id}: {len(backtesting.verdicts_seen(events))} verdicts, ended at step "
-                    f"{results[0].end_step}; live: {backtesting.stop_text(live)}, best {backtesting.best_text(live)}")
-    rows = [backtesting.row(r) for r in results]
+    t = Table(title=f"replay of {run_id}: {len(backtest.verdicts_seen(events))} verdicts, ended at step "
+                    f"{results[0].end_step}; live: {backtest.stop_text(live)}, best {backtest.best_text(live)}")
+    rows = [backtest.row(r) for r in results]
     for col in rows[0]:
         t.add_column(col, overflow="fold")
     for row in rows:
@@ -490,7 +490,7 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
 
     from ..events import CheckpointsReleased, Control, EvalVerdict, ExportDone, TrainingFinished
     from ..records import Records
-    from .report import replay
+    from .report import stored_events
     from ..subjects import SWEEP_BUCKET
     from .sweep import backtest
     from .sweep.search import TrialRecord, best
@@ -510,7 +510,7 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
             spec = SweepSpec.model_validate(json.loads((await kv.get(f"{name}.spec")).value)["spec"])
             records = await Records(kv, TrialRecord).under(f"{name}.trial-")
             kinds = (EvalVerdict, Control, TrainingFinished, ExportDone, CheckpointsReleased)
-            return spec, records, {r.run_id: await replay(bus, r.run_id, kinds=kinds) for r in records}
+            return spec, records, {r.run_id: await stored_events(bus, r.run_id, kinds=kinds) for r in records}
 
     with _reading(storage, first, nats_url) as url:
         spec, records, events = asyncio.run(fetch(url))
@@ -540,7 +540,7 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
 
 def _events(run_id: str, storage: Path, nats_url: Optional[str], kinds: tuple | None = None) -> list:
     """A run's recorded events: its timeline file (embedded runs), else a replay from NATS."""
-    from .report import KINDS, TIMELINE_FILE, read_timeline, replay
+    from .report import KINDS, TIMELINE_FILE, read_timeline, stored_events
     from ..storage import run_dir
 
     timeline = run_dir(storage, run_id) / TIMELINE_FILE
@@ -551,7 +551,7 @@ def _events(run_id: str, storage: Path, nats_url: Optional[str], kinds: tuple | 
         from ..bus import CONNECT_PATIENCE_S, Bus
 
         async with await Bus.connect(url, "report", patience=CONNECT_PATIENCE_S) as bus:
-            return await replay(bus, run_id, kinds=kinds or KINDS)
+            return await stored_events(bus, run_id, kinds=kinds or KINDS)
 
     with _reading(storage, run_id, nats_url) as url:
         return asyncio.run(fetch(url))

@@ -3,7 +3,7 @@ marked, the steps a rollback discarded shaded) and an HTML page with the same pl
 guarded controls, the proposals and how each ended, the run's config and summary.
 
 The events come from ``<run>/timeline.jsonl`` (written by the embedded runner) or, for runs
-deployed elsewhere, from a replay of the run's stream (``replay``). Building the timeline is
+deployed elsewhere, from the run's stored stream (``stored_events``). Building the timeline is
 pure; only ``write_png`` / ``write_html`` touch files.
 """
 
@@ -82,7 +82,7 @@ def read_timeline(path: Path) -> list[Event]:
     return events
 
 
-async def replay(bus, run_id: str, settle_s: float = 1.0, kinds: tuple = KINDS) -> list[Event]:
+async def stored_events(bus, run_id: str, settle_s: float = 1.0, kinds: tuple = KINDS) -> list[Event]:
     """Every event of ``kinds`` the stream still holds for ``run_id`` (in order within a kind)."""
     import asyncio
 

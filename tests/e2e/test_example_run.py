@@ -170,7 +170,7 @@ def test_replay_gives_back_the_live_decisions_and_says_what_other_settings_would
     settings (the example trains SFT's whole budget: min_step 600), exactly the feedback the
     rl-reward service sent; with other ones, the stop the verdicts call for (worked out here
     from the scores, independently of the policy code) and what it would have saved."""
-    from tuneloop.tools.replay import backtest, verdicts_seen
+    from tuneloop.tools.backtest import backtest, verdicts_seen
     from tuneloop.tools.report import TIMELINE_FILE, read_timeline
     from tuneloop.storage import load_run_config
 

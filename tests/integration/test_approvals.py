@@ -112,7 +112,7 @@ async def test_nothing_stops_until_the_operator_approves(tmp_path, secured, serv
 
 def _policy_prune(url: str, run: str, who: dict) -> str:
     """A sweep's pruner asking to prune (as the sweep does, with the operator identity)."""
-    code = ("import asyncio,sys; from tuneloop.tools.control import send_control; "
+    code = ("import asyncio,sys; from tuneloop.tools.client import send_control; "
             "a = asyncio.run(send_control(sys.argv[1], sys.argv[2], 'prune', 'fell behind', timeout=120, "
             "policy='median pruner')); print(type(a).__name__, a.command)")
     out = subprocess.run([sys.executable, "-c", code, url, run], capture_output=True, text=True, timeout=180,

@@ -12,7 +12,7 @@ from helpers import EXAMPLE_DATA, make_run, run_id_for, tiny_config
 from helpers import collect, wait_for
 from test_trainer import ctl
 from tuneloop.config import Source
-from tuneloop.tools.control import MixtureRefused, request_mixture
+from tuneloop.tools.client import MixtureRefused, request_mixture
 from tuneloop.events import (CheckpointSaved, ControlApplied, ControlRejected, DataSwitch, DatasetReady, Feedback, StepMetrics,
                              TrainingFinished)
 

@@ -209,7 +209,7 @@ async def test_two_processes_roll_back_together_to_the_same_weights(tmp_path, na
 
 
 async def ctl_guarded(url, bus, run):
-    from tuneloop.tools.control import send_control
+    from tuneloop.tools.client import send_control
 
     return await send_control(url, run, "set-lr", float(ABSURD), bus=bus, timeout=120, guard=GUARD, within=1)
 

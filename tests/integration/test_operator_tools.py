@@ -22,7 +22,7 @@ from PIL import Image
 
 from helpers import start_job, tiny_config
 from tuneloop.config import dump_config
-from tuneloop.tools.control import send_control
+from tuneloop.tools.client import send_control
 from tuneloop.events import ControlApplied
 
 TUNELOOP = [sys.executable, "-m", "tuneloop"]

@@ -7,7 +7,7 @@ import pytest
 from helpers import make_run, run_id_for, tiny_config
 from helpers import collect, wait_for
 from tuneloop import subjects
-from tuneloop.tools.control import ExportRefused, request_merged_export, send_control
+from tuneloop.tools.client import ExportRefused, request_merged_export, send_control
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, ControlApplied, ControlRejected, DeadLetter,
                              EvalRequest, StepMetrics, TrainingFinished)
 

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import make_run, run_id_for, tiny_config
 from helpers import collect, wait_for
-from tuneloop.tools.control import send_control
+from tuneloop.tools.client import send_control
 from tuneloop import subjects
 from tuneloop.events import CheckpointSaved, Control, ControlApplied, ControlRejected, StepMetrics, TrainingFinished
 

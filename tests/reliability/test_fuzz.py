@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from helpers import collect, make_run, tiny_config, wait_for
 from tuneloop.tools.cli import app
-from tuneloop.tools.control import send_control
+from tuneloop.tools.client import send_control
 from tuneloop.events import (BY_KIND, ControlApplied, ControlRejected, DeadLetter, StepMetrics, TrainingFinished)
 
 pytestmark = pytest.mark.reliability

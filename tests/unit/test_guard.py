@@ -70,26 +70,26 @@ def test_which_controls_may_be_guarded():
 def test_the_trainer_judges_later_verdicts_by_the_mean_loss_the_change_could_show():
     from importlib import import_module
 
-    guards = import_module("tuneloop.trainer.guards")
+    rollback = import_module("tuneloop.trainer.rollback")
     watch = controls.GuardWatch(control_id="c", command="set-lr", guard="protocol>=0.5 and loss<3", applied_step=10)
 
     def fb(step, protocol):
         return Feedback(run_id="r", step=step, action="continue", reason="", score=protocol, scores={"protocol": protocol})
 
-    assert guards.judge(watch, fb(10, 0.9), {10: 1.0}) is None  # the savepoint's own verdict does not count
+    assert rollback.judge(watch, fb(10, 0.9), {10: 1.0}) is None  # the savepoint's own verdict does not count
     # Step 11's loss was measured on the savepoint's weights: the change shows from step 12 on.
     losses = {9: 9.0, 11: 1.0, 12: 2.0, 13: 4.0, 14: 2.5, 16: 5.0}
-    assert guards.judge(watch, fb(11, 0.9), losses) is None  # nothing yet to judge the loss by
-    judged = guards.judge(watch, fb(13, 0.9), losses)
+    assert rollback.judge(watch, fb(11, 0.9), losses) is None  # nothing yet to judge the loss by
+    judged = rollback.judge(watch, fb(13, 0.9), losses)
     assert judged.held is False and judged.metrics["loss"] == 3.0  # the mean of steps 12-13
-    judged = guards.judge(watch, fb(15, 0.9), losses)  # step 15 was not logged
+    judged = rollback.judge(watch, fb(15, 0.9), losses)  # step 15 was not logged
     assert judged.held is True and judged.metrics["loss"] == pytest.approx(8.5 / 3)
-    assert guards.judge(watch, fb(15, 0.4), losses).held is False
+    assert rollback.judge(watch, fb(15, 0.4), losses).held is False
     # After a verdict held, the next one reads the steps since it: a late divergence is not diluted.
-    assert guards.judge(dataclasses.replace(watch, held=[15]), fb(16, 0.9), losses).metrics["loss"] == 5.0
-    assert guards.judge(dataclasses.replace(watch, held=[16]), fb(17, 0.9), losses) is None  # no step logged since
+    assert rollback.judge(dataclasses.replace(watch, held=[15]), fb(16, 0.9), losses).metrics["loss"] == 5.0
+    assert rollback.judge(dataclasses.replace(watch, held=[16]), fb(17, 0.9), losses) is None  # no step logged since
     cannot = controls.GuardWatch(control_id="c", command="set-lr", guard="greet.protocol>0", applied_step=0)
-    assert guards.judge(cannot, fb(5, 1.0), {}) is None  # cannot judge
+    assert rollback.judge(cannot, fb(5, 1.0), {}) is None  # cannot judge
 
 
 def test_a_restart_keeps_the_open_proposals_and_the_guard_under_watch(tmp_path):

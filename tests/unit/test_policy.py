@@ -33,7 +33,7 @@ def test_a_rollback_rewinds_the_policy_to_the_verdicts_that_remain():
     policy decides as if the discarded checkpoints' verdicts never came, late ones included."""
     from tuneloop.events import ControlRolledBack, derived_id
     from tuneloop.policy import rewind
-    from tuneloop.tools.replay import run_policy
+    from tuneloop.tools.backtest import run_policy
 
     cfg = FeedbackSection(metric="protocol", target=0.9, patience=2, min_step=0)
 

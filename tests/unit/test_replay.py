@@ -8,7 +8,7 @@ import pytest
 from tuneloop.config import FeedbackSection
 from tuneloop.events import EvalVerdict, StepMetrics, TrainingFinished
 from tuneloop.policy import PolicyState, decide
-from tuneloop.tools.replay import backtest, grid, parse_settings, row
+from tuneloop.tools.backtest import backtest, grid, parse_settings, row
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

@@ -102,7 +102,7 @@ def test_a_rebuilt_study_resumes_numbering_and_prunes_a_trial_behind_the_median(
     spec, _ = load_sweep(write(tmp_path, {"params": {"train.learning_rate": {"values": [0.001, 0.003, 0.01, 0.03]}},
                                           "pruner": {"kind": "median", "startup_trials": 2}}))
     study = search.make_study(spec)
-    running = search.replay(study, spec, _records())
+    running = search.rebuild(study, spec, _records())
     assert list(running) == [2]
     assert search.next_params(spec, _records()) == {"train.learning_rate": 0.03}  # the grid goes on where it was
     assert search.report(running[2], 20, 0.2)  # behind the median (0.85) of the completed trials at step 20
@@ -115,7 +115,7 @@ def test_no_pruning_before_enough_trials_completed_or_with_pruner_none(tmp_path)
         spec, _ = load_sweep(write(tmp_path, {"params": {"train.learning_rate": {"values": [0.001, 0.003, 0.01]}},
                                               "pruner": pruner}))
         study = search.make_study(spec)
-        running = search.replay(study, spec, _records())
+        running = search.rebuild(study, spec, _records())
         assert not search.report(running[2], 20, 0.0)
 
 
@@ -134,10 +134,10 @@ def test_a_restarted_random_or_tpe_sweep_does_not_draw_again_what_its_first_tria
     first = [search.ask(study, spec).params for _ in range(3)]
     records = [TrialRecord(number=i, run_id=f"s-t{i:02d}", params=p) for i, p in enumerate(first)]
     again = search.make_study(spec, drawn=len(records))  # what the driver builds on a restart
-    assert list(search.replay(again, spec, records)) == [0, 1, 2]
+    assert list(search.rebuild(again, spec, records)) == [0, 1, 2]
     later = [search.ask(again, spec).params["train.learning_rate"] for _ in range(3)]
     assert not set(later) & {p["train.learning_rate"] for p in first}, (first, later)
     # ... and two restarts at the same point draw alike: the search stays reproducible
     twin = search.make_study(spec, drawn=len(records))
-    search.replay(twin, spec, records)
+    search.rebuild(twin, spec, records)
     assert [search.ask(twin, spec).params["train.learning_rate"] for _ in range(3)] == later

@@ -5,7 +5,7 @@ Top to bottom:
 1. NATS: the sweep's own embedded server (its store in ``<runs>/<sweep>/nats``), or the one
    a killed sweep left running (adopted), or ``--nats-url``.
 2. State: the trial records in the JetStream KV bucket ``tuneloop-sweeps``; the Optuna study
-   is rebuilt from them (``search.replay``). Finished trials are never run again.
+   is rebuilt from them (``search.rebuild``). Finished trials are never run again.
 3. Pools shared by every trial, serving every run (``--run-id '*'``): ``concurrency`` trainer
    workers, one data-pipeline, one checkpoint service, ``evaluators`` evaluators and one
    rl-reward. Torch and transformers are imported once per worker, not once per trial, and
@@ -43,7 +43,7 @@ from rich.console import Console
 from ... import subjects
 from ...bus import Bus
 from ...config import Config, ConfigError, differences
-from ..control import ExportRefused, request_merged_export, send_control
+from ..client import ExportRefused, request_merged_export, send_control
 from ..embedded import NatsServer, _accepts
 from ...events import (CheckpointsReleased, Control, ControlApplied, DeadLetter, EvalVerdict, ExportDone, Proposal, RunQueued,
                       StepMetrics, TrainingFinished, derived_id)
@@ -146,7 +146,7 @@ class Sweep:
             self.store = await Store.open(self.bus, self.spec, self.base)
             self.records = await self.store.records()
             self.study = search.make_study(self.spec, drawn=len(self.records))
-            running = search.replay(self.study, self.spec, self.records)
+            running = search.rebuild(self.study, self.spec, self.records)
             total = self.spec.total()
             done = sum(r.state != "running" for r in self.records)
             self.console.print(f"[bold]tuneloop sweep[/] [cyan]{self.spec.name}[/]: {total} trials, {self.spec.concurrency} "

@@ -1,7 +1,7 @@
 """The search itself, by Optuna: samplers propose parameters, pruners judge verdicts.
 
 The sweep's records in JetStream KV are the truth; the Optuna study lives in memory and is
-rebuilt from them when the sweep process starts (``replay``): each recorded trial is asked
+rebuilt from them when the sweep process starts (``rebuild``): each recorded trial is asked
 again with its own parameters (``enqueue_trial``), its verdicts reported again, its end
 told again. So a restarted sweep samples and prunes knowing everything that happened.
 """
@@ -107,7 +107,7 @@ def tell(study, trial, record: TrialRecord) -> None:
         study.tell(trial, state=TrialState.FAIL)
 
 
-def replay(study, spec: SweepSpec, records: list[TrialRecord]) -> dict[int, object]:
+def rebuild(study, spec: SweepSpec, records: list[TrialRecord]) -> dict[int, object]:
     """Rebuild the study from the records; returns the Optuna trials still running, by number."""
     running = {}
     for record in sorted(records, key=lambda r: r.number):

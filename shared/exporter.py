@@ -1,4 +1,5 @@
-"""Prometheus metrics shared by every service, and the /metrics + /healthz endpoint."""
+"""The Prometheus exporter of every service: the metrics all of them share, and the /metrics +
+/healthz endpoint (metrics.py has each service's own, moved by the events it publishes)."""
 
 from __future__ import annotations
 
