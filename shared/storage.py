@@ -20,6 +20,40 @@ APPLIED_FILE = "controls-applied.json"
 SNAPSHOTS = "snapshots"  # evaluation snapshots (eval.every): <run>/snapshots/step-<N>, weights only
 
 
+class RunDir:
+    """The one home of a run folder's layout: where each part of a run lives (every literal
+    name is here), and how an evaluation snapshot's folder is named and read back."""
+
+    SNAPSHOT_PREFIX = "step-"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    checkpoints = property(lambda self: self.path / "checkpoints")  # resumable checkpoints (TRL's checkpoint-<N>)
+    snapshots = property(lambda self: self.path / SNAPSHOTS)  # evaluation snapshots: weights only
+    data = property(lambda self: self.path / "data")  # prepared data sets, one folder each
+    base = property(lambda self: self.path / "base")  # the base model (or a link to it)
+    export = property(lambda self: self.path / "export")  # exported adapters and merged models
+    logs = property(lambda self: self.path / "logs")  # one log per service process
+    config = property(lambda self: self.path / CONFIG_FILE)
+    applied = property(lambda self: self.path / APPLIED_FILE)
+
+    def log(self, service: str) -> Path:
+        return self.logs / f"{service}.log"
+
+    def snapshot(self, step: int) -> Path:
+        return self.snapshots / f"{self.SNAPSHOT_PREFIX}{step}"
+
+    def snapshot_folders(self) -> dict[int, Path]:
+        """Every evaluation snapshot, by step (a folder whose name is not one is left out)."""
+        out = {}
+        for path in self.snapshots.glob(f"{self.SNAPSHOT_PREFIX}*"):
+            tail = path.name[len(self.SNAPSHOT_PREFIX):]
+            if tail.isdigit():
+                out[int(tail)] = path
+        return out
+
+
 class UnsafePath(Reject, ValueError):
     """An event named a path outside its run's directory."""
 

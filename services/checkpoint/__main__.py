@@ -18,7 +18,7 @@ from tuneloop.grafana import Annotator
 from tuneloop.records import Records
 from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, run_service, warm_up
 from tuneloop.checkpoints import complete_checkpoints, digest_dir, verify, write_manifest
-from tuneloop.storage import SNAPSHOTS, confine, relative, resolve_model
+from tuneloop.storage import RunDir, confine, relative, resolve_model
 
 from tuneloop import export, models
 from .catalogue import Entry, best, pending, stale_snapshots
@@ -138,7 +138,7 @@ class CheckpointService:
             have_final = done.final_checkpoint is None or any(e.path == done.final_checkpoint for e in entries)
             # A checkpoint on disk but not catalogued yet: its ckpt.saved is on its way (e.g. redelivered
             # after this service was killed while hashing it). Export waits for it too.
-            uncatalogued = set(complete_checkpoints(run_dir / "checkpoints")) - {e.step for e in entries}
+            uncatalogued = set(complete_checkpoints(RunDir(run_dir).checkpoints)) - {e.step for e in entries}
             waiting = pending(entries) if scored else []
             if have_final and not waiting and not uncatalogued:
                 return entries
@@ -150,8 +150,8 @@ class CheckpointService:
     async def release(self, done: TrainingFinished) -> None:
         """A pruned run: delete its checkpoints (the catalogue keeps their records, marked released)."""
         entries = await self.settled(done, scored=False, wait_s=CATALOGUE_WAIT_S)
-        rdir = self.ctx.run_dir(done.run_id)
-        folders = [*(rdir / "checkpoints").glob("checkpoint-*"), *(rdir / SNAPSHOTS).glob("step-*")]
+        rd = RunDir(self.ctx.run_dir(done.run_id))
+        folders = [*rd.checkpoints.glob("checkpoint-*"), *rd.snapshot_folders().values()]
         freed = sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
         for d in folders:
             await asyncio.to_thread(shutil.rmtree, d, True)

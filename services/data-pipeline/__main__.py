@@ -16,6 +16,7 @@ import logging
 from tuneloop.events import (ControlApplied, DataSwitch, DatasetReady, Feedback, MixtureRequest, Reject, RunQueued, SplitInfo,
                              derived_id)
 from tuneloop.service import ServiceContext, consume_handlers, handles, run_service
+from tuneloop.storage import RunDir
 from tuneloop.subjects import ALL_RUNS
 
 from .prepare import DataError, adapt_weights, evidence_is_new, prepare
@@ -35,7 +36,7 @@ async def announce(ctx: ServiceContext, run_id: str, *, weights: dict[str, float
     rdir = ctx.run_dir(run_id)
     if category_weights is None:
         category_weights = cfg.data.category_weights
-    prepared = await asyncio.to_thread(prepare, cfg, rdir / "data", rdir, cfg.model.template(), weights, category_weights)
+    prepared = await asyncio.to_thread(prepare, cfg, RunDir(rdir).data, rdir, cfg.model.template(), weights, category_weights)
     for r in prepared.rejected[:20]:
         log.warning("skipped bad row %s", r)
     for line in prepared.quality.lines():

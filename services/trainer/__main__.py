@@ -25,7 +25,7 @@ from tuneloop.events import (CheckpointRecorded, Control, DataSwitch, DatasetRea
                              RunQueued, TrainingFinished)
 from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, parent_gone, parse_args, run_log, run_service, setup_logging
 from tuneloop.subjects import ALL_RUNS
-from tuneloop.storage import load_run_config, run_dir
+from tuneloop.storage import RunDir, load_run_config, run_dir
 
 from . import distributed, recipe
 from .link import BusLink, FollowerLink, too_late
@@ -73,7 +73,7 @@ class Pool:
             return
         self.idle.clear()
         try:
-            with run_log(ctx.run_dir(ev.run_id) / "logs" / "trainer.log"):
+            with run_log(RunDir(ctx.run_dir(ev.run_id)).log("trainer")):
                 log.info("worker %d takes run %s (attempt %d)", os.getpid(), ev.run_id, ev.attempt)
                 await self.train(ev.run_id)
         finally:
@@ -162,7 +162,7 @@ async def wait_for_data(ctx: ServiceContext, run_id: str, announced: asyncio.Eve
 async def _dataset_to_resume(link: BusLink, latest: DatasetReady, rdir) -> tuple[DatasetReady, Path | None]:
     """(data set, checkpoint to resume from): a fresh run trains on the newest data set; a
     resumed one on the data set its checkpoint names."""
-    ckpt = await asyncio.to_thread(latest_intact, rdir / "checkpoints", link.recorded)
+    ckpt = await asyncio.to_thread(latest_intact, RunDir(rdir).checkpoints, link.recorded)
     want = read_state(ckpt).dataset_id if ckpt else ""
     if not want or want == latest.dataset_id:
         return latest, ckpt

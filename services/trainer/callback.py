@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from tuneloop import controls
 from tuneloop.checkpoints import folder, read_steering, write_state, write_steering
-from tuneloop.storage import APPLIED_FILE, SNAPSHOTS
+from tuneloop.storage import RunDir, relative
 from tuneloop.config import FeedbackSection
 from tuneloop.events import (CheckpointSaved, Control, DatasetReady,
                              Feedback, StepMetrics)
@@ -59,7 +59,7 @@ def durable_state(run_dir: Path, fallback: controls.Steering) -> controls.Steeri
     that ``fallback`` (a checkpoint's state, or a fresh run's) lacks, i.e. applied after it.
     Open proposals are the record's too (written whenever one opens or ends)."""
     try:
-        recorded = read_steering(run_dir / APPLIED_FILE)
+        recorded = read_steering(RunDir(run_dir).applied)
     except (OSError, ValueError, TypeError):
         return fallback
     if not recorded.applied_ids() >= fallback.applied_ids():
@@ -219,13 +219,13 @@ class BusCallback(TrainerCallback):
     def _snapshot(self, model, state) -> None:
         """Weights (or the adapter) only, written aside and renamed into place, then announced."""
         step = state.global_step
-        final = self.run_dir / SNAPSHOTS / f"step-{step}"
+        final = RunDir(self.run_dir).snapshot(step)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp), safe_serialization=True)
         shutil.rmtree(final, ignore_errors=True)  # a snapshot of this step from before a resume
         tmp.rename(final)
-        saved = CheckpointSaved(run_id=self.run_id, step=step, path=f"{SNAPSHOTS}/{final.name}", base_model=self.base_model,
+        saved = CheckpointSaved(run_id=self.run_id, step=step, path=relative(self.run_dir, final), base_model=self.base_model,
                                 adapter=self.adapter, loss=self.last_loss, snapshot=True)
         self.link.publish(saved, now=True)  # not waited for: a snapshot lost to a crash costs one evaluation, nothing else
         if self.run_state.guard is not None:
@@ -317,7 +317,7 @@ class BusCallback(TrainerCallback):
 
     def _write_applied(self) -> None:
         if distributed.rank() == 0:
-            write_steering(self.run_dir / APPLIED_FILE, self.run_state)
+            write_steering(RunDir(self.run_dir).applied, self.run_state)
 
     @property
     def tokens_per_second(self) -> float | None:

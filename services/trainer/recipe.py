@@ -20,7 +20,7 @@ from tuneloop.config import NEEDS_BITSANDBYTES, OPTIMIZERS, Config
 from tuneloop.models import base_ref, gguf_base, gguf_folder, local_base
 from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished, derived_id
-from tuneloop.storage import confine
+from tuneloop.storage import RunDir, confine
 
 from . import distributed, model as models, prepared, rollback
 from .callback import BusCallback, durable_state, sync_args
@@ -258,7 +258,7 @@ def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: 
         g = cfg.train.grpo
         kwargs["reward_funcs"] = RemoteReward(link, run_id, g.rewards, g.reward_timeout)
     trainer_cls = getattr(trl, METHODS[cfg.train.method][1])
-    args = args or trl_args(cfg, run_dir / "checkpoints")
+    args = args or trl_args(cfg, RunDir(run_dir).checkpoints)
     rows = train_rows(cfg, run_dir, dataset)
     if cfg.train.method != "sft":
         return trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -297,7 +297,7 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, 
     checked it already (verifying hashes every file); by default the newest intact one."""
     tc = cfg.train
     seconds = 0.0  # in trainer.train() itself: set-up (base model, tokenizing) aside
-    out_dir = run_dir / "checkpoints"
+    out_dir = RunDir(run_dir).checkpoints
     args = trl_args(cfg, out_dir)
     if distributed.rank() != 0:
         resume = None

@@ -25,7 +25,7 @@ from tuneloop.checkpoints import all_checkpoints, read_state, write_steering
 from tuneloop.controls import GuardWatch
 from tuneloop.events import Control, ControlRolledBack, Feedback, derived_id
 from tuneloop.guard import metrics_of, parse
-from tuneloop.storage import APPLIED_FILE, SNAPSHOTS
+from tuneloop.storage import RunDir
 
 from . import distributed
 
@@ -93,13 +93,13 @@ def discard_after(run_dir: Path, step: int) -> list[int]:
     """Delete the checkpoints and evaluation snapshots saved after ``step`` (rank 0): training
     goes on from the savepoint and will save those steps again."""
     gone = []
-    for s, path in all_checkpoints(run_dir / "checkpoints").items():
+    rd = RunDir(run_dir)
+    for s, path in all_checkpoints(rd.checkpoints).items():
         if s > step:
             shutil.rmtree(path)
             gone.append(s)
-    for path in (run_dir / SNAPSHOTS).glob("step-*"):
-        tail = path.name.split("-", 1)[1]
-        if tail.isdigit() and int(tail) > step:
+    for s, path in rd.snapshot_folders().items():
+        if s > step:
             shutil.rmtree(path, ignore_errors=True)
     return sorted(gone)
 
@@ -125,7 +125,7 @@ def roll_back(callback, run_dir: Path, datasets: dict, args) -> tuple[Path, obje
     args.ignore_data_skip = watch.ignore_data_skip
     callback.forget_after(watch.savepoint_step)
     if distributed.rank() == 0:
-        write_steering(run_dir / APPLIED_FILE, state)
+        write_steering(RunDir(run_dir).applied, state)
         callback.link.publish(ControlRolledBack(
             run_id=callback.run_id, event_id=derived_id("rolledback", watch.control_id),
             control_id=watch.control_id, command=watch.command, value=watch.value, guard=watch.guard,

@@ -298,10 +298,10 @@ def export(
     from .. import export as exporter
     from ..checkpoints import folder, is_complete, latest_complete, step_of, verify
     from ..models import base_ref
-    from ..storage import load_run_config, resolve_model, run_dir
+    from ..storage import RunDir, load_run_config, resolve_model, run_dir
 
     rdir = run_dir(storage, run_id)
-    ckpt = latest_complete(rdir / "checkpoints") if step is None else folder(rdir / "checkpoints", step)
+    ckpt = latest_complete(RunDir(rdir).checkpoints) if step is None else folder(RunDir(rdir).checkpoints, step)
     if ckpt is None or not is_complete(ckpt):
         console.print(f"[red]no complete checkpoint {'' if step is None else f'for step {step} '}under {rdir / 'checkpoints'}[/]")
         raise typer.Exit(2)
@@ -313,7 +313,7 @@ def export(
     base = resolve_model(rdir, base_ref(cfg))
     adapter = cfg.train.lora.enabled
     kind = "merged" if merged or not adapter else "adapter"
-    dest = (out or rdir / "export" / f"{kind}-{step_of(ckpt)}").resolve()
+    dest = (out or RunDir(rdir).export / f"{kind}-{step_of(ckpt)}").resolve()
     try:
         if kind == "merged":
             path = exporter.export_merged(ckpt, base, adapter, dest, force=force)
@@ -382,12 +382,12 @@ def checkpoints(
 
     from ..checkpoints import PREFIX, all_checkpoints, is_complete, read_manifest, step_of
     from ..events import EvalVerdict
-    from ..storage import run_dir
+    from ..storage import RunDir, run_dir
 
     rdir = run_dir(storage, run_id)
-    folders = all_checkpoints(rdir / "checkpoints")
+    folders = all_checkpoints(RunDir(rdir).checkpoints)
     # damaged ones the trainer moved aside
-    aside = sorted(p.name for p in (rdir / "checkpoints").glob(f"{PREFIX}*") if step_of(p) is None)
+    aside = sorted(p.name for p in RunDir(rdir).checkpoints.glob(f"{PREFIX}*") if step_of(p) is None)
     if not folders:
         console.print(f"[red]no checkpoints under {rdir / 'checkpoints'}[/]")
         raise typer.Exit(2)

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..storage import RunDir
 from ..events import (BY_KIND, CheckpointRecorded, ControlApplied, ControlConfirmed, ControlRolledBack, DatasetReady,
                      EvalVerdict, Event, Proposal, ProposalResolved, StepMetrics)
 
@@ -233,7 +234,7 @@ def write_report(run_dir: Path, events: list[Event], out_dir: Path | None = None
     config = run_dir / "config.yaml"
     summary = run_dir / "summary.json"
     quality = {d.dataset_id: json.loads(f.read_text()) for d in t.datasets
-               if (f := run_dir / "data" / d.dataset_id / "quality.json").is_file()}
+               if (f := RunDir(run_dir).data / d.dataset_id / "quality.json").is_file()}
     backtest = run_dir / BACKTEST_FILE
     page = write_html(t, png, out_dir / "report.html", config.read_text() if config.exists() else "",
                       json.loads(summary.read_text()) if summary.exists() else None, quality,

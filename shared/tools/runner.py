@@ -29,7 +29,7 @@ from ..events import (CheckpointRecorded, Control, ControlApplied, ControlConfir
 from .processes import FIRST, LATER_WITHIN_S, SERVICES, exited_badly, spawn, stop_all
 from .progress import Progress
 from .report import TIMELINE_FILE, write_report, write_timeline
-from ..storage import CONFIG_FILE, init_run, run_dir, write_run_info
+from ..storage import CONFIG_FILE, RunDir, init_run, run_dir, write_run_info
 from .summary import JobSummary, PhaseSummary, RunSummary
 from .watch import WatchView, log_event
 
@@ -152,7 +152,7 @@ async def _drive(progress: Progress, events: list[Event], storage: Path, rdir: P
     # start-up (torch imports) does not compete with the trainer's on the same cores. Nothing
     # is lost meanwhile: checkpoints and evaluation requests wait in JetStream.
     for svc in FIRST:
-        procs[svc] = spawn(svc, run_id, storage, url, rdir / "logs")
+        procs[svc] = spawn(svc, run_id, storage, url, RunDir(rdir).logs)
     later = [(svc, 0) for svc in SERVICES if svc not in FIRST] + [("evaluator", i) for i in range(1, evaluators)]
     started = time.monotonic()
     try:
@@ -161,9 +161,9 @@ async def _drive(progress: Progress, events: list[Event], storage: Path, rdir: P
                 await asyncio.sleep(0.2)
                 if later and (progress.last_step or progress.finished or time.monotonic() - started > LATER_WITHIN_S):
                     for svc, i in later:
-                        procs[svc if not i else f"{svc}-{i}"] = spawn(svc, run_id, storage, url, rdir / "logs", replica=i)
+                        procs[svc if not i else f"{svc}-{i}"] = spawn(svc, run_id, storage, url, RunDir(rdir).logs, replica=i)
                     later = []
-                if why := exited_badly(procs, rdir / "logs"):
+                if why := exited_badly(procs, RunDir(rdir).logs):
                     raise RunFailed(why)
         if progress.fatal:  # a dead letter on the run's path: it cannot finish
             raise RunFailed(progress.fatal)

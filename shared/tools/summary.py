@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
 
+from ..storage import RunDir
 from ..config import Config
 from ..events import EvalVerdict
 from .progress import Progress
@@ -79,7 +80,7 @@ class BaseModelInfo(BaseModel):
         from ..gguf import SOURCE_FILE
 
         try:
-            src = json.loads((Path(rdir) / "base" / SOURCE_FILE).read_text())
+            src = json.loads((RunDir(rdir).base / SOURCE_FILE).read_text())
         except (OSError, ValueError):
             src = {}
         return cls(name_or_path=cfg.model.name_or_path, gguf=Path(src["gguf"]).name if src.get("gguf") else None,

@@ -86,3 +86,18 @@ def test_resume_moves_aside_a_checkpoint_that_differs_from_its_record(tmp_path):
     assert (run / "checkpoints" / "checkpoint-20.corrupt").is_dir()  # kept as found
     fresh = checkpoint(run, 30)  # saved just before a stop: not recorded yet, no manifest
     assert latest_intact(run / "checkpoints", recorded) == fresh
+
+
+def test_the_run_folder_layout_has_one_home(tmp_path):
+    """Snapshots are named and read back by RunDir alone; a folder that is not one is left out."""
+    from tuneloop.storage import RunDir, relative
+
+    rd = RunDir(tmp_path / "r")
+    for step in (5, 10):
+        rd.snapshot(step).mkdir(parents=True)
+    (rd.snapshots / "step-10.tmp").mkdir()
+    (rd.snapshots / "notes").mkdir()
+    assert rd.snapshot_folders() == {5: rd.snapshot(5), 10: rd.snapshot(10)}
+    assert relative(rd.path, rd.snapshot(5)) == "snapshots/step-5"
+    assert rd.log("trainer") == tmp_path / "r" / "logs" / "trainer.log"
+    assert (rd.checkpoints.name, rd.applied.name, rd.config.name) == ("checkpoints", "controls-applied.json", "config.yaml")
