@@ -347,10 +347,11 @@ def runs(storage: Path = STORAGE) -> None:
     """The runs under the storage folder: state, steps, how they ended, held-out scores."""
     from rich.table import Table
 
+    from rich.table import Column
+
     from ..procfs import running
     from ..storage import RUN_FILE
-
-    from rich.table import Column
+    from .summary import SUMMARY_FILE, summary_row
 
     # The run id is what a user copies from here: never cut; the other columns fold instead.
     t = Table(Column("run", no_wrap=True, overflow="ignore", min_width=max(
@@ -359,15 +360,12 @@ def runs(storage: Path = STORAGE) -> None:
                                                 "test correctness")))
     for info_file in sorted(Path(storage).glob(f"*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime):
         info = json.loads(info_file.read_text())
-        summary_file = info_file.parent / "summary.json"
-        s = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-        test = s.get("test") or {}
         state = info.get("state", "?")
         if state == "running" and not running(info.get("pid")):
             state = "gone"  # the runner died without saying so
-        t.add_row(info["run_id"], state, str(info.get("started", ""))[:19], str(s.get("steps") or "-"),
-                  str(s.get("stop_reason") or "-").split(":")[0],
-                  *(f"{test[m]:.3f}" if m in test else "-" for m in ("protocol", "correctness")))
+        steps, stopped, test = summary_row(info_file.parent / SUMMARY_FILE)
+        t.add_row(info["run_id"], state, str(info.get("started", ""))[:19], steps, stopped,
+                  *(f"{getattr(test, m):.3f}" if test else "-" for m in ("protocol", "correctness")))
     console.print(t)
 
 

@@ -152,6 +152,25 @@ class SweepSummary(BaseModel):
 SCHEMAS = {"run": RunSummary, "job": JobSummary, "sweep": SweepSummary}
 
 
+def summary_row(path: Path) -> tuple[str, str, "Scores | None"]:
+    """(steps, how it stopped, held-out scores) of a run's or a phased job's summary.json, for
+    ``tuneloop runs``; dashes where there is none yet, and what is wrong with one that does
+    not parse (written by another version, or damaged) instead of failing the listing."""
+    if not path.is_file():
+        return "-", "-", None
+    text = path.read_text()
+    try:
+        job = JobSummary.model_validate_json(text) if '"phases"' in text else None
+        run = None if job else RunSummary.model_validate_json(text)
+    except ValueError as e:
+        return "-", f"unreadable summary.json: {str(e).splitlines()[0]}", None
+    if job:
+        last = job.phases[-1] if job.phases else None
+        steps = "+".join(str(p.steps or 0) for p in job.phases) or "-"
+        return steps, (last.stop_reason or "-").split(":")[0] if last else "-", job.test
+    return str(run.steps or "-"), (run.stop_reason or "-").split(":")[0], run.test
+
+
 def write(summary: BaseModel, folder: Path) -> None:
     (Path(folder) / SUMMARY_FILE).write_text(summary.model_dump_json(indent=2, by_alias=True))
 

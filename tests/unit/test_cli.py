@@ -75,3 +75,20 @@ def test_runs_never_cuts_a_run_id_even_in_a_narrow_terminal(tmp_path):
                           text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
     assert run_id in proc.stdout, proc.stdout
+
+
+def test_runs_reads_the_typed_summaries_and_says_when_one_is_broken(tmp_path):
+    from tuneloop.tools.summary import JobSummary, PhaseSummary, RunSummary, Scores, summary_row, write
+
+    scores = Scores(cases=10, protocol=1.0, correctness=0.5, mean_new_tokens=9.0)
+    write(RunSummary(run_id="r", run_dir="r", method="sft", processes=1, steps=80, stop_reason="feedback: target",
+                     test=scores), tmp_path)
+    assert summary_row(tmp_path / "summary.json") == ("80", "feedback", scores)
+    phases = [PhaseSummary(run_id=f"j-{p}", run_dir="x", method=p, processes=1, steps=n, stop_reason="completed: x",
+                           phase=p) for p, n in (("sft", 40), ("grpo", 20))]
+    write(JobSummary(job_id="j", run_dir="j", phases=phases, test=scores), tmp_path)
+    assert summary_row(tmp_path / "summary.json") == ("40+20", "completed", scores)
+    (tmp_path / "summary.json").write_text('{"run_id": "r", "steps": "many"')
+    steps, stopped, test = summary_row(tmp_path / "summary.json")
+    assert (steps, test) == ("-", None) and stopped.startswith("unreadable summary.json: ")
+    assert summary_row(tmp_path / "none.json") == ("-", "-", None)
