@@ -32,8 +32,7 @@ def run(
     processes: Optional[int] = typer.Option(None, min=1, help="Training processes (default: train.processes)."),
 ) -> None:
     """Run a whole job on this machine: NATS, the five services, progress, summary."""
-    from .runner import RunFailed
-    from .runner import run as run_job
+    from .runner import RunFailed, run_job
     from .summary import print_summary
 
     try:

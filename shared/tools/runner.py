@@ -49,8 +49,8 @@ def new_run_id(cfg: Config) -> str:
     return cfg.run.name + datetime.now().strftime(RUN_ID_STAMP)
 
 
-def run(config_path: Path, *, nats_url: str | None = None, run_id: str | None = None, evaluators: int = 1,
-        processes: int | None = None, console: Console | None = None) -> RunSummary | JobSummary:
+def run_job(config_path: Path, *, nats_url: str | None = None, run_id: str | None = None, evaluators: int = 1,
+            processes: int | None = None, console: Console | None = None) -> RunSummary | JobSummary:
     """The job of ``config_path``: one run, or one run per phase when the config has ``phases``."""
     console = console or Console()
     cfg = load_config(config_path)
