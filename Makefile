@@ -64,6 +64,8 @@ bench: install  ## benchmarks (minutes each; nothing else running): figures to $
 	$(PY) bench/trainer_overhead.py --real --json $(BENCH_OUT)/trainer_overhead_real.json
 	$(PY) bench/startup.py --json $(BENCH_OUT)/startup.json
 	$(PY) bench/feedback_loop.py --json $(BENCH_OUT)/feedback_loop.json
+	$(PY) bench/feedback_loop.py --config examples/protocol.yaml --steps 40 --every 10 --cases 48 --tokens 32 --shard 48 \
+	  --rounds 3 --settings shared --json $(BENCH_OUT)/feedback_loop_real.json
 	$(PY) bench/sweep.py --json $(BENCH_OUT)/sweep.json
 	$(PY) bench/readme.py --results $(BENCH_OUT)
 

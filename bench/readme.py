@@ -30,6 +30,7 @@ TARGETS = [
     ("compute_to_target", "wall_to_target_over_trl_callback", 0.85, True),
     ("feedback_loop", "remote_over_inline_shared", 1.05, True),
     ("feedback_loop", "remote_over_inline_extra_core", 0.75, True),
+    ("feedback_loop_real", "remote_over_inline_shared", 1.05, True),
     ("sweep", "tuneloop_over_baseline", 0.7, True),
     ("sweep_real", "tuneloop_over_baseline", 0.7, True),
     ("trainer_overhead", "median_of_ratios", 0.97, False),
@@ -47,7 +48,8 @@ CAVEATS = [
 
 
 # Results files that are not named for their script: what made them.
-MADE_BY = {"sweep_real": "bench/sweep.py --real", "trainer_overhead_real": "bench/trainer_overhead.py --real"}
+MADE_BY = {"sweep_real": "bench/sweep.py --real", "trainer_overhead_real": "bench/trainer_overhead.py --real",
+           "feedback_loop_real": "bench/feedback_loop.py --config examples/protocol.yaml"}
 
 
 def made_by(name: str) -> str:
@@ -143,7 +145,7 @@ def render(results: dict[str, dict], results_dir: Path | None = None) -> str:
         out += ["", "Steps: tuneloop / fixed " + ratio_text(c, "steps_to_target_over_fixed") + ", tuneloop / callback "
                 + ratio_text(c, "steps_to_target_over_trl_callback") + "; adaptive data on / off: steps "
                 + ratio_text(c, "adaptive_steps_ratio") + ", seconds " + ratio_text(c, "adaptive_wall_ratio") + ".", ""]
-    if f := results.get("feedback_loop"):
+    for f in filter(None, (results.get("feedback_loop"), results.get("feedback_loop_real"))):
         out += [f"Feedback loop ({f.get('config', 'protocol-tiny.yaml')}, {f['rounds']} paired rounds, {f['steps']} "
                 f"steps, evaluation every {f['eval_every']} steps of {f['cases']} cases, up to {f['max_new_tokens']} "
                 f"tokens): inline evaluation was {f['inline_eval_share_shared']:.0%} of the inline loop (shared)"
