@@ -164,3 +164,62 @@ def test_an_approved_stop_applies_unless_already_stopping():
     fx = s.decide(late, AT)
     assert fx.stop and fx.answer.applied and s.stop_reason[0] == "feedback" and "timed-out by timeout" in s.stop_reason[1]
     assert isinstance(late, approvals.TimedOut) and pid == late.proposal_id
+
+
+def test_a_rollback_undoes_the_controls_applied_under_the_guard_and_what_was_saved_after_it(tmp_path):
+    """The steerer's Rollback carried out on a run folder (no training): the savepoint's
+    steering comes back, every control applied since it is rolled back (never applied again),
+    the checkpoints and snapshots after it go, and the rollback is announced."""
+    from types import SimpleNamespace
+
+    from tuneloop.checkpoints import folder, write_state
+    from tuneloop.events import ControlRolledBack, derived_id
+    from tuneloop.storage import RunDir
+    from tuneloop.trainer import rollback
+    from tuneloop.trainer.callback import BusCallback
+
+    class Link:
+        datasets = {"d0": "the data set d0"}
+
+        def __init__(self):
+            self.sent = []
+
+        def publish(self, event, **_):
+            self.sent.append(event)
+
+    rd = RunDir(tmp_path)
+    s = steerer()
+    s.decide(ctl("pause"), Boundary(step=5))
+    s.decide(ctl("resume"), Boundary(step=6))
+    at_savepoint = Steering.from_dict(s.state.to_dict())  # what checkpoint-10 holds
+    folder(rd.checkpoints, 10).mkdir(parents=True)
+    write_state(folder(rd.checkpoints, 10), at_savepoint)
+    guarded = ctl("set-lr", 5e-4, guard="protocol>=0.9")
+    s.decide(guarded, Boundary(step=10))
+    s.at_savepoint("checkpoints/checkpoint-10", Boundary(step=10), ignore_data_skip=True)
+    s.decide(ctl("set-grad-clip", 0.5), Boundary(step=12))
+    s.state.guard.saves.append("saved-15")
+    for step in (15, 20):
+        folder(rd.checkpoints, step).mkdir()
+    rd.snapshot(12).mkdir(parents=True)
+    rd.snapshot(5).mkdir()
+    fb = Feedback(run_id="r", step=15, action="continue", reason="", score=0.1, scores={"protocol": 0.1})
+    [judged] = s.judgements([fb], {}, now=0.0)
+    s.decide(judged, Boundary(step=21))
+
+    link = Link()
+    cb = BusCallback(link, "r", tmp_path, "base", True, s.state)
+    cb.steer = s
+    args = SimpleNamespace(ignore_data_skip=False)
+    savepoint, dataset = rollback.roll_back(cb, tmp_path, link.datasets, args)
+    assert savepoint == tmp_path / "checkpoints" / "checkpoint-10" and dataset == "the data set d0"
+    assert [a.command for a in cb.run_state.applied] == ["pause", "resume"] and cb.run_state.learning_rate == 1e-3
+    assert [(a.command, a.rolled_back_at) for a in cb.run_state.rolled_back] == [("set-lr", 21), ("set-grad-clip", 21)]
+    assert cb.run_state.discarded_requests == [derived_id("eval", "saved-15")] and cb.rollback is None
+    assert sorted(p.name for p in rd.checkpoints.iterdir()) == ["checkpoint-10"]
+    assert sorted(rd.snapshot_folders()) == [5] and args.ignore_data_skip is True
+    [announced] = link.sent
+    assert isinstance(announced, ControlRolledBack) and announced.reverted == [s.state.rolled_back[1].control_id]
+    assert (announced.savepoint_step, announced.step, announced.discarded_steps) == (10, 21, [11, 21])
+    again = s.decide(guarded, Boundary(step=22))  # redelivered after the rollback: answered, not applied again
+    assert again.answer.step == 10 and not again.applied
