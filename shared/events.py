@@ -107,6 +107,20 @@ class MixtureRequest(Event):
     reason: str = ""
 
 
+class RunForked(Event):
+    """A run was forked: a new run starts from one of its checkpoints (``tuneloop fork``).
+
+    Published on the parent's subject and on the child's, so the audit trail of both has it."""
+
+    KIND: ClassVar[str] = "run.forked"
+    parent: str
+    child: str
+    step: int = Field(ge=0, description="The step of the parent's checkpoint the child starts from.")
+    checkpoint: str = Field(description="That checkpoint, relative to the parent's run directory.")
+    changed: dict[str, Any] = Field(default_factory=dict, description="The settings the child changed (dotted keys).")
+    weights_only: bool = Field(default=False, description="Only the weights (a fresh optimizer), or the full state.")
+
+
 class DataSwitch(Event):
     """Adaptive data asks the trainer to go on with a data set it announced for the run.
 
@@ -452,7 +466,7 @@ class DeadLetter(Event):
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (
-    RunQueued, DatasetReady, MixtureRequest, DataSwitch, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, CheckpointsReleased,
+    RunQueued, RunForked, DatasetReady, MixtureRequest, DataSwitch, StepMetrics, CheckpointSaved, TrainingFinished, CheckpointRecorded, CheckpointsReleased,
     ExportDone, ExportRequest,
     EvalRequest, EvalShard, EvalVerdict, Feedback, Control, ControlApplied, ControlRejected,
     ControlRolledBack, ControlConfirmed, Proposal, ProposalDecision, ProposalResolved,

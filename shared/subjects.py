@@ -11,7 +11,7 @@ STREAM = "TUNELOOP"
 AUDIT_STREAM = "TUNELOOP_AUDIT"
 # What operators (and the feedback policy) did to runs, and the answers: kept longer, never purged.
 AUDIT_KINDS = ("control", "control.applied", "control.rejected", "control.rolled_back", "control.confirmed",
-               "data.mixture", "data.switch", "proposal", "proposal.decision", "proposal.resolved")
+               "data.mixture", "data.switch", "proposal", "proposal.decision", "proposal.resolved", "run.forked")
 ALL_RUNS = "*"
 # The JetStream KV buckets, with how long a key lives (None: until deleted). Who may write each
 # is declared in topology.py (KV_WRITERS).

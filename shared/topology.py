@@ -46,6 +46,9 @@ ROUTES: tuple[Route, ...] = (
                   "applied as `set-data` and nothing else (the only thing data-pipeline may ask of the trainer)"),
     Route("run.queued", ("operator",), ("trainer", "data-pipeline"),
           payload="attempt: a run for a pool worker to take (its config is in its run directory)"),
+    Route("run.forked", ("operator",), readers="the audit trail of the parent and of the child, watchers",
+          payload="parent, child, the step of the parent's checkpoint, the settings changed, weights only or the "
+                  "full state (`tuneloop fork`)"),
     Route("train.step", ("trainer",), readers="watchers",
           payload="step, method, loss, lr, grad norm, tokens/s, GRPO reward, paused"),
     Route("ckpt.saved", ("trainer",), ("checkpoint",),

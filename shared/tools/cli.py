@@ -52,6 +52,48 @@ def run(
 
 
 @app.command()
+def fork(
+    run_id: str = typer.Argument(..., help="Run to fork."),
+    at: str = typer.Option("latest", "--at", help="Its checkpoint to start from: a step, latest, or best (the exported one)."),
+    sets: list[str] = typer.Option([], "--set", help="KEY=VALUE, a setting of the child (train.learning_rate=5e-4); repeat it."),
+    weights_only: bool = typer.Option(False, "--weights-only", help="Start from the parent's weights only: a fresh "
+                                                                      "optimizer, schedule and data order; any setting may change."),
+    name: Optional[str] = typer.Option(None, "--name", help="The child's run id (default: <run>-fork<step>-<time>)."),
+    queue: bool = typer.Option(False, "--queue", help="Queue the child for the trainer and data-pipeline pools (compose, "
+                                                       "Kubernetes; needs --nats-url) instead of running it here."),
+    nats_url: Optional[str] = NATS_URL,
+    storage: Path = STORAGE,
+    evaluators: int = typer.Option(1, min=1, help="Evaluator processes (run here)."),
+) -> None:
+    """A new run from a checkpoint of RUN, some settings changed; RUN itself is left as it is."""
+    from .fork import ForkRefused, make, plan
+    from .runner import RunFailed, announce_fork, run_fork
+    from .summary import print_summary
+
+    if queue and not nats_url:
+        console.print("[red]--queue needs --nats-url: the pools' bus[/]")
+        raise typer.Exit(2)
+    try:
+        f = plan(storage, run_id, at, sets, weights_only, name)
+        make(f, storage)
+    except (ForkRefused, ConfigError) as e:
+        console.print(f"[red]cannot fork {run_id}:[/] {e}")
+        raise typer.Exit(2)
+    console.print(f"forked [cyan]{run_id}[/] at step {f.step} into [cyan]{f.child}[/] "
+                  f"({'weights only' if weights_only else 'full state'}; changed: {f.changed or 'nothing'})")
+    if queue:
+        asyncio.run(announce_fork(f, storage, nats_url, queue=True))
+        console.print(f"queued {f.child} for the pools")
+        return
+    try:
+        summary = run_fork(f, storage, nats_url=nats_url, evaluators=evaluators, console=console)
+    except RunFailed as e:
+        console.print(f"[red]run failed:[/] {e}")
+        raise typer.Exit(1)
+    print_summary(summary, console)
+
+
+@app.command()
 def sweep(
     file: Path = typer.Argument(..., help="Sweep file (YAML): base config, parameters, sampler, pruner, concurrency."),
     nats_url: Optional[str] = NATS_URL,
@@ -350,20 +392,26 @@ def runs(storage: Path = STORAGE) -> None:
 
     from ..procfs import running
     from ..storage import RUN_FILE
+    from .fork import fork_tree
     from .summary import SUMMARY_FILE, summary_row
 
     # The run id is what a user copies from here: never cut; the other columns fold instead.
     t = Table(Column("run", no_wrap=True, overflow="ignore", min_width=max(
-        [len(p.parent.name) for p in Path(storage).glob(f"*/{RUN_FILE}")] or [3])),
+        [len(p.parent.name) + 6 for p in Path(storage).glob(f"*/{RUN_FILE}")] or [3])),
         *(Column(h, overflow="fold") for h in ("state", "started", "steps", "stopped", "test protocol",
                                                 "test correctness")))
+    infos = {}
     for info_file in sorted(Path(storage).glob(f"*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime):
         info = json.loads(info_file.read_text())
+        infos[info["run_id"]] = (info_file, info)
+    for depth, run in fork_tree(infos, lambda r: (infos[r][1].get("forked_from") or {}).get("run")):
+        info_file, info = infos[run]
         state = info.get("state", "?")
         if state == "running" and not running(info.get("pid")):
             state = "gone"  # the runner died without saying so
         steps, stopped, test = summary_row(info_file.parent / SUMMARY_FILE)
-        t.add_row(info["run_id"], state, str(info.get("started", ""))[:19], steps, stopped,
+        name = ("  " * (depth - 1) + "└ " if depth else "") + info["run_id"]  # a fork under its parent
+        t.add_row(name, state, str(info.get("started", ""))[:19], steps, stopped,
                   *(f"{getattr(test, m):.3f}" if test else "-" for m in ("protocol", "correctness")))
     console.print(t)
 

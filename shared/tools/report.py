@@ -102,7 +102,9 @@ async def stored_events(bus, run_id: str, settle_s: float = 1.0, kinds: tuple = 
     return events
 
 
-def write_png(t: Timeline, path: Path) -> Path:
+def write_png(t: Timeline, path: Path, parent: tuple[str, int, list] | None = None) -> Path:
+    """The run's curves; a full-state fork's ``parent`` (its run, the fork step, its steps up
+    to there) drawn in grey before them, so the child reads as the branch it is."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,6 +114,12 @@ def write_png(t: Timeline, path: Path) -> Path:
     rows = 3 + bool(rewards)
     fig, axes = plt.subplots(rows, 1, figsize=(9, 2.6 * rows), sharex=True)
     loss, lr, scores = axes[0], axes[1], axes[-1]
+    if parent:
+        name, at, before = parent
+        loss.plot([s.step for s in before], [s.loss for s in before], color="grey", label=f"{name} (parent)")
+        for ax in axes:
+            ax.axvline(at, color="black", linewidth=0.8)
+        loss.annotate(f"forked from {name}", (at, 0.05), xycoords=("data", "axes fraction"), fontsize=7)
     loss.plot([s.step for s in t.steps], [s.loss for s in t.steps], color="tab:blue")
     loss.set_ylabel("loss")
     lr.plot([s.step for s in t.steps if s.learning_rate is not None],
@@ -145,7 +153,7 @@ def write_png(t: Timeline, path: Path) -> Path:
     drawn = {"steps": [t.steps[0].step, t.steps[-1].step] if t.steps else [], "xlim": list(scores.get_xlim()),
              "panels": [ax.get_ylabel() for ax in axes], "controls": [[c.step, c.command] for c in t.controls],
              "rolled_back": [[r.savepoint_step, r.step, r.command] for r in t.rollbacks],
-             "evaluations": len(val)}
+             "evaluations": len(val), "parent": [parent[0], parent[1]] if parent else None}
     fig.savefig(path, dpi=100, metadata={"Title": f"tuneloop run {t.run_id}", "Description": json.dumps(drawn)})
     plt.close(fig)
     return path
@@ -223,6 +231,19 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}pre{{background:#
     return path
 
 
+def fork_parent(run_dir: Path) -> tuple[str, int, list] | None:
+    """A full-state fork's parent, the fork step and the parent's steps up to it (from the
+    parent's timeline beside this run), or None."""
+    info = run_dir / "run.json"
+    lineage = json.loads(info.read_text()).get("forked_from") if info.is_file() else None
+    timeline = run_dir.parent / lineage["run"] / TIMELINE_FILE if lineage else None
+    if not lineage or lineage["weights_only"] or not timeline.is_file():
+        return None
+    steps = [e for e in read_timeline(timeline) if isinstance(e, StepMetrics) and e.loss is not None
+             and e.step <= lineage["step"]]
+    return lineage["run"], lineage["step"], steps
+
+
 def write_report(run_dir: Path, events: list[Event], out_dir: Path | None = None) -> tuple[Path, Path]:
     """``report.png`` and ``report.html`` for the run in ``run_dir`` (into ``out_dir``, default the run's)."""
     out_dir = out_dir or run_dir
@@ -230,7 +251,7 @@ def write_report(run_dir: Path, events: list[Event], out_dir: Path | None = None
     t = Timeline.of(run_dir.name, events)
     if not t.steps:
         raise ValueError(f"run {run_dir.name}: no training steps recorded yet, nothing to plot")
-    png = write_png(t, out_dir / "report.png")
+    png = write_png(t, out_dir / "report.png", fork_parent(run_dir))
     config = run_dir / "config.yaml"
     summary = run_dir / "summary.json"
     quality = {d.dataset_id: json.loads(f.read_text()) for d in t.datasets

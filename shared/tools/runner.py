@@ -10,6 +10,7 @@ left behind. A config with ``phases`` runs them one after the other (``run_phase
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import time
@@ -25,11 +26,11 @@ from ..config import RUN_ID_STAMP, Config, ConfigError, dump_config, load_config
 from .embedded import NatsServer
 from ..events import (CheckpointRecorded, Control, ControlApplied, ControlConfirmed, ControlRejected, ControlRolledBack,
                      DatasetReady, DeadLetter, EvalVerdict, Event, ExportDone, Feedback, Proposal, ProposalResolved,
-                     StepMetrics, TrainingFinished)
+                     RunForked, RunQueued, StepMetrics, TrainingFinished, derived_id)
 from .processes import FIRST, LATER_WITHIN_S, SERVICES, exited_badly, spawn, stop_all
 from .progress import Progress
 from .report import TIMELINE_FILE, write_report, write_timeline
-from ..storage import CONFIG_FILE, RunDir, init_run, run_dir, write_run_info
+from ..storage import CONFIG_FILE, RUN_FILE, RunDir, init_run, run_dir, write_run_info
 from .summary import JobSummary, PhaseSummary, RunSummary
 from .watch import WatchView, log_event
 
@@ -75,6 +76,37 @@ def run_job(config_path: Path, *, nats_url: str | None = None, run_id: str | Non
             server.stop()
 
 
+def run_fork(fork, storage: Path, *, nats_url: str | None = None, evaluators: int = 1,
+             console: Console | None = None) -> RunSummary:
+    """Run a fork (``tools/fork.py``, its folder made) on this machine like ``tuneloop run``,
+    after saying so on the bus of both runs (their audit trails)."""
+    console = console or Console()
+    server = None
+    if not nats_url:
+        server = NatsServer(run_dir(storage, fork.child) / "nats")
+        nats_url = server.start()
+    try:
+        asyncio.run(announce_fork(fork, storage, nats_url))
+        store = server.store_dir if server else None
+        return run_one(fork.config, fork.child, storage, nats_url, evaluators, console,
+                       run_dir(storage, fork.child) / CONFIG_FILE, store)
+    finally:
+        if server:
+            server.stop()
+
+
+async def announce_fork(fork, storage: Path, nats_url: str, queue: bool = False) -> None:
+    """``RunForked`` on the parent's subject and the child's; with ``queue``, the child for the pools."""
+    lineage = fork.lineage(storage)
+    async with await Bus.connect(nats_url, "fork", patience=30) as bus:
+        for run_id in (fork.parent, fork.child):
+            await bus.publish(RunForked(run_id=run_id, event_id=derived_id("forked", run_id, fork.child), parent=fork.parent,
+                                        child=fork.child, step=fork.step, checkpoint=lineage["checkpoint"],
+                                        changed=fork.changed, weights_only=fork.weights_only))
+        if queue:
+            await bus.publish(RunQueued(run_id=fork.child, reason=f"fork of {fork.parent} at step {fork.step}"))
+
+
 def run_phases(cfg: Config, job_id: str, storage: Path, nats_url: str, evaluators: int, console: Console,
                source: Path, store: Path | None = None) -> JobSummary:
     """Each phase is a run of its own (``<job>-<phase>``), started from the model the previous
@@ -104,9 +136,11 @@ def run_phases(cfg: Config, job_id: str, storage: Path, nats_url: str, evaluator
 def run_one(cfg: Config, run_id: str, storage: Path, nats_url: str, evaluators: int, console: Console,
             source: Path, store: Path | None = None) -> RunSummary:
     rdir = init_run(cfg, run_id, storage)
+    before = json.loads((rdir / RUN_FILE).read_text()) if (rdir / RUN_FILE).is_file() else {}
     info = {"run_id": run_id, "nats_url": nats_url, "pid": os.getpid(), "state": "running",
             "started": datetime.now(timezone.utc).isoformat(), "config": str(Path(source).resolve()),
-            **({"nats_store": str(store)} if store else {})}
+            **({"nats_store": str(store)} if store else {}),
+            **{k: before[k] for k in ("forked_from", "forks") if k in before}}  # a fork's lineage stays
     write_run_info(storage, run_id, info)
     console.print(f"[bold]tuneloop[/] run [cyan]{run_id}[/]  nats {nats_url}  dir {rdir}")
     procs: dict[str, subprocess.Popen] = {}

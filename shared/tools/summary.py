@@ -8,6 +8,7 @@ proto``; a test fails when they drift). ``run_summary`` makes a run's from its `
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -110,6 +111,8 @@ class RunSummary(BaseModel):
     merged: str | None = None
     test: Scores | None = Field(default=None, description="The exported model on test.")
     suites: dict[str, SuiteResult] = Field(default_factory=dict)
+    forked_from: dict | None = Field(default=None, description=(
+        "A fork: the parent run, the step of its checkpoint, what changed, weights only or the full state."))
 
 
 class PhaseSummary(RunSummary):
@@ -198,7 +201,13 @@ def run_summary(progress: Progress, rdir: Path, cfg: Config) -> RunSummary:
                                   by_category={c: s["protocol"] for c, s in v.by_category.items()},
                                   failures=[x.reason for x in v.failures[:3]])
                 for name, v in sorted(p.suite_verdicts.items())},
+        forked_from=_lineage(rdir),
     )
+
+
+def _lineage(rdir: Path) -> dict | None:
+    info = Path(rdir) / "run.json"
+    return json.loads(info.read_text()).get("forked_from") if info.is_file() else None
 
 
 # ------------------------------------------------------------------ printing
@@ -209,6 +218,10 @@ def print_summary(summary: RunSummary | JobSummary, console: Console) -> None:
     t = Table(title=f"tuneloop run {s.run_id}", show_header=False)
     t.add_column(style="bold", no_wrap=True)
     t.add_column(overflow="fold")
+    if s.forked_from:
+        f = s.forked_from
+        t.add_row("forked from", f"{f['run']} at step {f['step']} ({'weights only' if f['weights_only'] else 'full state'})"
+                  + (f", changed {f['changed']}" if f["changed"] else ""))
     if s.base_model:
         t.add_row("base model", describe_base(s.base_model))
     t.add_row("steps", f"{s.steps} ({s.method}, {s.processes} process{'es' if s.processes != 1 else ''})")
