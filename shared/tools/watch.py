@@ -21,10 +21,10 @@ from rich.text import Text
 
 from ..events import (CheckpointRecorded, Control, ControlApplied, ControlConfirmed, ControlRejected, ControlRolledBack,
                      DatasetReady, DeadLetter, EvalVerdict, Event, ExportDone, Feedback, Proposal, ProposalResolved,
-                     StepMetrics, TrainingFinished)
+                     RunForked, StepMetrics, TrainingFinished)
 from .progress import Progress
 
-KINDS = (DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, Control, ControlApplied,
+KINDS = (RunForked, DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, Control, ControlApplied,
          ControlRejected, ControlRolledBack, ControlConfirmed, Proposal, ProposalResolved, TrainingFinished, ExportDone)
 BARS = "▁▂▃▄▅▆▇█"
 
@@ -60,6 +60,7 @@ class WatchView:
     dataset: str = ""
     finished: TrainingFinished | None = None
     exported: ExportDone | None = None
+    forked: RunForked | None = None  # this run is a fork: of which run, at which step
 
     def update(self, e: Event) -> None:
         if isinstance(e, StepMetrics):
@@ -98,6 +99,8 @@ class WatchView:
             self.checkpoints += 1
         elif isinstance(e, DatasetReady):
             self.dataset = e.dataset_id
+        elif isinstance(e, RunForked) and e.child == self.run_id:
+            self.forked = e
         elif isinstance(e, TrainingFinished):
             self.finished = e
         elif isinstance(e, ExportDone):
@@ -113,6 +116,11 @@ class WatchView:
         head = Table.grid(padding=(0, 2))
         head.add_row(Text(f"run {self.run_id}", style="bold cyan"), Text(self.state, style="bold"),
                      Text(f"{self.method} · data {self.dataset or '-'} · {self.checkpoints} checkpoints"))
+        if self.forked:
+            f = self.forked
+            head.add_row(Text(f"forked from {f.parent}", style="cyan"), Text(f"at step {f.step}"),
+                         Text(("weights only" if f.weights_only else "full state")
+                              + (f" · changed {f.changed}" if f.changed else "")))
         bar = Table.grid(padding=(0, 1))
         bar.add_row(ProgressBar(total=self.max_steps or 1, completed=self.step, width=50),
                     Text(f"step {self.step}/{self.max_steps}"))

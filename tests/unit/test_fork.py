@@ -67,3 +67,19 @@ def test_a_checkpoint_a_rollback_discarded_is_refused_with_why(tmp_path):
 def test_runs_draws_forks_under_their_parents():
     parents = {"a": None, "b": "a", "c": "b", "d": None, "e": "a", "x": "gone"}
     assert fork_tree(list(parents), parents.get) == [(0, "a"), (1, "b"), (2, "c"), (1, "e"), (0, "d"), (0, "x")]
+
+
+def test_watch_says_what_a_fork_came_from():
+    from rich.console import Console
+
+    from tuneloop.events import RunForked
+    from tuneloop.tools.watch import WatchView
+
+    view = WatchView("c")
+    view.update(RunForked(run_id="c", parent="p", child="c", step=10, checkpoint="checkpoints/checkpoint-10",
+                          changed={"train.learning_rate": 0.05}))
+    view.update(RunForked(run_id="c", parent="c", child="grandchild", step=12, checkpoint="checkpoints/checkpoint-12"))
+    console = Console(width=120, record=True)
+    console.print(view)
+    text = console.export_text()
+    assert "forked from p" in text and "at step 10" in text and "train.learning_rate" in text
