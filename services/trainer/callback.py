@@ -299,6 +299,8 @@ class BusCallback(TrainerCallback):
             self._write_applied()
         for event in fx.publish:
             self.link.publish(event)
+        if rs.guard is None and self.steer.deferred is None:
+            self.losses.clear()  # no guard watches (confirmed, or none): no loss to judge it by
 
     def _publish_paused(self, state) -> None:
         now = time.monotonic()
