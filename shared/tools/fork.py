@@ -190,7 +190,10 @@ def make(fork: Fork, storage: Path) -> Path:
         write_steering(child.applied, steering)
     lineage = fork.lineage(storage)
     write_run_info(storage, fork.child, {"run_id": fork.child, "state": "forked", "forked_from": lineage})
-    parent_info = read_run_info(storage, fork.parent)
+    try:
+        parent_info = read_run_info(storage, fork.parent)
+    except FileNotFoundError:  # a run a deployment serves (`tuneloop init`) has no run.json of the runner's
+        parent_info = {"run_id": fork.parent}
     parent_info.setdefault("forks", []).append({"run": fork.child, "step": fork.step, "changed": fork.changed,
                                                 "weights_only": fork.weights_only})
     write_run_info(storage, fork.parent, parent_info)
