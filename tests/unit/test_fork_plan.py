@@ -1,6 +1,6 @@
 """Forks planned (tools/fork.py), with no training: which settings a full-state fork may
 change, which checkpoint it starts from and why one is refused, and the tree `tuneloop runs`
-draws. Forks that train are in tests/integration/test_fork.py."""
+draws. Forks that train are in tests/integration/test_fork.py (this file is named apart from it: pytest imports test modules by basename)."""
 
 import pytest
 
