@@ -225,14 +225,19 @@ def test_each_image_target_installs_what_its_service_imports():
     targets = _targets()
     assert set(SERVICES) | {"cli"} <= set(targets), targets
     core = _requirements("")
-    # The shared package needs only the core dependencies, but for matplotlib (the report, an extra
-    # of its own), grafana-client (imported by the checkpoint service, whose extra has it), and the
-    # ml stack that models.py and export.py import inside their functions: loading and exporting a
+    # The shared package's core needs only the core dependencies, but for grafana-client (imported
+    # by the checkpoint service, whose extra has it), and the ml stack that models.py and
+    # export.py import inside their functions: loading and exporting a
     # checkpoint, which the torch services and `tuneloop export` do, the slim images never (and gguf,
     # which the trainer's dequantization of a GGUF base imports inside gguf.py's functions).
     ml = {"torch", "transformers", "peft", "gguf"}
-    assert {DIST.get(m, m) for m in _imports(REPO / "shared")} - core == {"matplotlib", "grafana-client"} | ml
+    assert {DIST.get(m, m) for m in _imports(REPO / "shared")} - core == {"grafana-client"} | ml
     assert not _imports(REPO / "shared", top_level=True) & ml
+    # The operator's tools (shared/tools/, in every image with the package) import their extras
+    # (the report's matplotlib, the sweep's optuna) inside the functions that need them only.
+    tools = _imports(REPO / "shared" / "tools") | _imports(REPO / "shared" / "tools" / "sweep")
+    assert {DIST.get(m, m) for m in tools} - core == {"matplotlib", "optuna"}
+    assert not {DIST.get(m, m) for m in _imports(REPO / "shared" / "tools", top_level=True)} - core
     assert "grafana-client" in _requirements(targets["checkpoint"])
     for svc in SERVICES:
         have = _requirements(targets[svc]) | {"torch"}  # torch: the ml stage installs the pinned build
