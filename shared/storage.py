@@ -35,6 +35,9 @@ class RunDir:
     base = property(lambda self: self.path / "base")  # the base model (or a link to it)
     export = property(lambda self: self.path / "export")  # exported adapters and merged models
     logs = property(lambda self: self.path / "logs")  # one log per service process
+    # A fork's start (tools/fork.py): the parent's checkpoint it resumes from until it has its own.
+    # Not under checkpoints/: it is no checkpoint of this run, and nothing catalogues or exports it.
+    fork_start = property(lambda self: self.path / "forked-from")
     config = property(lambda self: self.path / CONFIG_FILE)
     applied = property(lambda self: self.path / APPLIED_FILE)
 

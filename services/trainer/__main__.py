@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from tuneloop.checkpoints import latest_intact, read_state
+from tuneloop.checkpoints import latest_intact, read_state, verify
 from tuneloop.events import (CheckpointRecorded, Control, DataSwitch, DatasetReady, DeadLetter, Feedback, ProposalDecision,
                              RunQueued, TrainingFinished)
 from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, parent_gone, parse_args, run_log, run_service, setup_logging
@@ -159,10 +159,21 @@ async def wait_for_data(ctx: ServiceContext, run_id: str, announced: asyncio.Eve
     return None
 
 
+def fork_start(rdir) -> Path | None:
+    """A fork with no checkpoint of its own yet resumes from the parent's (``RunDir.fork_start``),
+    once it checks out against its manifest."""
+    starts = sorted(RunDir(rdir).fork_start.glob("checkpoint-*"))
+    if not starts:
+        return None
+    if problem := verify(starts[-1], None, uncatalogued_ok=True):
+        raise SystemExit(f"the fork's starting checkpoint {starts[-1]} cannot be used: {problem}")
+    return starts[-1]
+
+
 async def _dataset_to_resume(link: BusLink, latest: DatasetReady, rdir) -> tuple[DatasetReady, Path | None]:
     """(data set, checkpoint to resume from): a fresh run trains on the newest data set; a
     resumed one on the data set its checkpoint names."""
-    ckpt = await asyncio.to_thread(latest_intact, RunDir(rdir).checkpoints, link.recorded)
+    ckpt = await asyncio.to_thread(latest_intact, RunDir(rdir).checkpoints, link.recorded) or fork_start(rdir)
     want = read_state(ckpt).dataset_id if ckpt else ""
     if not want or want == latest.dataset_id:
         return latest, ckpt

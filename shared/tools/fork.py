@@ -180,7 +180,7 @@ def make(fork: Fork, storage: Path) -> Path:
         init_run(cfg, fork.child, storage)
     else:
         init_run(cfg, fork.child, storage)
-        shutil.copytree(fork.checkpoint, child.checkpoints / fork.checkpoint.name)
+        shutil.copytree(fork.checkpoint, child.fork_start / fork.checkpoint.name)
         steering = read_state(fork.checkpoint)
         for key, (command, attr) in AS_CONTROL.items():
             if key in fork.changed:  # applied at the fork step, as the control would have been

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 
 import pytest
@@ -36,7 +37,8 @@ def digest(folder) -> str:
 
 
 def tuneloop(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*TUNELOOP_CLI, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*TUNELOOP_CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def test_a_fork_with_no_change_continues_the_parents_losses_and_leaves_the_paren
     assert json.loads((storage / "same" / "summary.json").read_text())["forked_from"] == lineage
     assert any(f["run"] == "same" for f in json.loads((storage / PARENT / "run.json").read_text())["forks"])
     runs = tuneloop("runs", "--storage", str(storage), timeout=60)
-    names = [ln.split("│")[1].strip() for ln in runs.stdout.splitlines() if ln.count("│") > 3]
+    names = [n for ln in runs.stdout.splitlines() if ln.count("│") > 3 and (n := ln.split("│")[1].strip())]
     assert names.index("└ same") == names.index(PARENT) + 1, runs.stdout
     audit = tuneloop("audit", "same", "--storage", str(storage), timeout=120)
     assert "run.forked" in audit.stdout and "'parent': 'parent'" in audit.stdout, audit.stdout + audit.stderr
