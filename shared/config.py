@@ -276,6 +276,9 @@ class TrainSection(_Section):
     max_length: int = Field(default=128, ge=8)
     logging_steps: int = Field(default=5, ge=1)
     save_steps: int = Field(default=50, ge=1, description="Checkpoint (and so evaluate) every N steps.")
+    pause_every: int | None = Field(default=None, ge=1, description=(
+        "Pause after the checkpoint of every N steps (a multiple of save_steps) until a resume control: the "
+        "barrier of a PBT sweep's members, set by the sweep (a fork clears it)."))
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="Mixed precision on GPU. auto: bf16 where the GPU supports it, else fp16; fp32 on CPU.")
@@ -287,6 +290,13 @@ class TrainSection(_Section):
     lora: LoraSection = LoraSection()
     dpo: DPOSection = DPOSection()
     grpo: GRPOSection = GRPOSection()
+
+    @model_validator(mode="after")
+    def _pause_on_a_checkpoint(self) -> "TrainSection":
+        if self.pause_every is not None and self.pause_every % self.save_steps:
+            raise ValueError(f"pause_every {self.pause_every} must be a multiple of save_steps {self.save_steps}: "
+                             "a run pauses after a checkpoint")
+        return self
 
     @model_validator(mode="after")
     def _quantized_needs_lora(self) -> "TrainSection":

@@ -118,8 +118,17 @@ def read_run_info(root: Path, run_id: str) -> dict:
     return json.loads(p.read_text())
 
 
+LINEAGE = ("forked_from", "forks")  # kept in run.json whoever rewrites it (a run, a sweep, a fork)
+
+
 def write_run_info(root: Path, run_id: str, info: dict) -> None:
     p = run_dir(root, run_id) / RUN_FILE
+    if p.is_file() and not all(k in info for k in LINEAGE):
+        try:
+            before = json.loads(p.read_text())
+        except ValueError:
+            before = {}
+        info = {**{k: before[k] for k in LINEAGE if k in before}, **info}
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(info, indent=2))
     tmp.replace(p)

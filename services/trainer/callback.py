@@ -88,7 +88,8 @@ class BusCallback(TrainerCallback):
 
     def __init__(self, link: BusLink | FollowerLink, run_id: str, run_dir: Path, base_model: str, adapter: bool,
                  state: controls.Steering, method: str = "sft", sharded: bool = False, eval_every: int | None = None,
-                 gates: FeedbackSection | None = None, categories: frozenset[str] = frozenset()):
+                 gates: FeedbackSection | None = None, categories: frozenset[str] = frozenset(),
+                 pause_every: int | None = None):
         self.link = link
         self.steer = Steerer(run_id, state, gates, categories)
         self.deferred_ack = None  # a guarded control's acknowledgement, until its savepoint is saved
@@ -97,6 +98,7 @@ class BusCallback(TrainerCallback):
         # eval.every: evaluate weights-only snapshots at this cadence; checkpoints then only serve
         # resume (the last one, and one an operator's `eval` asked for, are evaluated too).
         self.eval_every = eval_every
+        self.pause_every = pause_every  # a PBT member's barrier: paused after these checkpoints, until resumed
         self.evaluate_next_save = False
         self.awaiting: dict[int, float] = {}  # step -> when announced for evaluation, until its feedback
         self.run_id = run_id
@@ -194,10 +196,7 @@ class BusCallback(TrainerCallback):
             control.should_training_stop = True
         items, stopping = self._exchange()
         self._handle(items, args, state, control, optimizer, lr_scheduler)
-        while self.run_state.paused and not control.should_training_stop and not stopping:
-            self._publish_paused(state)  # metrics keep saying "paused"; the process just holds
-            items, stopping = self._exchange(PAUSE_POLL_S)
-            self._handle(items, args, state, control, optimizer, lr_scheduler)
+        stopping = self._hold(args, state, control, optimizer, lr_scheduler, stopping)
         if stopping and self.stop_reason is None:
             log.info("termination requested: saving and stopping at step %d", state.global_step)
             self.stop_reason = ("interrupted", "service asked to stop (SIGTERM); resumes from this checkpoint")
@@ -209,6 +208,14 @@ class BusCallback(TrainerCallback):
         if self._snapshot_due(state, control):
             self._snapshot(kwargs.get("model"), state)
         return control
+
+    def _hold(self, args, state, control, optimizer, scheduler, stopping: bool = False) -> bool:
+        """While paused: metrics keep saying so, controls are still answered (resume, stop, prune)."""
+        while self.run_state.paused and not control.should_training_stop and not stopping:
+            self._publish_paused(state)
+            items, stopping = self._exchange(PAUSE_POLL_S)
+            self._handle(items, args, state, control, optimizer, scheduler)
+        return stopping
 
     # ---------------------------------------------------------------- evaluation snapshots
     def _snapshot_due(self, state, control) -> bool:
@@ -342,6 +349,25 @@ class BusCallback(TrainerCallback):
             self._announce(args, state, control, savepoint=self.steer.deferred is not None)
         if self.steer.deferred is not None:  # this checkpoint is the savepoint: now the guarded control
             self._apply_guarded(args, state, control, optimizer, lr_scheduler)
+        if self._at_barrier(state, control):
+            self._barrier(args, state, control, optimizer, lr_scheduler)
+
+    def _at_barrier(self, state, control) -> bool:
+        return (self.pause_every is not None and state.global_step % self.pause_every == 0
+                and state.global_step < state.max_steps and not control.should_training_stop and not self.run_state.paused)
+
+    def _barrier(self, args, state, control, optimizer, scheduler) -> None:
+        """A PBT member waits after this checkpoint for its sweep to compare it with the others:
+        paused as by a ``pause`` control, until ``resume`` (or ``prune``: copied over). Stopped
+        while it waits, this checkpoint is its last."""
+        log.info("step %d: paused at the sweep's barrier until resumed", state.global_step)
+        self.run_state.paused = True
+        stopping = self._hold(args, state, control, optimizer, scheduler)
+        if stopping and self.stop_reason is None:
+            self.stop_reason = ("interrupted", "service asked to stop (SIGTERM); resumes from this checkpoint")
+        if stopping or control.should_training_stop:
+            control.should_training_stop = True
+            self.final_checkpoint = str(folder(args.output_dir, state.global_step).resolve().relative_to(self.run_dir.resolve()))
 
     def _apply_guarded(self, args, state, control, optimizer, scheduler) -> None:
         ack, self.deferred_ack = self.deferred_ack, None

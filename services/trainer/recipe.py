@@ -318,7 +318,7 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, 
                                  base_model=ref, adapter=False, split="test", purpose="baseline"))
     categories = frozenset(c for split in dataset.splits.values() for c in split.categories)
     callback = BusCallback(link, run_id, run_dir, ref, adapter=tc.lora.enabled, state=state,
-                           method=tc.method, sharded=tc.sharded, eval_every=cfg.eval.every,
+                           method=tc.method, sharded=tc.sharded, eval_every=cfg.eval.every, pause_every=tc.pause_every,
                            gates=cfg.feedback, categories=categories)
     if state is not checkpointed:
         callback.restored = [a for a in state.applied if a.control_id not in checkpointed.applied_ids()]

@@ -480,6 +480,8 @@ def replay_run(
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="A sweep: prune no trial before this step."),
     startup_trials: Optional[int] = typer.Option(None, "--startup-trials", help="A sweep: prune nothing until this "
                                                                                   "many trials completed."),
+    pbt: str = typer.Option("", "--pbt", help="A PBT sweep: the settings to try, quantile=0.5,interval=1|4 "
+                                              "(alternatives with |; the rest as the sweep had them)."),
     nats_url: Optional[str] = NATS_URL,
     storage: Path = STORAGE,
 ) -> None:
@@ -487,14 +489,15 @@ def replay_run(
     with other settings: when it would have stopped, what it would have exported, the steps and
     time saved or lost. With no settings, the run's own: the live decisions, exactly. Given a
     sweep, its trials' verdicts through the same pruner code: which trials would have been
-    pruned, and whether the winner would have survived."""
+    pruned, and whether the winner would have survived; given a PBT sweep, its recorded checks
+    through other exploit settings, up to the first copy they would have made otherwise."""
     from rich.table import Table
 
     if (storage / run_id / "sweep.json").is_file():
-        return _replay_sweep(run_id, pruner, warmup_steps, startup_trials, storage, nats_url)
-    if pruner or warmup_steps is not None or startup_trials is not None:
-        console.print(f"[red]{run_id} is a run, not a sweep: --pruner, --warmup-steps and --startup-trials are for "
-                      "sweeps (a run's policy takes --feedback)[/]")
+        return _replay_sweep(run_id, pruner, warmup_steps, startup_trials, pbt, storage, nats_url)
+    if pruner or warmup_steps is not None or startup_trials is not None or pbt:
+        console.print(f"[red]{run_id} is a run, not a sweep: --pruner, --warmup-steps, --startup-trials and --pbt are "
+                      "for sweeps (a run's policy takes --feedback)[/]")
         raise typer.Exit(2)
     from . import backtest
     from ..events import EvalVerdict, Feedback, StepMetrics, TrainingFinished
@@ -529,7 +532,7 @@ def replay_run(
         console.print(f"wrote {path}: `tuneloop report {run_id}` shows it", soft_wrap=True)
 
 
-def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_trials: Optional[int],
+def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_trials: Optional[int], pbt: str,
                   storage: Path, nats_url: Optional[str]) -> None:
     from rich.table import Table
 
@@ -538,6 +541,7 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
     from .report import stored_events
     from ..subjects import SWEEP_BUCKET
     from .sweep import backtest
+    from .sweep.pbt import PbtLog
     from .sweep.search import TrialRecord, best
     from .sweep.spec import SweepSpec
 
@@ -554,11 +558,15 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
             kv = await bus.key_value(SWEEP_BUCKET)
             spec = SweepSpec.model_validate(json.loads((await kv.get(f"{name}.spec")).value)["spec"])
             records = await Records(kv, TrialRecord).under(f"{name}.trial-")
+            if spec.sampler == "pbt":
+                return spec, records, await Records(kv, PbtLog).get(f"{name}.pbt") or PbtLog()
             kinds = (EvalVerdict, Control, TrainingFinished, ExportDone, CheckpointsReleased)
             return spec, records, {r.run_id: await stored_events(bus, r.run_id, kinds=kinds) for r in records}
 
     with _reading(storage, first, nats_url) as url:
         spec, records, events = asyncio.run(fetch(url))
+    if spec.sampler == "pbt" or pbt:
+        return _replay_pbt(name, spec, records, events, pbt, pruner or warmup_steps is not None or startup_trials is not None)
     try:
         tries = backtest.parse_pruners(pruner, spec.pruner, warmup_steps, startup_trials)
     except ValueError as e:
@@ -580,6 +588,36 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
                   survives, "-" if top is None else f"trial {top} ({out.fates[top].value:.3f})",
                   f">= {row.steps}" if row.unknown else str(row.steps),
                   "-" if row.steps_saved is None else f"{row.steps_saved:+d}", "yes" if row.same_as_live else "no")
+    console.print(t)
+
+
+def _replay_pbt(name: str, spec, records: list, log, settings: str, pruning: bool) -> None:
+    """A PBT sweep's checks, in the order the sweep made them, through other exploit settings."""
+    from rich.table import Table
+
+    from .sweep import pbt
+
+    if spec.sampler != "pbt":
+        console.print(f"[red]sweep {name} searched with {spec.sampler}, not pbt: --pbt is for PBT sweeps (try --pruner)[/]")
+        raise typer.Exit(2)
+    if pruning:
+        console.print(f"[red]sweep {name} is a PBT sweep: it prunes nothing (its members are copied over); try --pbt[/]")
+        raise typer.Exit(2)
+    try:
+        tries = pbt.parse_settings(settings, spec.pbt)
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2)
+    run = {r.number: r.run_id.rsplit("-", 1)[-1] for r in records}
+    live = [c.exploit for c in log.checks if c.exploit is not None]
+    t = Table(title=f"replay of PBT sweep {name}: {len(log.checks)} checks, {len(live)} copies live "
+                    f"({pbt.describe(spec.pbt)}): {', '.join(pbt.copy_text(e, run) for e in live) or 'none'}")
+    for col in ("settings", "copies (member<-donor@step)", "checks replayed", "same as live", "where it parts"):
+        t.add_column(col, overflow="fold")
+    for s in tries:
+        out = pbt.replay(log, spec, s)
+        t.add_row(pbt.describe(s), ", ".join(pbt.copy_text(e, run) for e in out.exploits) or "none",
+                  f"{out.checks} of {len(log.checks)}", "yes" if out.same_as_live else "no", pbt.parting_text(out, run))
     console.print(t)
 
 

@@ -141,12 +141,13 @@ def discarded(rd: RunDir, step: int) -> str | None:
 
 
 def plan(storage: Path, parent: str, at: str = "latest", sets: list[str] | None = None, weights_only: bool = False,
-         name: str | None = None) -> Fork:
-    """What forking ``parent`` at ``at`` with ``sets`` would make; ForkRefused says why not."""
+         name: str | None = None, changes: dict | None = None) -> Fork:
+    """What forking ``parent`` at ``at`` with ``sets`` (``KEY=VALUE`` text) or ``changes`` (the
+    values themselves) would make; ForkRefused says why not."""
     storage = Path(storage).resolve()
     if not (run_dir(storage, parent) / CONFIG_FILE).is_file():
         raise ForkRefused(f"no run {parent!r} under {storage}")
-    changed = parse_sets(sets or [])
+    changed = {**parse_sets(sets or []), **(changes or {})}
     if not weights_only:
         for key in changed:
             if not keeps_state(key):
@@ -155,6 +156,7 @@ def plan(storage: Path, parent: str, at: str = "latest", sets: list[str] | None 
     parent_cfg = load_config(run_dir(storage, parent) / CONFIG_FILE)
     # A full-state fork resumes: its starting model is the parent's checkpoint, not a new "before".
     keep = {} if weights_only else {"eval.baseline": False}
+    keep["train.pause_every"] = None  # a fork is a run of its own: a PBT sweep's barrier is the sweep's to set
     try:
         cfg = parent_cfg.with_overrides(keep, changed)
     except ValueError as e:

@@ -10,7 +10,6 @@ left behind. A config with ``phases`` runs them one after the other (``run_phase
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import time
@@ -30,7 +29,7 @@ from ..events import (CheckpointRecorded, Control, ControlApplied, ControlConfir
 from .processes import FIRST, LATER_WITHIN_S, SERVICES, exited_badly, spawn, stop_all
 from .progress import Progress
 from .report import TIMELINE_FILE, write_report, write_timeline
-from ..storage import CONFIG_FILE, RUN_FILE, RunDir, init_run, run_dir, write_run_info
+from ..storage import CONFIG_FILE, RunDir, init_run, run_dir, write_run_info
 from .summary import JobSummary, PhaseSummary, RunSummary
 from .watch import WatchView, log_event
 
@@ -95,16 +94,18 @@ def run_fork(fork, storage: Path, *, nats_url: str | None = None, evaluators: in
             server.stop()
 
 
-async def announce_fork(fork, storage: Path, nats_url: str, queue: bool = False) -> None:
+async def announce_fork(fork, storage: Path, nats_url: str, queue: bool = False, bus: Bus | None = None) -> None:
     """``RunForked`` on the parent's subject and the child's; with ``queue``, the child for the pools."""
+    if bus is None:
+        async with await Bus.connect(nats_url, "fork", patience=30) as own:
+            return await announce_fork(fork, storage, nats_url, queue, own)
     lineage = fork.lineage(storage)
-    async with await Bus.connect(nats_url, "fork", patience=30) as bus:
-        for run_id in (fork.parent, fork.child):
-            await bus.publish(RunForked(run_id=run_id, event_id=derived_id("forked", run_id, fork.child), parent=fork.parent,
-                                        child=fork.child, step=fork.step, checkpoint=lineage["checkpoint"],
-                                        changed=fork.changed, weights_only=fork.weights_only))
-        if queue:
-            await bus.publish(RunQueued(run_id=fork.child, reason=f"fork of {fork.parent} at step {fork.step}"))
+    for run_id in (fork.parent, fork.child):
+        await bus.publish(RunForked(run_id=run_id, event_id=derived_id("forked", run_id, fork.child), parent=fork.parent,
+                                    child=fork.child, step=fork.step, checkpoint=lineage["checkpoint"],
+                                    changed=fork.changed, weights_only=fork.weights_only))
+    if queue:
+        await bus.publish(RunQueued(run_id=fork.child, reason=f"fork of {fork.parent} at step {fork.step}"))
 
 
 def run_phases(cfg: Config, job_id: str, storage: Path, nats_url: str, evaluators: int, console: Console,
@@ -136,11 +137,9 @@ def run_phases(cfg: Config, job_id: str, storage: Path, nats_url: str, evaluator
 def run_one(cfg: Config, run_id: str, storage: Path, nats_url: str, evaluators: int, console: Console,
             source: Path, store: Path | None = None) -> RunSummary:
     rdir = init_run(cfg, run_id, storage)
-    before = json.loads((rdir / RUN_FILE).read_text()) if (rdir / RUN_FILE).is_file() else {}
     info = {"run_id": run_id, "nats_url": nats_url, "pid": os.getpid(), "state": "running",
             "started": datetime.now(timezone.utc).isoformat(), "config": str(Path(source).resolve()),
-            **({"nats_store": str(store)} if store else {}),
-            **{k: before[k] for k in ("forked_from", "forks") if k in before}}  # a fork's lineage stays
+            **({"nats_store": str(store)} if store else {})}  # a fork's lineage stays (write_run_info)
     write_run_info(storage, run_id, info)
     console.print(f"[bold]tuneloop[/] run [cyan]{run_id}[/]  nats {nats_url}  dir {rdir}")
     procs: dict[str, subprocess.Popen] = {}

@@ -288,14 +288,20 @@ def print_sweep(summary: SweepSummary, console: Console) -> None:
     for n in names:
         t.add_column(n.rsplit(".", 1)[-1], overflow="fold")
     t.add_column("state", no_wrap=True)
+    pbt = any(r.forked_from or r.replaced_by is not None for r in trials)
+    if pbt:
+        t.add_column("lineage", overflow="fold")
     t.add_column("val", overflow="fold", min_width=12)
     for col in ("test", "tok/s", "MB"):
         t.add_column(col, no_wrap=True, justify="right")
     for r in trials:
         curve = " ".join(f"{s}:{v:.2f}".replace("0.", ".") for s, v in sorted(r.values.items()))
         state = f"pruned@{r.pruned_at}" if r.state == "pruned" and r.pruned_at is not None else r.state
+        if r.replaced_by is not None:
+            state = f"copied over@{r.pruned_at if r.pruned_at is not None else '?'}"
+        lineage = [_lineage(r)] if pbt else []
         t.add_row(f"{r.number}{'*' if r.number == best else ''}", *(_fmt(r.params[n]) for n in names), state,
-                  curve or "-", f"{r.value:.3f}" if r.value is not None else "-",
+                  *lineage, curve or "-", f"{r.value:.3f}" if r.value is not None else "-",
                   f"{r.tokens_per_second:.0f}" if r.tokens_per_second else "-",
                   f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb else "-")
     console.print(t)
@@ -305,6 +311,18 @@ def print_sweep(summary: SweepSummary, console: Console) -> None:
                       f"{b.value:.3f}; config {b.config}; model {b.export}", soft_wrap=True)
     else:
         console.print("[red]no trial completed[/]")
+
+
+def _lineage(r) -> str:
+    """A PBT trial's family: whom it forked (where, changing what), who took its place."""
+    out = []
+    if r.forked_from:
+        f = r.forked_from
+        change = " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in f.get("changed", {}).items())
+        out.append(f"fork of {f['trial']}@{f['step']}" + (f" ({change})" if change else ""))
+    if r.replaced_by is not None:
+        out.append(f"-> {r.replaced_by}")
+    return "; ".join(out) or "member"
 
 
 def _fmt(v) -> str:

@@ -51,9 +51,10 @@ from ...procfs import running
 from ...records import Records
 from ..processes import FIRST, LATER_WITHIN_S, spawn, stop_all
 from ..progress import Progress
-from ...storage import CONFIG_FILE, init_run, run_dir, write_run_info
+from ...storage import CONFIG_FILE, init_run, load_run_config, run_dir, write_run_info
 from ..summary import SweepBest, SweepSummary, write
-from . import search
+from . import pbt, search
+from .pbt import Check, PbtLog
 from .search import TrialRecord
 from .spec import SweepSpec, load_sweep, trial_config
 
@@ -105,12 +106,18 @@ class Store:
     async def put(self, record: TrialRecord) -> None:
         await self.trials.put(f"{self.name}.trial-{record.number:04d}", record)
 
+    async def pbt_log(self) -> PbtLog:
+        return await Records(self.kv, PbtLog).get(f"{self.name}.pbt") or PbtLog()
+
+    async def put_pbt_log(self, log_: PbtLog) -> None:
+        await Records(self.kv, PbtLog).put(f"{self.name}.pbt", log_)
+
 
 # ---------------------------------------------------------------- one trial in this process
 @dataclass
 class Trial:
     record: TrialRecord
-    optuna: object
+    optuna: object  # None in a PBT sweep: no Optuna study, the members are compared by pbt.decide
     subs: list = field(default_factory=list)
     prune_sent: bool = False
     # Over when its export has its test verdict, or when pruned once its checkpoints are
@@ -139,17 +146,25 @@ class Sweep:
         self.later: list[tuple[str, int]] = []  # pools not started yet (see start_pools)
         self.merging: dict[int, asyncio.Task] = {}  # trial number -> its merged export, asked for
         self.news = asyncio.Event()  # a trial's event arrived: look again now, not at the next tick
+        self.pbt = spec.pbt if spec.sampler == "pbt" else None
+        self.budgets: dict[int, int] = {}  # trial number -> its max_steps (a PBT round stops below it)
 
     async def run(self) -> SweepSummary:
         self.bus = await Bus.connect(self.url, "sweep")
         try:
             self.store = await Store.open(self.bus, self.spec, self.base)
             self.records = await self.store.records()
-            self.study = search.make_study(self.spec, drawn=len(self.records))
-            running = search.rebuild(self.study, self.spec, self.records)
+            if self.pbt:
+                self.study, self.log = None, await self.store.pbt_log()
+                running = {r.number: None for r in self.records if r.state == "running"}
+            else:
+                self.study = search.make_study(self.spec, drawn=len(self.records))
+                running = search.rebuild(self.study, self.spec, self.records)
             total = self.spec.total()
             done = sum(r.state != "running" for r in self.records)
-            self.console.print(f"[bold]tuneloop sweep[/] [cyan]{self.spec.name}[/]: {total} trials, {self.spec.concurrency} "
+            what = (f"population-based training of {total} members (copies every {self.pbt.interval} verdicts, "
+                    f"quantile {self.pbt.quantile:g}, {self.pbt.explore})" if self.pbt else f"{total} trials")
+            self.console.print(f"[bold]tuneloop sweep[/] [cyan]{self.spec.name}[/]: {what}, {self.spec.concurrency} "
                                f"at a time, {self.spec.evaluators} shared evaluator(s); nats {self.url}"
                                + (f"; continuing: {done} finished, {len(running)} to resume" if self.records else ""))
             if len(self.records) < total or running:
@@ -157,6 +172,9 @@ class Sweep:
             for record in self.records:
                 if record.state == "running":
                     await self.resume(record, running[record.number])
+            if self.pbt and self.log.checks:  # the last round, as far as the sweep had not carried it out
+                last = self.log.checks[-1].step
+                await self.carry_out([c for c in self.log.checks if c.step == last], restart=True)
             while True:
                 while self.training() < self.spec.concurrency and len(self.records) < total:
                     await self.start_next()
@@ -169,6 +187,8 @@ class Sweep:
                 self.watch_pools()
                 for trial in list(self.live.values()):
                     await self.check(trial)
+                if self.pbt:
+                    await self.pbt_rounds()
             await self.merge_best()
         finally:
             stop_all(self.pools)
@@ -248,22 +268,32 @@ class Sweep:
 
     # ------------------------------------------------------------ trials
     async def start_next(self) -> None:
-        trial = search.ask(self.study, self.spec, search.next_params(self.spec, self.records))
+        if self.pbt:
+            number = len(self.records)
+            trial = _Member(number, pbt.initial(self.spec)[number])
+        else:
+            trial = search.ask(self.study, self.spec, search.next_params(self.spec, self.records))
         run_id = f"{self.spec.name}-t{trial.number:02d}"
         record = TrialRecord(number=trial.number, run_id=run_id, params=trial.params)
         self.records.append(record)
         try:
             cfg = trial_config(self.spec, self.base, trial.params, run_id)
+            if self.pbt:  # a member pauses at each barrier until its round is done
+                cfg = cfg.with_overrides({"train.pause_every": self.barrier})
         except ValueError as e:  # a combination no single value showed at load (e.g. batch vs generations)
             record.state, record.stop_reason = "failed", f"invalid config: {e}"
             await self.store.put(record)
-            search.tell(self.study, trial, record)
+            self.tell(trial, record)
             self.console.log(f"[red]{run_id}[/] {trial.params}: {record.stop_reason}")
             return
         init_run(cfg, run_id, self.storage)
         await self.store.put(record)
         self.console.log(f"[bold]{run_id}[/] starts: {trial.params}")
-        await self.launch(Trial(record, trial), queue=True)
+        await self.launch(Trial(record, None if self.pbt else trial), queue=True)
+
+    def tell(self, optuna_trial, record: TrialRecord) -> None:
+        if self.study is not None:
+            search.tell(self.study, optuna_trial, record)
 
     async def resume(self, record: TrialRecord, optuna_trial) -> None:
         """A trial that was running when the sweep process died: queued again, the trainer
@@ -272,9 +302,11 @@ class Sweep:
         done = await self.bus.latest(TrainingFinished, record.run_id)
         ended = done is not None and done.reason != "interrupted"
         self.console.log(f"[bold]{record.run_id}[/] resumes" + (" (training had ended)" if ended else ""))
+        if record.forked_from and not (run_dir(self.storage, record.run_id) / CONFIG_FILE).is_file():
+            await self.make_copy(record)  # the sweep died between recording a PBT copy and making its folder
         trial = Trial(record, optuna_trial)
         await self.launch(trial, queue=not ended)
-        if not ended and record.values and optuna_trial.should_prune():  # it fell behind before the sweep died
+        if not ended and not self.pbt and record.values and optuna_trial.should_prune():  # it fell behind before the sweep died
             trail = await self.bus.audit_trail(record.run_id)
             trial.prune_sent = True
             if not any(isinstance(e, Control) and e.command == "prune" for e in trail):  # else it is on its way
@@ -335,6 +367,8 @@ class Sweep:
         score = v.scores.get(self.metric, 0.0)
         trial.record.values[v.step] = score
         await self.store.put(trial.record)
+        if self.pbt:
+            return  # compared in rounds (pbt_rounds), once every member has reached the step
         behind = search.report(trial.optuna, v.step, score)
         if behind and not trial.prune_sent and trial.finished is None:
             trial.prune_sent = True
@@ -345,16 +379,134 @@ class Sweep:
         completed trials, their rungs): each trial still training is judged again at the step
         it last reported, instead of waiting for its next verdict."""
         for t in self.live.values():
+            if t.optuna is None:
+                continue
             if t.finished is None and not t.prune_sent and t.record.values and t.optuna.should_prune():
                 t.prune_sent = True
                 step = max(t.record.values)
                 asyncio.create_task(self.prune(t, step, t.record.values[step]))
 
-    async def prune(self, trial: Trial, step: int, score: float) -> None:
-        why = f"{self.metric} {score:.3f} on val at step {step} fell behind ({self.spec.pruner.kind} pruner)"
+    # ------------------------------------------------------------ population-based training
+    # Synchronous, as Ray Tune's PBT with synch=True: a member pauses after each barrier's
+    # checkpoint (train.pause_every); once every live member's verdict at a step is in, one
+    # round compares them all on the same view, and the copies are forked at that very step.
+    # No member trains past a barrier meanwhile, so nothing is trained twice, and what the
+    # rounds decide does not depend on which verdict came first.
+    def members_at(self, step: int) -> list[TrialRecord]:
+        """The members a round at ``step`` compares: started before it, and either judged at it
+        or still training towards it (not copied over, not ended)."""
+        out = []
+        for r in self.records:
+            if r.start_step >= step:
+                continue
+            live = r.number in self.live and self.live[r.number].finished is None and r.replaced_by is None
+            if step in r.values or (live and r.state == "running"):
+                out.append(r)
+        return out
+
+    def next_round(self) -> int | None:
+        """The lowest verdict step below max_steps not judged yet, once every member has reached it."""
+        done = {c.step for c in self.log.checks}
+        for step in sorted({s for r in self.records for s in r.values if s not in done and s < self.max_steps(r)}):
+            members = self.members_at(step)
+            return step if all(step in r.values for r in members) else None
+        return None
+
+    async def pbt_rounds(self) -> None:
+        while (step := self.next_round()) is not None:
+            members = self.members_at(step)
+            view = {r.number: r.values[step] for r in members}
+            checks = [Check(trial=r.number, step=step, nth=sum(s <= step for s in r.values), scores=view,
+                            params={m.number: m.params for m in members}, steps={m.number: step for m in members})
+                      for r in members]
+            for c in checks:
+                c.exploit = pbt.decide(self.pbt, self.spec, c)
+            self.log.checks += checks
+            await self.store.put_pbt_log(self.log)  # recorded first: a restart carries the round out, not decides it again
+            await self.carry_out(checks)
+
+    async def carry_out(self, checks: list[Check], restart: bool = False) -> None:
+        """A round's decisions: each copied-over member's copy made and queued, the member pruned;
+        the others resumed from the barrier. Idempotent: a restart does what is not done yet."""
+        for c in checks:
+            r = next(x for x in self.records if x.number == c.trial)
+            e = c.exploit
+            if e is None or c.refused:
+                if c.step % self.barrier == 0 and r.replaced_by is None and r.state == "running":
+                    asyncio.create_task(self.resume_member(r, c.step))
+                continue
+            if r.replaced_by is None:
+                donor = next(x for x in self.records if x.number == e.donor)
+                copy = TrialRecord(number=len(self.records), run_id=f"{self.spec.name}-t{len(self.records):02d}",
+                                   params=e.params, start_step=e.step,
+                                   forked_from={"trial": donor.number, "run_id": donor.run_id, "step": e.step,
+                                                "changed": e.changed})
+                try:
+                    await self.make_copy(copy)
+                except ValueError as err:  # ForkRefused: the donor's checkpoint at that step is not there
+                    c.refused = str(err)
+                    await self.store.put_pbt_log(self.log)
+                    self.console.log(f"[yellow]{r.run_id}: no copy of {donor.run_id}: {err}[/]")
+                    asyncio.create_task(self.resume_member(r, c.step))
+                    continue
+                self.records.append(copy)
+                await self.store.put(copy)
+                r.replaced_by = copy.number
+                await self.store.put(r)
+                await self.launch(Trial(copy, None), queue=True)
+                change = ", ".join(f"{k}={_fmt(v)}" for k, v in e.changed.items()) or "no change"
+                self.console.log(f"[bold]{r.run_id}[/] ({self.metric} {c.scores[r.number]:.3f} at step {c.step}) is copied "
+                                 f"over: [bold]{copy.run_id}[/] forks {donor.run_id} at step {e.step} ({change})")
+            trial = self.live.get(r.number)
+            if trial is not None and not trial.prune_sent and trial.finished is None:
+                trial.prune_sent = True
+                if restart and any(isinstance(ev, Control) and ev.command == "prune" for ev in await self.bus.audit_trail(r.run_id)):
+                    continue  # sent before the sweep died: on its way, or applied
+                asyncio.create_task(self.prune(trial, c.step, c.scores[r.number], self.copied_why(r)))
+
+    @property
+    def barrier(self) -> int:
+        return self.pbt.interval * self.base.train.save_steps
+
+    async def resume_member(self, record: TrialRecord, step: int) -> None:
+        try:
+            answer = await send_control(self.url, record.run_id, "resume", None, bus=self.bus, timeout=300,
+                                        operator=f"sweep {self.spec.name}", policy="pbt barrier")
+        except TimeoutError as e:
+            self.console.log(f"[yellow]{record.run_id}: resume at the barrier of step {step} not answered: {e}[/]")
+            return
+        if not isinstance(answer, ControlApplied):  # resumed after a restart, it was not paused: nothing to do
+            log.info("%s: resume at step %d: %s", record.run_id, step, getattr(answer, "reason", answer))
+
+    def max_steps(self, record: TrialRecord) -> int:
+        if record.number not in self.budgets:
+            self.budgets[record.number] = load_run_config(self.storage, record.run_id).train.max_steps
+        return self.budgets[record.number]
+
+    def copied_why(self, record: TrialRecord) -> str:
+        copy = next((c for c in self.records if c.number == record.replaced_by), None)
+        src = copy.forked_from if copy else {}
+        return (f"pbt: {self.metric} in the bottom {self.pbt.quantile:g} of the population; "
+                f"{copy.run_id if copy else '?'} takes its place (a fork of {src.get('run_id', '?')} at step {src.get('step', '?')})")
+
+    async def make_copy(self, record: TrialRecord) -> None:
+        """The copy's run: a full-state fork of its donor (``tuneloop fork``), announced on both;
+        it pauses at the sweep's barriers as the members do."""
+        from ..fork import make, plan
+        from ..runner import announce_fork
+
+        src = record.forked_from
+        fork = plan(self.storage, src["run_id"], at=str(src["step"]), changes=src["changed"], name=record.run_id)
+        fork.config = fork.config.with_overrides({"train.pause_every": self.barrier})
+        await asyncio.to_thread(make, fork, self.storage)
+        await announce_fork(fork, self.storage, self.url, bus=self.bus)
+
+    async def prune(self, trial: Trial, step: int, score: float, why: str | None = None) -> None:
+        why = why or f"{self.metric} {score:.3f} on val at step {step} fell behind ({self.spec.pruner.kind} pruner)"
+        policy = "pbt exploit" if self.pbt else f"{self.spec.pruner.kind} pruner"
         try:
             answer = await send_control(self.url, trial.record.run_id, "prune", why, bus=self.bus, timeout=300,
-                                        operator=f"sweep {self.spec.name}", policy=f"{self.spec.pruner.kind} pruner")
+                                        operator=f"sweep {self.spec.name}", policy=policy)
         except TimeoutError as e:
             self.console.log(f"[yellow]{trial.record.run_id}: prune not answered: {e}[/]")
             return
@@ -396,7 +548,7 @@ class Sweep:
         if p.released:
             r.released_bytes = p.released.bytes
         await self.store.put(r)
-        search.tell(self.study, trial.optuna, r)
+        self.tell(trial.optuna, r)
         del self.live[r.number]
         self.judge_again()
         write_run_info(self.storage, r.run_id, {"run_id": r.run_id, **self.where, "state": state,
@@ -408,6 +560,18 @@ class Sweep:
         value = f"test {self.metric} {r.value:.3f}" if r.value is not None else ""
         color = {"complete": "green", "pruned": "yellow"}.get(state, "red")
         self.console.log(f"[bold]{r.run_id}[/] [{color}]{state}[/] {value} ({detail.splitlines()[0] if detail else ''})")
+
+
+@dataclass
+class _Member:
+    """A PBT member's first settings, in the shape of an Optuna trial (number, params)."""
+
+    number: int
+    params: dict
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _for(trial: Trial, handler, news: asyncio.Event):

@@ -37,6 +37,10 @@ class TrialRecord(BaseModel):
     tokens_per_second: float | None = None
     peak_memory_mb: float | None = None
     export: str | None = Field(default=None, description="The exported model (merged, else adapter), run-relative.")
+    # Population-based training (sampler pbt): who copied whom, where, with what change.
+    forked_from: dict | None = Field(default=None, description="A copy: {trial, run_id, step, changed} of the member it forked.")
+    start_step: int = Field(default=0, ge=0, description="The step it started from (a copy: its donor's checkpoint).")
+    replaced_by: int | None = Field(default=None, description="A member that copied another: the trial that took its place.")
 
 
 def make_study(spec: SweepSpec, drawn: int = 0):

@@ -66,14 +66,32 @@ class Pruner(_Section):
     percentile: float = Field(default=50.0, gt=0, lt=100, description="percentile: prune below this percentile of completed trials.")
 
 
+class Pbt(_Section):
+    """Population-based training: ``population`` members train at once; every ``interval`` of a
+    member's verdicts, a member in the bottom ``quantile`` stops and a fork of a top-quantile
+    member (its checkpoint at its latest verdict, full state) takes its place, with the searched
+    settings perturbed or resampled (``explore``). As Ray Tune's PBT, on forks."""
+
+    population: int = Field(ge=2, le=64, description="Members training at once (each a run; a copy is a new run).")
+    interval: int = Field(default=2, ge=1, description="A member is compared with the others every this many of its verdicts.")
+    quantile: float = Field(default=0.25, gt=0, le=0.5, description=(
+        "The bottom and top fractions of the members (at least one each): a bottom member copies a top one."))
+    explore: Literal["perturb", "resample"] = Field(default="perturb", description=(
+        "perturb: a range value times one of factors, a listed value moved to a neighbour (or resampled with "
+        "resample_probability); resample: every searched value drawn afresh."))
+    factors: tuple[float, float] = Field(default=(0.8, 1.2), description="perturb: the two factors a range value is multiplied by.")
+    resample_probability: float = Field(default=0.25, ge=0, le=1, description="perturb: the chance a value is drawn afresh instead.")
+
+
 class SweepSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,40}$", description="The sweep's id: restarting with the same name continues it.")
     config: str = Field(description="Run config every trial starts from (relative to the sweep file).")
     phase: str | None = Field(default=None, description="With a phased config: the phase whose settings the trials use (run alone).")
     overrides: dict = Field(default_factory=dict, description="Changes to that config for every trial (e.g. fewer steps).")
     params: dict[str, Param] = Field(min_length=1, description="Dotted config paths (train.learning_rate, train.lora.r) -> what to try.")
-    sampler: Literal["grid", "random", "tpe"] = Field(
-        default="grid", description="grid: every combination, in the order written (or shuffled); random and tpe: Optuna's samplers.")
+    sampler: Literal["grid", "random", "tpe", "pbt"] = Field(
+        default="grid", description="grid: every combination, in the order written (or shuffled); random and tpe: Optuna's "
+                                    "samplers; pbt: population-based training (see pbt).")
     shuffle: bool = Field(default=False, description=(
         "grid: walk the combinations in a random order drawn from seed, so that a sweep cut short (trials: N, "
         "pruning against the first trials) does not favour the values written first."))
@@ -85,10 +103,15 @@ class SweepSpec(_Section):
                                   "(the trial's value). Default: the config's feedback.metric.")
     seed: int = 0
     pruner: Pruner = Pruner()
+    pbt: Pbt | None = Field(default=None, description="sampler pbt: the population and its exploit and explore rules.")
     base_dir: str = Field(default=".", description="Set by the loader: the sweep file's folder.")
 
     @model_validator(mode="after")
     def _count(self) -> "SweepSpec":
+        if self.sampler == "pbt":
+            return self._pbt()
+        if self.pbt is not None:
+            raise ValueError(f"pbt: is for sampler: pbt, not {self.sampler}")
         if self.sampler != "grid" and self.trials is None:
             raise ValueError(f"sampler {self.sampler} needs trials: N")
         if self.sampler == "grid":
@@ -97,7 +120,27 @@ class SweepSpec(_Section):
                 raise ValueError(f"a grid needs values: [...] for every parameter, not a range: {', '.join(ranged)}")
         return self
 
+    def _pbt(self) -> "SweepSpec":
+        from ..fork import keeps_state  # what a full-state fork may change
+
+        if self.pbt is None:
+            raise ValueError("sampler pbt needs pbt: {population: N}")
+        if self.trials is not None:
+            raise ValueError("sampler pbt trains pbt.population members: trials does not apply")
+        if "pruner" in self.model_fields_set and self.pruner.kind != "none":
+            raise ValueError("sampler pbt replaces pruning by exploiting: set pruner: {kind: none} or leave it out")
+        self.pruner = Pruner(kind="none")
+        if self.concurrency < self.pbt.population:
+            raise ValueError(f"sampler pbt compares members training side by side: concurrency {self.concurrency} "
+                             f"must be at least pbt.population {self.pbt.population}")
+        if stateful := [k for k in self.params if not keeps_state(k)]:
+            raise ValueError(f"sampler pbt copies a member by a full-state fork, which cannot change {', '.join(stateful)} "
+                             "(the optimizer and data position would not fit): search it with grid, random or tpe")
+        return self
+
     def total(self) -> int:
+        if self.sampler == "pbt":
+            return self.pbt.population  # the first members; copies are more trials, not more members
         if self.sampler == "grid":
             n = len(grid(self))
             return min(n, self.trials) if self.trials else n
@@ -145,9 +188,12 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Config]:
         raise ConfigError(f"{path}: config {spec.config} has phases ({', '.join(names)}); "
                           "a trial is one run: say which with phase: NAME")
     try:
-        trial_config(spec, base, {}, spec.name)
+        first = trial_config(spec, base, {}, spec.name)
     except ValueError as e:
         raise ConfigError(f"{path}: overrides make an invalid config: {e}") from None
+    if spec.sampler == "pbt" and first.eval.every is not None:
+        raise ConfigError(f"{path}: sampler pbt copies members at their evaluated checkpoints: leave eval.every unset "
+                          f"(it is {first.eval.every}), the verdicts then come every train.save_steps")
     for name, param in spec.params.items():
         for value in param.candidates():
             try:

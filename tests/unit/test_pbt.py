@@ -1,0 +1,136 @@
+"""Population-based training's rules, without training: the sweep file's checks, who copies
+whom, what a copy explores, and the replay of recorded checks (exact with the sweep's own
+settings, stopping where other settings part from the recording)."""
+
+import random
+
+import pytest
+from pydantic import ValidationError
+
+from tuneloop.tools.sweep import pbt
+from tuneloop.tools.sweep.pbt import Check, Exploit, PbtLog
+from tuneloop.tools.sweep.spec import Pbt, SweepSpec
+
+LR = "train.learning_rate"
+
+
+def spec(**over):
+    raw = {"name": "p", "config": "c.yaml", "sampler": "pbt", "concurrency": 4,
+           "params": {LR: {"values": [1e-4, 3e-4, 1e-3, 3e-3]}}, "pbt": {"population": 4, "interval": 2}}
+    raw.update(over)
+    return SweepSpec.model_validate(raw)
+
+
+@pytest.mark.parametrize("over, says", [
+    ({"pbt": None}, "sampler pbt needs pbt"),
+    ({"concurrency": 2}, "concurrency 2 must be at least pbt.population 4"),
+    ({"params": {"train.lora.r": {"values": [8, 16]}}}, "cannot change train.lora.r"),
+    ({"pruner": {"kind": "median"}}, "set pruner: {kind: none}"),
+    ({"trials": 8}, "trials does not apply"),
+    ({"sampler": "grid"}, "pbt: is for sampler: pbt"),
+])
+def test_a_pbt_sweep_that_cannot_work_is_refused_saying_why(over, says):
+    with pytest.raises(ValidationError, match=says.replace("{", r"\{").replace("}", r"\}")):
+        spec(**over)
+
+
+def test_members_start_on_the_grid_in_its_order_then_on_draws():
+    assert [p[LR] for p in pbt.initial(spec())] == [1e-4, 3e-4, 1e-3, 3e-3]
+    shuffled = spec(shuffle=True, seed=3)
+    assert sorted(p[LR] for p in pbt.initial(shuffled)) == [1e-4, 3e-4, 1e-3, 3e-3]
+    ranged = spec(params={LR: {"low": 1e-5, "high": 1e-2, "log": True}}, pbt={"population": 3}, concurrency=3)
+    first = pbt.initial(ranged)
+    assert len(first) == 3 and all(1e-5 <= p[LR] <= 1e-2 for p in first)
+    assert first == pbt.initial(ranged)  # drawn from the seed: the same on a restart
+
+
+def test_quantiles_take_at_least_one_member_each_and_at_most_half():
+    assert pbt.quantiles({0: 0.1, 1: 0.9, 2: 0.5, 3: 0.7}, 0.25) == ([0], [1])
+    assert pbt.quantiles({0: 0.1, 1: 0.9}, 0.25) == ([0], [1])
+    assert pbt.quantiles({0: 0.1, 1: 0.9, 2: 0.5}, 0.5) == ([0], [1])  # half of 3 is 1
+    assert pbt.quantiles({0: 0.5, 1: 0.5}, 0.5) == ([1], [0])  # a tie goes against the later member
+
+
+def check(trial, nth, scores, step=40, last=False):
+    params = {n: {LR: [1e-4, 3e-4, 1e-3, 3e-3][n % 4]} for n in scores}
+    return Check(trial=trial, step=step, nth=nth, last=last, scores=scores, params=params,
+                 steps={n: step for n in scores})
+
+
+def test_a_bottom_member_copies_a_top_one_every_interval_verdicts_and_never_at_its_last():
+    s = spec()
+    scores = {0: 0.1, 1: 0.2, 2: 0.6, 3: 0.8}
+    assert pbt.decide(s.pbt, s, check(0, 1, scores)) is None  # the interval is 2
+    e = pbt.decide(s.pbt, s, check(0, 2, scores))
+    assert e.trial == 0 and e.donor == 3 and e.step == 40
+    assert e.params[LR] in (1e-3, 3e-3, 1e-4, 3e-4) and e.changed == ({} if e.params[LR] == 3e-3 else {LR: e.params[LR]})
+    assert pbt.decide(s.pbt, s, check(0, 2, scores)) == e  # drawn from seed, member and step: a restart agrees
+    assert pbt.decide(s.pbt, s, check(2, 2, scores)) is None  # not in the bottom
+    assert pbt.decide(s.pbt, s, check(0, 2, scores, last=True)) is None
+    assert pbt.decide(s.pbt, s, check(0, 2, {0: 0.1})) is None  # nobody to compare with
+
+
+def test_a_copy_starts_from_the_donors_latest_verdict_step():
+    s = spec()
+    c = check(0, 2, {0: 0.1, 1: 0.9}, step=60)
+    c.steps = {0: 60, 1: 40}
+    assert pbt.decide(s.pbt, s, c).step == 40
+
+
+def test_explore_perturbs_within_the_space():
+    s = spec(params={LR: {"low": 1e-4, "high": 1e-2, "log": True}, "train.max_grad_norm": {"values": [0.5, 1.0, 2.0]}})
+    settings = Pbt(population=4, resample_probability=0.0)
+    rng = random.Random(0)
+    for _ in range(50):
+        out = pbt.explore(settings, s, {LR: 1e-3, "train.max_grad_norm": 1.0}, rng)
+        assert out[LR] in (pytest.approx(8e-4), pytest.approx(1.2e-3))
+        assert out["train.max_grad_norm"] in (0.5, 2.0)  # a neighbour in the list
+    assert pbt.explore(settings, s, {LR: 9.5e-3, "train.max_grad_norm": 2.0}, random.Random(1))[LR] <= 1e-2  # kept inside
+    drawn = [pbt.explore(Pbt(population=4, explore="resample"), s, {LR: 1e-3, "train.max_grad_norm": 1.0}, rng)
+             for _ in range(30)]
+    assert all(1e-4 <= d[LR] <= 1e-2 for d in drawn) and len({d[LR] for d in drawn}) > 20
+
+
+def recorded(s):
+    """Checks as a live sweep would record them: each decided by the sweep's own settings."""
+    log = PbtLog()
+    for c in [check(0, 1, {0: 0.2, 1: 0.3, 2: 0.5, 3: 0.9}, step=20), check(1, 1, {0: 0.2, 1: 0.3, 2: 0.5, 3: 0.9}, step=20),
+              check(0, 2, {0: 0.1, 1: 0.4, 2: 0.5, 3: 0.9}, step=40), check(1, 2, {1: 0.4, 2: 0.5, 3: 0.9, 4: 0.9}, step=40)]:
+        c.exploit = pbt.decide(s.pbt, s, c)
+        log.checks.append(c)
+    return log
+
+
+def test_the_sweeps_own_settings_replay_the_live_copies_exactly():
+    s = spec()
+    log = recorded(s)
+    assert [c.exploit.trial for c in log.checks if c.exploit] == [0, 1]
+    out = pbt.replay(log, s, s.pbt)
+    assert out.same_as_live and out.checks == 4 and [e.trial for e in out.exploits] == [0, 1]
+
+
+def test_other_settings_replay_up_to_the_first_check_they_decide_otherwise():
+    s = spec()
+    log = recorded(s)
+    every = pbt.replay(log, s, Pbt(population=4, interval=1))  # copies at the first check already
+    assert not every.same_as_live and every.checks == 1 and every.diverges.step == 20
+    assert every.would.trial == 0 and every.diverges.exploit is None
+    text = pbt.parting_text(every, {0: "t00", 3: "t03"})
+    assert "would copy t00<-t03@20" in text and "past the recording" in text
+    rarer = pbt.replay(log, s, Pbt(population=4, interval=4))  # never copies: parts where the live one did
+    assert rarer.diverges.step == 40 and rarer.would is None and rarer.exploits == []
+
+
+def test_settings_to_try_are_parsed_with_clear_errors():
+    tries = pbt.parse_settings("quantile=0.5,interval=1|4", Pbt(population=4))
+    assert [(t.quantile, t.interval) for t in tries] == [(0.5, 1), (0.5, 4)]
+    assert pbt.parse_settings("", Pbt(population=4, interval=3)) == [Pbt(population=4, interval=3)]
+    with pytest.raises(ValueError, match="expected interval=N"):
+        pbt.parse_settings("patience=2", Pbt(population=4))
+    with pytest.raises(ValueError, match="quantile"):
+        pbt.parse_settings("quantile=0.9", Pbt(population=4))
+
+
+def test_a_copy_reads_as_member_donor_step_and_change():
+    e = Exploit(trial=1, donor=3, step=40, params={LR: 1.2e-3}, changed={LR: 1.2e-3})
+    assert pbt.copy_text(e, {1: "t01", 3: "t03"}) == "t01<-t03@40 (learning_rate=0.0012)"
