@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import EXAMPLE_DATA, stored
+from helpers import EXAMPLE_DATA, readme_transcript, stored
 from tuneloop.events import Control, RunForked, StepMetrics
 
 pytestmark = pytest.mark.integration
@@ -103,6 +103,8 @@ def test_pbt_copies_the_poor_member_over_survives_a_kill_and_replays_exactly(tmp
         assert copy["forked_from"] == {"trial": donor["number"], "run_id": donor["run_id"], "step": e["step"],
                                        "changed": e["changed"]}
         assert copy["start_step"] == e["step"] and e["step"] % EVERY == 0
+        copy_cfg = yaml.safe_load((runs / copy["run_id"] / "config.yaml").read_text())
+        assert copy_cfg["train"]["pause_every"] == EVERY and copy_cfg["train"]["learning_rate"] == copy["params"]["train.learning_rate"]
         run_info = json.loads((runs / copy["run_id"] / "run.json").read_text())
         assert run_info["forked_from"]["run"] == donor["run_id"] and run_info["forked_from"]["step"] == e["step"]
         steps = [ev.step for ev in events[copy["run_id"]][StepMetrics]]
@@ -116,15 +118,17 @@ def test_pbt_copies_the_poor_member_over_survives_a_kill_and_replays_exactly(tmp
     assert best is not None and trials[best["trial"]]["state"] == "complete"
     assert "lineage" in second.stdout and "fork of" in second.stdout
 
+    table = second.stdout[second.stdout.index("sweep pb:"):]
+    readme_transcript("pbt-sweep", "$ tuneloop sweep sweep.yaml   # again, after the first one was killed\n" + table)
+
     # The sweep's own settings replay the live copies; copying every other verdict parts from them.
-    own = subprocess.run([*TUNELOOP, "replay", "pb", "--storage", str(runs)], capture_output=True, text=True,
-                         env=_env(), cwd=tmp_path, timeout=300)
-    assert own.returncode == 0, own.stdout + own.stderr
-    row = next(line for line in own.stdout.splitlines() if "interval 1" in line and "│" in line)
-    assert "│ yes" in row, own.stdout
-    other = subprocess.run([*TUNELOOP, "replay", "pb", "--storage", str(runs), "--pbt", "interval=2"],
-                           capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
-    assert other.returncode == 0 and "past the recording" in other.stdout, other.stdout + other.stderr
+    replay = subprocess.run([*TUNELOOP, "replay", "pb", "--storage", str(runs), "--pbt", "interval=1|2"],
+                            capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    rows = [line for line in replay.stdout.splitlines() if line.startswith("│ interval")]
+    assert len(rows) == 2 and "│ yes" in rows[0] and "│ no" in rows[1], replay.stdout
+    assert "past the recording" in replay.stdout
+    readme_transcript("pbt-replay", f'$ tuneloop replay pb --pbt "interval=1|2"\n{replay.stdout}')
     refused = subprocess.run([*TUNELOOP, "replay", "pb", "--storage", str(runs), "--pruner", "median"],
                              capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
     assert refused.returncode == 2 and "PBT sweep" in refused.stdout

@@ -83,3 +83,15 @@ def test_watch_says_what_a_fork_came_from():
     console.print(view)
     text = console.export_text()
     assert "forked from p" in text and "at step 10" in text and "train.learning_rate" in text
+
+
+def test_a_fork_of_a_pbt_member_does_not_keep_the_sweeps_barrier(tmp_path):
+    """A member pauses at its sweep's barriers (train.pause_every); a fork is a run of its own:
+    left as it was, it would wait at the first barrier for a resume no sweep sends."""
+    cfg = tiny_config(tmp_path, save_steps=10, pause_every=20)
+    storage = make_run(tmp_path, "m", cfg)
+    rd = RunDir(storage / "m")
+    folder(rd.checkpoints, 20).mkdir(parents=True)
+    (folder(rd.checkpoints, 20) / "adapter_model.safetensors").write_bytes(b"w")
+    write_state(folder(rd.checkpoints, 20), Steering.from_config(cfg.train, "d"))
+    assert cfg.train.pause_every == 20 and plan(storage, "m", name="c").config.train.pause_every is None

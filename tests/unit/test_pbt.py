@@ -25,6 +25,7 @@ def spec(**over):
     ({"pbt": None}, "sampler pbt needs pbt"),
     ({"concurrency": 2}, "concurrency 2 must be at least pbt.population 4"),
     ({"params": {"train.lora.r": {"values": [8, 16]}}}, "cannot change train.lora.r"),
+    ({"params": {"train.save_steps": {"values": [10, 20]}}}, "train.save_steps cannot be searched"),
     ({"pruner": {"kind": "median"}}, "set pruner: {kind: none}"),
     ({"trials": 8}, "trials does not apply"),
     ({"sampler": "grid"}, "pbt: is for sampler: pbt"),
@@ -134,3 +135,30 @@ def test_settings_to_try_are_parsed_with_clear_errors():
 def test_a_copy_reads_as_member_donor_step_and_change():
     e = Exploit(trial=1, donor=3, step=40, params={LR: 1.2e-3}, changed={LR: 1.2e-3})
     assert pbt.copy_text(e, {1: "t01", 3: "t03"}) == "t01<-t03@40 (learning_rate=0.0012)"
+
+
+def test_the_example_pbt_sweep_loads_and_a_snapshot_cadence_is_refused(tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    from tuneloop.config import ConfigError
+    from tuneloop.tools.sweep.spec import load_sweep
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    example, base = load_sweep(examples / "pbt.yaml")
+    assert example.sampler == "pbt" and example.pruner.kind == "none" and example.pbt.population == 4
+    raw = yaml.safe_load((examples / "pbt.yaml").read_text())
+    raw["config"] = str(examples / raw["config"])
+    raw["overrides"]["eval"]["every"] = 5
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="leave eval.every unset"):
+        load_sweep(tmp_path / "s.yaml")
+
+
+def test_a_pause_cadence_off_the_checkpoints_is_refused():
+    from tuneloop.config import TrainSection
+
+    with pytest.raises(ValidationError, match="pause_every 30 must be a multiple of save_steps 20"):
+        TrainSection(save_steps=20, pause_every=30)
+    assert TrainSection(save_steps=20, pause_every=40).pause_every == 40

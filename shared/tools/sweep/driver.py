@@ -162,7 +162,7 @@ class Sweep:
                 running = search.rebuild(self.study, self.spec, self.records)
             total = self.spec.total()
             done = sum(r.state != "running" for r in self.records)
-            what = (f"population-based training of {total} members (copies every {self.pbt.interval} verdicts, "
+            what = (f"population-based training of {total} members (a round every {self.pbt.interval} verdict(s), "
                     f"quantile {self.pbt.quantile:g}, {self.pbt.explore})" if self.pbt else f"{total} trials")
             self.console.print(f"[bold]tuneloop sweep[/] [cyan]{self.spec.name}[/]: {what}, {self.spec.concurrency} "
                                f"at a time, {self.spec.evaluators} shared evaluator(s); nats {self.url}"
@@ -466,7 +466,8 @@ class Sweep:
 
     @property
     def barrier(self) -> int:
-        return self.pbt.interval * self.base.train.save_steps
+        """Steps between rounds: ``interval`` verdicts of the trials' checkpoint cadence."""
+        return self.pbt.interval * trial_config(self.spec, self.base, {}, self.spec.name).train.save_steps
 
     async def resume_member(self, record: TrialRecord, step: int) -> None:
         try:

@@ -133,6 +133,9 @@ class SweepSpec(_Section):
         if self.concurrency < self.pbt.population:
             raise ValueError(f"sampler pbt compares members training side by side: concurrency {self.concurrency} "
                              f"must be at least pbt.population {self.pbt.population}")
+        if shared := [k for k in self.params if k in ("train.save_steps", "train.max_steps", "train.pause_every")]:
+            raise ValueError(f"sampler pbt compares members at shared steps, on equal budgets: {', '.join(shared)} "
+                             "cannot be searched (set it in overrides)")
         if stateful := [k for k in self.params if not keeps_state(k)]:
             raise ValueError(f"sampler pbt copies a member by a full-state fork, which cannot change {', '.join(stateful)} "
                              "(the optimizer and data position would not fit): search it with grid, random or tpe")
