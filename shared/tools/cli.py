@@ -125,11 +125,16 @@ def init(
     run_id: str = typer.Option(..., help="Run id the services serve (TUNELOOP_RUN_ID)."),
     storage: Path = STORAGE,
 ) -> None:
-    """Create a run directory for services started elsewhere (compose, Kubernetes)."""
+    """Create a run directory for services started elsewhere (compose, Kubernetes). With
+    ``--run-id '*'`` the services are pools: nothing to create, runs come queued (``queue``)."""
     from ..config import load_config
     from ..storage import init_run
-    from ..subjects import check_run_id
+    from ..subjects import ALL_RUNS, check_run_id
 
+    if run_id == ALL_RUNS:
+        console.print("the services serve every run (pools): queue runs with `tuneloop queue CONFIG --run-id ID` "
+                      "or `tuneloop fork RUN --queue`")
+        return
     try:
         check_run_id(run_id)
         rdir = init_run(load_config(config), run_id, storage.resolve())
@@ -137,6 +142,39 @@ def init(
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2)
     console.print(f"run {run_id}: {rdir}")
+
+
+@app.command()
+def queue(
+    config: Path = typer.Argument(..., help="Run configuration (YAML)."),
+    run_id: str = typer.Option(..., help="The run's id."),
+    sets: list[str] = typer.Option([], "--set", help="KEY=VALUE, a change to the config (train.max_steps=200); repeat it."),
+    nats_url: str = typer.Option(..., "--nats-url", envvar="NATS_URL", help="The pools' NATS server."),
+    storage: Path = STORAGE,
+) -> None:
+    """Queue a run for the pools (services started with ``--run-id '*'``: compose with
+    TUNELOOP_RUN_ID='*', Kubernetes' sweep overlay): its run directory is created, then a
+    trainer worker takes it and data-pipeline prepares its data. ``watch`` and ``ctl`` as for any run."""
+    from ..bus import CONNECT_PATIENCE_S, Bus
+    from ..config import load_config
+    from ..events import RunQueued, derived_id
+    from ..storage import init_run
+    from ..subjects import check_run_id
+    from .fork import parse_sets
+
+    try:
+        check_run_id(run_id)
+        rdir = init_run(load_config(config).with_overrides(parse_sets(sets)), run_id, storage.resolve())
+    except (ConfigError, ValueError) as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2)
+
+    async def go() -> None:
+        async with await Bus.connect(nats_url, "queue", patience=CONNECT_PATIENCE_S) as bus:
+            await bus.publish(RunQueued(run_id=run_id, event_id=derived_id("queued", run_id, 0), reason=f"queued from {config}"))
+
+    asyncio.run(go())
+    console.print(f"queued run {run_id} ({rdir}) for the pools")
 
 
 @app.command()

@@ -299,7 +299,7 @@ def print_sweep(summary: SweepSummary, console: Console) -> None:
         state = f"pruned@{r.pruned_at}" if r.state == "pruned" and r.pruned_at is not None else r.state
         if r.replaced_by is not None:
             state = f"copied over@{r.pruned_at if r.pruned_at is not None else '?'}"
-        lineage = [_lineage(r)] if pbt else []
+        lineage = [_family(r)] if pbt else []
         t.add_row(f"{r.number}{'*' if r.number == best else ''}", *(_fmt(r.params[n]) for n in names), state,
                   *lineage, curve or "-", f"{r.value:.3f}" if r.value is not None else "-",
                   f"{r.tokens_per_second:.0f}" if r.tokens_per_second else "-",
@@ -313,7 +313,7 @@ def print_sweep(summary: SweepSummary, console: Console) -> None:
         console.print("[red]no trial completed[/]")
 
 
-def _lineage(r) -> str:
+def _family(r) -> str:
     """A PBT trial's family: whom it forked (where, changing what), who took its place."""
     out = []
     if r.forked_from:

@@ -440,3 +440,56 @@ async def _two_nodes(s: Stack) -> None:
     assert len(recorded) == len(set(recorded)), recorded  # each checkpoint written and catalogued once
     await bus.close()
     readme_transcript("deploy-multinode-figures", "\n".join(line for line in SAID if line.startswith("multinode")))
+
+
+def test_pools_take_queued_runs_and_a_fork_of_one_trains_beside_it(stack):
+    """TUNELOOP_RUN_ID='*': every service is a pool. An operator queues a run (`tuneloop queue`
+    in the cli container), forks it mid-run with another learning rate (`tuneloop fork --queue`),
+    and two trainer containers train both at once, each to its export."""
+    s = stack
+    s.down()
+    env = s.env_file.read_text()
+    s.env_file.write_text(env.replace(f"TUNELOOP_RUN_ID={RUN}\n", "TUNELOOP_RUN_ID=*\n"))
+    try:
+        asyncio.run(_pools(s))
+    finally:
+        s.down()
+        s.env_file.write_text(env)
+
+
+async def _pools(s: Stack) -> None:
+    from tuneloop.events import CheckpointRecorded, ExportDone, RunForked, StepMetrics, TrainingFinished
+
+    s.up(*NODES, "provision", "init", *SERVICES)
+    s.compose("up", "--detach", "--no-recreate", "--scale", "trainer=2", "trainer")
+    s.url = s.host_url()
+    bus = await s.connect("viewer", "deploy-test-pools")
+    ev = {(run, cls): [] for run in ("pool-a", "pool-b")
+          for cls in (StepMetrics, CheckpointRecorded, TrainingFinished, ExportDone, RunForked)}
+    for (run, cls), got in ev.items():
+        async def keep(e, got=got):
+            got.append(e)
+        await bus.follow(cls, run, keep)
+    cli = ("run", "--rm", "cli")  # the operator identity
+    queued = s.compose(*cli, "queue", "examples/deploy.yaml", "--run-id", "pool-a", "--set", "train.max_steps=300")
+    assert "queued run pool-a" in queued.stdout, queued.stdout + queued.stderr
+    await wait_for(lambda: ev["pool-a", CheckpointRecorded], timeout=600)
+    forked = s.compose(*cli, "fork", "pool-a", "--at", "latest", "--set", "train.learning_rate=3e-3", "--name", "pool-b",
+                       "--queue")
+    assert "queued pool-b for the pools" in forked.stdout, forked.stdout + forked.stderr
+    await wait_for(lambda: ev["pool-a", ExportDone] and ev["pool-b", ExportDone], timeout=900)
+    a_done, b_done = ev["pool-a", TrainingFinished][-1], ev["pool-b", TrainingFinished][-1]
+    assert a_done.reason == b_done.reason == "completed" and a_done.step == b_done.step == 300, (a_done, b_done)
+    at = ev["pool-b", RunForked][0].step
+    assert at % 60 == 0 and ev["pool-a", RunForked][0].child == "pool-b"  # both audit trails hold the fork
+    b_steps = [e for e in ev["pool-b", StepMetrics] if e.loss is not None]
+    assert b_steps[0].step == at + 1, [e.step for e in b_steps[:3]]  # from the parent's checkpoint on
+    assert all(e.learning_rate == pytest.approx(3e-3) for e in b_steps)  # with its own learning rate
+    assert all(e.learning_rate == pytest.approx(1e-3) for e in ev["pool-a", StepMetrics] if e.loss is not None)
+    logs = [subprocess.run(["docker", "logs", c], capture_output=True, text=True) for c in s.containers("trainer")]
+    workers = [out for out in logs if " takes run pool-" in out.stdout + out.stderr]
+    assert len(logs) == 2 and workers, "no trainer container took a queued run"
+    await bus.close()
+    say(f"pools: `tuneloop queue` ran pool-a on {len(workers)} trainer container(s) of 2; `tuneloop fork --queue` at "
+        f"step {at} with learning rate 3e-3: pool-b trained from step {b_steps[0].step}; both completed 300 steps and exported")
+    readme_transcript("deploy-pools-figures", "\n".join(line for line in SAID if line.startswith("pools")))

@@ -3,10 +3,11 @@ one after another, and trains each exactly as a trainer of its own would (tokeni
 set it has seen before only once)."""
 
 import re
+import subprocess
 
 import pytest
 
-from helpers import collect, make_run, run_id_for, tiny_config, wait_for
+from helpers import TUNELOOP_CLI, collect, make_run, run_id_for, tiny_config, wait_for
 from tuneloop.events import DeadLetter, RunQueued, StepMetrics, TrainingFinished
 
 pytestmark = pytest.mark.integration
@@ -63,7 +64,12 @@ async def test_a_queued_run_whose_data_is_broken_is_dead_lettered_and_the_pools_
     pool.start("data-pipeline")
     pool.start("trainer")
     await bus.publish(RunQueued(run_id=bad, event_id=f"queued-{bad}-0"))
-    await bus.publish(RunQueued(run_id=good, event_id=f"queued-{good}-0"))
+    # the good one as an operator queues a run: `tuneloop queue CONFIG --run-id ID`
+    cfg_file = tmp_path / "good.yaml"
+    cfg_file.write_text((storage / good / "config.yaml").read_text())
+    queued = subprocess.run([*TUNELOOP_CLI, "queue", str(cfg_file), "--run-id", good, "--nats-url", nats_url,
+                             "--storage", str(storage)], capture_output=True, text=True, timeout=120)
+    assert queued.returncode == 0 and f"queued run {good}" in queued.stdout, queued.stdout + queued.stderr
     await wait_for(lambda: dead and done, timeout=240)
     assert dead[0].subject.endswith(".run.queued") and "broken.jsonl" in dead[0].reason, dead[0]
     assert done[0].reason == "completed"
