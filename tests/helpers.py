@@ -207,3 +207,11 @@ def run_job(tmp: Path, name: str, run_id: str, timeout: float, schema: str = "jo
     # What users script against has the shape proto/ publishes.
     jsonschema.validate(summary, json.loads((REPO / "proto" / "summaries" / f"{schema}.json").read_text()))
     return summary, proc.stdout
+
+
+def own_server_env(columns: int = 200) -> dict:
+    """The environment of a CLI command that must use its own NATS server (a sweep finds its
+    state in its own store when started again), with a wide terminal for its tables."""
+    env = {**os.environ, "COLUMNS": str(columns)}
+    env.pop("NATS_URL", None)
+    return env

@@ -353,11 +353,25 @@ def audit(
 
     with _reading(storage, run_id, nats_url) as url:
         trail = asyncio.run(read(url))
+    trail = sorted(trail + _written_after(storage, run_id, trail), key=lambda e: e.time)
     for e in trail:
         what = {k: v for k, v in e.model_dump(exclude={"run_id", "event_id", "time", "schema_version",
                                                         "discarded_saves"}).items()  # (ids for the checkpoint service)
                 if v not in (None, "", {}, [])}
         console.print(f"{e.time:%Y-%m-%d %H:%M:%S} [bold]{e.KIND}[/] {what}", soft_wrap=True)
+
+
+def _written_after(storage: Path, run_id: str, trail: list) -> list:
+    """Audited events an embedded run's timeline holds that its stored stream does not: what
+    happened to it after its server stopped (a fork of it, ``runner.tell_parent``)."""
+    from ..subjects import AUDIT_KINDS
+    from .report import TIMELINE_FILE, read_timeline
+
+    timeline = storage / run_id / TIMELINE_FILE
+    if not timeline.is_file():
+        return []
+    seen = {e.event_id for e in trail}
+    return [e for e in read_timeline(timeline) if e.KIND in AUDIT_KINDS and e.event_id not in seen]
 
 
 @app.command()

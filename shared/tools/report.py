@@ -66,7 +66,11 @@ class Timeline:
 
 
 def write_timeline(path: Path, events: list[Event]) -> None:
-    path.write_text("".join(json.dumps({"kind": e.KIND, "event": e.model_dump(mode="json")}) + "\n" for e in events))
+    path.write_text("".join(timeline_line(e) for e in events))
+
+
+def timeline_line(e: Event) -> str:
+    return json.dumps({"kind": e.KIND, "event": e.model_dump(mode="json")}) + "\n"
 
 
 def read_timeline(path: Path) -> list[Event]:

@@ -28,7 +28,7 @@ from ..events import (CheckpointRecorded, Control, ControlApplied, ControlConfir
                      RunForked, RunQueued, StepMetrics, TrainingFinished, derived_id)
 from .processes import FIRST, LATER_WITHIN_S, SERVICES, exited_badly, spawn, stop_all
 from .progress import Progress
-from .report import TIMELINE_FILE, write_report, write_timeline
+from .report import TIMELINE_FILE, timeline_line, write_report, write_timeline
 from ..storage import CONFIG_FILE, RunDir, init_run, run_dir, write_run_info
 from .summary import JobSummary, PhaseSummary, RunSummary
 from .watch import WatchView, log_event
@@ -86,6 +86,8 @@ def run_fork(fork, storage: Path, *, nats_url: str | None = None, evaluators: in
         nats_url = server.start()
     try:
         asyncio.run(announce_fork(fork, storage, nats_url))
+        if server:  # the child's own bus: the parent's audit trail is elsewhere
+            tell_parent(fork, storage)
         store = server.store_dir if server else None
         return run_one(fork.config, fork.child, storage, nats_url, evaluators, console,
                        run_dir(storage, fork.child) / CONFIG_FILE, store)
@@ -99,13 +101,38 @@ async def announce_fork(fork, storage: Path, nats_url: str, queue: bool = False,
     if bus is None:
         async with await Bus.connect(nats_url, "fork", patience=30) as own:
             return await announce_fork(fork, storage, nats_url, queue, own)
-    lineage = fork.lineage(storage)
     for run_id in (fork.parent, fork.child):
-        await bus.publish(RunForked(run_id=run_id, event_id=derived_id("forked", run_id, fork.child), parent=fork.parent,
-                                    child=fork.child, step=fork.step, checkpoint=lineage["checkpoint"],
-                                    changed=fork.changed, weights_only=fork.weights_only))
+        await bus.publish(forked_event(fork, storage, run_id))
     if queue:
         await bus.publish(RunQueued(run_id=fork.child, reason=f"fork of {fork.parent} at step {fork.step}"))
+
+
+def tell_parent(fork, storage: Path) -> None:
+    """The fork into the parent's audit trail: on its own bus while that answers (an embedded
+    run still training, a sweep's server), else into its timeline file, which an embedded run
+    leaves for when its server is gone (``tuneloop audit`` reads both). A stopped server's store
+    is never opened again."""
+    from ..storage import read_run_info
+    from .embedded import answers
+
+    try:
+        info = read_run_info(storage, fork.parent)
+    except FileNotFoundError:
+        return
+    if info.get("nats_url") and answers(info["nats_url"]):
+        asyncio.run(announce_fork(fork, storage, info["nats_url"]))
+        return
+    timeline = run_dir(storage, fork.parent) / TIMELINE_FILE
+    if timeline.is_file():
+        with timeline.open("a") as f:
+            f.write(timeline_line(forked_event(fork, storage, fork.parent)))
+
+
+def forked_event(fork, storage: Path, run_id: str) -> RunForked:
+    lineage = fork.lineage(storage)
+    return RunForked(run_id=run_id, event_id=derived_id("forked", run_id, fork.child), parent=fork.parent,
+                     child=fork.child, step=fork.step, checkpoint=lineage["checkpoint"], changed=fork.changed,
+                     weights_only=fork.weights_only)
 
 
 def run_phases(cfg: Config, job_id: str, storage: Path, nats_url: str, evaluators: int, console: Console,

@@ -76,6 +76,9 @@ def test_a_fork_with_no_change_continues_the_parents_losses_and_leaves_the_paren
     assert names.index("└ same") == names.index(PARENT) + 1, runs.stdout
     audit = tuneloop("audit", "same", "--storage", str(storage), timeout=120)
     assert "run.forked" in audit.stdout and "'parent': 'parent'" in audit.stdout, audit.stdout + audit.stderr
+    # the parent finished before it was forked (its server is gone): its audit trail has the fork too
+    audit = tuneloop("audit", PARENT, "--storage", str(storage), timeout=120)
+    assert "run.forked" in audit.stdout and "'child': 'same'" in audit.stdout, audit.stdout + audit.stderr
     drawn = json.loads(Image.open(storage / "same" / "report.png").text["Description"])  # the runner's report
     assert drawn["parent"] == [PARENT, 10] and drawn["steps"] == [11, 30]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import EXAMPLE_DATA, readme_transcript, stored
+from helpers import EXAMPLE_DATA, own_server_env, readme_transcript, stored
 from tuneloop.events import Control, RunForked, StepMetrics
 
 pytestmark = pytest.mark.integration
@@ -55,17 +54,11 @@ async def kv(url: str) -> tuple[dict[str, dict], dict]:
         return trials, log
 
 
-def _env() -> dict:
-    env = {**os.environ, "COLUMNS": "220"}
-    env.pop("NATS_URL", None)
-    return env
-
-
 def test_pbt_copies_the_poor_member_over_survives_a_kill_and_replays_exactly(tmp_path):
     sweep_file = write_sweep(tmp_path)
     runs = tmp_path / "runs"
     first = subprocess.Popen([*TUNELOOP, "sweep", str(sweep_file)], stdout=open(tmp_path / "first.log", "w"),
-                             stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+                             stderr=subprocess.STDOUT, env=own_server_env(220), cwd=tmp_path)
     try:  # SIGKILL once the first copy is recorded: it must be made once, and trained, after the restart
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and first.poll() is None:
@@ -81,7 +74,7 @@ def test_pbt_copies_the_poor_member_over_survives_a_kill_and_replays_exactly(tmp
     finally:
         if first.poll() is None:
             first.kill()
-    second = subprocess.run([*TUNELOOP, "sweep", str(sweep_file)], capture_output=True, text=True, env=_env(),
+    second = subprocess.run([*TUNELOOP, "sweep", str(sweep_file)], capture_output=True, text=True, env=own_server_env(220),
                             cwd=tmp_path, timeout=1500)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
     summary = json.loads((runs / "pb" / "summary.json").read_text())
@@ -123,14 +116,14 @@ def test_pbt_copies_the_poor_member_over_survives_a_kill_and_replays_exactly(tmp
 
     # The sweep's own settings replay the live copies; copying every other verdict parts from them.
     replay = subprocess.run([*TUNELOOP, "replay", "pb", "--storage", str(runs), "--pbt", "interval=1|2"],
-                            capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+                            capture_output=True, text=True, env=own_server_env(220), cwd=tmp_path, timeout=300)
     assert replay.returncode == 0, replay.stdout + replay.stderr
     rows = [line for line in replay.stdout.splitlines() if line.startswith("│ interval")]
     assert len(rows) == 2 and "│ yes" in rows[0] and "│ no" in rows[1], replay.stdout
     assert "past the recording" in replay.stdout
     readme_transcript("pbt-replay", f'$ tuneloop replay pb --pbt "interval=1|2"\n{replay.stdout}')
     refused = subprocess.run([*TUNELOOP, "replay", "pb", "--storage", str(runs), "--pruner", "median"],
-                             capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+                             capture_output=True, text=True, env=own_server_env(220), cwd=tmp_path, timeout=300)
     assert refused.returncode == 2 and "PBT sweep" in refused.stdout
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import EXAMPLE_DATA, processes_mentioning, stored
+from helpers import EXAMPLE_DATA, own_server_env, processes_mentioning, stored
 from tuneloop.events import Control, ControlApplied, EvalVerdict, TrainingFinished
 
 pytestmark = pytest.mark.integration
@@ -66,17 +65,11 @@ def early(record: dict) -> bool:
     return record["state"] == "running" and bool(record["values"]) and max(map(int, record["values"])) <= STEPS // 2
 
 
-def _env() -> dict:
-    env = {**os.environ, "COLUMNS": "200"}
-    env.pop("NATS_URL", None)  # the sweep's own server: the restart must find its state there
-    return env
-
-
 def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
     sweep_file = write_sweep(tmp_path)
     runs = tmp_path / "runs"
     first = subprocess.Popen([*TUNELOOP, "sweep", str(sweep_file)], stdout=open(tmp_path / "first.log", "w"),
-                             stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+                             stderr=subprocess.STDOUT, env=own_server_env(), cwd=tmp_path)
     try:  # kill the sweep once a trial has finished and another is early in training (a slow trial's
         # window is a second or two: from its first verdict to the prune that the second one brings)
         deadline = time.time() + 400
@@ -101,7 +94,7 @@ def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
     cut_short = [r["run_id"] for r in before.values() if early(r)]
 
     second = subprocess.run([*TUNELOOP, "sweep", str(sweep_file)], capture_output=True, text=True, timeout=600,
-                            env=_env(), cwd=tmp_path)
+                            env=own_server_env(), cwd=tmp_path)
     out = second.stdout
     assert second.returncode == 0, out[-4000:] + second.stderr[-2000:]
     continued = re.search(r"continuing: (\d+) finished", out)
@@ -197,7 +190,7 @@ def replay_the_pruner(tmp_path, trials, summary):
     assert not none.replay.pruned and none.winner_survives and none.unknown  # pruned trials: past the recording
     assert set(eager.replay.pruned) >= set(live)  # judging after one completed trial prunes at least as much
     out = subprocess.run([*TUNELOOP, "replay", "sw", "--pruner", "median|none", "--startup-trials", "2"],
-                         capture_output=True, text=True, timeout=120, env=_env(), cwd=tmp_path)
+                         capture_output=True, text=True, timeout=120, env=own_server_env(), cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     print(out.stdout)  # the README's transcript
     text = " ".join(out.stdout.split())

@@ -52,13 +52,13 @@ def test_quantiles_take_at_least_one_member_each_and_at_most_half():
     assert pbt.quantiles({0: 0.5, 1: 0.5}, 0.5) == ([1], [0])  # a tie goes against the later member
 
 
-def check(trial, nth, scores, step=40, last=False):
+def check(trial, nth, scores, step=40):
     params = {n: {LR: [1e-4, 3e-4, 1e-3, 3e-3][n % 4]} for n in scores}
-    return Check(trial=trial, step=step, nth=nth, last=last, scores=scores, params=params,
+    return Check(trial=trial, step=step, nth=nth, scores=scores, params=params,
                  steps={n: step for n in scores})
 
 
-def test_a_bottom_member_copies_a_top_one_every_interval_verdicts_and_never_at_its_last():
+def test_a_bottom_member_copies_a_top_one_every_interval_verdicts():
     s = spec()
     scores = {0: 0.1, 1: 0.2, 2: 0.6, 3: 0.8}
     assert pbt.decide(s.pbt, s, check(0, 1, scores)) is None  # the interval is 2
@@ -67,7 +67,6 @@ def test_a_bottom_member_copies_a_top_one_every_interval_verdicts_and_never_at_i
     assert e.params[LR] in (1e-3, 3e-3, 1e-4, 3e-4) and e.changed == ({} if e.params[LR] == 3e-3 else {LR: e.params[LR]})
     assert pbt.decide(s.pbt, s, check(0, 2, scores)) == e  # drawn from seed, member and step: a restart agrees
     assert pbt.decide(s.pbt, s, check(2, 2, scores)) is None  # not in the bottom
-    assert pbt.decide(s.pbt, s, check(0, 2, scores, last=True)) is None
     assert pbt.decide(s.pbt, s, check(0, 2, {0: 0.1})) is None  # nobody to compare with
 
 
@@ -162,3 +161,29 @@ def test_a_pause_cadence_off_the_checkpoints_is_refused():
     with pytest.raises(ValidationError, match="pause_every 30 must be a multiple of save_steps 20"):
         TrainSection(save_steps=20, pause_every=30)
     assert TrainSection(save_steps=20, pause_every=40).pause_every == 40
+
+
+def member(n, values, start=0, replaced_by=None, state="running"):
+    from tuneloop.tools.sweep.search import TrialRecord
+
+    return TrialRecord(number=n, run_id=f"p-t{n:02d}", params={LR: 1e-3}, values=values, start_step=start,
+                       replaced_by=replaced_by, state=state)
+
+
+def test_a_round_waits_for_every_member_at_a_step_of_the_cadence_and_ignores_verdicts_off_it():
+    budgets = {0: 100, 1: 100, 2: 100}
+    first = [member(0, {20: 0.5}), member(1, {})]
+    assert pbt.next_round(first, {0, 1}, set(), 20, budgets) is None  # member 1 is not there yet
+    first[1].values[20] = 0.1
+    assert pbt.next_round(first, {0, 1}, set(), 20, budgets) == 20
+    # member 1 copied over at 20 by member 2 (starting there); member 0 resumed after an
+    # interruption from the checkpoint it saved at 35, which was evaluated: no round at 35
+    later = [member(0, {20: 0.5, 35: 0.6, 40: 0.7}), member(1, {20: 0.1}, replaced_by=2, state="pruned"),
+             member(2, {}, start=20)]
+    assert [m.number for m in pbt.members_at(later, {0, 2}, 40)] == [0, 2]
+    assert pbt.next_round(later, {0, 2}, {20}, 20, budgets) is None  # member 2's verdict at 40 is missing
+    later[2].values[40] = 0.2
+    assert pbt.next_round(later, {0, 2}, {20}, 20, budgets) == 40
+    assert pbt.next_round(later, {0, 2}, {20, 40}, 20, budgets) is None
+    done = [member(0, {100: 0.9}), member(1, {100: 0.8})]
+    assert pbt.next_round(done, set(), set(), 20, budgets) is None  # a line's last verdict makes no round

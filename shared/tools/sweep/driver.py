@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -392,31 +393,21 @@ class Sweep:
     # round compares them all on the same view, and the copies are forked at that very step.
     # No member trains past a barrier meanwhile, so nothing is trained twice, and what the
     # rounds decide does not depend on which verdict came first.
-    def members_at(self, step: int) -> list[TrialRecord]:
-        """The members a round at ``step`` compares: started before it, and either judged at it
-        or still training towards it (not copied over, not ended)."""
-        out = []
-        for r in self.records:
-            if r.start_step >= step:
-                continue
-            live = r.number in self.live and self.live[r.number].finished is None and r.replaced_by is None
-            if step in r.values or (live and r.state == "running"):
-                out.append(r)
-        return out
+    def training_members(self) -> set[int]:
+        """Members still training towards the next round (not ended, not copied over)."""
+        return {n for n, t in self.live.items()
+                if t.finished is None and t.record.replaced_by is None and t.record.state == "running"}
 
     def next_round(self) -> int | None:
-        """The lowest verdict step below max_steps not judged yet, once every member has reached it."""
-        done = {c.step for c in self.log.checks}
-        for step in sorted({s for r in self.records for s in r.values if s not in done and s < self.max_steps(r)}):
-            members = self.members_at(step)
-            return step if all(step in r.values for r in members) else None
-        return None
+        budgets = {r.number: self.max_steps(r) for r in self.records}
+        return pbt.next_round(self.records, self.training_members(), {c.step for c in self.log.checks},
+                              self.cadence, budgets)
 
     async def pbt_rounds(self) -> None:
         while (step := self.next_round()) is not None:
-            members = self.members_at(step)
+            members = pbt.members_at(self.records, self.training_members(), step)
             view = {r.number: r.values[step] for r in members}
-            checks = [Check(trial=r.number, step=step, nth=sum(s <= step for s in r.values), scores=view,
+            checks = [Check(trial=r.number, step=step, nth=sum(s <= step and s % self.cadence == 0 for s in r.values), scores=view,
                             params={m.number: m.params for m in members}, steps={m.number: step for m in members})
                       for r in members]
             for c in checks:
@@ -464,10 +455,15 @@ class Sweep:
                     continue  # sent before the sweep died: on its way, or applied
                 asyncio.create_task(self.prune(trial, c.step, c.scores[r.number], self.copied_why(r)))
 
+    @functools.cached_property
+    def cadence(self) -> int:
+        """The trials' checkpoint (and so verdict) cadence: ``save_steps``, which PBT may not search."""
+        return trial_config(self.spec, self.base, {}, self.spec.name).train.save_steps
+
     @property
     def barrier(self) -> int:
-        """Steps between rounds: ``interval`` verdicts of the trials' checkpoint cadence."""
-        return self.pbt.interval * trial_config(self.spec, self.base, {}, self.spec.name).train.save_steps
+        """Steps between rounds that may copy: ``interval`` verdicts of the cadence."""
+        return self.pbt.interval * self.cadence
 
     async def resume_member(self, record: TrialRecord, step: int) -> None:
         try:

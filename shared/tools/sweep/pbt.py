@@ -18,6 +18,7 @@ import math
 import random
 from pydantic import BaseModel, Field
 
+from .search import TrialRecord
 from .spec import Pbt, SweepSpec, Value, grid
 
 
@@ -37,7 +38,6 @@ class Check(BaseModel):
     trial: int
     step: int
     nth: int = Field(description="How many verdicts this member has had, this one included.")
-    last: bool = Field(default=False, description="The member's final verdict (at max_steps): never a copy.")
     scores: dict[int, float] = Field(description="Each live member's latest score on val, this one's included.")
     params: dict[int, dict[str, Value]] = Field(description="The live members' settings (a copy explores the donor's).")
     steps: dict[int, int] = Field(default_factory=dict, description="Each live member's latest verdict step.")
@@ -61,6 +61,24 @@ def initial(spec: SweepSpec) -> list[dict[str, Value]]:
     return points[:spec.pbt.population]
 
 
+def members_at(records: list[TrialRecord], training: set[int], step: int) -> list[TrialRecord]:
+    """The members a round at ``step`` compares: started before it, and either judged at it or
+    still training towards it (``training``: not ended, not copied over)."""
+    return [r for r in records if r.start_step < step and (step in r.values or r.number in training)]
+
+
+def next_round(records: list[TrialRecord], training: set[int], judged: set[int], cadence: int,
+               budgets: dict[int, int]) -> int | None:
+    """The lowest step of the checkpoint cadence below the members' budgets not judged yet, once
+    every member has its verdict there; None while one is missing. Verdicts off the cadence (the
+    checkpoint an interruption saved, an operator's ``eval``) stay in the records but make no
+    round: not every member has one."""
+    steps = {s for r in records for s in r.values if s % cadence == 0 and s not in judged and s < budgets[r.number]}
+    for step in sorted(steps):
+        return step if all(step in r.values for r in members_at(records, training, step)) else None
+    return None
+
+
 def quantiles(scores: dict[int, float], fraction: float) -> tuple[list[int], list[int]]:
     """(bottom, top) members: ``ceil(n * fraction)`` each, at most half (Ray Tune's rule).
     Ties go against the later member: the earlier one has trained longer on the same settings."""
@@ -71,7 +89,7 @@ def quantiles(scores: dict[int, float], fraction: float) -> tuple[list[int], lis
 
 def decide(settings: Pbt, spec: SweepSpec, check: Check) -> Exploit | None:
     """Whether the member of ``check`` copies another now, and which, with what settings."""
-    if check.last or check.nth % settings.interval or len(check.scores) < 2:
+    if check.nth % settings.interval or len(check.scores) < 2:
         return None
     bottom, top = quantiles(check.scores, settings.quantile)
     if check.trial not in bottom:
