@@ -490,6 +490,7 @@ async def _pools(s: Stack) -> None:
     workers = [out for out in logs if " takes run pool-" in out.stdout + out.stderr]
     assert len(logs) == 2 and workers, "no trainer container took a queued run"
     await bus.close()
-    say(f"pools: `tuneloop queue` ran pool-a on {len(workers)} trainer container(s) of 2; `tuneloop fork --queue` at "
-        f"step {at} with learning rate 3e-3: pool-b trained from step {b_steps[0].step}; both completed 300 steps and exported")
+    say(f"pools: `tuneloop queue` queued pool-a, `tuneloop fork --queue` its fork pool-b at step {at} with learning rate "
+        f"3e-3; pool-b trained from step {b_steps[0].step}; {len(workers)} of the 2 trainer containers took them; both "
+        "completed 300 steps and exported")
     readme_transcript("deploy-pools-figures", "\n".join(line for line in SAID if line.startswith("pools")))
