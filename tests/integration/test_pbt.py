@@ -92,7 +92,7 @@ def test_pbt_copies_the_poor_member_over_survives_a_kill_and_replays_exactly(tmp
     assert len(exploits) == len(copies)  # none made twice across the kill
     for e, copy in zip(exploits, sorted(copies, key=lambda t: t["number"])):
         replaced, donor = trials[e["trial"]], trials[e["donor"]]
-        assert replaced["replaced_by"] == copy["number"] and replaced["state"] == "pruned"
+        assert replaced["replaced_by"] == copy["number"] and copy["replaces"] == replaced["number"] and replaced["state"] == "pruned"
         assert copy["forked_from"] == {"trial": donor["number"], "run_id": donor["run_id"], "step": e["step"],
                                        "changed": e["changed"]}
         assert copy["start_step"] == e["step"] and e["step"] % EVERY == 0

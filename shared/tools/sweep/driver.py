@@ -304,7 +304,12 @@ class Sweep:
         ended = done is not None and done.reason != "interrupted"
         self.console.log(f"[bold]{record.run_id}[/] resumes" + (" (training had ended)" if ended else ""))
         if record.forked_from and not (run_dir(self.storage, record.run_id) / CONFIG_FILE).is_file():
-            await self.make_copy(record)  # the sweep died between recording a PBT copy and making its folder
+            try:  # the sweep died between recording a PBT copy and making its run
+                await self.make_copy(record)
+            except ValueError as err:  # ForkRefused: its round makes another (carry_out)
+                record.state, record.stop_reason = "failed", f"not made: {err}"
+                await self.store.put(record)
+                return
         trial = Trial(record, optuna_trial)
         await self.launch(trial, queue=not ended)
         if not ended and not self.pbt and record.values and optuna_trial.should_prune():  # it fell behind before the sweep died
@@ -426,22 +431,28 @@ class Sweep:
                 if c.step % self.barrier == 0 and r.replaced_by is None and r.state == "running":
                     asyncio.create_task(self.resume_member(r, c.step))
                 continue
+            made = next((x for x in self.records if x.replaces == r.number and x.start_step == e.step and x.state != "failed"), None)
+            if made is not None and r.replaced_by is None:  # the sweep died between recording the copy and the member
+                r.replaced_by = made.number
+                await self.store.put(r)
             if r.replaced_by is None:
                 donor = next(x for x in self.records if x.number == e.donor)
                 copy = TrialRecord(number=len(self.records), run_id=f"{self.spec.name}-t{len(self.records):02d}",
-                                   params=e.params, start_step=e.step,
+                                   params=e.params, start_step=e.step, replaces=r.number,
                                    forked_from={"trial": donor.number, "run_id": donor.run_id, "step": e.step,
                                                 "changed": e.changed})
+                self.records.append(copy)
+                await self.store.put(copy)  # first: a restart finds it (by `replaces`) and makes its run if it is not there
                 try:
                     await self.make_copy(copy)
                 except ValueError as err:  # ForkRefused: the donor's checkpoint at that step is not there
+                    copy.state, copy.stop_reason = "failed", f"not made: {err}"
+                    await self.store.put(copy)
                     c.refused = str(err)
                     await self.store.put_pbt_log(self.log)
                     self.console.log(f"[yellow]{r.run_id}: no copy of {donor.run_id}: {err}[/]")
                     asyncio.create_task(self.resume_member(r, c.step))
                     continue
-                self.records.append(copy)
-                await self.store.put(copy)
                 r.replaced_by = copy.number
                 await self.store.put(r)
                 await self.launch(Trial(copy, None), queue=True)

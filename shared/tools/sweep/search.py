@@ -41,6 +41,7 @@ class TrialRecord(BaseModel):
     forked_from: dict | None = Field(default=None, description="A copy: {trial, run_id, step, changed} of the member it forked.")
     start_step: int = Field(default=0, ge=0, description="The step it started from (a copy: its donor's checkpoint).")
     replaced_by: int | None = Field(default=None, description="A member that copied another: the trial that took its place.")
+    replaces: int | None = Field(default=None, description="A copy: the member whose place it takes.")
 
 
 def make_study(spec: SweepSpec, drawn: int = 0):

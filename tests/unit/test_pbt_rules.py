@@ -1,6 +1,7 @@
 """Population-based training's rules, without training: the sweep file's checks, who copies
-whom, what a copy explores, and the replay of recorded checks (exact with the sweep's own
-settings, stopping where other settings part from the recording)."""
+whom, what a copy explores, when a round is due, and the replay of recorded checks (exact with
+the sweep's own settings, stopping where other settings part from the recording). Named apart
+from tests/integration/test_pbt.py: pytest imports test modules by basename."""
 
 import random
 
