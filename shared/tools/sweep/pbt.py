@@ -1,12 +1,13 @@
 """Population-based training: when a member copies another, and what it changes. Pure.
 
-Every verdict of a member on val is a *check*: what the sweep saw then (each live member's
-latest score) and what it decided. Every ``interval`` of its own verdicts, a member in the
-bottom quantile of that view copies a member of the top quantile (``Exploit``): the driver
-forks the donor at its latest verdict's checkpoint, full state, with the searched settings
-explored, and stops the member. The sweep keeps the checks in order (``PbtLog``), so the same
-decisions replay exactly from them (``replay``), with other settings too, up to the first
-check where those would have decided otherwise: past it, the recording has no verdicts.
+The sweep judges its members in rounds: at a step of the checkpoint cadence, once every member
+has its verdict there (``next_round``), each member's *check* records what the sweep saw (every
+member's score at that step) and what it decided. Every ``interval`` of its own verdicts, a
+member in the bottom quantile copies a member of the top quantile (``Exploit``): the driver
+forks the donor at that step's checkpoint, full state, with the searched settings explored,
+and stops the member. The sweep keeps the checks in order (``PbtLog``), so the same decisions
+replay exactly from them (``replay``), with other settings too, up to the first check where
+those would have decided otherwise: past it, the recording has no verdicts.
 
 Randomness (which top member, which factor) is drawn from the sweep's seed, the member and the
 step, so a decision is the same live, after a restart and in a replay.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+
 from pydantic import BaseModel, Field
 
 from .search import TrialRecord
