@@ -129,6 +129,7 @@ def test_sweep_prunes_shares_evaluators_and_survives_a_kill(tmp_path):
         control = [c for c in events[run_id][Control] if c.command == "prune"]
         applied = [a for a in events[run_id][ControlApplied] if a.command == "prune"]
         assert control and control[0].operator == "sweep sw" and "fell behind" in control[0].value
+        assert f"at step {trials[run_id]['judged_at']} fell behind" in control[0].value  # the decision, recorded
         assert applied and applied[0].control_id == control[0].event_id and trials[run_id]["pruned_at"] == applied[0].step
         assert events[run_id][TrainingFinished][-1].reason == "pruned"
         assert not list((runs / run_id / "checkpoints").glob("checkpoint-*")) and trials[run_id]["released_bytes"] > 0

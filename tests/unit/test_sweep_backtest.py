@@ -49,6 +49,20 @@ def test_the_sweeps_own_pruner_gives_back_the_live_prunes_and_none_prunes_nothin
     assert not none.same_as_live and none.replay.fates[2].unknown
 
 
+def test_the_live_decision_is_the_recorded_one_when_the_sweep_was_down_before_sending_it():
+    """Killed after trial 2's verdict at 10, the sweep came back, judged it at 10 and sent the
+    prune; a verdict at 20 was published meanwhile, before the prune: the record, not the clock,
+    says where the sweep decided, and the replay with its own pruner agrees."""
+    traces = recording()
+    t = traces[2]
+    t.verdicts.append((t.verdicts[0][0] + timedelta(seconds=0.5), 20, 0.1))
+    assert backtest.live_prunes(traces) == {2: 20}  # what the clock alone would say
+    t.record.judged_at = 10
+    assert backtest.live_prunes(traces) == {2: 10}
+    own, = backtest.compare(spec(), [x.record for x in traces], traces, [spec().pruner])
+    assert own.same_as_live and own.replay.fates[2].pruned_at == 10
+
+
 def test_a_trial_is_judged_again_when_another_ends_as_the_driver_does():
     """Trial 2 reports before the others complete: nothing to compare with then; when the second
     one ends, it is judged again at its last step and pruned."""

@@ -74,11 +74,14 @@ def traces(records: list[TrialRecord], events: dict[str, list], metric: str) -> 
 
 
 def live_prunes(traces: list[Trace]) -> dict[int, int]:
-    """Trial -> the verdict step its live prune decision was made at: the last verdict
-    published before the sweep sent the prune (the trainer stops some steps later)."""
+    """Trial -> the verdict step its live prune decision was made at (the trainer stops some
+    steps later): as the sweep recorded it (``judged_at``), else, for records older than
+    that field, the last verdict published before the sweep sent the prune."""
     out = {}
     for t in traces:
-        if t.record.state == "pruned" and t.prune_sent is not None:
+        if t.record.state == "pruned" and t.record.judged_at is not None:
+            out[t.record.number] = t.record.judged_at
+        elif t.record.state == "pruned" and t.prune_sent is not None:
             steps = [s for when, s, _ in t.verdicts if when <= t.prune_sent]
             if steps:
                 out[t.record.number] = max(steps)

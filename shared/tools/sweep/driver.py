@@ -512,6 +512,8 @@ class Sweep:
     async def prune(self, trial: Trial, step: int, score: float, why: str | None = None) -> None:
         why = why or f"{self.metric} {score:.3f} on val at step {step} fell behind ({self.spec.pruner.kind} pruner)"
         policy = "pbt exploit" if self.pbt else f"{self.spec.pruner.kind} pruner"
+        trial.record.judged_at = step  # recorded before it is sent: replay compares with this decision
+        await self.store.put(trial.record)
         try:
             answer = await send_control(self.url, trial.record.run_id, "prune", why, bus=self.bus, timeout=300,
                                         operator=f"sweep {self.spec.name}", policy=policy)

@@ -31,7 +31,10 @@ class TrialRecord(BaseModel):
     test: dict[str, float] | None = None
     steps: int | None = None
     stop_reason: str | None = None
-    pruned_at: int | None = None
+    pruned_at: int | None = Field(default=None, description="The step its training stopped at, pruned.")
+    judged_at: int | None = Field(default=None, description=(
+        "The verdict step at which the sweep decided to prune it (what a backtest compares with: verdicts "
+        "that came while a restarted sweep was down can be later than the decision, yet published before the prune)."))
     released_bytes: int | None = None
     train_seconds: float | None = None
     tokens_per_second: float | None = None
