@@ -36,6 +36,14 @@ def test_a_pbt_sweep_that_cannot_work_is_refused_saying_why(over, says):
         spec(**over)
 
 
+def test_search_is_read_as_sampler_and_both_at_once_are_refused():
+    raw = {"name": "p", "config": "c.yaml", "concurrency": 4, "params": {LR: {"values": [1e-4, 3e-4, 1e-3, 3e-3]}},
+           "pbt": {"population": 4, "interval": 2}}
+    assert SweepSpec.model_validate({**raw, "search": "pbt"}).sampler == "pbt"
+    with pytest.raises(ValidationError, match="sampler: and search: are the same setting"):
+        SweepSpec.model_validate({**raw, "search": "pbt", "sampler": "pbt"})
+
+
 def test_members_start_on_the_grid_in_its_order_then_on_draws():
     assert [p[LR] for p in pbt.initial(spec())] == [1e-4, 3e-4, 1e-3, 3e-3]
     shuffled = spec(shuffle=True, seed=3)

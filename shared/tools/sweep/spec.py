@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ...config import Config, ConfigError, load_config, read_yaml
 from ...events import explain
@@ -90,8 +90,9 @@ class SweepSpec(_Section):
     overrides: dict = Field(default_factory=dict, description="Changes to that config for every trial (e.g. fewer steps).")
     params: dict[str, Param] = Field(min_length=1, description="Dotted config paths (train.learning_rate, train.lora.r) -> what to try.")
     sampler: Literal["grid", "random", "tpe", "pbt"] = Field(
-        default="grid", description="grid: every combination, in the order written (or shuffled); random and tpe: Optuna's "
-                                    "samplers; pbt: population-based training (see pbt).")
+        default="grid", validation_alias=AliasChoices("sampler", "search"),
+        description="grid: every combination, in the order written (or shuffled); random and tpe: Optuna's "
+                    "samplers; pbt: population-based training (see pbt). Also read as search:.")
     shuffle: bool = Field(default=False, description=(
         "grid: walk the combinations in a random order drawn from seed, so that a sweep cut short (trials: N, "
         "pruning against the first trials) does not favour the values written first."))
@@ -105,6 +106,13 @@ class SweepSpec(_Section):
     pruner: Pruner = Pruner()
     pbt: Pbt | None = Field(default=None, description="sampler pbt: the population and its exploit and explore rules.")
     base_dir: str = Field(default=".", description="Set by the loader: the sweep file's folder.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name(cls, raw):
+        if isinstance(raw, dict) and "sampler" in raw and "search" in raw:
+            raise ValueError("sampler: and search: are the same setting: give one")
+        return raw
 
     @model_validator(mode="after")
     def _count(self) -> "SweepSpec":
