@@ -126,17 +126,43 @@ async def stored(url: str, run_id: str, kinds) -> dict:
     JetStream's de-duplication; live subscribers may also see a duplicate publish)."""
     from tuneloop.bus import Bus
 
+    from tuneloop import subjects
+
     bus = await Bus.connect(url, "replay")
     got = {k: [] for k in kinds}
+    kept: dict = {}  # kind -> how many the stream holds now: read until each is in, however slow the machine
 
     async def keep(e):
         got[type(e)].append(e)
 
     for k in kinds:
+        subject = subjects.subject(run_id, k.KIND)
+        info = await bus.js.stream_info(subjects.STREAM, subjects_filter=subject)
+        kept[k] = sum((info.state.subjects or {}).values())
         await bus.follow(k, run_id, keep)
-    await asyncio.sleep(2.0)
+    await wait_for(lambda: all(len(got[k]) >= n for k, n in kept.items()), timeout=120)
     await bus.close()
     return got
+
+
+def every_checkpoint_judged(got: dict) -> bool:
+    """Each checkpoint saved (not a snapshot) has its verdict and its feedback in the stream."""
+    from tuneloop.events import CheckpointSaved, EvalVerdict, Feedback
+
+    saved = {e.step for e in got[CheckpointSaved] if not e.snapshot}
+    return saved <= {v.step for v in got[EvalVerdict] if v.purpose == "periodic"} and saved <= {f.step for f in got[Feedback]}
+
+
+async def stored_when(url: str, run_id: str, kinds, settled, timeout: float = 180.0) -> dict:
+    """``stored`` read again until ``settled(got)`` holds (work still arriving after a run ended:
+    the last checkpoint's verdict and feedback); after ``timeout``, what is there, for the
+    test's own assertions to name what is missing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await stored(url, run_id, kinds)
+        if settled(got) or time.monotonic() > deadline:
+            return got
+        await asyncio.sleep(1.0)
 
 
 def processes_mentioning(text: str) -> list[str]:

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from helpers import make_run, run_id_for, tiny_config
+from helpers import make_run, run_id_for, tiny_config, wait_for
 from tuneloop import subjects
 from tuneloop.bus import BusError
 from tuneloop.events import RewardReply, RewardRequest
@@ -57,7 +57,8 @@ async def test_malformed_completions_get_per_item_errors_and_the_service_survive
     req = RewardRequest(run_id=run, completions=[GOOD], categories=["math"])
     for _ in range(5):
         await bus.nc.publish(subjects.subject(run, RewardRequest.KIND), req.model_dump_json().encode(), reply=inbox)
-    await asyncio.sleep(2.0)
+    await wait_for(lambda: len(replies) >= 5, timeout=60)
+    await asyncio.sleep(1.0)  # a second answer to any of them would come about as fast as the first
     await sub.unsubscribe()
     assert len(replies) == 5 and all(b'"rewards":[1.0]' in m.data.replace(b" ", b"") for m in replies), replies
     assert all(p.poll() is None for p in svc.every), "a bad request took a replica down"

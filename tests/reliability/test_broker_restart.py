@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from helpers import collect, make_run, stored, tiny_config, wait_for
+from helpers import collect, every_checkpoint_judged, make_run, stored_when, tiny_config, wait_for
 from tuneloop.bus import Bus
 from tuneloop.tools.embedded import NatsServer
 from tuneloop.events import (CheckpointRecorded, CheckpointSaved, Control, ControlApplied, EvalVerdict, ExportDone,
@@ -67,8 +67,8 @@ async def test_a_broker_outage_loses_and_duplicates_nothing(tmp_path, services, 
         finally:
             await bus.close()
 
-        got = await stored(url, run, (StepMetrics, ControlApplied, CheckpointSaved, CheckpointRecorded, EvalVerdict,
-                                      Feedback, TrainingFinished))
+        kinds = (StepMetrics, ControlApplied, CheckpointSaved, CheckpointRecorded, EvalVerdict, Feedback, TrainingFinished)
+        got = await stored_when(url, run, kinds, every_checkpoint_judged)
         end = got[TrainingFinished][0]
         applied = Counter(a.control_id for a in got[ControlApplied])
         saved = sorted(e.step for e in got[CheckpointSaved] if not e.snapshot)

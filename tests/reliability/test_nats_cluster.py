@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from helpers import collect, make_run, stored, tiny_config, wait_for
+from helpers import collect, every_checkpoint_judged, make_run, stored_when, tiny_config, wait_for
 from tuneloop import subjects
 from tuneloop.bus import Bus
 from tuneloop.tools.embedded import NatsCluster
@@ -76,14 +76,13 @@ async def test_killing_the_stream_leader_of_a_3_node_cluster_loses_nothing(tmp_p
             await bus.publish(after)
             await bus.publish(stop)
             await wait_for(lambda: finished, timeout=300)
-            await asyncio.sleep(2)  # the last verdict and feedback of the final checkpoint
             leader_after = (await stream_cluster(bus)).leader
             held = (await bus.js.stream_info(subjects.STREAM)).state.messages
         finally:
             await bus.close()
 
-        got = await stored(cluster.url, run, (StepMetrics, ControlApplied, CheckpointSaved, CheckpointRecorded,
-                                              EvalVerdict, Feedback, TrainingFinished))
+        kinds = (StepMetrics, ControlApplied, CheckpointSaved, CheckpointRecorded, EvalVerdict, Feedback, TrainingFinished)
+        got = await stored_when(cluster.url, run, kinds, every_checkpoint_judged)
         end = got[TrainingFinished][0]
         step_times = {}
         for s in got[StepMetrics]:
