@@ -179,16 +179,16 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def start_job(config: Path, run_id: str, *flags: str, timeout: float = 180) -> subprocess.Popen:
+def start_job(config: Path, run_id: str, *flags: str, timeout: float = 180, live: bool = True) -> subprocess.Popen:
     """``tuneloop run CONFIG --run-id RUN_ID [flags]`` as a user starts it, returned once its
-    trainer logged a training loss (the run is live)."""
+    trainer logged a training loss (the run is live), or at once with ``live=False``."""
     cfg = load_config(config)
     storage = Path(cfg.resolve(cfg.run.output_dir))
     job = subprocess.Popen([sys.executable, "-m", "tuneloop", "run", str(config), "--run-id", run_id, *flags],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = storage / run_id / "logs" / "trainer.log"
     deadline = time.time() + timeout
-    while time.time() < deadline and not (log.exists() and "'loss'" in log.read_text(errors="replace")):
+    while live and time.time() < deadline and not (log.exists() and "'loss'" in log.read_text(errors="replace")):
         assert job.poll() is None, job.communicate()[0][-3000:]
         time.sleep(0.3)
     return job

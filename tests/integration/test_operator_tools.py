@@ -86,9 +86,10 @@ def watched_run(tmp_path_factory, nats_url):
     cfg = tiny_config(tmp, max_steps=80, save_steps=20, logging_steps=2)
     dump_config(cfg, tmp / "ops.yaml")
     storage = tmp / "runs"
-    job = start_job(tmp / "ops.yaml", run, "--nats-url", nats_url)
-    # Held live while the operator's tools come up (the tiny run trains 80 steps in seconds).
-    paused = asyncio.run(send_control(nats_url, run, "pause", timeout=120))
+    job = start_job(tmp / "ops.yaml", run, "--nats-url", nats_url, live=False)
+    # Held while the operator's tools come up (the tiny run trains 80 steps in seconds): sent
+    # before training starts, the pause waits in the stream and lands at the first step boundary.
+    paused = asyncio.run(send_control(nats_url, run, "pause", timeout=300))
     assert isinstance(paused, ControlApplied) and paused.step < 80, paused
     term = Terminal([*TUNELOOP, "watch", run, "--storage", str(storage)])
     during = term.wait_for(f"run {run}", "loss", "step ", timeout=60)
