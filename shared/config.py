@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .events import RUN_ID_PATTERN, explain
+from .task import LOWER_IS_BETTER, TaskSection, unknown_metric
 
 
 class ConfigError(ValueError):
@@ -66,9 +67,11 @@ class QualitySection(_Section):
     duplicates: Literal["drop", "keep"] = Field(
         default="drop", description="Exact and near-duplicate train rows, and held-out prompts (nearly) in train.")
     near_duplicate_threshold: float = Field(default=0.9, gt=0, le=1, description="Jaccard similarity (MinHash) from which two texts are near-duplicates.")
-    protocol_violations: Literal["report", "drop", "fail"] = Field(
-        default="report", description="Demonstrations that fail the run's protocol or suite checks.")
-    max_violation_rate: float = Field(default=0.5, ge=0, le=1, description="Refuse the data set when more train rows than this share break the protocol.")
+    format_violations: Literal["report", "drop", "fail"] = Field(
+        default="report", validation_alias=AliasChoices("format_violations", "protocol_violations"),
+        description="Demonstrations that fail the task's format metric (task.metrics.<name>.format; none: no rule). "
+                    "`protocol_violations` is read as this.")
+    max_violation_rate: float = Field(default=0.5, ge=0, le=1, description="Refuse the data set when more train rows than this share fail the format metric.")
     lengths: Literal["report", "drop"] = Field(default="report", description="Empty, truncated (over train.max_length) and outlier-length rows.")
 
 
@@ -104,7 +107,8 @@ class AugmentSection(_Section):
     enabled: bool = Field(default=True, description="false: keep the rules, add no rows (the example measures both).")
     phrasings: dict[str, PhrasingRule] = Field(default_factory=dict, description="Per category: new phrasings of its prompts.")
     copies: int = Field(default=1, ge=1, le=16, description="New rows per matching train row.")
-    negatives: bool = Field(default=True, description="Derive a DPO `rejected` answer (the answer as prose) for rows without one.")
+    negatives: bool = Field(default=True, description=(
+        "DPO: for rows without a `rejected` answer, take another row's answer that the task's metrics fail for this row."))
 
 
 class DataSection(_Section):
@@ -197,18 +201,23 @@ class DPOSection(_Section):
     loss_type: Literal[DPO_LOSSES] = "sigmoid"  # type: ignore[valid-type]
 
 
-REWARDS = ("protocol", "correctness", "similarity", "brevity")
-
-
 class GRPOSection(_Section):
     num_generations: int = Field(default=4, ge=2, description="Completions sampled per prompt (the group).")
     max_completion_length: int = Field(default=32, ge=1)
     temperature: float = Field(default=1.0, gt=0)
     beta: float = Field(default=0.0, ge=0, description="KL penalty to the reference model (0: no reference model).")
     loss_type: Literal[GRPO_LOSSES] = Field(default="grpo", description="TRL's GRPO loss normalisation.")  # type: ignore[valid-type]
-    rewards: dict[Literal[REWARDS], float] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: {"protocol": 1.0},
-        description="Reward functions of the rl-reward service and their weights.")
+    rewards: dict[str, float] = Field(default_factory=dict, description=(
+        "Rewards served by rl-reward and their weights: a metric of the task (or exact, similarity), or a function "
+        "by import path (package.module:function) with TRL's signature (prompts, completions, **columns). Default: "
+        "the task's first metric."))
+
+    @field_validator("rewards")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in v.values()) or (v and not sum(v.values())):
+            raise ValueError(f"reward weights must be >= 0 and not all 0, got {v}")
+        return v
     reward_timeout: float = Field(default=60.0, gt=0, description="Seconds to wait for the rl-reward service.")
 
 
@@ -346,8 +355,11 @@ class EvalSection(_Section):
 
 
 class FeedbackSection(_Section):
-    metric: Literal["protocol", "correctness"] = "protocol"
-    target: float = Field(default=0.95, ge=0, le=1, description="Stop once a verdict reaches this score.")
+    metric: str | None = Field(default=None, description=(
+        "The task's metric feedback steers by (any of task.metrics, exact, eval_loss, perplexity). Default: the "
+        "task's first metric, else exact."))
+    target: float = Field(default=0.95, ge=0, description=(
+        "Stop once a verdict reaches this score (at or below it for eval_loss and perplexity)."))
     patience: int = Field(default=4, ge=1, description="Stop after this many verdicts without improvement.")
     min_step: int = Field(default=0, ge=0, description="Never stop before this step.")
     approve: list[Literal["stop", "set-data", "prune"]] = Field(default_factory=list, description=(
@@ -378,6 +390,7 @@ class Phase(_Section):
 
 class Config(_Section):
     run: RunSection = RunSection()
+    task: TaskSection = Field(default_factory=TaskSection, description="What a good answer is (shared/task.py).")
     data: DataSection
     model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()
@@ -391,6 +404,25 @@ class Config(_Section):
     @classmethod
     def _abs(cls, v: str) -> str:
         return str(Path(v).resolve())
+
+    @model_validator(mode="after")
+    def _metrics_known(self) -> "Config":
+        """Every metric the config steers by is one the task's verdicts report."""
+        known = self.task.names()
+        if self.feedback.metric is None:
+            self.feedback.metric = self.task.default_metric()
+        elif self.feedback.metric not in known:
+            raise ValueError(unknown_metric(self.feedback.metric, known, "feedback.metric"))
+        if self.feedback.metric not in LOWER_IS_BETTER and self.feedback.target > 1:
+            raise ValueError(f"feedback.target {self.feedback.target} > 1: {self.feedback.metric} is a fraction in [0, 1]")
+        rewards = self.train.grpo.rewards
+        if not rewards:
+            self.train.grpo.rewards = {self.task.default_metric(): 1.0}
+        for name in rewards:
+            if ":" not in name and name not in self.task.reward_names():
+                raise ValueError(f"train.grpo.rewards: unknown reward {name!r}; a metric of the task "
+                                 f"({', '.join(self.task.reward_names())}) or a function as package.module:function")
+        return self
 
     @model_validator(mode="after")
     def _snapshots_fit(self) -> "Config":
@@ -492,13 +524,17 @@ def read_yaml(path: Path, what: str = "config") -> dict:
     return raw
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, functions: bool = False) -> Config:
+    """The config at ``path``, validated. ``functions``: also import every metric and reward
+    function it names and check their signatures, as a run does before it starts."""
     path = Path(path)
     raw = read_yaml(path)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {explain(e)}") from e
+    if functions:
+        check_functions(cfg, path)
     ref = cfg.model.name_or_path
     if ref.lower().endswith(".gguf") and not cfg.model.gguf_file:
         if not cfg.resolve(os.path.expanduser(ref)).is_file():
@@ -510,6 +546,17 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: model.name_or_path: {ref!r} is a local path, and "
                           f"{cfg.resolve(os.path.expanduser(ref))} is not a folder")
     return cfg
+
+
+def check_functions(cfg: Config, path: Path | str) -> None:
+    """Import the task's metric functions and every phase's reward functions (ConfigError naming them)."""
+    from .task import TaskError, check_task
+
+    rewards = {*cfg.train.grpo.rewards, *(r for i in range(len(cfg.phases)) for r in cfg.phase_config(i).train.grpo.rewards)}
+    try:
+        check_task(cfg.task, cfg.base_dir, sorted(rewards))
+    except TaskError as e:
+        raise ConfigError(f"{path}: task: {e}") from None
 
 
 def differences(a: Config, b: Config) -> list[str]:

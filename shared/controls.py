@@ -83,10 +83,10 @@ GUARDABLE = ("set-lr", "set-grad-clip", "set-data")  # the controls that change 
 
 
 def check_guard(command: str, guard: str | None, within: int | None, categories: frozenset[str] = frozenset(),
-                watching: "GuardWatch | None" = None):
+                watching: "GuardWatch | None" = None, metrics: list[str] | None = None):
     """The parsed guard of a control (None without one); Rejected says what is wrong with it.
     ``categories``: the data set's (a guard on another category could never be judged);
-    ``watching``: the guard already under watch (one at a time)."""
+    ``watching``: the guard already under watch (one at a time); ``metrics``: the task's (None: any)."""
     from .guard import GuardError, parse
 
     if guard is None:
@@ -96,7 +96,7 @@ def check_guard(command: str, guard: str | None, within: int | None, categories:
     if command not in GUARDABLE:
         raise Rejected(f"{command} cannot be guarded; guarded controls: {', '.join(GUARDABLE)}")
     try:
-        parsed = parse(guard)
+        parsed = parse(guard, metrics)
     except GuardError as e:
         raise Rejected(str(e)) from None
     unknown = parsed.categories() - categories

@@ -274,8 +274,9 @@ class Failure(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
     output: str
-    reason: str
+    reason: str = Field(description="Each metric the case failed, with why (metric: why; ...).")
     category: str = ""
+    scores: dict[str, float] = Field(default_factory=dict, description="The case's score on each metric.")
 
 
 class EvalVerdict(Event):
@@ -288,7 +289,9 @@ class EvalVerdict(Event):
     split: str = Field(pattern=SPLIT_PATTERN)
     purpose: Literal["periodic", "final", "manual", "baseline"]
     cases: int = Field(ge=0)
-    scores: dict[str, float] = Field(description="protocol, correctness (fractions in [0, 1]).")
+    scores: dict[str, float] = Field(description=(
+        "The task's metrics (fractions in [0, 1]), exact, and eval_loss / perplexity of the demonstrations; "
+        "a test suite's cases: pass."))
     by_category: dict[str, dict[str, float]] = Field(default_factory=dict)
     mean_new_tokens: float = 0.0
     failures: list[Failure] = Field(default_factory=list, max_length=20)
@@ -442,9 +445,12 @@ class RewardRequest(Event):
     KIND: ClassVar[str] = "reward.score"
     DURABLE: ClassVar[bool] = False
     completions: list[str] = Field(max_length=4096)
+    prompts: list[str | list[dict] | None] = Field(default_factory=list, description="Each completion's prompt, as the data set has it.")
     references: list[str | None] = Field(default_factory=list)
     categories: list[str | None] = Field(default_factory=list)
-    weights: dict[str, float] = Field(default_factory=dict, description="Reward function -> weight; empty: the service's default.")
+    columns: list[str | None] = Field(default_factory=list, description="Each item's other data columns, as JSON.")
+    conversational: bool = Field(default=False, description="The data set is chats: functions get completions as messages.")
+    weights: dict[str, float] = Field(default_factory=dict, description="Reward (a task metric or package.module:function) -> weight; empty: the task's first metric.")
 
 
 class RewardReply(Event):

@@ -8,12 +8,13 @@ small grammar below, never by ``eval``, and each mistake is named with its colum
     all    := term ("and" term)*
     term   := "(" guard ")" | NAME OP NUMBER
     OP     := >= | <= | > | < | == | !=
-    NAME   := protocol | correctness | tokens | loss | CATEGORY.protocol | CATEGORY.correctness
+    NAME   := METRIC | tokens | loss | CATEGORY.METRIC
 
-``protocol`` and ``correctness`` are a verdict's scores (fractions in [0, 1]), ``tokens`` its
-mean new tokens per case, ``CATEGORY.<score>`` a score of one category, and ``loss`` the
-mean training loss logged from the change (or the last verdict that held) to the verdict's step
-(``services/trainer/rollback.py`` says which steps count).
+``METRIC`` is any metric the run's task reports (``tuneloop.task``: those it declares, ``exact``,
+``eval_loss``, ``perplexity``), ``tokens`` a verdict's mean new tokens per case,
+``CATEGORY.METRIC`` a metric of one category, and ``loss`` the mean training loss logged from
+the change (or the last verdict that held) to the verdict's step (``services/trainer/rollback.py``
+says which steps count). Given the task's metrics, ``parse`` refuses a name it does not report.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ import operator
 import re
 from dataclasses import dataclass
 
-SCORES = ("protocol", "correctness")
-PLAIN = (*SCORES, "tokens", "loss")
+PLAIN = ("tokens", "loss")
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
 _TOKEN = re.compile(r"\s*(?:(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<op>>=|<=|==|!=|>|<)"
                     r"|(?P<paren>[()])|(?P<word>[A-Za-z_][A-Za-z0-9_.-]*))")
@@ -68,14 +68,15 @@ class Guard:
         return {n for n in self.names if metrics.get(n) is None}
 
 
-def parse(text: str) -> Guard:
-    """The guard ``text``; GuardError names the column and what was expected there."""
+def parse(text: str, metrics: list[str] | None = None) -> Guard:
+    """The guard ``text``; GuardError names the column and what was expected there. ``metrics``:
+    the run's task's metric names (None: any name is taken, the run judges it)."""
     if not isinstance(text, str) or not text.strip():
-        raise GuardError("empty guard: write a condition such as 'protocol>=0.9'")
+        raise GuardError("empty guard: write a condition such as 'accuracy>=0.9'")
     if len(text) > MAX_LENGTH:
         raise GuardError(f"guard of {len(text)} characters; at most {MAX_LENGTH}")
     tokens = _tokens(text)
-    guard, pos = _alternatives(text, tokens, 0)
+    guard, pos = _alternatives(text, tokens, 0, metrics)
     if pos < len(tokens):
         raise GuardError(f"guard {text!r}, column {tokens[pos][2] + 1}: unexpected {tokens[pos][1]!r}")
     return guard
@@ -102,10 +103,10 @@ def _expected(text: str, tokens, pos: int, what: str) -> GuardError:
     return GuardError(f"guard {text!r}, {where}: expected {what}")
 
 
-def _alternatives(text, tokens, pos) -> tuple[Guard, int]:
+def _alternatives(text, tokens, pos, metrics) -> tuple[Guard, int]:
     alts = []
     while True:
-        terms, pos = _all(text, tokens, pos)
+        terms, pos = _all(text, tokens, pos, metrics)
         alts.append(tuple(terms))
         if pos < len(tokens) and tokens[pos][:2] == ("word", "or"):
             pos += 1
@@ -113,10 +114,10 @@ def _alternatives(text, tokens, pos) -> tuple[Guard, int]:
         return Guard(text, tuple(alts)), pos
 
 
-def _all(text, tokens, pos):
+def _all(text, tokens, pos, metrics):
     terms = []
     while True:
-        term, pos = _term(text, tokens, pos)
+        term, pos = _term(text, tokens, pos, metrics)
         terms.append(term)
         if pos < len(tokens) and tokens[pos][:2] == ("word", "and"):
             pos += 1
@@ -124,16 +125,16 @@ def _all(text, tokens, pos):
         return terms, pos
 
 
-def _term(text, tokens, pos):
+def _term(text, tokens, pos, metrics):
     if pos < len(tokens) and tokens[pos][:2] == ("paren", "("):
-        inner, pos = _alternatives(text, tokens, pos + 1)
+        inner, pos = _alternatives(text, tokens, pos + 1, metrics)
         if pos >= len(tokens) or tokens[pos][:2] != ("paren", ")"):
             raise _expected(text, tokens, pos, "')'")
         return inner, pos + 1
     if pos >= len(tokens) or tokens[pos][0] != "word" or tokens[pos][1] in ("and", "or"):
-        raise _expected(text, tokens, pos, f"a metric ({', '.join(PLAIN)} or CATEGORY.protocol / CATEGORY.correctness)")
+        raise _expected(text, tokens, pos, f"a metric ({_known(metrics)})")
     name, col = tokens[pos][1], tokens[pos][2]
-    _check_name(text, name, col)
+    _check_name(text, name, col, metrics)
     if pos + 1 >= len(tokens) or tokens[pos + 1][0] != "op":
         raise _expected(text, tokens, pos + 1, f"a comparison ({' '.join(OPS)}) after {name!r}")
     if pos + 2 >= len(tokens) or tokens[pos + 2][0] != "num":
@@ -141,24 +142,25 @@ def _term(text, tokens, pos):
     return Term(name, tokens[pos + 1][1], float(tokens[pos + 2][1])), pos + 3
 
 
-def _check_name(text: str, name: str, col: int) -> None:
-    if name in PLAIN:
+def _known(metrics: list[str] | None) -> str:
+    return f"{', '.join([*(metrics or ['METRIC']), *PLAIN])}, or CATEGORY.METRIC"
+
+
+def _check_name(text: str, name: str, col: int, metrics: list[str] | None) -> None:
+    category, _, metric = name.rpartition(".")
+    if name in PLAIN or metrics is None or metric in metrics:
         return
-    category, _, score = name.rpartition(".")
-    if category and score in SCORES:
-        return
-    raise GuardError(f"guard {text!r}, column {col + 1}: unknown metric {name!r}; known: {', '.join(PLAIN)}, "
-                     "or CATEGORY.protocol / CATEGORY.correctness")
+    raise GuardError(f"guard {text!r}, column {col + 1}: unknown metric {name!r}; the run's: {_known(metrics)}")
 
 
 def metrics_of(scores: dict[str, float], by_category: dict[str, dict[str, float]], tokens: float | None,
                loss: float | None) -> dict[str, float]:
     """The names a guard can read, from one verdict (and the training loss up to its step)."""
-    out = {k: float(v) for k, v in scores.items() if k in SCORES}
+    out = {k: float(v) for k, v in scores.items()}
     for cat, s in by_category.items():
-        for k in SCORES:
-            if k in s:
-                out[f"{cat}.{k}"] = float(s[k])
+        for k, v in s.items():
+            if k != "cases":
+                out[f"{cat}.{k}"] = float(v)
     if tokens is not None:
         out["tokens"] = float(tokens)
     if loss is not None:

@@ -36,10 +36,16 @@ def kustomize(kustomization: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
+def protocol_task() -> dict:
+    """The example's task declaration (examples/protocol.yaml), for configs on its data."""
+    return load_config(REPO / "examples" / "protocol.yaml").task.model_dump(mode="json")
+
+
 def tiny_config(tmp_path: Path, **train) -> Config:
-    """A config for a very small, fast model on the first rows of the example data."""
+    """A config for a very small, fast model on the first rows of the example data (and its task)."""
     return Config.model_validate({
         "run": {"name": "t", "output_dir": str(tmp_path / "runs")},
+        "task": protocol_task(),
         "data": {"sources": [{"path": str(EXAMPLE_DATA)}], "max_rows": 600, "val_fraction": 0.05, "test_fraction": 0.05},
         "model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                            "num_attention_heads": 2, "vocab_size": 300}},

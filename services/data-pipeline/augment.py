@@ -1,13 +1,13 @@
 """Augmentations: rows added to train by rules the config names. Pure.
 
 - ``rephrase``: new phrasings of a prompt from the user's templates (``data.augment.phrasings``),
-  so a model learns the protocol from more ways of asking than the data set has;
-- ``break_protocol``: the negative twin of an answer, for DPO pairs (``data.augment.negatives``).
+  so a model learns the task from more ways of asking than the data set has;
+- ``negative_for``: a dispreferred answer for each row, for DPO pairs (``data.augment.negatives``):
+  another row's answer that the task's metrics fail for this row.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
 
@@ -24,16 +24,35 @@ def rephrase(prompt: str, rule, rng: random.Random) -> str | None:
     return None
 
 
-def break_protocol(answer: str) -> str:
-    """A dispreferred twin of a protocol answer, for DPO pairs: the same content as prose.
+def negative_for(rows: list, judge, rng: random.Random, tries: int = 8) -> dict[int, str]:
+    """A dispreferred answer for each row without its own ``rejected`` (DPO pairs): the answer
+    of another row, of the same category where one fails, that this row's declared metrics
+    fail (judged with this row's reference and columns). Keyed by ``id(row)``; a row for which
+    none of ``tries`` candidates fails gets none (a DPO run names it)."""
+    metrics = list(judge.task.metrics) or None  # none declared: exact against the reference
 
-    ``{"task": "math", "answer": "26"}`` becomes ``The answer is 26.``: right content, wrong
-    format, so preference training pushes towards the protocol itself.
-    """
-    try:
-        obj = json.loads(answer)
-    except ValueError:
-        return f"Sure! {answer}"
-    if isinstance(obj, dict) and "answer" in obj:
-        return f"The answer is {obj['answer']}."
-    return f"Sure! Here it is: {answer}"
+    def fails(answer: str, row) -> bool:
+        v = judge.judge(answer, reference=row.reference, fields={**row.columns, "category": row.category},
+                        only=metrics)
+        scored = [s for name, s in v.scores.items() if metrics is None or name in metrics]
+        return bool(scored) and min(scored) < 1.0
+
+    by_category: dict[str, list] = {}
+    for r in rows:
+        by_category.setdefault(r.category, []).append(r)
+    out: dict[int, str] = {}
+    for row in rows:
+        if row.rejected:
+            continue
+        pools = [by_category[row.category], rows]
+        for pool in pools:
+            found = None
+            for _ in range(tries):
+                other = pool[rng.randrange(len(pool))]
+                if other.answer != row.answer and fails(other.answer, row):
+                    found = other.answer
+                    break
+            if found is not None:
+                out[id(row)] = found
+                break
+    return out

@@ -1,17 +1,21 @@
 """Turn raw chat files into the prepared splits the trainer and evaluator read. Pure: no bus.
 
-Input rows (JSONL, one per line; or Parquet; or a ``datasets`` folder from ``save_to_disk``)::
+Input rows (JSONL, one per line; or Parquet; or a ``datasets`` folder from ``save_to_disk``): a
+chat, and any other columns the task reads (``task.category_column``, ``task.reference_column``,
+columns its checks and functions compare with)::
 
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}],
      "category": "math", "reference": "26"}
 
 Output rows (prompt-completion for SFT, prompt-chosen-rejected for DPO, prompt + reference
-for GRPO's rewards: what TRL's trainers take directly)::
+for GRPO's rewards: what TRL's trainers take directly), with the row's category and reference
+as the task finds them and its other columns (as JSON, for metric and reward functions)::
 
     {"prompt": "<|user|>\\n...\\n<|assistant|>\\n", "completion": "...", "chosen": "...", "rejected": "...",
-     "category": ..., "reference": ...}
+     "category": ..., "reference": ..., "columns": "{...}"}
 
-A row may bring its own ``rejected`` answer; otherwise one is derived (``augment.break_protocol``).
+A row may bring its own ``rejected`` answer; otherwise one is found (``augment.negatives``): the
+answer of another row that fails this row's declared metrics.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from tuneloop.chat import render_prompt
 from tuneloop.config import Config
 from tuneloop.events import explain
 from tuneloop.suites import SuiteCase, read_suite
+from tuneloop.task import DEFAULT_CATEGORY, Judge, TaskSection
 
 from . import quality
-from .augment import break_protocol, rephrase
+from .augment import negative_for, rephrase
 
 
 class DataError(ValueError):
@@ -49,10 +54,33 @@ class Message(BaseModel):
 class Row(BaseModel):
     model_config = ConfigDict(extra="allow")
     messages: list[Message] = Field(min_length=2)
-    category: str = "default"
-    reference: str | None = None
     rejected: str | None = Field(default=None, min_length=1, description="A dispreferred answer, for DPO.")
     _where: str = PrivateAttr(default="")  # file:line it was read from, for the quality report
+    _category: str = PrivateAttr(default=DEFAULT_CATEGORY)
+    _reference: str | None = PrivateAttr(default=None)
+
+    @property
+    def columns(self) -> dict:
+        """The row's other columns, as the task's checks and functions see them."""
+        return dict(self.model_extra or {})
+
+    @property
+    def answer(self) -> str:
+        return self.messages[-1].content
+
+    @property
+    def category(self) -> str:
+        return self._category
+
+    @property
+    def reference(self) -> str | None:
+        return self._reference
+
+    def read_by(self, task: TaskSection) -> "Row":
+        """Where the task finds this row's category and reference."""
+        self._category = task.category_of(self.columns)
+        self._reference = task.reference_of(self.answer, self.columns)
+        return self
 
     def check_turns(self) -> None:
         if self.messages[-1].role != "assistant":
@@ -107,7 +135,7 @@ def hub_records(name: str, split: str) -> Iterator[tuple[str, dict]]:
 
 
 def read_source(path: Path | str, name: str, weight: float, on_bad_row: str, max_rows: int | None = None,
-                split: str = "train") -> SourceRows:
+                split: str = "train", task: TaskSection | None = None) -> SourceRows:
     """Read and validate one source (a local path, or a hub name as a str); bad rows raise
     DataError (fail) or are counted (skip)."""
     if isinstance(path, Path) and not path.exists():
@@ -118,6 +146,7 @@ def read_source(path: Path | str, name: str, weight: float, on_bad_row: str, max
             row = Row.model_validate_json(raw) if isinstance(raw, str) else Row.model_validate(raw)
             row.check_turns()
             row._where = where
+            row.read_by(task or TaskSection())
         except ValidationError as e:
             problem = explain(e)
         except ValueError as e:
@@ -135,19 +164,20 @@ def read_source(path: Path | str, name: str, weight: float, on_bad_row: str, max
     return out
 
 
-def to_example(row: Row, template: str, negatives: bool = True) -> dict:
+def to_example(row: Row, template: str, negative: str | None = None) -> dict:
     """A prepared row; ``chosen``/``rejected`` (DPO) only where the row brings a rejected answer
-    or ``negatives`` derives one (a DPO run then names the rows that lack it)."""
+    or a ``negative`` was found for it (a DPO run then names the rows that lack one)."""
     prompt_msgs = [m.model_dump() for m in row.messages[:-1]]
-    answer = row.messages[-1].content
-    rejected = row.rejected or (break_protocol(answer) if negatives else None)
+    answer = row.answer
+    rejected = row.rejected or negative
     if template == "model":  # conversational: TRL applies the tokenizer's own template
         prompt, completion = prompt_msgs, [{"role": "assistant", "content": answer}]
         rejected = rejected and [{"role": "assistant", "content": rejected}]
     else:
         prompt, completion = render_prompt(prompt_msgs), answer
     pair = {"chosen": completion, "rejected": rejected} if rejected else {}
-    return {"prompt": prompt, "completion": completion, **pair, "category": row.category, "reference": row.reference}
+    return {"prompt": prompt, "completion": completion, **pair, "category": row.category, "reference": row.reference,
+            "columns": json.dumps(row.columns, ensure_ascii=False, sort_keys=True, default=str)}
 
 
 def augmented(rows: list[Row], augment, rng: random.Random) -> list[Row]:
@@ -260,7 +290,8 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str | None = No
     sources = []
     for s in cfg.data.sources:
         where = cfg.resolve(s.path) if s.path else s.hub
-        sources.append(read_source(where, s.label, weight[s.label], cfg.data.on_bad_row, cfg.data.max_rows, s.split))
+        sources.append(read_source(where, s.label, weight[s.label], cfg.data.on_bad_row, cfg.data.max_rows, s.split,
+                                   cfg.task))
     # Split each source before mixing, so held-out rows are never sampled into train.
     held: dict[str, list[Row]] = {"val": [], "test": []}
     for s in sources:
@@ -280,7 +311,8 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str | None = No
             suites[suite.name] = read_suite(cfg.resolve(suite.path))
         except ValueError as e:
             raise DataError(f"eval suite {suite.name!r}: {e}") from None
-    report = gate(cfg, sources, held, [c for cases in suites.values() for c in cases])
+    judge = Judge(cfg.task, cfg.base_dir)
+    report = gate(cfg, sources, held, judge)
     added, held_prompts = 0, {_prompt_key(r) for rows in held.values() for r in rows}
     for s in sources:  # after the split, and never a held-out prompt: augmentation must not leak the test
         new = [r for r in augmented(s.rows, cfg.data.augment, rng) if _prompt_key(r) not in held_prompts]
@@ -289,8 +321,9 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str | None = No
     train = reweight(mix(sources, rng), category_weights or {}, rng)
     rng.shuffle(train)
 
-    negatives = cfg.data.augment.negatives
-    examples = {name: [to_example(r, template, negatives) for r in rows] for name, rows in {"train": train, **held}.items()}
+    negatives = negative_for(train, judge, rng) if cfg.data.augment.negatives and cfg.train.method == "dpo" else {}
+    examples = {name: [to_example(r, template, negatives.get(id(r))) for r in rows]
+                for name, rows in {"train": train, **held}.items()}
     for name, cases in suites.items():
         examples[f"suite:{name}"] = [suite_example(c, template) for c in cases]
     texts, digest = {}, hashlib.sha256()
@@ -334,14 +367,15 @@ def length_counter(cfg: Config) -> tuple:
     return (lambda text: len(text.encode("utf-8"))), "bytes"
 
 
-def gate(cfg: Config, sources: list[SourceRows], held: dict[str, list[Row]], cases: list[SuiteCase]) -> quality.Report:
+def gate(cfg: Config, sources: list[SourceRows], held: dict[str, list[Row]], judge: Judge) -> quality.Report:
     """The quality gate over the train rows of every source and the held-out rows: drops what
     ``data.quality`` says in place, returns the report; DataError when it refuses the data."""
     def item(r: Row) -> quality.Item:
         prompt = "\n".join(m.content for m in r.messages[:-1])
-        answer = r.messages[-1].content
-        return quality.Item(r._where, prompt, answer, r.category, r.reference,
-                            render_prompt([m.model_dump() for m in r.messages[:-1]]) + answer)
+        return quality.Item(r._where, prompt, r.answer, r.category, r.reference,
+                            render_prompt([m.model_dump() for m in r.messages[:-1]]) + r.answer,
+                            {**r.columns, "category": r.category},
+                            next(m.content for m in reversed(r.messages[:-1]) if m.role == "user"))
 
     train = [(s, r) for s in sources for r in s.rows]
     held_rows = [(k, r) for k, rows in held.items() for r in rows]
@@ -349,7 +383,7 @@ def gate(cfg: Config, sources: list[SourceRows], held: dict[str, list[Row]], cas
     try:
         drop_train, drop_held, report = quality.run_gate(
             cfg.data.quality, [item(r) for _, r in train], [item(r) for _, r in held_rows],
-            quality.shape_checks(cases), cfg.train.max_length, length_of, unit)
+            judge, cfg.train.max_length, length_of, unit)
     except quality.QualityError as e:
         raise DataError(str(e)) from None
     gone = {id(train[i][1]) for i in drop_train} | {id(held_rows[i][1]) for i in drop_held}

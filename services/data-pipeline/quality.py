@@ -6,9 +6,9 @@ Findings, each with the row it is about (file:line) and why:
 - ``near_duplicate``: nearly the same text as an earlier row (MinHash LSH, datasketch);
 - ``test_overlap``: a held-out prompt that is (nearly) a train prompt, beyond the exact rule
   that already keeps held-out prompts out of train;
-- ``protocol_violation``: a demonstration that fails the run's own checks: the protocol
-  (shared/checks.py, with the row's category and reference) and the answer-independent checks
-  of the run's test suites for that category (JSON, keys, schema, regex);
+- ``format_violation``: a demonstration that fails the task's format metric (the metric marked
+  ``format: true``, judged with the row's reference and columns; shared/task.py). A task
+  without one has no violation rule;
 - ``empty``, ``truncated`` (longer than ``train.max_length`` once templated), ``outlier_length``
   (outside the interquartile fences);
 - category balance (counts and the smallest category's share of the largest).
@@ -26,16 +26,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tuneloop.checks import check
-from tuneloop.suites import IsJson, JsonSchema, Keys, Regex, SuiteCase, run_checks
+from tuneloop.task import Judge
 
-SHAPE_CHECKS = (IsJson, JsonSchema, Keys, Regex)  # the suite checks that hold for any answer of a category
+VIOLATION = "format_violation"
 EXAMPLES = 5  # first examples kept per finding
 NUM_PERM = 128
 
 
 class QualityError(ValueError):
-    """The gate refused the data set (``protocol_violations: fail`` or too high a violation rate)."""
+    """The gate refused the data set (``format_violations: fail`` or too high a violation rate)."""
 
 
 @dataclass
@@ -58,7 +57,7 @@ class Report:
 
     @property
     def violation_rate(self) -> float:
-        return self.counts().get("protocol_violation", 0) / self.rows if self.rows else 0.0
+        return self.counts().get(VIOLATION, 0) / self.rows if self.rows else 0.0
 
     @property
     def balance(self) -> float:
@@ -127,26 +126,13 @@ class NearIndex:
         self.lsh.insert(key, m)
 
 
-def shape_checks(cases: list[SuiteCase]) -> dict[str, list]:
-    """Per category, the suite checks every answer of that category must pass whatever its
-    content: JSON, keys, schema, regex (one of each kind and value)."""
-    out: dict[str, dict[str, object]] = {}
-    for case in cases:
-        for c in case.checks:
-            if isinstance(c, SHAPE_CHECKS):
-                out.setdefault(case.category, {})[c.model_dump_json(by_alias=True)] = c
-    return {cat: list(checks.values()) for cat, checks in out.items()}
-
-
-def violation(answer: str, category: str, reference: str | None, suite_checks: dict[str, list]) -> str | None:
-    """Why a demonstration breaks the run's own checks, or None."""
-    got = check(answer, reference, category if category != "default" else None)
-    if not got.protocol:
-        return f"protocol: {got.reason}"
-    if reference is not None and not got.correct:
-        return f"answer: {got.reason}"
-    failed = run_checks(suite_checks.get(category, []), answer, 0)
-    return f"suite: {'; '.join(failed)}" if failed else None
+def violation(item: "Item", judge: Judge) -> str | None:
+    """Why a demonstration fails the task's format metric, or None (also when there is none)."""
+    metric = judge.task.format_metric
+    if metric is None:
+        return None
+    v = judge.judge(item.answer, prompt=item.user, reference=item.reference, fields=item.columns, only=[metric])
+    return None if v.scores.get(metric, 0.0) >= 1.0 else f"{metric}: {v.reasons.get(metric, 'fails')}"
 
 
 def fences(lengths: list[int], k: float = 3.0) -> tuple[float, float]:
@@ -167,9 +153,11 @@ class Item:
     category: str
     reference: str | None
     templated: str  # prompt and answer as the trainer will see them
+    columns: dict = field(default_factory=dict)  # the row's other columns, for the task's checks
+    user: str = ""  # the last user message, for the task's functions
 
 
-def run_gate(settings, train: list[Item], held: list[Item], suite_checks: dict[str, list], max_length: int,
+def run_gate(settings, train: list[Item], held: list[Item], judge: Judge, max_length: int,
              length_of: Callable[[str], int], length_unit: str) -> tuple[set[int], set[int], Report]:
     """(train indices to drop, held-out indices to drop, report). Raises QualityError when the
     settings say the data set must not be trained on."""
@@ -212,11 +200,11 @@ def run_gate(settings, train: list[Item], held: list[Item], suite_checks: dict[s
             find("test_overlap", item.where, f"held-out prompt {item.prompt!r} is (nearly) train's {twin}", dedupe,
                  drop_held, i)
 
-    policy = settings.protocol_violations
+    policy = settings.format_violations
     for i, item in enumerate(train):
-        why = violation(item.answer, item.category, item.reference, suite_checks)
+        why = violation(item, judge)
         if why:
-            find("protocol_violation", item.where, f"{why} in {item.answer!r}", policy == "drop", drop_train, i)
+            find(VIOLATION, item.where, f"{why} in {item.answer[:200]!r}", policy == "drop", drop_train, i)
 
     lengths = [len(t.templated) for t in train]
     low, high = fences(lengths)
@@ -232,12 +220,13 @@ def run_gate(settings, train: list[Item], held: list[Item], suite_checks: dict[s
                  settings.lengths == "drop", drop_train, i)
 
     report.categories = dict(Counter(t.category for i, t in enumerate(train) if i not in drop_train))
-    violations = report.counts().get("protocol_violation", 0)
+    violations = report.counts().get(VIOLATION, 0)
+    metric = judge.task.format_metric
     if policy == "fail" and violations:
-        raise QualityError(f"{violations} of {len(train)} train rows break the protocol (data.quality."
-                           f"protocol_violations: fail): " + "; ".join(report.lines()[1:4]))
+        raise QualityError(f"{violations} of {len(train)} train rows fail the format metric {metric!r} (data.quality."
+                           f"format_violations: fail): " + "; ".join(report.lines()[1:4]))
     if report.violation_rate > settings.max_violation_rate:
-        raise QualityError(f"{report.violation_rate:.1%} of the train rows break the protocol, more than "
+        raise QualityError(f"{report.violation_rate:.1%} of the train rows fail the format metric {metric!r}, more than "
                            f"data.quality.max_violation_rate {settings.max_violation_rate:.0%}: " +
                            "; ".join(report.lines()[1:4]))
     return drop_train, drop_held, report

@@ -29,11 +29,13 @@ from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict, TrainingFinished, derived_id
 from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, run_service, warm_up
 from tuneloop.storage import confine, resolve_model
-from tuneloop.suites import parse_checks
+from tuneloop.checks import parse_checks
 
 from tuneloop.models import imports
 
-from .generate import Models, generate
+from tuneloop.task import Judge
+
+from .generate import Models, generate, teacher_forced
 from .suite import Case, ShardResult, combine, tally
 
 log = logging.getLogger("tuneloop.evaluator")
@@ -53,7 +55,8 @@ def load_cases(path, start: int, end: int) -> list[Case]:
                 row = json.loads(line)
                 checks = parse_checks(row["checks"]) if "checks" in row else None
                 cases.append(Case(prompt=row["prompt"], category=row.get("category", "default"),
-                                  reference=row.get("reference"), weight=row.get("weight", 1.0), checks=checks))
+                                  reference=row.get("reference"), weight=row.get("weight", 1.0), checks=checks,
+                                  completion=row.get("completion"), fields=json.loads(row.get("columns") or "{}")))
             i += 1
             if i >= end:
                 break
@@ -72,7 +75,7 @@ def plan(req: EvalRequest, dataset: DatasetReady, max_cases: int, shard_size: in
             for i in range(count)]
 
 
-def score_shard(ctx: ServiceContext, models: Models, sh: EvalShard) -> ShardResult:
+def score_shard(ctx: ServiceContext, models: Models, sh: EvalShard, judge: Judge) -> ShardResult:
     """Blocking: load (or reuse) the model, generate, count. Runs on the torch thread."""
     t0 = time.perf_counter()
     req, run_dir = sh.request, ctx.run_dir(sh.run_id)
@@ -84,8 +87,14 @@ def score_shard(ctx: ServiceContext, models: Models, sh: EvalShard) -> ShardResu
     t1 = time.perf_counter()
     outputs, counts = generate(model, tokenizer, [c.prompt for c in cases], cfg.eval.max_new_tokens, cfg.eval.batch_size,
                                adapters_on)
+    demos = [i for i, c in enumerate(cases) if c.completion]
+    nll = teacher_forced(model, tokenizer, [cases[i].prompt for i in demos], [cases[i].completion for i in demos],
+                         cfg.eval.batch_size, adapters_on) if demos else []
+    losses: list = [None] * len(cases)
+    for i, x in zip(demos, nll):
+        losses[i] = x
     t2 = time.perf_counter()
-    result = tally(sh.shard, cases, outputs, counts)
+    result = tally(sh.shard, cases, outputs, counts, judge, losses)
     t3 = time.perf_counter()
     result.seconds, result.worker = t3 - t0, WORKER
     result.load_seconds, result.generate_seconds, result.score_seconds = t1 - t0, t2 - t1, t3 - t2
@@ -133,6 +142,7 @@ class EvaluatorService:
 
     def __init__(self, ctx: ServiceContext, kv, budget: CoreBudget | None = None, threads: int = 1):
         self.ctx, self.kv, self.models = ctx, kv, Models()
+        self.judges: dict[tuple, Judge] = {}
         self.budget, self.threads = budget, threads  # beside a trainer: cores borrowed while scoring
 
     @handles(EvalRequest, ack_wait=60, max_deliver=3)
@@ -163,13 +173,21 @@ class EvaluatorService:
         await self.kv.put(f"{sh.run_id}.{sh.request.event_id}.{sh.shard:04d}", result.model_dump_json().encode())
         verdict = await finish_if_complete(self.ctx.bus, self.kv, sh)
         if verdict:
-            log.info("step %d %s: protocol %.3f correctness %.3f (%d cases, %d shards, %.1fs)", verdict.step,
-                     verdict.split, verdict.scores["protocol"], verdict.scores["correctness"], verdict.cases,
-                     verdict.shards, verdict.seconds)
+            log.info("step %d %s: %s (%d cases, %d shards, %.1fs)", verdict.step, verdict.split,
+                     " ".join(f"{k} {v:.3f}" for k, v in verdict.scores.items()), verdict.cases, verdict.shards,
+                     verdict.seconds)
 
     def score(self, sh: EvalShard) -> ShardResult:
         """Blocking, on the torch thread: the shard's cases generated and counted."""
-        return score_shard(self.ctx, self.models, sh)
+        return score_shard(self.ctx, self.models, sh, self.judge(sh.run_id))
+
+    def judge(self, run_id: str) -> Judge:
+        """The run's task with its functions imported (once per run and config)."""
+        cfg = self.ctx.config(run_id)
+        key = (run_id, cfg.task.model_dump_json(), cfg.base_dir)
+        if key not in self.judges:
+            self.judges[key] = Judge(cfg.task, cfg.base_dir)
+        return self.judges[key]
 
 
 async def main(ctx: ServiceContext) -> None:

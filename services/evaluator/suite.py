@@ -1,23 +1,25 @@
-"""Scoring model outputs. Pure: no model, no bus.
+"""Scoring model outputs by the run's task. Pure: no model, no bus.
 
-A held-out case passes the interaction protocol (``tuneloop.checks``) and is correct when its
-answer matches the reference; a test-suite case passes when its own checks all pass
-(``tuneloop.suites``), and counts with its weight. A shard's outputs become a ``ShardResult``
-(weighted counts per category, a few failures); the results of all shards of a request
-combine into one ``SuiteResult``, whatever process scored each.
+A held-out case is judged by every metric the task declares (``tuneloop.task``), and by
+``exact`` where it has a reference; a test-suite case by its own checks (``tuneloop.suites``),
+the metric ``pass``. Each case counts with its weight. A shard's outputs become a
+``ShardResult`` (weighted sums per category and metric, the teacher-forced loss of the
+demonstrations, a few failures); the results of all shards of a request combine into one
+``SuiteResult``, whatever process scored each.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from tuneloop.checks import check
+from tuneloop.checks import Subject, run_checks
 from tuneloop.events import Failure
-from tuneloop.suites import run_checks
+from tuneloop.task import LOSS, PERPLEXITY, SUITE_METRIC, Judge, Verdict
 
 MAX_FAILURES = 10
 
@@ -28,22 +30,29 @@ class Case:
     category: str
     reference: str | None
     weight: float = 1.0
-    checks: list | None = None  # a suite case's checks (None: the protocol check)
+    checks: list | None = None  # a suite case's own checks (None: the task's metrics)
+    completion: str | list[dict] | None = None  # the demonstration (for the held-out loss)
+    fields: dict = field(default_factory=dict)  # the row's other columns
 
-    def judge(self, output: str, new_tokens: int) -> tuple[bool, bool, str]:
-        """(passes, correct, why not)."""
+    def judge(self, judge: Judge | None, output: str, new_tokens: int) -> Verdict:
         if self.checks is not None:
-            reasons = run_checks(self.checks, output, new_tokens)
-            return not reasons, not reasons, "; ".join(reasons)
-        r = check(output, self.reference, self.category)
-        return r.protocol, r.correct, r.reason
+            reasons = run_checks(self.checks, Subject(output, new_tokens))
+            return Verdict({SUITE_METRIC: float(not reasons)}, {SUITE_METRIC: "; ".join(reasons)} if reasons else {})
+        if judge is None:
+            raise ValueError("a held-out case is judged by the run's task: no task given")
+        return judge.judge(output, prompt=user_text(self.prompt), reference=self.reference,
+                           fields={**self.fields, "category": self.category}, new_tokens=new_tokens)
 
 
 class ShardResult(BaseModel):
     """What one evaluator found on one shard (kept in KV until the request is complete)."""
 
     shard: int
-    counts: dict[str, list[float]] = Field(description="category -> [cases, weight, weight passing, weight correct]")
+    cases: dict[str, int] = Field(default_factory=dict, description="category -> cases")
+    sums: dict[str, dict[str, list[float]]] = Field(
+        default_factory=dict, description="category -> metric -> [weight of the cases it scored, weighted score]")
+    loss: dict[str, list[float]] = Field(
+        default_factory=dict, description="category -> [summed token NLL of the demonstrations, their tokens]")
     failures: list[Failure] = Field(default_factory=list)
     new_tokens: int = 0
     seconds: float = 0.0
@@ -64,49 +73,77 @@ class SuiteResult:
     mean_new_tokens: float
 
 
-def tally(shard: int, cases: list[Case], outputs: list[str], new_tokens: list[int] | None = None) -> ShardResult:
+def tally(shard: int, cases: list[Case], outputs: list[str], new_tokens: list[int] | None = None,
+          judge: Judge | None = None, losses: list[tuple[float, int] | None] | None = None) -> ShardResult:
+    """One shard's counts. ``losses``: each case's (summed NLL, tokens) of its demonstration, or None."""
     if len(cases) != len(outputs):
         raise ValueError(f"{len(cases)} cases but {len(outputs)} outputs")
     new_tokens = new_tokens or [0] * len(cases)
-    counts: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
-    failures: list[Failure] = []
-    for case, out, n in zip(cases, outputs, new_tokens):
-        passes, correct, why = case.judge(out, n)
-        c = counts[case.category]
-        c[0] += 1
-        c[1] += case.weight
-        c[2] += case.weight * passes
-        c[3] += case.weight * correct
-        if not passes and len(failures) < MAX_FAILURES:
-            failures.append(Failure(prompt=_text(case.prompt)[-300:], output=out[:300], reason=why, category=case.category))
-    return ShardResult(shard=shard, counts=dict(counts), failures=failures, new_tokens=sum(new_tokens))
+    result = ShardResult(shard=shard, new_tokens=sum(new_tokens))
+    for i, (case, out, n) in enumerate(zip(cases, outputs, new_tokens)):
+        v = case.judge(judge, out, n)
+        cat = case.category
+        result.cases[cat] = result.cases.get(cat, 0) + 1
+        for metric, score in v.scores.items():
+            w, s = result.sums.setdefault(cat, {}).get(metric, [0.0, 0.0])
+            result.sums[cat][metric] = [w + case.weight, s + case.weight * score]
+        if losses and losses[i] is not None:
+            nll, tokens = result.loss.get(cat, [0.0, 0.0])
+            result.loss[cat] = [nll + losses[i][0], tokens + losses[i][1]]
+        if v.reasons and len(result.failures) < MAX_FAILURES:
+            result.failures.append(Failure(
+                prompt=user_text(case.prompt)[-300:], output=out[:300], category=cat, scores=v.scores,
+                reason="; ".join(f"{m}: {why}" for m, why in v.reasons.items())[:1000]))
+    return result
 
 
 def combine(results: list[ShardResult]) -> SuiteResult:
     """One result from every shard's, in shard order (so any process combines them alike)."""
-    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    cases: dict[str, int] = defaultdict(int)
+    sums: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     failures: list[Failure] = []
     tokens = 0
     for r in sorted(results, key=lambda r: r.shard):
-        for cat, c in r.counts.items():
-            totals[cat] = [a + b for a, b in zip(totals[cat], c)]
+        for cat, n in r.cases.items():
+            cases[cat] += n
+        for cat, metrics in r.sums.items():
+            for metric, (w, s) in metrics.items():
+                a, b = sums[cat].get(metric, [0.0, 0.0])
+                sums[cat][metric] = [a + w, b + s]
+        for cat, (nll, t) in r.loss.items():
+            loss[cat] = [loss[cat][0] + nll, loss[cat][1] + t]
         failures += r.failures[:MAX_FAILURES - len(failures)]
         tokens += r.new_tokens
-    n = int(sum(t[0] for t in totals.values()))
-    weight = sum(t[1] for t in totals.values()) or 1.0
-    scores = {"protocol": sum(t[2] for t in totals.values()) / weight,
-              "correctness": sum(t[3] for t in totals.values()) / weight}
-    by_category = {c: {"cases": int(t[0]), "protocol": t[2] / t[1], "correctness": t[3] / t[1]}
-                   for c, t in sorted(totals.items())}
-    return SuiteResult(cases=n, scores=scores, by_category=by_category, failures=failures,
+    n = sum(cases.values())
+
+    def scores(cats: list[str]) -> dict[str, float]:
+        totals: dict[str, list[float]] = {}
+        for cat in cats:
+            for metric, (w, s) in sums.get(cat, {}).items():
+                a, b = totals.get(metric, [0.0, 0.0])
+                totals[metric] = [a + w, b + s]
+        out = {m: s / w for m, (w, s) in totals.items() if w > 0}
+        nll, t = sum(loss[c][0] for c in cats if c in loss), sum(loss[c][1] for c in cats if c in loss)
+        if t > 0:
+            out[LOSS] = nll / t
+            out[PERPLEXITY] = math.exp(min(nll / t, 50.0))
+        return out
+
+    by_category = {c: {"cases": cases[c], **scores([c])} for c in sorted(cases)}
+    return SuiteResult(cases=n, scores=scores(list(cases)), by_category=by_category, failures=failures,
                        mean_new_tokens=tokens / (n or 1))
 
 
-def score(cases: list[Case], outputs: list[str], new_tokens: list[int] | None = None) -> SuiteResult:
+def score(cases: list[Case], outputs: list[str], new_tokens: list[int] | None = None, judge: Judge | None = None,
+          losses: list[tuple[float, int] | None] | None = None) -> SuiteResult:
     """Score one batch in one go (a request of a single shard)."""
-    return combine([tally(0, cases, outputs, new_tokens)])
+    return combine([tally(0, cases, outputs, new_tokens, judge, losses)])
 
 
-def _text(prompt: str | list[dict]) -> str:
-    """A prompt as a failure shows it: the text, or the messages' contents one a line."""
-    return prompt if isinstance(prompt, str) else "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
+def user_text(prompt: str | list[dict]) -> str:
+    """A prompt as a metric function and a failure see it: the text, or the last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+    return str(users[-1]) if users else ""

@@ -6,6 +6,7 @@ number of replicas, and a restarted one, decide as one replica that never stoppe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -21,25 +22,10 @@ from tuneloop.policy import PolicyState, decide, rewind
 log = logging.getLogger("tuneloop.rl_reward")
 
 
-def score_batch(req: RewardRequest, parts: dict[str, list[float]] | None = None) -> RewardReply:
+def score_batch(req: RewardRequest, scorer: rewards.Rewards, parts: dict[str, list[float]] | None = None) -> RewardReply:
     """One reward or one error per completion; a bad item never fails the batch. With ``parts``,
     each function's own reward per scored item is collected there too (for the metrics)."""
-    weights = rewards.check_weights(req.weights)
-    out, errors = [], []
-    for i, completion in enumerate(req.completions):
-        ref = req.references[i] if i < len(req.references) else None
-        cat = req.categories[i] if i < len(req.categories) else None
-        try:
-            each = {name: rewards.REWARDS[name](completion, ref, cat) for name, w in weights.items() if w}
-        except (ValueError, TypeError) as e:
-            out.append(None)
-            errors.append(f"item {i}: {e}")
-            continue
-        out.append(rewards.combine(each, weights))
-        errors.append(None)
-        for name, value in each.items():
-            if parts is not None:
-                parts.setdefault(name, []).append(value)
+    out, errors = scorer.score(req, parts)
     return RewardReply(run_id=req.run_id, rewards=out, errors=errors)
 
 
@@ -60,11 +46,20 @@ class RewardService:
 
     def __init__(self, ctx: ServiceContext, kv):
         self.ctx, self.kv = ctx, kv  # kv: the feedback policy's state per run
+        self.scorers: dict[tuple, rewards.Rewards] = {}
+
+    def scorer(self, run_id: str) -> rewards.Rewards:
+        """The run's rewards, its task's functions imported once per run and config."""
+        cfg = self.ctx.config(run_id)
+        key = (run_id, cfg.task.model_dump_json(), cfg.base_dir)
+        if key not in self.scorers:
+            self.scorers[key] = rewards.Rewards(cfg.task, cfg.base_dir)
+        return self.scorers[key]
 
     async def on_reward(self, req: RewardRequest) -> RewardReply:
         t0, parts, reply = time.perf_counter(), {}, None
         try:
-            reply = score_batch(req, parts)
+            reply = await asyncio.to_thread(score_batch, req, self.scorer(req.run_id), parts)
             return reply
         finally:
             record(req, reply, parts, time.perf_counter() - t0)
@@ -77,6 +72,7 @@ class RewardService:
 
         def decide_on(state: PolicyState):
             return state, decide(cfg, state, verdict) or state.decided.get(verdict.event_id)
+
 
         feedback = await self.update(verdict.run_id, decide_on)
         if feedback is None:
@@ -98,7 +94,7 @@ class RewardService:
             return rewound, rewound
 
         state = await self.update(ev.run_id, forget)
-        log.info("rollback to step %d: %d discarded checkpoint(s) forgotten; best %.3f at step %s, %d evaluation(s) "
+        log.info("rollback to step %d: %d discarded checkpoint(s) forgotten; best %s at step %s, %d evaluation(s) "
                  "since", ev.savepoint_step, len(requests), state.best_score, state.best_step, state.since_best)
 
     async def update(self, run_id: str, change):

@@ -89,9 +89,9 @@ class BusCallback(TrainerCallback):
     def __init__(self, link: BusLink | FollowerLink, run_id: str, run_dir: Path, base_model: str, adapter: bool,
                  state: controls.Steering, method: str = "sft", sharded: bool = False, eval_every: int | None = None,
                  gates: FeedbackSection | None = None, categories: frozenset[str] = frozenset(),
-                 pause_every: int | None = None):
+                 pause_every: int | None = None, metrics: list[str] | None = None):
         self.link = link
-        self.steer = Steerer(run_id, state, gates, categories)
+        self.steer = Steerer(run_id, state, gates, categories, metrics)
         self.deferred_ack = None  # a guarded control's acknowledgement, until its savepoint is saved
         self.losses: dict[int, float] = {}  # step -> loss, while a guard watches (what `loss` reads)
         self.rolled_back_to: int | None = None  # the savepoint step the loop resumes from after a rollback

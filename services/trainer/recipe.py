@@ -35,6 +35,8 @@ METHODS = {
     "dpo": ("DPOConfig", "DPOTrainer", ("prompt", "chosen", "rejected")),
     "grpo": ("GRPOConfig", "GRPOTrainer", ("prompt", "category", "reference")),
 }
+# Columns a method passes on when the data set has them (GRPO: the row's own columns, to the rewards).
+OPTIONAL = {"grpo": {"columns": "{}"}}
 
 
 def read_split(run_dir: Path, dataset: DatasetReady, split: str) -> list[dict]:
@@ -235,7 +237,8 @@ def train_rows(cfg: Config, run_dir: Path, dataset: DatasetReady) -> list[dict]:
         missing = [c for c in columns if c not in r]
         if missing:
             raise ValueError(f"{dataset.splits['train'].path}:{i}: {cfg.train.method} needs {missing}")
-    return [{c: r[c] for c in columns} for r in rows]
+    extra = OPTIONAL.get(cfg.train.method, {})
+    return [{**{c: r[c] for c in columns}, **{c: r.get(c, default) for c, default in extra.items()}} for r in rows]
 
 
 def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: list, args=None, link=None, run_id="",
@@ -319,7 +322,7 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, 
     categories = frozenset(c for split in dataset.splits.values() for c in split.categories)
     callback = BusCallback(link, run_id, run_dir, ref, adapter=tc.lora.enabled, state=state,
                            method=tc.method, sharded=tc.sharded, eval_every=cfg.eval.every, pause_every=tc.pause_every,
-                           gates=cfg.feedback, categories=categories)
+                           gates=cfg.feedback, categories=categories, metrics=cfg.task.names())
     if state is not checkpointed:
         callback.restored = [a for a in state.applied if a.control_id not in checkpointed.applied_ids()]
     callbacks = [callback, *core_sharing(callback)]

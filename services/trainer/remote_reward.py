@@ -32,9 +32,11 @@ class RemoteReward:
         self.errors = 0  # completions the service could not score (they count as no reward)
         self.retries = 0  # requests asked again (no replica yet, or one died mid-request)
 
-    def __call__(self, prompts, completions, category=None, reference=None, **_) -> list[float | None]:
+    def __call__(self, prompts, completions, category=None, reference=None, columns=None, **_) -> list[float | None]:
         n = len(completions)
-        mine = ([_text(c) for c in completions], list(reference or [None] * n), list(category or [None] * n))
+        mine = ([_text(c) for c in completions], list(reference or [None] * n), list(category or [None] * n),
+                list(prompts or [None] * n), list(columns or [None] * n),
+                any(isinstance(c, list) for c in completions))
         batches = distributed.gather(mine)
         replies = self._score(batches) if distributed.rank() == 0 else None
         return distributed.scatter(replies)
@@ -43,7 +45,9 @@ class RemoteReward:
         completions = [c for b in batches for c in b[0]]
         req = RewardRequest(run_id=self.run_id, completions=completions,
                             references=[r for b in batches for r in b[1]],
-                            categories=[c for b in batches for c in b[2]], weights=self.weights)
+                            categories=[c for b in batches for c in b[2]],
+                            prompts=[p for b in batches for p in b[3]], columns=[c for b in batches for c in b[4]],
+                            conversational=any(b[5] for b in batches), weights=self.weights)
         reply = self._ask(req)
         if len(reply.rewards) != len(completions):
             raise RewardServiceError(f"rl-reward answered {len(reply.rewards)} rewards for {len(completions)} completions")

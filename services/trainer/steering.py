@@ -67,8 +67,9 @@ class Steerer:
     the decisions at each step boundary."""
 
     def __init__(self, run_id: str, state: controls.Steering, gates: FeedbackSection | None = None,
-                 categories: frozenset[str] = frozenset()):
+                 categories: frozenset[str] = frozenset(), metrics: list[str] | None = None):
         self.run_id = run_id
+        self.metrics = metrics  # the task's: what a guard may name (None: any)
         self.state = state
         self.gates = gates or FeedbackSection()  # feedback.approve: what waits for an operator
         self.categories = categories  # of the data set: what a guard may name
@@ -115,7 +116,8 @@ class Steerer:
                 self._dry_run(event, at)  # a proposal that could never apply is refused now
                 return self._propose(approvals.for_control(self.gates, event, at.step), event, at)
             watching = rs.guard or (rollback.watch_record(self.deferred, "", at.step, False) if self.deferred else None)
-            if controls.check_guard(event.command, event.guard, event.within, self.categories, watching) is not None:
+            if controls.check_guard(event.command, event.guard, event.within, self.categories, watching,
+                                    self.metrics) is not None:
                 self._dry_run(event, at)
                 self.deferred = event
                 log.info("guarded %s at step %d: saving the savepoint first", event.command, at.step)

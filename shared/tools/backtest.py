@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..config import FeedbackSection
 from ..events import ControlRolledBack, EvalVerdict, Event, Feedback, StepMetrics, TrainingFinished, derived_id
 from ..policy import PolicyState, decide, rewind
+from ..task import unknown_metric
 
 
 POLICY_KEYS = ("metric", "target", "patience", "min_step")  # what `policy.decide` reads
@@ -156,16 +157,17 @@ def best_text(o: Outcome) -> str:
     return f"step {o.best_step} ({o.best_score:.3f})" if o.best_step is not None else "-"
 
 
-def parse_settings(text: str, base: FeedbackSection) -> FeedbackSection:
+def parse_settings(text: str, base: FeedbackSection, metrics: list[str] | None = None) -> FeedbackSection:
     """``target=0.9,patience=2,min_step=100`` on top of ``base``; ValueError names what is wrong."""
-    found = grid(text, base)
+    found = grid(text, base, metrics)
     if len(found) != 1:
         raise ValueError(f"{text!r}: one value per setting here (several are for --grid)")
     return found[0]
 
 
-def grid(text: str, base: FeedbackSection) -> list[FeedbackSection]:
-    """Every combination of ``key=v1|v2,key=v3`` on top of ``base``, in order."""
+def grid(text: str, base: FeedbackSection, metrics: list[str] | None = None) -> list[FeedbackSection]:
+    """Every combination of ``key=v1|v2,key=v3`` on top of ``base``, in order; a ``metric`` must be
+    one of ``metrics`` (the run's task's)."""
     names, choices = [], []
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, values = part.partition("=")
@@ -177,7 +179,10 @@ def grid(text: str, base: FeedbackSection) -> list[FeedbackSection]:
     for combo in itertools.product(*choices):
         raw = {**base.model_dump(), **dict(zip(names, combo))}
         try:
-            out.append(FeedbackSection.model_validate(raw))
+            settings = FeedbackSection.model_validate(raw)
         except Exception as e:  # pydantic's message names the field and the value
             raise ValueError(f"feedback settings {dict(zip(names, combo))}: {e}") from None
+        if metrics is not None and settings.metric not in metrics:
+            raise ValueError(unknown_metric(settings.metric, metrics, "metric"))
+        out.append(settings)
     return out

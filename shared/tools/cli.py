@@ -137,7 +137,7 @@ def init(
         return
     try:
         check_run_id(run_id)
-        rdir = init_run(load_config(config), run_id, storage.resolve())
+        rdir = init_run(load_config(config, functions=True), run_id, storage.resolve())
     except (ConfigError, ValueError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2)
@@ -164,7 +164,7 @@ def queue(
 
     try:
         check_run_id(run_id)
-        rdir = init_run(load_config(config).with_overrides(parse_sets(sets)), run_id, storage.resolve())
+        rdir = init_run(load_config(config, functions=True).with_overrides(parse_sets(sets)), run_id, storage.resolve())
     except (ConfigError, ValueError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2)
@@ -207,7 +207,7 @@ def ctl(
     storage: Path = STORAGE,
     timeout: float = typer.Option(120.0, help="Seconds to wait for the trainer's answer."),
     guard: Optional[str] = typer.Option(None, "--guard", help="Roll back unless the next verdicts meet this, "
-                                        "e.g. 'protocol>=0.9 and loss<3' (set-lr, set-grad-clip, set-data)."),
+                                        "e.g. 'accuracy>=0.9 and loss<3', any of the task's metrics (set-lr, set-grad-clip, set-data)."),
     within: Optional[int] = typer.Option(None, "--within", min=1, help="Verdicts the guard watches (default 1)."),
 ) -> None:
     """Send a control event and wait until the trainer applies or rejects it."""
@@ -445,13 +445,13 @@ def runs(storage: Path = STORAGE) -> None:
     from ..procfs import running
     from ..storage import RUN_FILE
     from .fork import fork_tree
-    from .summary import SUMMARY_FILE, summary_row
+    from ..task import shown_of
+    from .summary import SUMMARY_FILE, scores_text, summary_row
 
     # The run id is what a user copies from here: never cut; the other columns fold instead.
     t = Table(Column("run", no_wrap=True, overflow="ignore", min_width=max(
         [len(p.parent.name) + 6 for p in Path(storage).glob(f"*/{RUN_FILE}")] or [3])),
-        *(Column(h, overflow="fold") for h in ("state", "started", "steps", "stopped", "test protocol",
-                                                "test correctness")))
+        *(Column(h, overflow="fold") for h in ("state", "started", "steps", "stopped", "held-out test")))
     infos = {}
     for info_file in sorted(Path(storage).glob(f"*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime):
         info = json.loads(info_file.read_text())
@@ -464,7 +464,7 @@ def runs(storage: Path = STORAGE) -> None:
         steps, stopped, test = summary_row(info_file.parent / SUMMARY_FILE)
         name = ("  " * (depth - 1) + "└ " if depth else "") + info["run_id"]  # a fork under its parent
         t.add_row(name, state, str(info.get("started", ""))[:19], steps, stopped,
-                  *(f"{getattr(test, m):.3f}" if test else "-" for m in ("protocol", "correctness")))
+                  scores_text(test.scores, shown_of(test.scores)) if test else "-")
     console.print(t)
 
 
@@ -490,13 +490,14 @@ def checkpoints(
         raise typer.Exit(2)
     scores = {e.step: e.scores for e in _events(run_id, storage, nats_url)
               if isinstance(e, EvalVerdict) and e.purpose == "periodic"}
-    t = Table("step", "complete", "MB", "sha256", "protocol", "correctness")
+    names = shown_of(next(reversed(scores.values()))) if scores else []
+    t = Table("step", "complete", "MB", "sha256", *names)
     for step, f in folders.items():
         m = read_manifest(f)
         sc = scores.get(step, {})
         t.add_row(str(step), "yes" if is_complete(f) else "[red]no[/]",
                   f"{m['bytes'] / 1e6:.1f}" if m else "-", m.get("sha256", "-")[:12],
-                  *(f"{sc[k]:.3f}" if k in sc else "-" for k in ("protocol", "correctness")))
+                  *(f"{sc[k]:.3f}" if k in sc else "-" for k in names))
     console.print(t)
     if aside:
         console.print(f"[yellow]moved aside as damaged:[/] {', '.join(aside)}")
@@ -555,9 +556,10 @@ def replay_run(
     from ..events import EvalVerdict, Feedback, StepMetrics, TrainingFinished
     from ..storage import load_run_config
 
-    recorded = load_run_config(storage, run_id).feedback
+    run_config = load_run_config(storage, run_id)
+    recorded, metrics = run_config.feedback, run_config.task.names()
     try:
-        tries = backtest.grid(grid, recorded) if grid else [backtest.parse_settings(feedback, recorded)]
+        tries = backtest.grid(grid, recorded, metrics) if grid else [backtest.parse_settings(feedback, recorded, metrics)]
     except ValueError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUN = 'run_id=~"$run"'
+# The task's own metrics (a variable: any task's names); the held-out loss has a panel of its own.
+FRACTIONS = 'metric!~"eval_loss|perplexity"'
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 OUT = Path(__file__).resolve().parents[2] / "k8s" / "base" / "observability"
 
@@ -42,11 +44,15 @@ ROWS: dict[str, list[Panel]] = {
         Panel("GRPO reward", ((f"tuneloop_train_reward{{{RUN}}}", "{{run_id}}"),), description="Mean reward of the step's completions."),
     ],
     "Evaluation": [
-        Panel("Validation scores", ((f'tuneloop_eval_score{{{RUN}, split="val", category="all"}}', "{{run_id}} {{metric}}"),),
-              "percentunit", "Overall scores of the last verdict on the validation split."),
-        Panel("Correctness by category",
-              ((f'tuneloop_eval_score{{{RUN}, split="val", metric="correctness", category!="all"}}', "{{category}}"),),
-              "percentunit", "Weak categories are what adaptive data weighs up."),
+        Panel("Validation scores", ((f'tuneloop_eval_score{{{RUN}, split="val", category="all", {FRACTIONS}}}',
+                                     "{{run_id}} {{metric}}"),),
+              "percentunit", "Overall scores of the last verdict on the validation split: the task's metrics."),
+        Panel("$metric by category",
+              ((f'tuneloop_eval_score{{{RUN}, split="val", metric=~"$metric", category!="all"}}', "{{category}} {{metric}}"),),
+              "percentunit", "Weak categories are what adaptive data weighs up (pick the metric above)."),
+        Panel("Held-out loss", ((f'tuneloop_eval_score{{{RUN}, split="val", metric="eval_loss", category="all"}}',
+                                 "{{run_id}}"),), "short",
+              "Teacher-forced loss of the val demonstrations: any data set has it."),
         Panel("Evaluated step", ((f"tuneloop_eval_step{{{RUN}}}", "{{run_id}} {{split}}"),)),
         Panel("Evaluation throughput",
               ((f"sum by (run_id) (rate(tuneloop_eval_cases_total{{{RUN}}}[1m]))", "{{run_id}} cases/s"),), "short",
@@ -99,6 +105,9 @@ CHECKPOINT_ANNOTATION = _changed(f"tuneloop_checkpoints_total{{{RUN}}}")
 ROLLBACK_ANNOTATION = _changed(f'tuneloop_guards_total{{{RUN}, outcome="rolled_back"}}')
 
 
+METRIC_VALUES = f"label_values(tuneloop_eval_score{{{RUN}, {FRACTIONS}}}, metric)"
+
+
 def expressions() -> list[str]:
     """Every PromQL expression the dashboard runs (panels and annotations)."""
     return [e for panels in ROWS.values() for p in panels for e, _ in p.exprs] + [
@@ -130,6 +139,10 @@ def dashboard() -> dict:
             "name": "run", "label": "run", "type": "query", "datasource": DATASOURCE, "includeAll": True, "multi": True,
             "allValue": ".*", "refresh": 2, "query": {"query": "label_values(tuneloop_train_step, run_id)", "refId": "run"},
             "definition": "label_values(tuneloop_train_step, run_id)", "current": {"text": "All", "value": "$__all"},
+        }, {
+            "name": "metric", "label": "metric", "type": "query", "datasource": DATASOURCE, "includeAll": False,
+            "multi": False, "refresh": 2, "query": {"query": METRIC_VALUES, "refId": "metric"},
+            "definition": METRIC_VALUES,
         }]},
         "annotations": {"list": [
             {"name": "controls", "enable": True, "iconColor": "orange", "datasource": DATASOURCE,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..storage import RunDir
+from ..task import goal, shown_of
 from ..events import (BY_KIND, CheckpointRecorded, ControlApplied, ControlConfirmed, ControlRolledBack, DatasetReady,
                      EvalVerdict, Event, Proposal, ProposalResolved, StepMetrics)
 
@@ -133,8 +134,13 @@ def write_png(t: Timeline, path: Path, parent: tuple[str, int, list] | None = No
         axes[2].plot([s.step for s in rewards], [s.reward for s in rewards], color="tab:purple")
         axes[2].set_ylabel("GRPO reward")
     val = [v for v in t.verdicts if v.split == "val"]
-    for metric, color in (("protocol", "tab:green"), ("correctness", "tab:red")):
-        scores.plot([v.step for v in val], [v.scores.get(metric, 0.0) for v in val], marker="o", color=color, label=metric)
+    shown = shown_of(val[-1].scores) if val else []
+    for metric in shown:  # fractions on the score panel; the held-out loss beside the training loss
+        points = [(v.step, v.scores[metric]) for v in val if metric in v.scores]
+        ax = loss if goal(metric) == "min" else scores
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"val {metric}" if ax is loss else metric)
+    if any(goal(m) == "min" for m in shown):
+        loss.legend(loc="upper right", fontsize=7)
     scores.set_ylim(-0.02, 1.02)
     scores.set_ylabel("validation score")
     scores.set_xlabel("step")
@@ -157,7 +163,7 @@ def write_png(t: Timeline, path: Path, parent: tuple[str, int, list] | None = No
     drawn = {"steps": [t.steps[0].step, t.steps[-1].step] if t.steps else [], "xlim": list(scores.get_xlim()),
              "panels": [ax.get_ylabel() for ax in axes], "controls": [[c.step, c.command] for c in t.controls],
              "rolled_back": [[r.savepoint_step, r.step, r.command] for r in t.rollbacks],
-             "evaluations": len(val), "parent": [parent[0], parent[1]] if parent else None}
+             "evaluations": len(val), "metrics": shown, "parent": [parent[0], parent[1]] if parent else None}
     fig.savefig(path, dpi=100, metadata={"Title": f"tuneloop run {t.run_id}", "Description": json.dumps(drawn)})
     plt.close(fig)
     return path
@@ -176,7 +182,7 @@ def quality_html(t: Timeline, examples: dict[str, dict]) -> str:
                        "<td style='text-align:left'>" + "<br>".join(
                            esc(f"{e['where']}: {e['detail']}") for e in examples.get(d.dataset_id, {}).get(
                                "examples", {}).get(r, [])[:3]) + "</td></tr>" for r in reasons)
-        out.append(f"<h3>data set {esc(d.dataset_id)}</h3><p>{q['rows']} train rows checked; protocol violation rate "
+        out.append(f"<h3>data set {esc(d.dataset_id)}</h3><p>{q['rows']} train rows checked; format violation rate "
                    f"{q['violation_rate']:.1%}; categories {esc(json.dumps(q['categories']))} (balance "
                    f"{q['balance']:.2f}); {d.augmented_rows} rows added by augmentation.</p><table><tr><th>finding</th>"
                    f"<th>rows</th><th>dropped</th><th>first examples</th></tr>"
@@ -200,9 +206,10 @@ def write_html(t: Timeline, png: Path, path: Path, config_text: str = "", summar
     image = base64.b64encode(png.read_bytes()).decode()
     controls = "".join(f"<tr><td>{c.step}</td><td>{esc(c.command)}</td><td>{esc(repr(c.old))}</td>"
                        f"<td>{esc(repr(c.new))}</td></tr>" for c in t.controls) or "<tr><td colspan=4>none</td></tr>"
+    names = list(dict.fromkeys(m for v in t.verdicts for m in v.scores))  # every metric any verdict has, in order
     verdicts = "".join(f"<tr><td>{v.step}</td><td>{esc(v.split)}</td><td>{v.cases}</td>"
-                       + "".join(f"<td>{v.scores.get(m, 0.0):.3f}</td>" for m in ("protocol", "correctness"))
-                       + "</tr>" for v in t.verdicts) or "<tr><td colspan=5>none</td></tr>"
+                       + "".join(f"<td>{v.scores[m]:.3f}</td>" if m in v.scores else "<td>-</td>" for m in names)
+                       + "</tr>" for v in t.verdicts) or f"<tr><td colspan={3 + len(names)}>none</td></tr>"
     guards = "".join(f"<tr><td>{esc(r.command)} {esc(repr(r.value))}</td><td>{esc(r.guard)}</td>"
                      f"<td style='color:#b00'>rolled back at step {r.step} to the savepoint at step {r.savepoint_step} "
                      f"(verdict of step {r.verdict_step}: {esc(json.dumps(r.metrics))})</td></tr>" for r in t.rollbacks)
@@ -222,7 +229,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}pre{{background:#
 <p>{len(t.steps)} logged steps{f", last step {last.step} of {last.max_steps}, loss {last.loss:.4f}" if last else ""};
 {len(t.checkpoints)} checkpoints; {len(t.verdicts)} evaluations; {len(t.controls)} controls applied.</p>
 <img alt="training curves" src="data:image/png;base64,{image}">
-<h2>Evaluations</h2><table><tr><th>step</th><th>split</th><th>cases</th><th>protocol</th><th>correctness</th></tr>{verdicts}</table>
+<h2>Evaluations</h2><table><tr><th>step</th><th>split</th><th>cases</th>{"".join(f"<th>{esc(m)}</th>" for m in names)}</tr>{verdicts}</table>
 <h2>Controls applied</h2><table><tr><th>step</th><th>command</th><th>old</th><th>new</th></tr>{controls}</table>
 <h2>Guarded controls</h2><table><tr><th>control</th><th>guard</th><th>outcome</th></tr>{guards or "<tr><td colspan=3>none</td></tr>"}</table>
 <h2>Proposals</h2><table><tr><th>id</th><th>what</th><th>by</th><th>step</th><th>why</th><th>outcome</th></tr>{props or "<tr><td colspan=6>none</td></tr>"}</table>

@@ -53,7 +53,7 @@ def run_job(config_path: Path, *, nats_url: str | None = None, run_id: str | Non
             processes: int | None = None, console: Console | None = None) -> RunSummary | JobSummary:
     """The job of ``config_path``: one run, or one run per phase when the config has ``phases``."""
     console = console or Console()
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, functions=True)
     if processes:
         try:
             cfg = cfg.with_overrides({"train.processes": processes})

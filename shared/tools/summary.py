@@ -18,6 +18,7 @@ from rich.table import Table
 from ..storage import RunDir
 from ..config import Config
 from ..events import EvalVerdict
+from ..task import SUITE_METRIC
 from .progress import Progress
 from .sweep.search import TrialRecord
 from .sweep.spec import Value
@@ -26,12 +27,11 @@ SUMMARY_FILE = "summary.json"
 
 
 class Scores(BaseModel):
-    """One verdict: its cases and scores (``protocol``, ``correctness`` and any other metric)."""
+    """One verdict: its cases and, as keys of their own, the score of each of the task's metrics
+    (``summary["test"]["accuracy"]``)."""
 
     model_config = ConfigDict(extra="allow")
     cases: int
-    protocol: float
-    correctness: float
     mean_new_tokens: float
     by_category: dict[str, dict[str, float]] = Field(default_factory=dict)
 
@@ -39,14 +39,20 @@ class Scores(BaseModel):
     def of(cls, v: EvalVerdict | None) -> "Scores | None":
         return cls(cases=v.cases, **v.scores, mean_new_tokens=v.mean_new_tokens, by_category=v.by_category) if v else None
 
+    @property
+    def scores(self) -> dict[str, float]:
+        return dict(self.model_extra or {})
+
 
 class Evaluation(BaseModel):
-    """A verdict during training: the step and its scores."""
+    """A verdict during training: the step and, as keys of their own, its metrics."""
 
     model_config = ConfigDict(extra="allow")
     step: int
-    protocol: float
-    correctness: float
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return dict(self.model_extra or {})
 
 
 class SuiteResult(BaseModel):
@@ -54,7 +60,7 @@ class SuiteResult(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True)
     cases: int
-    pass_rate: float = Field(alias="pass", description="Fraction of cases that followed the protocol.")
+    pass_rate: float = Field(alias="pass", description="Weighted fraction of cases that passed all their checks.")
     mean_new_tokens: float
     by_category: dict[str, float] = Field(default_factory=dict)
     failures: list[str] = Field(default_factory=list, description="The first failures' reasons.")
@@ -96,6 +102,7 @@ class RunSummary(BaseModel):
     method: str
     base_model: BaseModelInfo | None = None
     processes: int
+    metrics: list[str] = Field(default_factory=list, description="The task's metrics the views show, in order.")
     steps: int | None = None
     stop_reason: str | None = Field(default=None, description="<reason>: <detail>, from train.done.")
     final_loss: float | None = None
@@ -182,7 +189,7 @@ def run_summary(progress: Progress, rdir: Path, cfg: Config) -> RunSummary:
     p, f, x = progress, progress.finished, progress.exported
     return RunSummary(
         run_id=p.run_id, run_dir=str(rdir), method=cfg.train.method, base_model=BaseModelInfo.of(cfg, rdir),
-        processes=f.processes if f else cfg.train.processes,
+        processes=f.processes if f else cfg.train.processes, metrics=cfg.task.shown(),
         steps=f.step if f else None,
         stop_reason=f"{f.reason}: {f.detail}" if f else None,
         final_loss=f.final_loss if f else None,
@@ -197,8 +204,8 @@ def run_summary(progress: Progress, rdir: Path, cfg: Config) -> RunSummary:
         adapter=str(rdir / x.adapter_path) if x and x.adapter_path else None,
         merged=str(rdir / x.merged_path) if x and x.merged_path else None,
         test=Scores.of(p.final_verdict),
-        suites={name: SuiteResult(cases=v.cases, pass_rate=v.scores["protocol"], mean_new_tokens=v.mean_new_tokens,
-                                  by_category={c: s["protocol"] for c, s in v.by_category.items()},
+        suites={name: SuiteResult(cases=v.cases, pass_rate=v.scores.get(SUITE_METRIC, 0.0), mean_new_tokens=v.mean_new_tokens,
+                                  by_category={c: s.get(SUITE_METRIC, 0.0) for c, s in v.by_category.items()},
                                   failures=[x.reason for x in v.failures[:3]])
                 for name, v in sorted(p.suite_verdicts.items())},
         forked_from=_lineage(rdir),
@@ -230,14 +237,14 @@ def print_summary(summary: RunSummary | JobSummary, console: Console) -> None:
     t.add_row("training time", f"{s.train_seconds} s")
     t.add_row("throughput", f"{s.tokens_per_second or '-'} tokens/s  (batch {s.batch_size}, "
                             f"peak memory {s.peak_memory_mb or '-'} MB)")
+    shown = s.metrics or list(s.test.scores if s.test else [])
     if s.baseline:
-        t.add_row("before (test)", f"protocol {s.baseline.protocol:.3f}  correctness {s.baseline.correctness:.3f}  "
-                                   "(the starting model)")
+        t.add_row("before (test)", f"{scores_text(s.baseline.scores, shown)}  (the starting model)")
     for v in s.evaluations:
-        t.add_row(f"val @ step {v.step}", f"protocol {v.protocol:.3f}  correctness {v.correctness:.3f}")
+        t.add_row(f"val @ step {v.step}", scores_text(v.scores, shown))
     if s.test:
-        t.add_row("held-out test", f"[bold green]protocol adherence {s.test.protocol:.3f}[/]  correctness "
-                  f"{s.test.correctness:.3f}  ({s.test.cases} prompts, {s.test.mean_new_tokens:.1f} tokens/answer)")
+        t.add_row("held-out test", f"[bold green]{scores_text(s.test.scores, shown)}[/]  ({s.test.cases} prompts, "
+                                   f"{s.test.mean_new_tokens:.1f} tokens/answer)")
     for name, r in s.suites.items():
         t.add_row(f"suite {name}", f"pass {r.pass_rate:.3f}  ({r.cases} cases, {r.mean_new_tokens:.1f} tokens/answer)")
     t.add_row("exported step", str(s.exported_step))
@@ -247,21 +254,29 @@ def print_summary(summary: RunSummary | JobSummary, console: Console) -> None:
     console.print(f"summary: {s.run_dir}/{SUMMARY_FILE}", soft_wrap=True)
 
 
+def scores_text(scores: dict[str, float], metrics: list[str]) -> str:
+    """``accuracy 0.812  eval_loss 0.412``: the shown metrics a verdict has."""
+    return "  ".join(f"{m} {scores[m]:.3f}" for m in metrics if m in scores) or "-"
+
+
 def print_job(job: JobSummary, console: Console) -> None:
     """The job at a glance: each phase's held-out scores before (its starting model) and after (its export)."""
+    shown = next((p.metrics for p in job.phases if p.metrics), [])
     t = Table(title=f"tuneloop job {job.job_id}: held-out test scores before -> after each phase")
-    for col in ("phase", "method", "steps", "stopped", "protocol", "correctness", "category weights"):
+    for col in ("phase", "method", "steps", "stopped", *shown, "category weights"):
         t.add_column(col, overflow="fold")
 
     def change(p: PhaseSummary, metric: str) -> str:
-        before = getattr(p.baseline, metric) if p.baseline else None
-        after = getattr(p.test, metric)
+        before = p.baseline.scores.get(metric) if p.baseline else None
+        after = p.test.scores.get(metric) if p.test else None
+        if after is None:
+            return "-"
         return f"{before:.3f} -> [bold]{after:.3f}[/]" if before is not None else f"[bold]{after:.3f}[/]"
 
     for p in job.phases:
         weights = ", ".join(f"{k} {v:g}" for k, v in sorted(p.data.category_weights.items())) or "-"
         t.add_row(p.phase, p.method, str(p.steps), str(p.stop_reason).split(":")[0],
-                  change(p, "protocol"), change(p, "correctness"), weights)
+                  *(change(p, m) for m in shown), weights)
     console.print(t)
     first, last = job.phases[0] if job.phases else None, job.phases[-1] if job.phases else None
     if first and first.base_model:

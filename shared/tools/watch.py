@@ -22,6 +22,7 @@ from rich.text import Text
 from ..events import (CheckpointRecorded, Control, ControlApplied, ControlConfirmed, ControlRejected, ControlRolledBack,
                      DatasetReady, DeadLetter, EvalVerdict, Event, ExportDone, Feedback, Proposal, ProposalResolved,
                      RunForked, StepMetrics, TrainingFinished)
+from ..task import shown_of
 from .progress import Progress
 
 KINDS = (RunForked, DatasetReady, StepMetrics, CheckpointRecorded, EvalVerdict, Feedback, Control, ControlApplied,
@@ -129,15 +130,18 @@ class WatchView:
         curves.add_row("lr", _fmt(self.lrs, ".2e"), sparkline(self.lrs))
         if self.rewards:
             curves.add_row("reward", _fmt(self.rewards), sparkline(self.rewards))
-        for metric in ("protocol", "correctness"):
-            scores = [v.scores.get(metric, 0.0) for v in self.val]
-            curves.add_row(f"val {metric}", _fmt(scores), sparkline(scores))
+        shown = shown_of(self.val[-1].scores) if self.val else []
+        for metric in shown:
+            scores = [v.scores.get(metric) for v in self.val]
+            curves.add_row(f"val {metric}", _fmt(scores), sparkline([s for s in scores if s is not None]))
         parts = [head, bar, curves]
         if self.latest:
             v = self.latest
-            cats = "  ".join(f"{c} {s.get('protocol', 0):.2f}/{s.get('correctness', 0):.2f}" for c, s in sorted(v.by_category.items()))
-            parts.append(Text(f"latest verdict: step {v.step} {v.split} ({v.cases} cases) protocol {v.scores['protocol']:.3f}"
-                              f" correctness {v.scores['correctness']:.3f} · by category (protocol/correct): {cats}"))
+            names = shown_of(v.scores)
+            cats = "  ".join(f"{c} " + "/".join(f"{s.get(m, 0):.2f}" for m in names) for c, s in sorted(v.by_category.items()))
+            parts.append(Text(f"latest verdict: step {v.step} {v.split} ({v.cases} cases) "
+                              + "  ".join(f"{m} {v.scores[m]:.3f}" for m in names)
+                              + (f" · by category ({'/'.join(names)}): {cats}" if len(v.by_category) > 1 else "")))
         if self.feedback:
             parts.append(Text(f"feedback after step {self.feedback.step}: {self.feedback.action} ({self.feedback.reason})"))
         controls = Table("control", "value", "answer", box=None, padding=(0, 1))
@@ -191,8 +195,8 @@ def log_event(ev: Event, console) -> None:
     elif isinstance(ev, CheckpointRecorded):
         console.log(f"checkpoint step {ev.step} recorded ({ev.bytes / 1e6:.1f} MB, sha256 {ev.sha256[:12]})")
     elif isinstance(ev, EvalVerdict):
-        console.log(f"verdict step {ev.step} ({ev.split}, {ev.cases} cases): protocol {ev.scores['protocol']:.3f}  "
-                    f"correctness {ev.scores['correctness']:.3f}  tokens {ev.mean_new_tokens:.1f}")
+        console.log(f"verdict step {ev.step} ({ev.split}, {ev.cases} cases): "
+                    + "".join(f"{m} {ev.scores[m]:.3f}  " for m in shown_of(ev.scores)) + f"tokens {ev.mean_new_tokens:.1f}")
     elif isinstance(ev, Feedback):
         console.log(f"feedback after step {ev.step}: [bold]{ev.action}[/] ({ev.reason})")
     elif isinstance(ev, (ControlApplied, ControlRejected)):

@@ -16,6 +16,8 @@ import pytest
 from helpers import REPO, example_config, processes_mentioning, readme_transcript
 from tuneloop.config import dump_config, load_config
 
+EXAMPLE = REPO / "examples" / "protocol-tiny.yaml"
+
 pytestmark = pytest.mark.e2e
 TUNELOOP = [sys.executable, "-m", "tuneloop"]
 
@@ -52,8 +54,11 @@ def test_example_job_sft_then_grpo_raises_the_held_out_score(example_run):
 LOAD_AND_GENERATE = textwrap.dedent('''
     import json, sys
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tuneloop.checks import check
-    kind, path = sys.argv[1], sys.argv[2]
+    from tuneloop.config import load_config
+    from tuneloop.task import Judge
+    kind, path, config = sys.argv[1], sys.argv[2], sys.argv[3]
+    cfg = load_config(config)
+    judge = Judge(cfg.task, cfg.base_dir)  # the example's own task declaration
     if kind == "adapter":
         from peft import PeftConfig, PeftModel
         base = PeftConfig.from_pretrained(path).base_model_name_or_path
@@ -67,15 +72,17 @@ LOAD_AND_GENERATE = textwrap.dedent('''
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
     texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(json.dumps([check(t).protocol for t in texts]), json.dumps(texts))
+    protocol = [judge.judge(t, fields={"category": c}).scores["protocol"] == 1.0
+                for t, c in zip(texts, ["math", "upper", "reverse", "length"])]
+    print(json.dumps(protocol), json.dumps(texts))
 ''')
 
 
 @pytest.mark.parametrize("kind", ["adapter", "merged"])
 def test_exported_model_loads_in_a_fresh_process_and_follows_the_protocol(example_run, kind):
     summary, _ = example_run
-    proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, kind, summary[kind]], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, kind, summary[kind], str(EXAMPLE)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ok = json.loads(proc.stdout.strip().splitlines()[-1].split("] ", 1)[0] + "]")
     assert sum(ok) >= 3, proc.stdout
@@ -89,7 +96,7 @@ def test_export_command_writes_a_loadable_merged_model_from_any_checkpoint(examp
     proc = subprocess.run([*TUNELOOP, "export", "example-sft", "--step", "50", "--merged", "--out",
                            str(tmp_path / "m50"), "--storage", storage], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    check = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, "merged", str(tmp_path / "m50")],
+    check = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, "merged", str(tmp_path / "m50"), str(EXAMPLE)],
                            capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stderr[-2000:]
     missing = subprocess.run([*TUNELOOP, "export", "example-sft", "--step", "7", "--storage", storage],

@@ -40,7 +40,7 @@ async def test_grpo_gets_its_rewards_from_the_rl_reward_service_on_two_processes
     svc, ev = await start_training(tmp_path, nats_url, bus, services, run, with_services=("rl-reward",), method="grpo",
                                    max_steps=3, batch_size=4, processes=2,
                                    grpo={"num_generations": 4, "max_completion_length": 8,
-                                         "rewards": {"protocol": 1.0, "brevity": 0.5}})
+                                         "rewards": {"protocol": 1.0, "similarity": 0.5}})
     await wait_for(lambda: ev[TrainingFinished], timeout=240)
     done = ev[TrainingFinished][0]
     assert done.reason == "completed" and done.step == 3 and done.processes == 2, done
@@ -48,7 +48,8 @@ async def test_grpo_gets_its_rewards_from_the_rl_reward_service_on_two_processes
     assert rewarded and all(s.method == "grpo" and s.reward is not None for s in rewarded)
     # One request per generation batch, gathered from both ranks: 2 x 4 completions, with the configured weights.
     assert len(asked) == 3 and all(len(r.completions) == 8 for r in asked)
-    assert asked[0].weights == {"protocol": 1.0, "brevity": 0.5}
+    assert asked[0].weights == {"protocol": 1.0, "similarity": 0.5}
+    assert all(len(r.prompts) == len(r.columns) == 8 for r in asked)  # what a reward function by import path reads
 
 
 async def test_grpo_without_a_reward_service_fails_with_the_reason(tmp_path, nats_url, bus, services, request):

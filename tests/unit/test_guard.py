@@ -10,6 +10,7 @@ from tuneloop import controls
 from tuneloop.events import Feedback
 from tuneloop.guard import GuardError, metrics_of, parse
 
+METRICS = ["protocol", "correctness", "exact", "eval_loss", "perplexity"]  # the example task's
 VERDICT = metrics_of({"protocol": 0.92, "correctness": 0.5}, {"greet": {"protocol": 1.0, "correctness": 0.25}},
                      tokens=14.0, loss=2.5)
 
@@ -49,8 +50,19 @@ def test_nan_breaks_every_comparison():
 ])
 def test_a_bad_guard_is_named_with_its_column(text, says):
     with pytest.raises(GuardError) as e:
-        parse(text)
+        parse(text, METRICS)
     assert says in str(e.value)
+
+
+def test_a_guard_reads_any_metric_the_task_declares():
+    task = ["answer_line", "correct", "exact", "eval_loss", "perplexity"]
+    guard = parse("answer_line>=0.9 and eval_loss<1.5 and default.correct>0", task)
+    assert guard.holds(metrics_of({"answer_line": 1.0, "correct": 0.2, "eval_loss": 1.2},
+                                  {"default": {"cases": 40, "correct": 0.2}}, None, None))
+    with pytest.raises(GuardError, match=r"unknown metric 'protocol'; the run's: answer_line, correct, exact, eval_loss"):
+        parse("protocol>=0.9", task)
+    with pytest.raises(controls.Rejected, match="unknown metric 'protocol'"):
+        controls.check_guard("set-lr", "protocol>=0.9", None, metrics=task)
 
 
 def test_which_controls_may_be_guarded():

@@ -12,7 +12,7 @@ def verdict(step, score, vid=None):
 
 
 def test_policy_stops_on_target_or_patience_and_ignores_duplicates():
-    cfg = FeedbackSection(target=0.9, patience=2, min_step=10)
+    cfg = FeedbackSection(metric="protocol", target=0.9, patience=2, min_step=10)
     st = PolicyState()
     assert decide(cfg, st, verdict(5, 0.95)).action == "continue"  # before min_step
     st = PolicyState()
@@ -61,3 +61,22 @@ def test_a_rollback_rewinds_the_policy_to_the_verdicts_that_remain():
     replayed = run_policy(cfg, [kept, discarded, rolled, late, again])
     assert [(d.step, d.action) for d in replayed.decisions] == [(10, "continue"), (20, "continue"), (20, "continue")]
     assert run_policy(cfg, [kept, discarded, late, again]).stop_at == 30  # without the rollback: stopped
+
+
+def test_a_lower_is_better_metric_stops_at_or_below_its_target_and_names_no_weak_categories():
+    cfg = FeedbackSection(metric="eval_loss", target=0.5, patience=2)
+    st = PolicyState()
+
+    def v(step, loss):
+        return EvalVerdict(run_id="r", request_id=f"q{step}", step=step, checkpoint=f"c{step}", split="val",
+                           purpose="periodic", cases=10, scores={"exact": 0.1, "eval_loss": loss},
+                           by_category={"default": {"eval_loss": loss}})
+
+    fb = decide(cfg, st, v(10, 1.2))
+    assert fb.action == "continue" and fb.reason == "eval_loss 1.200 > target 0.500" and fb.weak_categories == []
+    assert decide(cfg, st, v(20, 0.9)).best_step == 20  # lower is better
+    assert decide(cfg, st, v(30, 1.0)).action == "continue"
+    fb = decide(cfg, st, v(40, 0.95))
+    assert fb.action == "stop" and "no improvement for 2" in fb.reason and fb.best_score == 0.9
+    fb = decide(cfg, PolicyState(), v(50, 0.45))
+    assert fb.action == "stop" and fb.reason == "target reached: eval_loss 0.450 <= 0.500"

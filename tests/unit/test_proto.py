@@ -56,7 +56,7 @@ def test_summary_schemas_accept_a_real_summary_and_reject_a_broken_one(tmp_path)
     p.update(EvalVerdict(run_id="r", request_id="q", step=40, checkpoint="c", split="test", purpose="final", cases=3,
                          scores={"protocol": 1.0, "correctness": 0.5}))
     p.update(EvalVerdict(run_id="r", request_id="q", step=40, checkpoint="c", split="suite:fmt", purpose="final", cases=2,
-                         scores={"protocol": 0.5, "correctness": 0.0}))
+                         scores={"pass": 0.5}))
     write(run_summary(p, tmp_path, tiny_config(tmp_path)), tmp_path)
     summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert summary["suites"]["fmt"]["pass"] == 0.5 and summary["test"]["protocol"] == 1.0

@@ -35,7 +35,7 @@ def recorded_run(scores: list[float], live: FeedbackSection, correctness: list[f
 
 
 def test_other_settings_stop_elsewhere_and_the_saving_counts_the_live_lag():
-    live = FeedbackSection(target=0.9, patience=2)
+    live = FeedbackSection(metric="protocol", target=0.9, patience=2)
     events = recorded_run([0.2, 0.5, 0.4, 0.45, 0.3], live)  # live: no improvement twice after 20 -> stop at 40
     same = backtest(events, live, live)
     assert (same.live.stop_at, same.end_step, same.live_lag, same.steps_saved) == (40, 43, 3, 0)
@@ -58,10 +58,14 @@ def test_settings_are_checked_and_a_grid_tries_every_combination():
         parse_settings("patience=0", base)
     with pytest.raises(ValueError, match="one value per setting"):
         parse_settings("patience=1|2", base)
+    task = ["answer_line", "correct", "exact", "eval_loss", "perplexity"]  # a run's task: any of its metrics
+    assert [s.metric for s in grid("metric=correct|eval_loss,target=0.5", base, task)] == ["correct", "eval_loss"]
+    with pytest.raises(ValueError, match="metric: unknown metric 'protocol'; the task's metrics: answer_line, correct"):
+        grid("metric=protocol", base, task)
 
 
 def test_a_table_row_weighs_steps_saved_against_score_lost():
-    live = FeedbackSection(target=0.9, patience=2)
+    live = FeedbackSection(metric="protocol", target=0.9, patience=2)
     events = recorded_run([0.2, 0.5, 0.4, 0.45, 0.3], live)
     eager = row(backtest(events, live, parse_settings("target=0.2", live)))  # stops at 10: exports 0.2, not 0.5
     assert (eager["steps saved"], eager["score lost"], eager["same as live"]) == ("+30", "protocol +0.300", "no")

@@ -71,9 +71,9 @@ def test_a_reward_request_is_scored_item_by_item(replicas):
     (svc, _), _ = replicas
     req = RewardRequest(run_id="r", completions=['{"task": "math", "answer": "4"}', '{"task": "math", "answer": "5"}',
                                                  "not the protocol"], references=["4", "4", None],
-                        weights={"correctness": 1.0})
+                        categories=["math"] * 3, weights={"correctness": 1.0, "exact": 1.0})
     reply = asyncio.run(svc.on_reward(req))
     assert reply.rewards[:2] == [1.0, 0.0] and reply.errors[:2] == [None, None]
-    assert reply.rewards[2] is None and "item 2: correctness needs a reference answer" in reply.errors[2]
+    assert reply.rewards[2] is None and "item 2: exact needs a reference answer" in reply.errors[2]
     with pytest.raises(ValueError, match=r"unknown reward function\(s\) \['nope'\]"):
         asyncio.run(svc.on_reward(RewardRequest(run_id="r", completions=["x"], weights={"nope": 1.0})))

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ...config import Config, ConfigError, load_config, read_yaml
+from ...task import goal, unknown_metric
 from ...events import explain
 
 Value = bool | int | float | str
@@ -99,8 +100,9 @@ class SweepSpec(_Section):
     trials: int | None = Field(default=None, ge=1, description="How many trials (random, tpe: required; grid: at most this many).")
     concurrency: int = Field(default=2, ge=1, le=64, description="Trials training at once.")
     evaluators: int = Field(default=1, ge=1, le=64, description="Evaluator processes shared by all trials.")
-    metric: Literal["protocol", "correctness"] | None = Field(
-        default=None, description="What the sweep maximizes: verdicts on val while training (pruning), on test at the end "
+    metric: str | None = Field(
+        default=None, description="What the sweep maximizes, a metric of the config's task (a fraction: not eval_loss or "
+                                  "perplexity): verdicts on val while training (pruning), on test at the end "
                                   "(the trial's value). Default: the config's feedback.metric.")
     seed: int = 0
     pruner: Pruner = Pruner()
@@ -189,7 +191,7 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Config]:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {explain(e)}") from e
-    base = load_config(Path(spec.base_dir) / spec.config)
+    base = load_config(Path(spec.base_dir) / spec.config, functions=True)
     names = [p.name for p in base.phases]
     if spec.phase is not None:
         if spec.phase not in names:
@@ -198,6 +200,12 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Config]:
     elif base.phases:
         raise ConfigError(f"{path}: config {spec.config} has phases ({', '.join(names)}); "
                           "a trial is one run: say which with phase: NAME")
+    metric = spec.metric or base.feedback.metric
+    if metric not in base.task.names():
+        raise ConfigError(f"{path}: " + unknown_metric(metric, base.task.names(), "metric"))
+    if goal(metric) != "max":
+        raise ConfigError(f"{path}: metric: a sweep maximizes a fraction; {metric} is lower-is-better (choose one of "
+                          f"{', '.join(m for m in base.task.names() if goal(m) == 'max')})")
     try:
         first = trial_config(spec, base, {}, spec.name)
     except ValueError as e:
