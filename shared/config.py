@@ -415,9 +415,7 @@ class Config(_Section):
             raise ValueError(unknown_metric(self.feedback.metric, known, "feedback.metric"))
         if self.feedback.metric not in LOWER_IS_BETTER and self.feedback.target > 1:
             raise ValueError(f"feedback.target {self.feedback.target} > 1: {self.feedback.metric} is a fraction in [0, 1]")
-        rewards = self.train.grpo.rewards
-        if not rewards:
-            self.train.grpo.rewards = {self.task.default_metric(): 1.0}
+        rewards = self.train.grpo.rewards  # empty: the task's first metric (rl-reward reads it so)
         for name in rewards:
             if ":" not in name and name not in self.task.reward_names():
                 raise ValueError(f"train.grpo.rewards: unknown reward {name!r}; a metric of the task "

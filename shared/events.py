@@ -329,7 +329,7 @@ class Control(Event):
     value: float | str | None = None
     operator: str = ""
     guard: str | None = Field(default=None, max_length=200, description=(
-        "Keep the change only while the next `within` verdicts meet this condition (e.g. protocol>=0.9); "
+        "Keep the change only while the next `within` verdicts meet this condition (e.g. correct>=0.9, any of the task's metrics); "
         "else roll back to the savepoint taken before it."))
     within: int | None = Field(default=None, ge=1, le=100, description="Verdicts the guard watches (default 1).")
     policy: str = Field(default="", max_length=64, description=(
@@ -505,6 +505,9 @@ def explain(err: ValidationError) -> str:
     """One line per problem, naming the field: what a log line or a dead letter should say."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e.get("loc", ())) or "<root>"
-        parts.append(f"{loc}: {e.get('msg')}")
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        msg = str(e.get("msg"))
+        if e.get("type") == "value_error":  # our own validators' messages name the field themselves
+            msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)

@@ -1,7 +1,7 @@
-"""Guards of guarded interventions: ``protocol>=0.9 and loss<3``. Pure.
+"""Guards of guarded interventions: ``correct>=0.9 and loss<3``. Pure.
 
 A guard is a condition the next verdicts must meet for a control to stay applied
-(``tuneloop ctl RUN set-lr 3e-3 --guard "protocol>=0.9" --within 2``). It is parsed by the
+(``tuneloop ctl RUN set-lr 3e-3 --guard "correct>=0.9" --within 2``). It is parsed by the
 small grammar below, never by ``eval``, and each mistake is named with its column::
 
     guard  := all ("or" all)*

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from tuneloop.task import goal
+
 
 class Entry(BaseModel):
     step: int
@@ -23,12 +25,15 @@ class Entry(BaseModel):
 
 
 def best(entries: list[Entry], metric: str) -> Entry | None:
-    """Highest score on ``metric``; ties go to the later step (more training, same score)."""
+    """Best score on ``metric`` (the lowest for eval_loss and perplexity); ties go to the later
+    step (more training, same score)."""
     live = [e for e in entries if not e.released]
     scored = [e for e in live if e.scores is not None]
     if not scored:
         return max(live, key=lambda e: e.step, default=None)
-    return max(scored, key=lambda e: (e.scores.get(metric, 0.0), e.step))
+    sign = -1.0 if goal(metric) == "min" else 1.0
+    worst = float("-inf")  # an entry without the metric loses to every one with it
+    return max(scored, key=lambda e: (sign * e.scores[metric] if metric in e.scores else worst, e.step))
 
 
 def pending(entries: list[Entry]) -> list[int]:

@@ -1,1 +1,1 @@
-"""evaluator: runs the protocol suite on checkpoints and publishes one verdict per request."""
+"""evaluator: scores checkpoints by the run's task declaration and publishes one verdict per request."""

@@ -143,7 +143,7 @@ def scores_at(o: Outcome, step: int | None) -> dict[str, float]:
 def score_lost(live: Outcome, replayed: Outcome) -> dict[str, float]:
     """The live export's score minus the replayed one's, metric by metric: the replayed settings'
     metric first, then the live one's if it differs. A score is never set against another
-    metric's (a correctness-stopped run against protocol settings compares both on both)."""
+    metric's (a run stopped on one metric against settings of another compares both on both)."""
     mine, theirs = scores_at(live, live.best_step), scores_at(replayed, replayed.best_step)
     metrics = dict.fromkeys([replayed.settings.metric, live.settings.metric])
     return {m: mine[m] - theirs[m] for m in metrics if m in mine and m in theirs}

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from testcontainers.compose import DockerCompose
 
-from helpers import IDENTITIES, REPO, readme_transcript, wait_for
+from helpers import IDENTITIES, REPO, protocol_task, readme_transcript, wait_for
 from tuneloop.tools import images
 from tuneloop.config import load_config
 
@@ -69,17 +69,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The deployed job's task: the example's protocol and a metric function of a module that no image
+# holds. It reaches the containers that import it the documented way: a folder mounted read-only
+# at the same path (examples/compose.task.yaml, docs/your-task.md).
+TASK_AT = "/app/task"
+TASK_MODULE = """
+def brief(completion):
+    \"\"\"A metric of the deployed task: answers of at most 40 characters.\"\"\"
+    return (len(completion) <= 40, f"{len(completion)} characters")
+"""
+
+
+def task_folder(tmp: Path) -> Path:
+    """examples/deploy.yaml with its task declared, the function's module beside it."""
+    import yaml
+
+    folder = tmp / "task"
+    folder.mkdir()
+    (folder / "deploy_checks.py").write_text(TASK_MODULE)
+    cfg = yaml.safe_load((REPO / "examples" / "deploy.yaml").read_text())
+    cfg["data"]["sources"] = [{"path": "/app/examples/data/protocol.jsonl"}]  # the image's copy
+    task = protocol_task()
+    cfg["task"] = {**task, "metrics": {**task["metrics"], "brief": {"function": "deploy_checks:brief"}}}
+    (folder / "deploy.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return folder
+
+
 class Stack:
-    """The deployment under test: compose.yaml with passwords of its own, on free host ports."""
+    """The deployment under test: compose.yaml with passwords of its own, on free host ports, and
+    the task's folder mounted (examples/compose.task.yaml)."""
 
     def __init__(self, tmp: Path):
         self.passwords = {u: secrets.token_hex(12) for u in IDENTITIES}
         self.env_file = tmp / "deploy.env"  # not the repo's .env: the test never touches a user's file
         self.env_file.write_text("".join(f"TUNELOOP_{u.upper().replace('-', '_')}_PASSWORD={p}\n"
                                          for u, p in self.passwords.items()) +
-                                 f"TUNELOOP_RUN_ID={RUN}\nTUNELOOP_CONFIG=examples/deploy.yaml\n"
+                                 f"TUNELOOP_RUN_ID={RUN}\nTUNELOOP_CONFIG=task/deploy.yaml\n"
+                                 f"TUNELOOP_TASK_DIR={task_folder(tmp)}\nTUNELOOP_TASK_AT={TASK_AT}\n"
                                  f"TUNELOOP_NATS_PORT={free_port()}\nTUNELOOP_PROMETHEUS_PORT={free_port()}\n")
-        self.tc = DockerCompose(context=REPO, compose_file_name="compose.yaml", env_file=str(self.env_file),
+        self.tc = DockerCompose(context=REPO, compose_file_name=["compose.yaml", "examples/compose.task.yaml"],
+                                env_file=str(self.env_file),
                                 profiles=["multinode"], services=list(STACK), wait=False)
         self.url = ""
 
@@ -357,6 +386,12 @@ async def _scenario(s: Stack) -> None:
     ids = [v.request_id for v in stored if v.purpose == "periodic"]
     assert ids and len(ids) == len(set(ids)), ids
     assert ev[Feedback], "no feedback reached the stream"
+    # The task's function, imported by the evaluators from the mounted folder, scored every case.
+    periodic = [v for v in stored if v.purpose == "periodic"]
+    assert all({"protocol", "correctness", "brief"} <= set(v.scores) for v in periodic), [v.scores for v in periodic]
+    assert not [f.reason for v in periodic for f in v.failures if "deploy_checks:brief" in f.reason], "the function failed"
+    say(f"the task's metric function (deploy_checks:brief, a module mounted at {TASK_AT}) scored {len(periodic)} "
+        f"verdicts; the last: brief {periodic[-1].scores['brief']:.3f}, protocol {periodic[-1].scores['protocol']:.3f}")
 
     prom = s.port("prometheus", 9090)
     # Prometheus inside the stack scraped every service, and a tuneloop metric of each.

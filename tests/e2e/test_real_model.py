@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import readme_transcript, run_job
+from helpers import REPO, readme_transcript, run_job
 from test_example_run import LOAD_AND_GENERATE
 from tuneloop import gguf
 
@@ -69,8 +69,8 @@ def test_evaluators_keep_the_base_resident_and_swap_adapters(real_run):
 def test_the_export_loads_in_plain_transformers_with_the_template_it_was_trained_on(real_run, kind):
     sft, _, _ = real_run
     folder = sft[kind]
-    proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, kind, folder], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, kind, folder, str(REPO / "examples" / "protocol.yaml")],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ok = json.loads(proc.stdout.strip().splitlines()[-1].split("] ", 1)[0] + "]")
     assert all(ok), proc.stdout

@@ -99,8 +99,14 @@ def test_every_dashboard_expression_returns_data_from_a_real_run(tmp_path, nats_
         assert job.returncode == 0, out[-3000:]
         time.sleep(3)  # one more scrape of everything
         empty = [e for e in dashboards.expressions()
-                 if not query_range(base, e.replace("$run", run), start, time.time())]
+                 if not query_range(base, e.replace("$run", run).replace("$metric", "correctness"), start, time.time())]
         assert not empty, f"expressions without data: {empty}"
+        # The dashboard's metric variable offers the task's own metrics (its query, as Grafana runs it).
+        match = dashboards.METRIC_VALUES.split("(", 1)[1].rsplit(",", 1)[0].replace("$run", run)
+        with urllib.request.urlopen(f"{base}/api/v1/label/metric/values?match[]={urllib.parse.quote(match)}",
+                                    timeout=10) as r:
+            offered = set(json.loads(r.read())["data"])
+        assert offered == {"protocol", "correctness", "exact"}, offered  # the fractions; eval_loss has its panel
         assert query_range(base, f'tuneloop_train_paused{{run_id="{run}"}} == 1', start, time.time()), "pause not seen"
         applied = query_range(base, f'tuneloop_controls_total{{run_id="{run}", outcome="applied"}}', start, time.time())
         # (the trainer may exit before the stop's count is scraped)

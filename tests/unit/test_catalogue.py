@@ -26,3 +26,10 @@ def test_snapshots_are_exported_when_best_and_released_when_outscored():
     entries.pop(2)
     assert best(entries, "protocol").step == 30           # a released entry is never chosen
     assert stale_snapshots([e(10, 0.9, snapshot=True)], "protocol") == []  # the only one is the best
+
+
+def test_the_best_checkpoint_by_a_loss_is_the_lowest():
+    entries = [Entry(step=s, path=f"c{s}", base_model="base", adapter=True, sha256="x", bytes=1,
+                     scores={"exact": e, "eval_loss": loss})
+               for s, e, loss in ((10, 0.2, 0.9), (20, 0.5, 0.4), (30, 0.6, 0.7))]
+    assert best(entries, "eval_loss").step == 20 and best(entries, "exact").step == 30

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -146,3 +148,28 @@ def test_a_run_id_in_use_takes_the_same_config_again_but_not_another(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "tuneloop", "init", str(REPO_EXAMPLE), "--run-id", "r1",
                           "--storage", str(storage)], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 2 and "already exists" in cli.stdout, cli.stdout + cli.stderr
+
+
+def test_every_metric_the_config_steers_by_is_one_its_task_reports(tmp_path):
+    data = "data: {sources: [{path: d.jsonl}]}\n"
+    task = "task: {metrics: {answer_line: {format: true, checks: [{type: regex, pattern: 'Answer:'}]}}}\n"
+    cases = {
+        "feedback: {metric: accuracy}": "feedback.metric: unknown metric 'accuracy'; the task's metrics: answer_line, "
+                                        "exact, eval_loss, perplexity",
+        "train: {grpo: {rewards: {speed: 1}}}": "train.grpo.rewards: unknown reward 'speed'; a metric of the task "
+                                                "(answer_line, exact, similarity) or a function",
+        "feedback: {metric: answer_line, target: 2}": "feedback.target 2.0 > 1: answer_line is a fraction",
+        "phases: [{name: a, feedback: {metric: protocol}}]": r"phases\[0\] \(a\): .*unknown metric 'protocol'",
+    }
+    for line, says in cases.items():
+        path = tmp_path / "c.yaml"
+        path.write_text(data + task + line + "\n")
+        with pytest.raises(ConfigError, match=says if says.startswith("phases") else re.escape(says)) as e:
+            load_config(path)
+        assert str(path) in str(e.value)
+    path.write_text(data + task + "feedback: {metric: eval_loss, target: 1.5}\n")
+    assert load_config(path).feedback.metric == "eval_loss"  # lower is better: any target
+    path.write_text(data + task)
+    assert load_config(path).feedback.metric == "answer_line"  # the default: the task's first metric
+    path.write_text(data)
+    assert load_config(path).feedback.metric == "exact"  # nothing declared: exact, which every data set has

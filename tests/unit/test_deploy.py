@@ -311,3 +311,17 @@ def test_what_each_manifest_runs_exists_in_its_image():
                         assert f'"{env["name"]}"' in code or f"'{env['name']}'" in code, (d["metadata"]["name"], env)
                     checked += 1
     assert checked >= 10, checked
+
+
+def test_the_task_override_mounts_one_folder_at_one_path_in_every_service_that_imports_the_users_code():
+    """A task's functions run in data-pipeline (format metric), the evaluators and rl-reward, and
+    `init` reads its config: each gets the same folder at the same path (docs/your-task.md)."""
+    schema = json.loads((REPO / "tests" / "schemas" / "compose-spec.json").read_text())
+    override = yaml.safe_load((REPO / "examples" / "compose.task.yaml").read_text())
+    jsonschema.validate(override, schema)
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    mounts = {name: svc["volumes"] for name, svc in override["services"].items()}
+    assert set(mounts) == {"init", "data-pipeline", "evaluator", "rl-reward"} <= set(compose["services"])
+    assert len({tuple(v) for v in mounts.values()}) == 1  # one folder, one path, everywhere
+    [runs, task] = next(iter(mounts.values()))
+    assert runs == "runs:/runs" and task.endswith(":ro") and "TUNELOOP_TASK_DIR" in task
