@@ -14,7 +14,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .events import RUN_ID_PATTERN, explain
-from .task import LOWER_IS_BETTER, TaskSection, unknown_metric
+from .task import LOWER_IS_BETTER, TaskError, TaskSection, check_task, unknown_metric
 
 
 class ConfigError(ValueError):
@@ -211,6 +211,7 @@ class GRPOSection(_Section):
         "Rewards served by rl-reward and their weights: a metric of the task (or exact, similarity), or a function "
         "by import path (package.module:function) with TRL's signature (prompts, completions, **columns). Default: "
         "the task's first metric."))
+    reward_timeout: float = Field(default=60.0, gt=0, description="Seconds to wait for the rl-reward service.")
 
     @field_validator("rewards")
     @classmethod
@@ -218,7 +219,6 @@ class GRPOSection(_Section):
         if any(w < 0 for w in v.values()) or (v and not sum(v.values())):
             raise ValueError(f"reward weights must be >= 0 and not all 0, got {v}")
         return v
-    reward_timeout: float = Field(default=60.0, gt=0, description="Seconds to wait for the rl-reward service.")
 
 
 # Our optimizer names -> transformers' ``optim`` (TrainingArguments): the Trainer builds,
@@ -548,8 +548,6 @@ def load_config(path: str | Path, functions: bool = False) -> Config:
 
 def check_functions(cfg: Config, path: Path | str) -> None:
     """Import the task's metric functions and every phase's reward functions (ConfigError naming them)."""
-    from .task import TaskError, check_task
-
     rewards = {*cfg.train.grpo.rewards, *(r for i in range(len(cfg.phases)) for r in cfg.phase_config(i).train.grpo.rewards)}
     try:
         check_task(cfg.task, cfg.base_dir, sorted(rewards))

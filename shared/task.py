@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .checks import Check, Subject, run_checks
+from .checks import Check, Subject, needs_reference, run_checks
 
 NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,39}$"  # a guard's word; no dot (CATEGORY.metric has one)
 EXACT, LOSS, PERPLEXITY = "exact", "eval_loss", "perplexity"
@@ -319,12 +319,17 @@ class Judge:
     def judge(self, completion: str, *, prompt: str = "", reference: str | None = None, fields: dict | None = None,
               new_tokens: int = 0, only: list[str] | None = None) -> Verdict:
         """Every declared metric of one completion (or those in ``only``, with what they require),
-        and ``exact`` where the case has a reference."""
+        and ``exact`` where the case has a reference. A case without a reference (a demonstration
+        whose answer the task's rule finds nothing in) has no score on a metric whose checks
+        compare with it: that metric's mean is over the cases that have one."""
         fields = dict(fields or {})
         subject = Subject(completion, new_tokens, reference, fields)
         scores: dict[str, float] = {}
         reasons: dict[str, str] = {}
         for name in self._needed(only):
+            metric = self.task.metrics[name]
+            if (reference is None and needs_reference(metric.checks)) or any(r not in scores for r in metric.requires):
+                continue  # a case without a reference is not scored on what compares with one (nor what requires it)
             score, why = self._metric(name, subject, prompt, scores)
             scores[name] = score
             if why:

@@ -24,11 +24,12 @@ def rephrase(prompt: str, rule, rng: random.Random) -> str | None:
     return None
 
 
-def negative_for(rows: list, judge, rng: random.Random, tries: int = 8) -> dict[int, str]:
+def negative_for(rows: list, judge, rng: random.Random, tries: int = 8, scan: int = 200) -> dict[int, str]:
     """A dispreferred answer for each row without its own ``rejected`` (DPO pairs): the answer
     of another row, of the same category where one fails, that this row's declared metrics
-    fail (judged with this row's reference and columns). Keyed by ``id(row)``; a row for which
-    none of ``tries`` candidates fails gets none (a DPO run names it)."""
+    fail (judged with this row's reference and columns). Keyed by ``id(row)``: ``tries`` random
+    candidates, then the first ``scan`` in order; a row for which none fails gets none (a DPO
+    run names it)."""
     metrics = list(judge.task.metrics) or None  # none declared: exact against the reference
 
     def fails(answer: str, row) -> bool:
@@ -46,12 +47,8 @@ def negative_for(rows: list, judge, rng: random.Random, tries: int = 8) -> dict[
             continue
         pools = [by_category[row.category], rows]
         for pool in pools:
-            found = None
-            for _ in range(tries):
-                other = pool[rng.randrange(len(pool))]
-                if other.answer != row.answer and fails(other.answer, row):
-                    found = other.answer
-                    break
+            candidates = [pool[rng.randrange(len(pool))] for _ in range(tries)] + pool[:scan]
+            found = next((o.answer for o in candidates if o.answer != row.answer and fails(o.answer, row)), None)
             if found is not None:
                 out[id(row)] = found
                 break

@@ -35,7 +35,7 @@ from tuneloop.chat import render_prompt
 from tuneloop.config import Config
 from tuneloop.events import explain
 from tuneloop.suites import SuiteCase, read_suite
-from tuneloop.task import DEFAULT_CATEGORY, Judge, TaskSection
+from tuneloop.task import DEFAULT_CATEGORY, Judge, TaskError, TaskSection
 
 from . import quality
 from .augment import negative_for, rephrase
@@ -311,7 +311,10 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str | None = No
             suites[suite.name] = read_suite(cfg.resolve(suite.path))
         except ValueError as e:
             raise DataError(f"eval suite {suite.name!r}: {e}") from None
-    judge = Judge(cfg.task, cfg.base_dir)
+    try:
+        judge = Judge(cfg.task, cfg.base_dir)
+    except TaskError as e:
+        raise DataError(f"task: {e}") from None
     report = gate(cfg, sources, held, judge)
     added, held_prompts = 0, {_prompt_key(r) for rows in held.values() for r in rows}
     for s in sources:  # after the split, and never a held-out prompt: augmentation must not leak the test

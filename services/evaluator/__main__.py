@@ -25,14 +25,12 @@ from nats.js.errors import KeyNotFoundError
 
 from tuneloop import metrics, subjects
 from tuneloop.bus import Bus
+from tuneloop.checks import parse_checks
 from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict, TrainingFinished, derived_id
+from tuneloop.models import imports
 from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, run_service, warm_up
 from tuneloop.storage import confine, resolve_model
-from tuneloop.checks import parse_checks
-
-from tuneloop.models import imports
-
 from tuneloop.task import Judge
 
 from .generate import Models, generate, teacher_forced

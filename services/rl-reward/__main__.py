@@ -95,7 +95,8 @@ class RewardService:
 
         state = await self.update(ev.run_id, forget)
         log.info("rollback to step %d: %d discarded checkpoint(s) forgotten; best %s at step %s, %d evaluation(s) "
-                 "since", ev.savepoint_step, len(requests), state.best_score, state.best_step, state.since_best)
+                 "since", ev.savepoint_step, len(requests),
+                 "-" if state.best_score is None else f"{state.best_score:.3f}", state.best_step, state.since_best)
 
     async def update(self, run_id: str, change):
         """``change(state) -> (new state, result)`` on the run's state, by compare-and-set: another

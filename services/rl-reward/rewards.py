@@ -98,7 +98,10 @@ class Rewards:
         want = [*declared, *([fmt] if SIMILARITY in names and fmt else []), *([EXACT] if EXACT in names else [])]
         v = self.judge.judge(completion, prompt=_user(prompt), reference=reference,
                              fields={**columns, "category": category}, only=want)
-        out = {m: v.scores.get(m, 0.0) for m in declared}
+        unscored = [m for m in declared if m not in v.scores]
+        if unscored:
+            return f"{unscored[0]} needs a reference answer"
+        out = {m: v.scores[m] for m in declared}
         if EXACT in names:
             out[EXACT] = v.scores.get(EXACT, 0.0)
         if SIMILARITY in names:

@@ -216,3 +216,19 @@ def test_a_trl_reward_function_by_import_path_plugs_in_unchanged(user_task, tmp_
     assert short.rewards == [None, None] and "returned 1 rewards for 2 completions" in short.errors[0]
     with pytest.raises(TaskError, match="TRL's signature"):
         ask({f"{m}:half": 1.0})
+
+
+def test_a_case_without_a_reference_is_not_scored_on_what_compares_with_one():
+    task = TaskSection.model_validate({"answer": {"regex": r"Answer: (\d+)"}, "metrics": {
+        "answer_line": {"checks": [{"type": "regex", "pattern": r"Answer: \d+"}]},
+        "correct": {"requires": ["answer_line"], "checks": [{"type": "regex", "pattern": r"Answer: (\d+)", "capture": 1}]},
+        "tidy": {"requires": ["correct"], "checks": [{"type": "length", "max_chars": 40}]}}})
+    # a held-out demonstration in prose: the task's rule finds no reference in it
+    r = score([Case("q1", "default", "8"), Case("q2", "default", task.reference_of("He has 8.", {}))],
+              ["Answer: 8", "Answer: 9"], judge=Judge(task, "."))
+    assert r.scores == {"answer_line": 1.0, "correct": 1.0, "tidy": 1.0, "exact": 1.0}  # q2 counts for answer_line only
+
+
+def test_a_reward_on_a_metric_that_needs_the_missing_reference_is_that_items_error():
+    reply = reward({"correctness": 1.0}, ['{"task": "math", "answer": "7"}', '{"task": "math", "answer": "7"}'], ["7", None])
+    assert reply.rewards == [1.0, None] and reply.errors[1] == "item 1: correctness needs a reference answer"

@@ -117,3 +117,31 @@ def test_parquet_and_saved_datasets_read_like_jsonl_and_name_the_bad_row(tmp_pat
         read_source(tmp_path / "bad.parquet", "x", 1.0, "fail")
     with pytest.raises(DataError, match=r"no split 'test' \(splits: train\)"):
         read_source(tmp_path / "hf", "x", 1.0, "fail", split="test")
+
+
+def test_the_task_says_where_categories_and_references_come_from(tmp_path):
+    """A task of another shape: categories from the column it names, the reference found in the
+    demonstration's answer; without a category column the data set is one category."""
+    from tuneloop.data_pipeline.prepare import adapt_weights
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({
+        "messages": [{"role": "user", "content": f"Tom has {i} apples and buys {i % 7 + 1} more. How many?"},
+                     {"role": "assistant", "content": f"{i} + {i % 7 + 1} = {i + i % 7 + 1}\nAnswer: {i + i % 7 + 1}"}],
+        "topic": "add" if i % 2 else "plus", "source_id": i}) + "\n" for i in range(60)))
+    task = {"category_column": "topic", "answer": {"regex": r"Answer:\s*(-?\d+)"},
+            "metrics": {"answer_line": {"format": True, "checks": [{"type": "regex", "pattern": r"(?m)^Answer: -?\d+$"}]}}}
+    base = {"data": {"sources": [{"path": str(data)}], "max_rows": None}}
+    cfg = tiny_config(tmp_path).with_overrides(base, {f"task.{k}": v for k, v in task.items()},
+                                               {"task.reference_column": None, "feedback.metric": None})
+    p = prepare(cfg, tmp_path / "a" / "data", tmp_path / "a")
+    rows = [json.loads(x) for x in (tmp_path / "a" / p.splits["train"][0]).read_text().splitlines()]
+    assert {r["category"] for r in rows} == {"add", "plus"}
+    assert all(r["reference"] == r["completion"].rsplit(" ", 1)[1] for r in rows)  # the number on the Answer line
+    assert all(json.loads(r["columns"])["source_id"] >= 0 for r in rows)  # the row's own columns travel with it
+    assert p.quality.counts().get("format_violation", 0) == 0
+    one = tiny_config(tmp_path).with_overrides(base, {"task.category_column": None, "task.metrics": {},
+                                                      "feedback.metric": None})
+    p = prepare(one, tmp_path / "b" / "data", tmp_path / "b")
+    assert p.splits["train"][2] == {"default": p.splits["train"][1]}
+    assert adapt_weights({}, ["default"], ["default"], 2.0, 8.0) == {}  # one weak category of one: nothing to shift
