@@ -108,7 +108,7 @@ class AugmentSection(_Section):
     phrasings: dict[str, PhrasingRule] = Field(default_factory=dict, description="Per category: new phrasings of its prompts.")
     copies: int = Field(default=1, ge=1, le=16, description="New rows per matching train row.")
     negatives: bool = Field(default=True, description=(
-        "DPO: for rows without a `rejected` answer, take another row's answer that the task's metrics fail for this row."))
+        "DPO: for rows without a `rejected` answer, take the answer of another row that fails the most of this row's task metrics."))
 
 
 class DataSection(_Section):

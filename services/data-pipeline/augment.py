@@ -3,7 +3,7 @@
 - ``rephrase``: new phrasings of a prompt from the user's templates (``data.augment.phrasings``),
   so a model learns the task from more ways of asking than the data set has;
 - ``negative_for``: a dispreferred answer for each row, for DPO pairs (``data.augment.negatives``):
-  another row's answer that the task's metrics fail for this row.
+  the answer of another row that fails the most of this row's task metrics.
 """
 
 from __future__ import annotations
@@ -25,18 +25,19 @@ def rephrase(prompt: str, rule, rng: random.Random) -> str | None:
 
 
 def negative_for(rows: list, judge, rng: random.Random, tries: int = 8, scan: int = 200) -> dict[int, str]:
-    """A dispreferred answer for each row without its own ``rejected`` (DPO pairs): the answer
-    of another row, of the same category where one fails, that this row's declared metrics
-    fail (judged with this row's reference and columns). Keyed by ``id(row)``: ``tries`` random
-    candidates, then the first ``scan`` in order; a row for which none fails gets none (a DPO
-    run names it)."""
-    metrics = list(judge.task.metrics) or None  # none declared: exact against the reference
+    """A dispreferred answer for each row without its own ``rejected`` (DPO pairs): the answer of
+    another row that fails the most of this row's declared metrics (judged with this row's
+    reference and columns; none declared: ``exact``), so each pair holds the clearest contrast
+    the data set offers (an answer that breaks the format fails what requires it too). Drawn
+    from ``tries`` rows of the same category and ``tries`` of any; when none of those fails,
+    the first of ``scan`` rows in order that does. Keyed by ``id(row)``; a row for which no
+    answer fails gets none (a DPO run names it)."""
+    metrics = list(judge.task.metrics) or None
 
-    def fails(answer: str, row) -> bool:
+    def failed(answer: str, row) -> int:
         v = judge.judge(answer, reference=row.reference, fields={**row.columns, "category": row.category},
                         only=metrics)
-        scored = [s for name, s in v.scores.items() if metrics is None or name in metrics]
-        return bool(scored) and min(scored) < 1.0
+        return sum(s < 1.0 for name, s in v.scores.items() if metrics is None or name in metrics)
 
     by_category: dict[str, list] = {}
     for r in rows:
@@ -45,11 +46,13 @@ def negative_for(rows: list, judge, rng: random.Random, tries: int = 8, scan: in
     for row in rows:
         if row.rejected:
             continue
-        pools = [by_category[row.category], rows]
-        for pool in pools:
-            candidates = [pool[rng.randrange(len(pool))] for _ in range(tries)] + pool[:scan]
-            found = next((o.answer for o in candidates if o.answer != row.answer and fails(o.answer, row)), None)
-            if found is not None:
-                out[id(row)] = found
-                break
+        same = by_category[row.category]
+        drawn = [same[rng.randrange(len(same))] for _ in range(tries)] + [rows[rng.randrange(len(rows))] for _ in range(tries)]
+        scored = [(failed(o.answer, row), -i, o.answer) for i, o in enumerate(drawn) if o.answer != row.answer]
+        best = max(scored, default=(0, 0, None))
+        if best[0] == 0:  # nothing drawn fails: the first row in order that does
+            best = next(((1, 0, o.answer) for o in rows[:scan] if o.answer != row.answer and failed(o.answer, row)),
+                        (0, 0, None))
+        if best[0]:
+            out[id(row)] = best[2]
     return out

@@ -14,8 +14,8 @@ as the task finds them and its other columns (as JSON, for metric and reward fun
     {"prompt": "<|user|>\\n...\\n<|assistant|>\\n", "completion": "...", "chosen": "...", "rejected": "...",
      "category": ..., "reference": ..., "columns": "{...}"}
 
-A row may bring its own ``rejected`` answer; otherwise one is found (``augment.negatives``): the
-answer of another row that fails this row's declared metrics.
+A row may bring its own ``rejected`` answer; otherwise one is found (``augment.negative_for``): the
+answer of another row that fails the most of this row's declared metrics.
 """
 
 from __future__ import annotations

@@ -206,6 +206,12 @@ def test_dpo_negatives_are_other_answers_the_task_fails_for_this_row():
         assert negatives[id(r)] != r.answer and json.loads(negatives[id(r)])["answer"] != r.reference
         assert to_example(r, "tuneloop", negatives[id(r)])["rejected"] == negatives[id(r)]
     assert "rejected" not in to_example(rows[0], "tuneloop")
+    # An answer that breaks the format fails what requires it too: the clearest contrast is taken.
+    prose = Row.model_validate({"messages": [{"role": "user", "content": "Compute 4 + 4."},
+                                             {"role": "assistant", "content": "4 + 4 = 8"}],
+                                "category": "math", "reference": "8"}).read_by(task)
+    negatives = negative_for([*rows, prose], Judge(task, "."), random.Random(0))
+    assert [negatives[id(r)] for r in rows] == ["4 + 4 = 8"] * 4
     own = rows[0].model_copy(update={"rejected": "two"})
     assert to_example(own, "tuneloop")["rejected"] == "two" and id(own) not in negative_for([own], Judge(task, "."),
                                                                                              random.Random(0))
