@@ -480,6 +480,7 @@ def checkpoints(
     from ..checkpoints import PREFIX, all_checkpoints, is_complete, read_manifest, step_of
     from ..events import EvalVerdict
     from ..storage import RunDir, run_dir
+    from ..task import shown_of
 
     rdir = run_dir(storage, run_id)
     folders = all_checkpoints(RunDir(rdir).checkpoints)

@@ -125,7 +125,7 @@ def write_png(t: Timeline, path: Path, parent: tuple[str, int, list] | None = No
         for ax in axes:
             ax.axvline(at, color="black", linewidth=0.8)
         loss.annotate(f"forked from {name}", (at, 0.05), xycoords=("data", "axes fraction"), fontsize=7)
-    loss.plot([s.step for s in t.steps], [s.loss for s in t.steps], color="tab:blue")
+    loss.plot([s.step for s in t.steps], [s.loss for s in t.steps], color="tab:blue", label="train")
     loss.set_ylabel("loss")
     lr.plot([s.step for s in t.steps if s.learning_rate is not None],
             [s.learning_rate for s in t.steps if s.learning_rate is not None], color="tab:orange")
@@ -138,7 +138,8 @@ def write_png(t: Timeline, path: Path, parent: tuple[str, int, list] | None = No
     for metric in shown:  # fractions on the score panel; the held-out loss beside the training loss
         points = [(v.step, v.scores[metric]) for v in val if metric in v.scores]
         ax = loss if goal(metric) == "min" else scores
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"val {metric}" if ax is loss else metric)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                **({"label": f"val {metric}", "color": "tab:red", "linestyle": "--"} if ax is loss else {"label": metric}))
     if any(goal(m) == "min" for m in shown):
         loss.legend(loc="upper right", fontsize=7)
     scores.set_ylim(-0.02, 1.02)

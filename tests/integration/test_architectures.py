@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import EXAMPLE_DATA
+from helpers import EXAMPLE_DATA, protocol_task
 
 pytestmark = pytest.mark.integration
 # architecture -> LoRA target modules by name (what a user writes for such a model)
@@ -52,6 +52,7 @@ def local_model(tmp_path: Path, architecture: str) -> Path:
 def job(tmp_path: Path, model: Path | str, targets: list[str]) -> Path:
     config = {
         "run": {"name": "arch", "output_dir": str(tmp_path / "runs")},
+        "task": protocol_task(),
         "data": {"sources": [{"path": str(EXAMPLE_DATA)}], "max_rows": 400},
         "model": {"name_or_path": str(model)},
         "train": {"max_steps": 12, "batch_size": 8, "logging_steps": 2, "save_steps": 6, "max_length": 96,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import EXAMPLE_DATA, own_server_env, readme_transcript, stored
+from helpers import EXAMPLE_DATA, own_server_env, protocol_task, readme_transcript, stored
 from tuneloop.events import Control, RunForked, StepMetrics
 
 pytestmark = pytest.mark.integration
@@ -27,6 +27,7 @@ STEPS, EVERY = 100, 20
 def write_sweep(tmp_path: Path) -> Path:
     base = {
         "run": {"name": "base", "output_dir": "runs"},
+        "task": protocol_task(),
         "data": {"sources": [{"path": str(EXAMPLE_DATA)}], "max_rows": 600, "val_fraction": 0.05, "test_fraction": 0.05},
         "model": {"tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                            "num_attention_heads": 2, "vocab_size": 300}},

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import EXAMPLE_DATA, own_server_env, processes_mentioning, stored
+from helpers import EXAMPLE_DATA, own_server_env, processes_mentioning, protocol_task, stored
 from tuneloop.events import Control, ControlApplied, EvalVerdict, TrainingFinished
 
 pytestmark = pytest.mark.integration
@@ -31,6 +31,7 @@ def write_sweep(tmp_path: Path) -> Path:
     trials have completed and the median pruner has something to compare with."""
     base = {
         "run": {"name": "base", "output_dir": "runs"},
+        "task": protocol_task(),
         "data": {"sources": [{"path": str(EXAMPLE_DATA)}], "max_rows": 600, "val_fraction": 0.05, "test_fraction": 0.05},
         "model": {"tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                            "num_attention_heads": 2, "vocab_size": 300}},

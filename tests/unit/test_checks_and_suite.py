@@ -155,7 +155,7 @@ def test_functions_that_cannot_be_used_are_refused_at_load_naming_the_path(user_
         check_task(TaskSection(), tmp_path, [f"{user_task.module}:half"])
     # and through a config file, before any training: the file and the path are named
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"task: {{metrics: {{m: {{function: 'broken_mod:f'}}}}}}\ndata: {{sources: [{{path: d.jsonl}}]}}\n")
+    cfg.write_text("task: {metrics: {m: {function: 'broken_mod:f'}}}\ndata: {sources: [{path: d.jsonl}]}\n")
     (tmp_path / "broken_mod.py").write_text("import nonexistent_dependency\n")
     with pytest.raises(ConfigError, match=r"c.yaml: task: broken_mod:f: cannot import 'broken_mod': ModuleNotFoundError: "
                                           r"No module named 'nonexistent_dependency'"):
