@@ -38,7 +38,7 @@ def write_sweep(tmp_path: Path) -> Path:
         "train": {"max_steps": STEPS, "batch_size": 16, "logging_steps": 5, "save_steps": 20, "max_length": 96,
                   "lora": {"enabled": False}},
         "eval": {"max_cases": 16, "max_new_tokens": 24, "shard_size": 8},
-        "feedback": {"target": 1.0, "patience": 10},
+        "feedback": {"metric": "protocol", "target": 1.0, "patience": 10},
     }
     sweep = {
         "name": "sw", "config": "base.yaml",
