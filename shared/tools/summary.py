@@ -260,11 +260,13 @@ def scores_text(scores: dict[str, float], metrics: list[str]) -> str:
 
 
 def print_job(job: JobSummary, console: Console) -> None:
-    """The job at a glance: each phase's held-out scores before (its starting model) and after (its export)."""
+    """The job at a glance: a column per phase, its held-out scores before (its starting model)
+    and after (its export), a row per metric of the task (as many as it declares: rows, not columns)."""
     shown = next((p.metrics for p in job.phases if p.metrics), [])
     t = Table(title=f"tuneloop job {job.job_id}: held-out test scores before -> after each phase")
-    for col in ("phase", "method", "steps", "stopped", *shown, "category weights"):
-        t.add_column(col, overflow="fold")
+    t.add_column("", style="bold", no_wrap=True)
+    for p in job.phases:
+        t.add_column(p.phase, overflow="fold")
 
     def change(p: PhaseSummary, metric: str) -> str:
         before = p.baseline.scores.get(metric) if p.baseline else None
@@ -273,10 +275,12 @@ def print_job(job: JobSummary, console: Console) -> None:
             return "-"
         return f"{before:.3f} -> [bold]{after:.3f}[/]" if before is not None else f"[bold]{after:.3f}[/]"
 
-    for p in job.phases:
-        weights = ", ".join(f"{k} {v:g}" for k, v in sorted(p.data.category_weights.items())) or "-"
-        t.add_row(p.phase, p.method, str(p.steps), str(p.stop_reason).split(":")[0],
-                  *(change(p, m) for m in shown), weights)
+    t.add_row("method", *(p.method for p in job.phases))
+    t.add_row("steps", *(f"{p.steps} ({str(p.stop_reason).split(':')[0]})" for p in job.phases))
+    for m in shown:
+        t.add_row(m, *(change(p, m) for p in job.phases))
+    t.add_row("category weights", *(", ".join(f"{k} {v:g}" for k, v in sorted(p.data.category_weights.items())) or "-"
+                                    for p in job.phases))
     console.print(t)
     first, last = job.phases[0] if job.phases else None, job.phases[-1] if job.phases else None
     if first and first.base_model:
