@@ -55,6 +55,9 @@ class AdaptSection(_Section):
 
     enabled: bool = False
     boost: float = Field(default=2.0, gt=1, description="Multiply a weak category's weight by this on each feedback naming it.")
+    margin: float = Field(default=0.05, ge=0, le=1, description=(
+        "A category is weak when its score is this far below the mean of the categories' scores: weakness is "
+        "relative, so a task where every category is below any fixed line still moves."))
     max_weight: float = Field(default=8.0, ge=1, description="Never weigh a category more than this.")
     cooldown_steps: int = Field(default=10, ge=0, description=(
         "Act only on verdicts of weights trained this many steps on the current mixture: the checkpoint "
@@ -344,7 +347,13 @@ class EvalSection(_Section):
     max_cases: int = Field(default=100, ge=1, description="Held-out prompts per evaluation.")
     max_new_tokens: int = Field(default=48, ge=1)
     batch_size: int = Field(default=64, ge=1)
-    shard_size: int = Field(default=25, ge=1, description="Cases per shard: evaluators share an evaluation shard by shard.")
+    shard_size: int = Field(default=25, ge=1, description=(
+        "Cases per shard: evaluators share an evaluation shard by shard, and a sequential verdict looks at its "
+        "bound after each."))
+    sequential: bool = Field(default=True, description=(
+        "A periodic verdict scores val in an order shuffled once per run and ends once its decision (target "
+        "reached or not, better than the best or not) is settled at feedback.confidence; the whole split is "
+        "scored only when it is close. Final verdicts, test and suites always score every case."))
     suites: list[SuiteSpec] = Field(default_factory=list, description="Test suites run on the exported model.")
     baseline: bool = Field(default=False, description="Also score the starting model on the test split (the 'before' of the summary).")
     every: int | None = Field(
@@ -359,8 +368,14 @@ class FeedbackSection(_Section):
         "The task's metric feedback steers by (any of task.metrics, exact, eval_loss, perplexity). Default: the "
         "task's first metric, else exact."))
     target: float = Field(default=0.95, ge=0, description=(
-        "Stop once a verdict reaches this score (at or below it for eval_loss and perplexity)."))
-    patience: int = Field(default=4, ge=1, description="Stop after this many verdicts without improvement.")
+        "Stop once a verdict's lower bound reaches this score (at or below it for eval_loss and perplexity)."))
+    patience: int = Field(default=4, ge=1, description=(
+        "Stop after this many verdicts that are surely no better than the best (their upper bound at or below its "
+        "score); a verdict whose bound still spans the best counts neither way."))
+    confidence: float = Field(default=0.8, ge=0, lt=1, description=(
+        "How sure a decision must be: the target is reached when the score's lower bound is at it, and patience "
+        "counts only verdicts whose bound says they are no better (tuneloop.bounds: an anytime-valid confidence "
+        "sequence). 0: decide on point estimates and score every case."))
     min_step: int = Field(default=0, ge=0, description="Never stop before this step.")
     approve: list[Literal["stop", "set-data", "prune"]] = Field(default_factory=list, description=(
         "What the automatic policies may not do by themselves: feedback's early stop, adaptive data's set-data, "

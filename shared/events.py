@@ -254,6 +254,21 @@ class EvalRequest(Event):
     max_cases: int | None = Field(default=None, ge=1)
 
 
+class Decision(BaseModel):
+    """What a verdict is for, so that it can end once that is settled (sequential verdicts).
+
+    The evaluator that plans a request fills it from the run's config and its latest feedback;
+    every shard carries it, so any evaluator judges a prefix of the shards alike."""
+
+    model_config = ConfigDict(extra="forbid")
+    metric: str = Field(description="The feedback metric (a fraction in [0, 1] to be bounded).")
+    confidence: float = Field(ge=0, lt=1, description="feedback.confidence: 0 = point estimates, no bound.")
+    target: float | None = Field(default=None, description="The target to decide on; None: no stop at this step (min_step).")
+    best_score: float | None = Field(default=None, description="The best verdict so far (its score).")
+    best_bound: float | None = Field(default=None, description="The best verdict's lower bound.")
+    early_end: bool = Field(default=False, description="End once settled; False: score every case (final, test, suites).")
+
+
 class EvalShard(Event):
     """One slice of an eval request, on a work queue.
 
@@ -266,8 +281,13 @@ class EvalShard(Event):
     shard: int = Field(ge=0)
     shards: int = Field(ge=1)
     cases_path: RelPath = Field(description="The split file the cases come from (pinned when planned).")
-    start: int = Field(ge=0, description="First case (line) of the slice.")
+    start: int = Field(ge=0, description="First case of the slice, in the request's order.")
     end: int = Field(ge=0, description="One past the last case.")
+    rows: list[int] | None = Field(default=None, description=(
+        "The split's rows (0-based) this shard scores, in order; None: rows start..end. A sequential verdict "
+        "takes the split in an order shuffled once per run."))
+    decision: Decision | None = None
+    planned: int = Field(default=0, ge=0, description="Cases of the whole request.")
 
 
 class Failure(BaseModel):
@@ -298,6 +318,12 @@ class EvalVerdict(Event):
     seconds: float = Field(default=0.0, description="From the request to the verdict.")
     shards: int = Field(default=1, ge=1)
     workers: list[str] = Field(default_factory=list, description="Evaluator processes that scored shards.")
+    bounds: dict[str, list[float]] = Field(default_factory=dict, description=(
+        "metric -> [lower, upper]: where its true score lies with probability `confidence` (an anytime-valid "
+        "confidence sequence over the cases scored, tuneloop.bounds); fractions only."))
+    confidence: float = Field(default=0.0, ge=0, lt=1)
+    planned: int = Field(default=0, ge=0, description="Cases the request would score in full; `cases` < this: it ended early.")
+    ended: str = Field(default="", description="Why scoring ended: every case scored, or the decision it settled.")
 
 
 # ---------------------------------------------------------------- feedback
@@ -316,6 +342,8 @@ class Feedback(Event):
     verdict_id: str | None = None
     request_id: str | None = Field(default=None, description="The eval request the verdict answers (which checkpoint).")
     scores: dict[str, float] = Field(default_factory=dict)
+    bounds: dict[str, list[float]] = Field(default_factory=dict, description="The verdict's bounds (EvalVerdict.bounds).")
+    best_bound: float | None = Field(default=None, description="The best verdict's lower bound (its score without bounds).")
     by_category: dict[str, dict[str, float]] = Field(default_factory=dict)
     mean_new_tokens: float | None = None
 

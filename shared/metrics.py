@@ -37,6 +37,8 @@ PROPOSALS = Counter("tuneloop_proposals_total", "Policy actions held for approva
 
 # evaluator
 EVAL_CASES = Counter("tuneloop_eval_cases_total", "Cases generated and scored.", R)
+EVAL_CASES_SKIPPED = Counter("tuneloop_eval_cases_skipped_total",
+                             "Cases a sequential verdict did not need: its decision was settled before.", R)
 EVAL_SHARD_SECONDS = Histogram("tuneloop_eval_shard_seconds", "Time to score one shard (load, generate, check).", R,
                                buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 EVAL_PENDING = Gauge("tuneloop_eval_shards_pending", "Shards waiting on the evaluators' work queue (queue lag).", R)

@@ -104,7 +104,7 @@ class CheckpointService:
             log.info("verdict of step %d is of a checkpoint saved there before (discarded by a rollback): not its record",
                      v.step)
             return
-        entry.scores = dict(v.scores)
+        entry.scores, entry.bounds = dict(v.scores), dict(v.bounds)
         await self.catalogue.put(v.run_id, entry)
         await self.drop_stale_snapshots(v.run_id)
 

@@ -17,6 +17,7 @@ class Entry(BaseModel):
     bytes: int
     is_final: bool = False
     scores: dict[str, float] | None = None   # from the periodic verdict, once it arrived
+    bounds: dict[str, list[float]] = {}  # the verdict's bounds (a sequential verdict may have ended early)
     released: bool = False  # files deleted (a pruned run, a snapshot outscored); the record stays
     snapshot: bool = False  # weights only, for evaluation (eval.every); not resumable
     evaluated: bool = True  # a verdict was asked for (False: a checkpoint kept for resume only)
@@ -25,15 +26,23 @@ class Entry(BaseModel):
 
 
 def best(entries: list[Entry], metric: str) -> Entry | None:
-    """Best score on ``metric`` (the lowest for eval_loss and perplexity); ties go to the later
-    step (more training, same score)."""
+    """Best on ``metric`` (the lowest for eval_loss and perplexity) by what its verdict is sure
+    of: the lower bound where the verdict has one (a verdict that ended early on a few cases
+    does not win on a lucky mean), else the score; ties go to the later step (more training)."""
     live = [e for e in entries if not e.released]
     scored = [e for e in live if e.scores is not None]
     if not scored:
         return max(live, key=lambda e: e.step, default=None)
     sign = -1.0 if goal(metric) == "min" else 1.0
     worst = float("-inf")  # an entry without the metric loses to every one with it
-    return max(scored, key=lambda e: (sign * e.scores[metric] if metric in e.scores else worst, e.step))
+
+    def sure(e: Entry) -> float:
+        if metric not in e.scores:
+            return worst
+        lo, hi = e.bounds.get(metric) or (e.scores[metric],) * 2
+        return sign * (hi if sign < 0 else lo)
+
+    return max(scored, key=lambda e: (sure(e), e.step))
 
 
 def pending(entries: list[Entry]) -> list[int]:

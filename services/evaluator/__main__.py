@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import time
 from datetime import datetime, timezone
@@ -27,11 +28,14 @@ from tuneloop import metrics, subjects
 from tuneloop.bus import Bus
 from tuneloop.checks import parse_checks
 from tuneloop.cores import CoreBudget
-from tuneloop.events import DatasetReady, EvalRequest, EvalShard, EvalVerdict, TrainingFinished, derived_id
+from tuneloop.config import FeedbackSection
+from tuneloop.events import (DatasetReady, Decision, EvalRequest, EvalShard, EvalVerdict, Feedback, TrainingFinished,
+                             derived_id)
 from tuneloop.models import imports
 from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, run_service, warm_up
 from tuneloop.storage import confine, resolve_model
-from tuneloop.task import Judge
+from tuneloop.policy import settled
+from tuneloop.task import EXACT, Judge, goal
 
 from .generate import Models, generate, teacher_forced
 from .suite import Case, ShardResult, combine, tally
@@ -42,35 +46,56 @@ SHARD_ACK_WAIT = 20.0  # a dead evaluator's shard goes to another after this lon
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def load_cases(path, start: int, end: int) -> list[Case]:
-    """Cases ``start``..``end`` (0-based rows, blank lines skipped) of a prepared split."""
-    cases, i = [], 0
+def load_cases(path, start: int, end: int, rows: list[int] | None = None) -> list[Case]:
+    """Cases ``start``..``end`` (0-based rows, blank lines skipped) of a prepared split, or the
+    rows ``rows`` in that order."""
+    wanted = range(start, end) if rows is None else rows
+    found: dict[int, Case] = {}
+    last, i = max(wanted, default=-1), 0
+    keep = set(wanted)
     with path.open() as f:
         for line in f:
             if not line.strip():
                 continue
-            if start <= i < end:
+            if i in keep:
                 row = json.loads(line)
                 checks = parse_checks(row["checks"]) if "checks" in row else None
-                cases.append(Case(prompt=row["prompt"], category=row.get("category", "default"),
-                                  reference=row.get("reference"), weight=row.get("weight", 1.0), checks=checks,
-                                  completion=row.get("completion"), fields=json.loads(row.get("columns") or "{}")))
+                found[i] = Case(prompt=row["prompt"], category=row.get("category", "default"),
+                                reference=row.get("reference"), weight=row.get("weight", 1.0), checks=checks,
+                                completion=row.get("completion"), fields=json.loads(row.get("columns") or "{}"))
             i += 1
-            if i >= end:
+            if i > last:
                 break
-    return cases
+    return [found[r] for r in wanted if r in found]
 
 
-def plan(req: EvalRequest, dataset: DatasetReady, max_cases: int, shard_size: int) -> list[EvalShard]:
-    """The shards of a request: consecutive slices of the split, ``shard_size`` cases each."""
+def plan(req: EvalRequest, dataset: DatasetReady, max_cases: int, shard_size: int,
+         decision: Decision | None = None) -> list[EvalShard]:
+    """The shards of a request, ``shard_size`` cases each: consecutive slices of the split, or
+    for a sequential verdict (``decision.early_end``) slices of the split shuffled with a seed of
+    the run's, so that every verdict of a run looks at the same cases in the same order and the
+    order owes nothing to their scores (what the bound needs)."""
     split = dataset.splits.get(req.split)
     if split is None or not split.rows:
         raise ValueError(f"data set {dataset.dataset_id} has no {req.split!r} rows to evaluate on")
     n = min(split.rows, req.max_cases or max_cases)
     count = math.ceil(n / shard_size)
+    order = random.Random(f"{req.run_id}:{split.path}").sample(range(split.rows), n) \
+        if decision and decision.early_end else None
     return [EvalShard(run_id=req.run_id, event_id=derived_id("shard", req.event_id, i), request=req, shard=i, shards=count,
-                      cases_path=split.path, start=i * shard_size, end=min((i + 1) * shard_size, n))
+                      cases_path=split.path, start=i * shard_size, end=min((i + 1) * shard_size, n),
+                      rows=order[i * shard_size:(i + 1) * shard_size] if order else None, decision=decision, planned=n)
             for i in range(count)]
+
+
+def decision_of(req: EvalRequest, feedback: FeedbackSection, sequential: bool, latest: Feedback | None) -> Decision:
+    """What the request's verdict is for: the run's feedback rule and its best so far. Only a
+    periodic val verdict on a metric in [0, 1] may end early; the rest score every case."""
+    early = sequential and req.purpose == "periodic" and req.split == "val" and feedback.confidence > 0 \
+        and goal(feedback.metric or EXACT) == "max"
+    return Decision(metric=feedback.metric or EXACT, confidence=feedback.confidence, early_end=early,
+                    target=feedback.target if req.step >= feedback.min_step else None,
+                    best_score=latest.best_score if latest else None, best_bound=latest.best_bound if latest else None)
 
 
 def score_shard(ctx: ServiceContext, models: Models, sh: EvalShard, judge: Judge) -> ShardResult:
@@ -78,7 +103,7 @@ def score_shard(ctx: ServiceContext, models: Models, sh: EvalShard, judge: Judge
     t0 = time.perf_counter()
     req, run_dir = sh.request, ctx.run_dir(sh.run_id)
     cfg = ctx.config(sh.run_id)
-    cases = load_cases(confine(run_dir, sh.cases_path), sh.start, sh.end)
+    cases = load_cases(confine(run_dir, sh.cases_path), sh.start, sh.end, sh.rows)
     base = resolve_model(run_dir, req.base_model)
     checkpoint = None if req.checkpoint is None else confine(run_dir, req.checkpoint)  # None: a baseline
     model, tokenizer, adapters_on = models.get(base, checkpoint, req.adapter)
@@ -100,33 +125,70 @@ def score_shard(ctx: ServiceContext, models: Models, sh: EvalShard, judge: Judge
     return result
 
 
-def verdict_of(req: EvalRequest, results: list[ShardResult]) -> EvalVerdict:
-    r = combine(results)
+def verdict_of(sh: EvalShard, results: list[ShardResult], ended: str = "") -> EvalVerdict:
+    req, confidence = sh.request, sh.decision.confidence if sh.decision else 0.0
+    r = combine(results, confidence)
     return EvalVerdict(
         run_id=req.run_id, request_id=req.event_id, event_id=derived_id("verdict", req.event_id),
         step=req.step, checkpoint=req.checkpoint, split=req.split, purpose=req.purpose, cases=r.cases,
         scores=r.scores, by_category=r.by_category, failures=r.failures, mean_new_tokens=r.mean_new_tokens,
         seconds=(datetime.now(timezone.utc) - req.time).total_seconds(), shards=len(results),
-        workers=sorted({x.worker for x in results}),
+        workers=sorted({x.worker for x in results}), bounds=r.bounds, confidence=confidence if r.bounds else 0.0,
+        planned=sh.planned or r.cases,
+        ended=ended or f"all {r.cases} cases scored",
     )
 
 
-async def finish_if_complete(bus: Bus, kv, sh: EvalShard) -> EvalVerdict | None:
-    """Publish the verdict once every shard of the request is in KV (by whoever sees it first).
+def ended_early(sh: EvalShard, results: list[ShardResult]) -> str | None:
+    """Why the first ``len(results)`` shards settle the verdict's decision, or None."""
+    d = sh.decision
+    if d is None or not d.early_end or len(results) >= sh.shards:
+        return None
+    r = combine(results, d.confidence)
+    if d.metric not in r.bounds:  # weighted cases, or a metric with no cases yet: go on
+        return None
+    return settled(d, r.bounds, r.scores[d.metric])
+
+
+def settled_key(sh: EvalShard) -> str:
+    return f"{sh.run_id}.{sh.request.event_id}.settled"
+
+
+async def finish(bus: Bus, kv, sh: EvalShard) -> EvalVerdict | None:
+    """Publish the verdict once the shards in KV settle it: every shard, or for a sequential
+    verdict the first prefix of shards (0..k, in order) whose bound settles its decision.
+    Whoever sees it first publishes it; any evaluator finds the same prefix, so the verdict is
+    the same whichever does.
 
     Each shard's key is known, so this reads them one by one: a KV *watch* can announce "no
     more stored entries" before delivering one that was just written (seen under load: one
     verdict in 300 went missing), a direct get cannot."""
-    results = []
+    results: list[ShardResult] = []
     for i in range(sh.shards):
         try:
             entry = await kv.get(f"{sh.run_id}.{sh.request.event_id}.{i:04d}")
         except KeyNotFoundError:
             return None  # another evaluator still has this shard; it will finish the request
         results.append(ShardResult.model_validate_json(entry.value))
-    verdict = verdict_of(sh.request, results)
+        why = ended_early(sh, results)
+        if why:
+            await kv.put(settled_key(sh), why.encode())  # the shards still queued are skipped
+            verdict = verdict_of(sh, results, why)
+            await bus.publish(verdict)
+            return verdict
+    verdict = verdict_of(sh, results)
     await bus.publish(verdict)  # same id from any evaluator: JetStream keeps one
     return verdict
+
+
+async def is_settled(kv, sh: EvalShard) -> bool:
+    if sh.decision is None or not sh.decision.early_end:
+        return False
+    try:
+        await kv.get(settled_key(sh))
+        return True
+    except KeyNotFoundError:
+        return False
 
 
 async def pruned(bus: Bus, run_id: str) -> bool:
@@ -152,8 +214,10 @@ class EvaluatorService:
         dataset = await ctx.bus.latest(DatasetReady, req.run_id)
         if dataset is None:
             raise RuntimeError(f"run {req.run_id} has no data set yet")
-        cfg = ctx.config(req.run_id).eval
-        shards = plan(req, dataset, cfg.max_cases, cfg.shard_size)
+        cfg = ctx.config(req.run_id)
+        latest = await ctx.bus.latest(Feedback, req.run_id)
+        decision = decision_of(req, cfg.feedback, cfg.eval.sequential, latest)
+        shards = plan(req, dataset, cfg.eval.max_cases, cfg.eval.shard_size, decision)
         for sh in shards:
             await ctx.bus.publish(sh)
         log.info("step %d %s: %d cases in %d shards", req.step, req.split, shards[-1].end, len(shards))
@@ -162,6 +226,9 @@ class EvaluatorService:
     async def on_shard(self, sh: EvalShard) -> None:
         if await pruned(self.ctx.bus, sh.run_id):  # the pool's time goes to trials still running
             return
+        if await is_settled(self.kv, sh):  # an earlier prefix of shards settled the verdict
+            metrics.EVAL_CASES_SKIPPED.labels(sh.run_id).inc(sh.end - sh.start)
+            return
         log.info("shard %d/%d of step %d %s: cases %d-%d", sh.shard + 1, sh.shards, sh.request.step,
                  sh.request.split, sh.start, sh.end)
         with self.budget.borrow(self.threads) if self.budget else contextlib.nullcontext():
@@ -169,11 +236,11 @@ class EvaluatorService:
         metrics.EVAL_CASES.labels(sh.run_id).inc(sh.end - sh.start)
         metrics.EVAL_SHARD_SECONDS.labels(sh.run_id).observe(result.seconds)
         await self.kv.put(f"{sh.run_id}.{sh.request.event_id}.{sh.shard:04d}", result.model_dump_json().encode())
-        verdict = await finish_if_complete(self.ctx.bus, self.kv, sh)
+        verdict = await finish(self.ctx.bus, self.kv, sh)
         if verdict:
-            log.info("step %d %s: %s (%d cases, %d shards, %.1fs)", verdict.step, verdict.split,
-                     " ".join(f"{k} {v:.3f}" for k, v in verdict.scores.items()), verdict.cases, verdict.shards,
-                     verdict.seconds)
+            log.info("step %d %s: %s (%d of %d cases, %d shards, %.1fs; %s)", verdict.step, verdict.split,
+                     " ".join(f"{k} {v:.3f}" for k, v in verdict.scores.items()), verdict.cases, verdict.planned,
+                     verdict.shards, verdict.seconds, verdict.ended)
 
     def score(self, sh: EvalShard) -> ShardResult:
         """Blocking, on the torch thread: the shard's cases generated and counted."""

@@ -17,6 +17,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from tuneloop.bounds import confidence_sequence
 from tuneloop.checks import Subject, run_checks
 from tuneloop.events import Failure
 from tuneloop.task import LOSS, PERPLEXITY, SUITE_METRIC, Judge, Verdict
@@ -53,6 +54,9 @@ class ShardResult(BaseModel):
         default_factory=dict, description="category -> metric -> [weight of the cases it scored, weighted score]")
     loss: dict[str, list[float]] = Field(
         default_factory=dict, description="category -> [summed token NLL of the demonstrations, their tokens]")
+    values: dict[str, list[float]] = Field(
+        default_factory=dict, description="metric -> each case's score, in the shard's order (for the bounds)")
+    weighted: bool = False  # a case weighs other than 1: the bounds (of an unweighted mean) do not apply
     failures: list[Failure] = Field(default_factory=list)
     new_tokens: int = 0
     seconds: float = 0.0
@@ -71,6 +75,7 @@ class SuiteResult:
     by_category: dict[str, dict[str, float]]
     failures: list[Failure]
     mean_new_tokens: float
+    bounds: dict[str, list[float]] = field(default_factory=dict)
 
 
 def tally(shard: int, cases: list[Case], outputs: list[str], new_tokens: list[int] | None = None,
@@ -87,6 +92,8 @@ def tally(shard: int, cases: list[Case], outputs: list[str], new_tokens: list[in
         for metric, score in v.scores.items():
             w, s = result.sums.setdefault(cat, {}).get(metric, [0.0, 0.0])
             result.sums[cat][metric] = [w + case.weight, s + case.weight * score]
+            result.values.setdefault(metric, []).append(score)
+        result.weighted |= case.weight != 1.0
         if losses and losses[i] is not None:
             nll, tokens = result.loss.get(cat, [0.0, 0.0])
             result.loss[cat] = [nll + losses[i][0], tokens + losses[i][1]]
@@ -97,8 +104,9 @@ def tally(shard: int, cases: list[Case], outputs: list[str], new_tokens: list[in
     return result
 
 
-def combine(results: list[ShardResult]) -> SuiteResult:
-    """One result from every shard's, in shard order (so any process combines them alike)."""
+def combine(results: list[ShardResult], confidence: float = 0.0) -> SuiteResult:
+    """One result from every shard's, in shard order (so any process combines them alike);
+    with ``confidence``, each metric's bound over its cases in that order (tuneloop.bounds)."""
     cases: dict[str, int] = defaultdict(int)
     sums: dict[str, dict[str, list[float]]] = defaultdict(dict)
     loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -132,7 +140,20 @@ def combine(results: list[ShardResult]) -> SuiteResult:
 
     by_category = {c: {"cases": cases[c], **scores([c])} for c in sorted(cases)}
     return SuiteResult(cases=n, scores=scores(list(cases)), by_category=by_category, failures=failures,
-                       mean_new_tokens=tokens / (n or 1))
+                       mean_new_tokens=tokens / (n or 1), bounds=bounds_of(results, confidence))
+
+
+def bounds_of(results: list[ShardResult], confidence: float) -> dict[str, list[float]]:
+    """Each metric's [lower, upper] bound over the cases of ``results`` in shard order; none
+    without a confidence, or where cases are weighted (the bound is of an unweighted mean)."""
+    ordered = sorted(results, key=lambda r: r.shard)
+    if confidence <= 0 or any(r.weighted for r in ordered):
+        return {}
+    values: dict[str, list[float]] = defaultdict(list)
+    for r in ordered:
+        for metric, xs in r.values.items():
+            values[metric] += xs
+    return {m: confidence_sequence(xs, confidence).as_list() for m, xs in values.items()}
 
 
 def score(cases: list[Case], outputs: list[str], new_tokens: list[int] | None = None, judge: Judge | None = None,

@@ -229,8 +229,9 @@ def test_each_image_target_installs_what_its_service_imports():
     # by the checkpoint service, whose extra has it), and the ml stack that models.py and
     # export.py import inside their functions: loading and exporting a
     # checkpoint, which the torch services and `tuneloop export` do, the slim images never (and gguf,
-    # which the trainer's dequantization of a GGUF base imports inside gguf.py's functions).
-    ml = {"torch", "transformers", "peft", "gguf"}
+    # which the trainer's dequantization of a GGUF base imports inside gguf.py's functions, and numpy,
+    # which bounds.py imports inside its function: the evaluator's verdicts, in the torch image).
+    ml = {"torch", "transformers", "peft", "gguf", "numpy"}
     assert {DIST.get(m, m) for m in _imports(REPO / "shared")} - core == {"grafana-client"} | ml
     assert not _imports(REPO / "shared", top_level=True) & ml
     # The operator's tools (shared/tools/, in every image with the package) import their extras

@@ -67,3 +67,67 @@ def test_a_split_without_rows_and_a_run_without_data_are_errors_and_a_pruned_run
     other = Canned(ServiceContext("evaluator", bus, "x", tmp_path / "runs"), FakeKV())
     with pytest.raises(RuntimeError, match="run x has no data set yet"):
         asyncio.run(other.on_request(request().model_copy(update={"run_id": "x"})))
+
+
+class Scored(EvaluatorService):
+    """Each case scored by a fixed list (its row in the split): protocol 1.0 or 0.0."""
+
+    def __init__(self, *a, by_row, **k):
+        super().__init__(*a, **k)
+        self.by_row = by_row
+
+    def score(self, sh: EvalShard) -> ShardResult:
+        xs = [self.by_row[r] for r in sh.rows]
+        return ShardResult(shard=sh.shard, cases={"math": len(xs)}, sums={"math": {"protocol": [len(xs), sum(xs)]}},
+                           values={"protocol": xs}, worker=f"w{id(self)}")
+
+
+def sequential_replicas(tmp_path, by_row, **feedback):
+    cfg = tiny_config(tmp_path)
+    cfg.eval.max_cases, cfg.eval.shard_size = 30, 6
+    cfg.feedback = cfg.feedback.model_copy(update={"metric": "protocol", "target": 0.9, "confidence": 0.8, **feedback})
+    storage, bus, kv = make_run(tmp_path, "r", cfg), FakeBus("evaluator"), FakeKV()
+    asyncio.run(bus.publish(DatasetReady(run_id="r", dataset_id="d", fingerprint="f", chat_template="t", splits={
+        "val": SplitInfo(path="data/val.jsonl", rows=40)})))
+    return [Scored(ServiceContext("evaluator", bus, "r", storage), kv, by_row=by_row) for _ in range(2)], bus
+
+
+def test_a_sequential_verdict_ends_once_its_decision_is_settled_and_skips_the_rest(tmp_path):
+    """Every answer wrong, no best yet: after the first shard the bound says the target is not
+    reached, the verdict says so on 6 of 30 cases and the queued shards are skipped; the cases
+    come from the whole split in a shuffled order, the same for every request of the run."""
+    (a, b), bus = sequential_replicas(tmp_path, [0.0] * 40)
+    asyncio.run(a.on_request(request()))
+    shards = bus.of(EvalShard)
+    rows = [r for s in shards for r in s.rows]
+    assert len(shards) == 5 and len(set(rows)) == 30 and rows != sorted(rows) and max(rows) >= 30
+    asyncio.run(b.on_shard(shards[0]))
+    [v] = bus.of(EvalVerdict)
+    assert (v.cases, v.planned, v.shards) == (6, 30, 1) and v.ended.startswith("settled: target not reached")
+    assert v.bounds["protocol"][0] == 0.0 and v.bounds["protocol"][1] < 0.9 and v.confidence == 0.8
+    for sh in shards[1:]:
+        asyncio.run(a.on_shard(sh))
+    assert len(bus.of(EvalVerdict)) == 1  # nothing scored after it
+    asyncio.run(a.on_request(request().model_copy(update={"event_id": "again"})))
+    assert [r for s in bus.of(EvalShard)[5:] for r in s.rows] == rows  # the run's order
+
+
+def test_a_close_decision_scores_every_case_and_a_final_verdict_always_does(tmp_path):
+    """Half right, target 0.5: the bound spans the target until the last case; a final
+    verdict scores all and still reports its bound."""
+    (a, b), bus = sequential_replicas(tmp_path, [1.0, 0.0] * 20, target=0.5)
+    asyncio.run(a.on_request(request()))
+    for sh in bus.of(EvalShard):
+        asyncio.run(b.on_shard(sh))
+    [v] = bus.of(EvalVerdict)
+    assert (v.cases, v.planned) == (30, 30) and v.ended == "all 30 cases scored"
+    lo, hi = v.bounds["protocol"]
+    assert lo < 0.5 < hi
+    (a, b), bus = sequential_replicas(tmp_path / "final", [0.0] * 40)
+    asyncio.run(a.on_request(request().model_copy(update={"purpose": "final"})))
+    shards = bus.of(EvalShard)
+    assert all(s.rows is None for s in shards)  # the split's first rows, as before
+    for sh in shards:
+        asyncio.run(b.on_shard(sh.model_copy(update={"rows": list(range(sh.start, sh.end))})))
+    [v] = bus.of(EvalVerdict)
+    assert v.cases == 30 and v.ended == "all 30 cases scored" and v.bounds["protocol"][1] < 0.15

@@ -80,3 +80,60 @@ def test_a_lower_is_better_metric_stops_at_or_below_its_target_and_names_no_weak
     assert fb.action == "stop" and "no improvement for 2" in fb.reason and fb.best_score == 0.9
     fb = decide(cfg, PolicyState(), v(50, 0.45))
     assert fb.action == "stop" and fb.reason == "target reached: eval_loss 0.450 <= 0.500"
+
+
+def bounded(step, score, lo, hi, by_category=None):
+    return EvalVerdict(run_id="r", request_id=f"q{step}", step=step, checkpoint=f"c{step}", split="val",
+                       purpose="periodic", cases=48, scores={"correctness": score}, bounds={"correctness": [lo, hi]},
+                       confidence=0.8, by_category=by_category or {})
+
+
+def test_with_bounds_the_target_needs_the_lower_bound_and_patience_only_sure_losses():
+    """Noise-aware decisions: a score at the target whose bound reaches below it does not stop
+    the run; a verdict whose bound spans the best neither resets nor counts patience; one whose
+    upper bound is at or below the best's score counts."""
+    cfg = FeedbackSection(metric="correctness", target=0.7, patience=2, confidence=0.8)
+    st = PolicyState()
+    fb = decide(cfg, st, bounded(10, 0.72, 0.55, 0.85))
+    assert fb.action == "continue" and "not yet sure" in fb.reason and st.best_bound == 0.55
+    fb = decide(cfg, st, bounded(20, 0.66, 0.50, 0.80))  # spans the best: not a loss
+    assert fb.action == "continue" and st.since_best == 0 and st.best_step == 10
+    decide(cfg, st, bounded(30, 0.60, 0.45, 0.75))  # still spans 0.72
+    decide(cfg, st, bounded(40, 0.50, 0.35, 0.70))  # surely below 0.72: one
+    assert st.since_best == 1
+    fb = decide(cfg, st, bounded(50, 0.52, 0.38, 0.71))
+    assert fb.action == "stop" and "no improvement for 2" in fb.reason
+    fb = decide(cfg, PolicyState(), bounded(60, 0.9, 0.71, 0.97))
+    assert fb.action == "stop" and fb.reason.startswith("target reached") and "[0.710, 0.970]" in fb.reason
+    # A new best needs its lower bound above the best's: a lucky mean on a few cases is not one.
+    st = PolicyState()
+    decide(cfg, st, bounded(10, 0.6, 0.5, 0.7))
+    decide(cfg, st, bounded(20, 0.8, 0.45, 0.95))
+    assert st.best_step == 10
+
+
+def test_a_sequential_verdict_is_settled_only_when_every_decision_it_is_for_is():
+    from tuneloop.events import Decision
+    from tuneloop.policy import settled
+
+    d = Decision(metric="correctness", confidence=0.8, target=0.7, best_score=0.5, best_bound=0.4, early_end=True)
+    assert settled(d, {"correctness": [0.45, 0.65]}, 0.55) == (
+        "settled: target not reached and better than the best (correctness in [0.450, 0.650])")
+    assert settled(d, {"correctness": [0.30, 0.48]}, 0.4).startswith("settled: target not reached and no better")
+    assert settled(d, {"correctness": [0.35, 0.65]}, 0.5) is None  # spans the best
+    assert settled(d, {"correctness": [0.60, 0.80]}, 0.7) is None  # spans the target
+    assert settled(d.model_copy(update={"target": None, "best_bound": None}), {"correctness": [0.0, 1.0]}, 0.5) \
+        == "settled: nothing to decide (correctness in [0.000, 1.000])"
+
+
+def test_weak_categories_are_those_below_the_others():
+    """Relative weakness: every category under 0.9 still names the weakest; equal ones none."""
+    from tuneloop.policy import weak_categories
+
+    cats = {"a": {"correctness": 0.3}, "b": {"correctness": 0.6}, "c": {"correctness": 0.62}}
+    assert weak_categories(cats, "correctness", 0.05) == ["a"]
+    assert weak_categories({k: {"correctness": 0.4} for k in "abc"}, "correctness", 0.05) == []
+    assert weak_categories({"a": {"eval_loss": 2.0}, "b": {"eval_loss": 1.0}}, "eval_loss", 0.05) == ["a"]
+    cfg = FeedbackSection(metric="correctness", target=0.95, patience=5)
+    fb = decide(cfg, PolicyState(), bounded(10, 0.5, 0.4, 0.6, cats))
+    assert fb.weak_categories == ["a"]
