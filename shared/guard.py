@@ -41,9 +41,15 @@ class Term:
     op: str
     value: float
 
-    def holds(self, metrics: dict[str, float]) -> bool:
+    def holds(self, metrics: dict[str, float], bounds: dict[str, list[float]] | None = None) -> bool:
+        """Whether the term holds; with the verdict's ``bounds``, it is broken only when the whole
+        bound is on the wrong side (a guard does not roll back on the noise of a few cases)."""
         v = metrics.get(self.name)
-        return v is not None and not math.isnan(v) and OPS[self.op](v, self.value)  # NaN breaks every guard
+        if v is None or math.isnan(v):  # NaN breaks every guard
+            return False
+        lo, hi = (bounds or {}).get(self.name) or (v, v)
+        seen = {">=": hi, ">": hi, "<=": lo, "<": lo}.get(self.op, v)
+        return OPS[self.op](seen, self.value)
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,8 @@ class Guard:
     text: str
     alternatives: tuple  # tuple[tuple[Term | Guard, ...], ...]
 
-    def holds(self, metrics: dict[str, float]) -> bool:
-        return any(all(t.holds(metrics) for t in alt) for alt in self.alternatives)
+    def holds(self, metrics: dict[str, float], bounds: dict[str, list[float]] | None = None) -> bool:
+        return any(all(t.holds(metrics, bounds) for t in alt) for alt in self.alternatives)
 
     @property
     def names(self) -> set[str]:

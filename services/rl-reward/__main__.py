@@ -68,10 +68,11 @@ class RewardService:
     async def on_verdict(self, verdict: EvalVerdict) -> None:
         if verdict.purpose != "periodic":
             return
-        cfg = self.ctx.config(verdict.run_id).feedback
+        run_cfg = self.ctx.config(verdict.run_id)
+        cfg, margin = run_cfg.feedback, run_cfg.data.adapt.margin
 
         def decide_on(state: PolicyState):
-            return state, decide(cfg, state, verdict) or state.decided.get(verdict.event_id)
+            return state, decide(cfg, state, verdict, margin) or state.decided.get(verdict.event_id)
 
 
         feedback = await self.update(verdict.run_id, decide_on)

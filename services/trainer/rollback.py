@@ -86,7 +86,7 @@ def judge(watch: GuardWatch, feedback: Feedback, losses: dict[int, float]) -> Ju
         log.warning("verdict of step %d lacks %s (the training loss counts from step %d on): guard %r waits for "
                     "the next verdict", feedback.step, sorted(missing), after + 1, watch.guard)
         return None
-    return Judged(feedback.step, feedback.verdict_id, metrics, guard.holds(metrics))
+    return Judged(feedback.step, feedback.verdict_id, metrics, guard.holds(metrics, feedback.bounds))
 
 
 def discard_after(run_dir: Path, step: int) -> list[int]:

@@ -23,7 +23,7 @@ from ..policy import PolicyState, decide, rewind
 from ..task import unknown_metric
 
 
-POLICY_KEYS = ("metric", "target", "patience", "min_step")  # what `policy.decide` reads
+POLICY_KEYS = ("metric", "target", "patience", "min_step", "confidence")  # what `policy.decide` reads
 
 
 @dataclass
@@ -73,7 +73,9 @@ def verdicts_seen(events: list[Event]) -> list[EvalVerdict]:
 
 def run_policy(settings: FeedbackSection, events: list[Event]) -> Outcome:
     """``decide`` over the periodic verdicts of ``events``, and ``rewind`` at each rollback, as
-    the service does; it stops at the first stop."""
+    the service does; it stops at the first stop. ``confidence`` 0 replays the rule of point
+    estimates (the verdicts' bounds set aside); another confidence must be the one the verdicts
+    were bounded at (a bound cannot be redrawn without the cases)."""
     state, decisions = PolicyState(), []
     for e in events:
         if isinstance(e, ControlRolledBack):
@@ -81,6 +83,11 @@ def run_policy(settings: FeedbackSection, events: list[Event]) -> Outcome:
             continue
         if not isinstance(e, EvalVerdict) or e.purpose != "periodic":
             continue
+        if settings.confidence == 0:
+            e = e.model_copy(update={"bounds": {}})
+        elif e.bounds and abs(e.confidence - settings.confidence) > 1e-9:
+            raise ValueError(f"confidence={settings.confidence:g}: the verdict of step {e.step} is bounded at "
+                             f"{e.confidence:g}; replay at that confidence, or at 0 (point estimates)")
         feedback = decide(settings, state, e)
         if feedback is None:  # a verdict seen twice (decided once), or of a discarded checkpoint
             continue

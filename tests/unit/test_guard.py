@@ -153,3 +153,12 @@ def test_the_steering_state_reads_the_plain_dicts_of_earlier_checkpoints_and_ref
         controls.Steering.from_dict({**earlier, "applied": [{"command": "x"}]})
     with pytest.raises(ValueError, match="steering state: expected an object"):
         controls.Steering.from_dict([1, 2])
+
+
+def test_with_bounds_a_guard_breaks_only_when_the_whole_bound_is_on_the_wrong_side():
+    g = parse("correct>=0.8 and tokens<30", ["correct"])
+    m = {"correct": 0.7, "tokens": 20.0}
+    assert not g.holds(m)  # the point estimate alone
+    assert g.holds(m, {"correct": [0.55, 0.85]})  # the noise of a few cases: the bound reaches 0.8
+    assert not g.holds(m, {"correct": [0.55, 0.75]})  # surely below
+    assert parse("eval_loss<=1.0", ["eval_loss"]).holds({"eval_loss": 1.2}, {"eval_loss": [0.9, 1.4]})

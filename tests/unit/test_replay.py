@@ -82,3 +82,26 @@ def test_score_lost_sets_a_metric_only_against_the_same_metric():
     other = row(backtest(events, live, parse_settings("metric=protocol,target=0.95,patience=1", live)))
     assert other["exports"] == "step 20 (0.900)"
     assert other["score lost"] == "protocol -0.300; correctness +0.200"
+
+
+def test_the_old_rule_and_the_new_one_backtested_on_a_run_with_bounds():
+    """confidence=0 replays point estimates (the rule before bounds): on the same verdicts it
+    stops at a noisy dip that the bounds do not take for a plateau; a confidence the verdicts
+    were not bounded at is refused."""
+    live = FeedbackSection(metric="protocol", target=0.9, patience=2, confidence=0.8)
+    events, state = [], PolicyState()
+    for i, (score, lo, hi) in enumerate([(0.5, 0.35, 0.65), (0.47, 0.33, 0.62), (0.49, 0.35, 0.63),
+                                         (0.6, 0.46, 0.73), (0.3, 0.2, 0.42), (0.28, 0.18, 0.4)]):
+        step = 10 * (i + 1)
+        events += [StepMetrics(run_id="r", step=s, max_steps=500, loss=1.0, time=T0 + timedelta(seconds=s))
+                   for s in range(step - 9, step + 1)]
+        v = EvalVerdict(run_id="r", request_id=f"q{i}", step=step, checkpoint=f"c{step}", split="val",
+                        purpose="periodic", cases=48, scores={"protocol": score}, bounds={"protocol": [lo, hi]},
+                        confidence=0.8)
+        events += [v, decide(live, state, v)]
+    with_bounds = backtest(events, live, live)
+    assert with_bounds.replayed.stop_at == 60  # two verdicts surely below the best (0.6 at step 40)
+    old = backtest(events, live, parse_settings("confidence=0", live))
+    assert old.replayed.stop_at == 30  # 0.47 and 0.49 under 0.5: a plateau by point estimates
+    with pytest.raises(ValueError, match="bounded at 0.8; replay at that confidence, or at 0"):
+        backtest(events, live, parse_settings("confidence=0.95", live))
