@@ -13,9 +13,17 @@ cadence and seed (each round its own seed), in an order that rotates from round 
   scorer, and stops on the same rule as tuneloop's feedback (``feedback.target`` at or after
   ``feedback.min_step``, or ``feedback.patience`` evaluations without a gain); its result is
   the checkpoint of its best evaluation, as tuneloop exports its best.
+- **early_stopping**: the same TRL trainer with transformers' own ``EarlyStoppingCallback``, what a
+  user reaches for first: ``eval_loss`` on the same val cases every ``train.save_steps`` steps,
+  ``feedback.patience`` evaluations without a gain, the best checkpoint loaded at the end.
 - **tuneloop**: ``tuneloop run`` of the example as a user types it (nats-server, the five
-  services, remote evaluation, feedback stop) with adaptive data on;
-- **tuneloop, static data**: the same with adaptive data off, to show what the mixture buys.
+  services, sequential verdicts, feedback stop on bounds) with adaptive data on;
+- **tuneloop, static data**: the same with adaptive data off. The headline against the callback
+  compares this arm (neither adapts its data); ``adaptive_steps_ratio`` compares the two
+  tuneloop arms.
+
+Rounds: one per arm by default, so that each arm goes first once (the order rotates), after a
+warm-up round of a few steps per arm that is not counted (page cache, first imports).
 
 Wall seconds are those in ``trainer.train()`` for every arm (tuneloop's ``train_seconds``):
 model loading and data preparation are outside, the evaluations inside. Each arm's result
@@ -52,12 +60,19 @@ from tuneloop.trainer import recipe
 REPO = Path(__file__).resolve().parents[1]
 TUNELOOP = Path(sys.executable).parent / "tuneloop"
 EXAMPLE = REPO / "examples" / "protocol.yaml"
-ARMS = ("fixed", "callback", "tuneloop", "tuneloop_static")
+ARMS = ("fixed", "callback", "early_stopping", "tuneloop", "tuneloop_static")
 # The held-out target. Protocol: what the issue asks. Correctness: the feedback target on val
 # (0.7) less about one standard error of a 48-case val score (0.066), rounded down: a run that
 # stops at val 0.7 is expected at or above it on test.
 TARGET = {"protocol": 0.95, "correctness": 0.6}
-GOALS = {"wall_to_target_over_fixed": 0.5, "wall_to_target_over_trl_callback": 0.85}
+GOALS = {"wall_to_target_over_fixed": 0.5, "wall_to_target_over_trl_callback": 0.85,
+         "wall_to_target_over_early_stopping": 0.85, "eval_seconds_per_verdict_over_inline": 0.5,
+         "adaptive_steps_ratio": 0.85}
+HEADLINE = {"wall_to_target_over_fixed": ("tuneloop_static", "fixed"),  # arm, baseline: the same adaptive setting
+            "wall_to_target_over_trl_callback": ("tuneloop_static", "callback"),
+            "wall_to_target_over_early_stopping": ("tuneloop_static", "early_stopping"),
+            "adaptive_steps_ratio": ("tuneloop", "tuneloop_static"),
+            "eval_seconds_per_verdict_over_inline": ("tuneloop_static", "callback")}
 
 
 def arm_config(seed: int, out: Path, adapt: bool, max_steps: int | None = None):
@@ -73,27 +88,46 @@ def arm_config(seed: int, out: Path, adapt: bool, max_steps: int | None = None):
     return cfg
 
 
-def trl_arm(cfg, run_dir: Path, callback: bool) -> dict:
-    """Train with TRL in this process; the result is a checkpoint folder (an adapter)."""
+def trl_arm(cfg, run_dir: Path, mode: str) -> dict:
+    """Train with TRL in this process (``mode``: fixed, callback, early_stopping); the result is a
+    checkpoint folder (an adapter)."""
+    from transformers import EarlyStoppingCallback
+
+    callback = mode == "callback"
     p = prepare(cfg, run_dir / "data", run_dir)
     splits = {k: SplitInfo(path=path, rows=n, categories=c) for k, (path, n, c) in p.splits.items()}
     ds = DatasetReady(run_id=run_dir.name, dataset_id=p.fingerprint[:16], fingerprint=p.fingerprint,
                       chat_template=cfg.model.template(), splits=splits)
-    stop = TargetStop(cfg, load_cases(confine(run_dir, splits["val"].path), 0, cfg.eval.max_cases)) if callback else None
-    trainer = recipe.build_trainer(cfg, run_dir, ds, [stop] if stop else [],
-                                   args=recipe.trl_args(cfg, run_dir / "checkpoints"))
+    val = load_cases(confine(run_dir, splits["val"].path), 0, cfg.eval.max_cases)
+    stop = TargetStop(cfg, val) if callback else None
+    args = recipe.trl_args(cfg, run_dir / "checkpoints")
+    callbacks, eval_rows = [stop] if stop else [], None
+    if mode == "early_stopping":
+        args.eval_strategy, args.eval_steps = "steps", cfg.train.save_steps
+        args.metric_for_best_model, args.greater_is_better, args.load_best_model_at_end = "eval_loss", False, True
+        args.per_device_eval_batch_size = cfg.eval.batch_size
+        callbacks = [EarlyStoppingCallback(early_stopping_patience=cfg.feedback.patience)]
+        eval_rows = [{"prompt": c.prompt, "completion": c.completion} for c in val]
+    trainer = recipe.build_trainer(cfg, run_dir, ds, callbacks, args=args, eval_rows=eval_rows)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     steps, trainer_epochs = trainer.state.global_step, trainer.state.epoch or 0.0
     kept = stop.best_step if stop else steps
+    evaluations, eval_s, stopped_by = (stop.evaluations, stop.seconds, stop.stopped_by) if stop else (0, 0.0, "max_steps")
+    if mode == "early_stopping":
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+        evaluations, eval_s = len(evals), sum(h.get("eval_runtime", 0.0) for h in evals)
+        stopped_by = "patience" if steps < cfg.train.max_steps else "max_steps"
+        best = trainer.state.best_model_checkpoint
+        kept = int(best.rsplit("-", 1)[1]) if best else steps
     result = run_dir / "checkpoints" / f"checkpoint-{kept}"
     if not result.exists():  # the final step off the save cadence
         trainer.save_model(str(result))
     del trainer
     gc.collect()
     return {"steps": steps, "epochs": round(trainer_epochs, 3), "train_s": seconds,
-            "evaluations": stop.evaluations if stop else 0, "eval_s": stop.seconds if stop else 0.0, "stopped_by": stop.stopped_by if stop else "max_steps",
+            "evaluations": evaluations, "eval_s": eval_s, "stopped_by": stopped_by,
             "result_step": kept, "result": str(result), "test_split": str(confine(run_dir, splits["test"].path))}
 
 
@@ -110,12 +144,17 @@ def tuneloop_arm(cfg, run_id: str, logs: Path) -> dict:
     timeline = [json.loads(line) for line in (Path(cfg.run.output_dir) / run_id / "timeline.jsonl").open()]
     feedback = [e["event"] for e in timeline if e["kind"] == "feedback"]
     switches = sum(e["kind"] == "data.ready" and bool(e["event"].get("requested_by")) for e in timeline)
+    verdicts = [e["event"] for e in timeline if e["kind"] == "eval.verdict" and e["event"]["purpose"] == "periodic"]
     return {"steps": s["steps"], "train_s": s["train_seconds"], "evaluations": len(s["evaluations"]),
             "stopped_by": s["stop_reason"], "result_step": s["exported_step"], "result": s["adapter"],
             "own_test": {k: s["test"][k] for k in ("protocol", "correctness", "cases")} if s.get("test") else None,
             # what adaptive data did: mixture switches, and feedbacks that named every category weak
             "data_switches": switches,
-            "all_categories_weak": sum(len(f["weak_categories"]) == len(f["by_category"]) for f in feedback)}
+            "all_categories_weak": sum(len(f["weak_categories"]) == len(f["by_category"]) for f in feedback),
+            # sequential verdicts: cases scored of those planned, and request-to-verdict seconds
+            "verdict_cases": [v["cases"] for v in verdicts], "verdict_planned": [v.get("planned", v["cases"]) for v in verdicts],
+            "verdict_seconds": [round(v["seconds"], 2) for v in verdicts],
+            "verdict_ended": [v.get("ended", "") for v in verdicts]}
 
 
 class Scorer:
@@ -137,16 +176,16 @@ def reached(scores: dict[str, float]) -> bool:
     return all(scores[k] >= v for k, v in TARGET.items())
 
 
-def one_round(r: int, tmp: Path, args) -> dict:
+def one_round(r: int, tmp: Path, args, max_steps: int | None = None) -> dict:
     seed = args.seed + r
     out = tmp / f"round-{r}"
     (out / "logs").mkdir(parents=True)
     got: dict[str, dict] = {}
     for arm in rotate(r, ARMS):
-        cfg = arm_config(seed, out, adapt=arm == "tuneloop", max_steps=args.max_steps)
+        cfg = arm_config(seed, out, adapt=arm == "tuneloop", max_steps=max_steps or args.max_steps)
         print(f"  round {r + 1} seed {seed}: {arm} ...", flush=True)
-        if arm in ("fixed", "callback"):
-            got[arm] = trl_arm(cfg, out / arm, callback=arm == "callback")
+        if arm in ("fixed", "callback", "early_stopping"):
+            got[arm] = trl_arm(cfg, out / arm, mode=arm)
         else:
             got[arm] = tuneloop_arm(cfg, arm.replace("_", "-"), out / "logs")
     test_split = got["fixed"]["test_split"]  # the same split for every arm: the same seed and data
@@ -173,10 +212,17 @@ def figures(rounds: list[dict]) -> dict:
     def ratios(num: str, den: str, what: str) -> list[float]:
         return [r[num][what] / r[den][what] for r in rounds]
 
-    keys = {"steps_to_target_over_fixed": ratios("tuneloop", "fixed", "steps"),
-            "wall_to_target_over_fixed": ratios("tuneloop", "fixed", "train_s"),
-            "wall_to_target_over_trl_callback": ratios("tuneloop", "callback", "train_s"),
-            "steps_to_target_over_trl_callback": ratios("tuneloop", "callback", "steps"),
+    def per_verdict(r: dict) -> float:
+        """tuneloop's median request-to-verdict seconds over the callback's seconds per evaluation."""
+        inline = r["callback"]["eval_s"] / max(1, r["callback"]["evaluations"])
+        return statistics.median(r["tuneloop_static"]["verdict_seconds"] or [float("nan")]) / inline
+
+    keys = {"steps_to_target_over_fixed": ratios("tuneloop_static", "fixed", "steps"),
+            "wall_to_target_over_fixed": ratios("tuneloop_static", "fixed", "train_s"),
+            "wall_to_target_over_trl_callback": ratios("tuneloop_static", "callback", "train_s"),
+            "steps_to_target_over_trl_callback": ratios("tuneloop_static", "callback", "steps"),
+            "wall_to_target_over_early_stopping": ratios("tuneloop_static", "early_stopping", "train_s"),
+            "eval_seconds_per_verdict_over_inline": [per_verdict(r) for r in rounds],
             "adaptive_steps_ratio": ratios("tuneloop", "tuneloop_static", "steps"),
             "adaptive_wall_ratio": ratios("tuneloop", "tuneloop_static", "train_s")}
     out: dict = {}
@@ -184,8 +230,11 @@ def figures(rounds: list[dict]) -> dict:
         out[key] = round(statistics.median(values), 4)
         out[f"{key}_ci95"] = [round(v, 4) for v in interval(values)] if len(values) > 1 else None
         out[f"{key}_rounds"] = [round(v, 4) for v in values]
+        out[f"{key}_ratio_of_medians"] = round(statistics.median(values) if key == "eval_seconds_per_verdict_over_inline"
+                                               else _ratio_of_medians(rounds, key), 4)
     for key, goal in GOALS.items():
-        out[f"{key}_verdict"] = judge(rounds, out[f"{key}_ci95"], goal, "fixed" if key.endswith("fixed") else "callback")
+        arm, baseline = HEADLINE[key]
+        out[f"{key}_verdict"] = judge(rounds, out[f"{key}_ci95"], goal, baseline, arm)
     for arm in ARMS:
         runs = [r[arm] for r in rounds]
         out[f"{arm}_final"] = {
@@ -199,17 +248,24 @@ def figures(rounds: list[dict]) -> dict:
     return out
 
 
-def judge(rounds: list[dict], ci: list[float] | None, goal: float, baseline: str) -> str:
-    """The goal's verdict. A ratio to a target counts only where tuneloop reached the target
-    (where the baseline did not, the ratio flatters the baseline), and only with final scores
-    no worse than the baseline's within the rounds' spread."""
-    missed = [r["seed"] for r in rounds if not r["tuneloop"]["reached"]]
+def _ratio_of_medians(rounds: list[dict], key: str) -> float:
+    """The ratio of the arms' medians, printed beside the paired median of ratios."""
+    arm, baseline = HEADLINE.get(key) or (("tuneloop_static", "fixed") if key.endswith("fixed") else ("tuneloop_static", "callback"))
+    what = "steps" if "steps" in key else "train_s"
+    return statistics.median(r[arm][what] for r in rounds) / statistics.median(r[baseline][what] for r in rounds)
+
+
+def judge(rounds: list[dict], ci: list[float] | None, goal: float, baseline: str, arm: str = "tuneloop_static") -> str:
+    """The goal's verdict. A ratio to a target counts only where the arm reached the target in
+    every round (where the baseline did not, the ratio flatters the baseline), and only with
+    final scores no worse than the baseline's within the rounds' spread."""
+    missed = [r["seed"] for r in rounds if not r[arm]["reached"]]
     if missed:
-        return f"missed: tuneloop did not reach the target (seeds {missed})"
-    worse = statistics.median(r["tuneloop"]["test"]["correctness"] for r in rounds) < min(
+        return f"missed: {arm} did not reach the target (seeds {missed})"
+    worse = statistics.median(r[arm]["test"]["correctness"] for r in rounds) < min(
         r[baseline]["test"]["correctness"] for r in rounds)
     if worse:
-        return f"missed: tuneloop's test correctness is below every round of {baseline}'s"
+        return f"missed: {arm}'s test correctness is below every round of {baseline}'s"
     if ci is None:
         return "unresolved: one round, no interval"
     said = verdict(*ci, goal)
@@ -227,17 +283,23 @@ def report(out: dict, rounds: list[dict]) -> None:
               f"(range {f['test_correctness_range'][0]:.3f}-{f['test_correctness_range'][1]:.3f})  "
               f"target reached in {f['reached']}/{len(rounds)}")
     for key in ("steps_to_target_over_fixed", "wall_to_target_over_fixed", "wall_to_target_over_trl_callback",
-                "steps_to_target_over_trl_callback", "adaptive_steps_ratio", "adaptive_wall_ratio"):
+                "steps_to_target_over_trl_callback", "wall_to_target_over_early_stopping",
+                "eval_seconds_per_verdict_over_inline", "adaptive_steps_ratio", "adaptive_wall_ratio"):
         ci = out[f"{key}_ci95"]
         shown = f"95% CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else "one round"
         said = f"  goal <= {GOALS[key]}: {out[f'{key}_verdict']}" if key in GOALS else ""
-        print(f"  {key:34s} {out[key]:.3f}  {shown}{said}")
+        print(f"  {key:38s} {out[key]:.3f} (ratio of medians {out[f'{key}_ratio_of_medians']:.3f})  {shown}{said}")
 
 
 def main(args) -> None:
     t0 = time.monotonic()
+    print("goals, named before the run: " + ", ".join(f"{k} <= {v}" for k, v in GOALS.items())
+          + f"; target on test: {TARGET}", flush=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if args.warmup:
+            print("warm-up round (not counted):", flush=True)
+            one_round(-1, tmp, args, max_steps=4)
         rounds = []
         for r in range(args.rounds):
             rounds.append(one_round(r, tmp, args))
@@ -251,7 +313,8 @@ def main(args) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=len(ARMS), help="one per arm: each arm goes first once")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the uncounted warm-up round")
     ap.add_argument("--seed", type=int, default=0, help="round r runs with seed SEED + r (data split, init, order)")
     ap.add_argument("--max-steps", type=int, default=None, help="a quick look at the bench (not a figure): fewer steps")
     ap.add_argument("--json", type=Path, default=None)

@@ -28,6 +28,9 @@ OWN_SECTION = ("fresh_demo",)
 TARGETS = [
     ("compute_to_target", "wall_to_target_over_fixed", 0.5, True),
     ("compute_to_target", "wall_to_target_over_trl_callback", 0.85, True),
+    ("compute_to_target", "wall_to_target_over_early_stopping", 0.85, True),
+    ("compute_to_target", "eval_seconds_per_verdict_over_inline", 0.5, True),
+    ("compute_to_target", "adaptive_steps_ratio", 0.85, True),
     ("feedback_loop", "remote_over_inline_shared", 1.05, True),
     ("feedback_loop", "remote_over_inline_extra_core", 0.75, True),
     ("feedback_loop_real", "remote_over_inline_shared", 1.05, True),
@@ -44,6 +47,9 @@ TARGETS = [
 # Figures a review found unfair, until their bench is rebuilt (or rerun): said in the table, not
 # judged, not hidden. (bench, does this JSON predate the fix, why)
 CAVEATS = [
+    ("compute_to_target", lambda r: "early_stopping_final" not in r,
+     "measured before the fix: 2 rounds for 4 arms, no warm-up, the headline against the callback took the adaptive "
+     "arm (the callback adapts nothing), decisions on point estimates"),
     ("sweep", lambda r: "setup" not in r, "unfair arms: tuneloop stops trials at the target, walks the grid best-first and "
                               "runs 2 at a time; the baseline does none of these"),
     ("feedback_loop", lambda r: "config" not in r, "measured before the fix: the remote arm's last evaluation "
@@ -66,7 +72,8 @@ def caveat(name: str, r: dict) -> str | None:
 
 PER_ROUND = {"remote_over_inline_shared": "remote_over_inline_shared_rounds",
              "remote_over_inline_extra_core": "remote_over_inline_extra_core_rounds"}
-ARMS = {"fixed": "TRL, fixed schedule", "callback": "TRL + evaluation callback", "tuneloop": "tuneloop",
+ARMS = {"fixed": "TRL, fixed schedule", "callback": "TRL + evaluation callback",
+        "early_stopping": "TRL + transformers' EarlyStoppingCallback", "tuneloop": "tuneloop",
         "tuneloop_static": "tuneloop, adaptive data off"}
 
 
@@ -126,7 +133,8 @@ def render(results: dict[str, dict], results_dir: Path | None = None) -> str:
                 f"the whole test split: protocol >= {t['protocol']}, correctness >= {t['correctness']}), medians:", "",
                 "| arm | steps | seconds in `train()` | evaluations | test protocol | test correctness (range) | reached the target |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        for arm, label in ARMS.items():
+        arms = {a: label for a, label in ARMS.items() if f"{a}_final" in c}
+        for arm, label in arms.items():
             f = c[f"{arm}_final"]
             lo, hi = f["test_correctness_range"]
             out.append(f"| {label} | {f['steps']:.0f} | {f['train_s']:.0f} | {f['evaluations']:.0f} | "
@@ -136,9 +144,9 @@ def render(results: dict[str, dict], results_dir: Path | None = None) -> str:
         for r in c["per_round"]:
             out.append(f"seed {r['seed']}: " + "; ".join(
                 f"{a} {r[a]['steps']} ({stop_kind(r[a]['stopped_by'])}) -> step {r[a]['result_step']} "
-                f"{r[a]['test']['correctness']:.3f}" for a in ARMS))
+                f"{r[a]['test']['correctness']:.3f}" for a in arms))
         out += ["```"]
-        per_step = {arm: statistics.median(r[arm]["train_s"] / r[arm]["steps"] for r in c["per_round"]) for arm in ARMS}
+        per_step = {arm: statistics.median(r[arm]["train_s"] / r[arm]["steps"] for r in c["per_round"]) for arm in arms}
         evaluating = statistics.median(r["callback"]["eval_s"] for r in c["per_round"])
         out += ["", "Seconds per step: " + ", ".join(f"{ARMS[a]} {v:.2f}" for a, v in per_step.items())
                 + f"; the callback spent {evaluating:.0f} s of its time evaluating."]

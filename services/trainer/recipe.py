@@ -242,9 +242,11 @@ def train_rows(cfg: Config, run_dir: Path, dataset: DatasetReady) -> list[dict]:
 
 
 def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: list, args=None, link=None, run_id="",
-                  base_path: Path | str | None = None):
+                  base_path: Path | str | None = None, eval_rows: list[dict] | None = None):
     """Base model + data + the TRL trainer. ``callbacks=[]`` is plain TRL (the benchmarks' baseline);
-    ``base_path``: what ``prepare_base`` returned, when the caller prepared the base already."""
+    ``base_path``: what ``prepare_base`` returned, when the caller prepared the base already;
+    ``eval_rows``: TRL's own eval set (SFT: prompt and completion), for transformers' evaluation loop
+    (the benches' ``EarlyStoppingCallback`` arm; tuneloop's evaluation is the evaluator's)."""
     import trl
     from datasets import Dataset
     from transformers import set_seed
@@ -268,11 +270,13 @@ def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: 
                            peft_config=lora_config(cfg), callbacks=callbacks, **kwargs)
     # SFT: a set this process tokenized before (an earlier trial on the same data) is not tokenized again.
     k = prepared.key(rows, tokenizer, args)
-    ready, given = prepared.get(k), args.dataset_kwargs
+    ready, given = (prepared.get(k) if eval_rows is None else None), args.dataset_kwargs  # skipping would skip the eval set too
     if ready is not None:
         log.info("train set tokenized by this process before (%d rows): not tokenized again", len(ready))
         args.dataset_kwargs = {**(given or {}), "skip_prepare_dataset": True}
     try:
+        if eval_rows is not None:
+            kwargs["eval_dataset"] = Dataset.from_list(eval_rows)
         trainer = trainer_cls(model=model, args=args, train_dataset=ready if ready is not None else Dataset.from_list(rows),
                               processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks, **kwargs)
     finally:

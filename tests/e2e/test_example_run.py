@@ -191,11 +191,18 @@ def test_replay_gives_back_the_live_decisions_and_says_what_other_settings_would
     assert same.would_end == same.end_step and same.steps_saved == 0
 
     def expected_stop(target: float, patience: int, min_step: int) -> int | None:
-        best, since = -1.0, 0
+        """The rule on the verdicts' bounds: a new best raises the best lower bound, patience
+        counts verdicts whose upper bound is at or below the best's score, the target needs the
+        lower bound."""
+        best, best_lo, since = -1.0, None, 0
         for v in verdicts_seen(events):
             score = v.scores[recorded.metric]
-            best, since = (score, 0) if score > best else (best, since + 1)
-            if v.step >= min_step and (score >= target or since >= patience):
+            lo, hi = v.bounds.get(recorded.metric) or (score, score)
+            if best_lo is None or lo > best_lo:
+                best, best_lo, since = score, lo, 0
+            elif hi <= best:
+                since += 1
+            if v.step >= min_step and (lo >= target or since >= patience):
                 return v.step
         return None
 
