@@ -176,8 +176,14 @@ def grid(spec: SweepSpec) -> list[dict[str, Value]]:
 
 
 def trial_config(spec: SweepSpec, base: Config, params: dict[str, Value], run_name: str) -> Config:
-    """The config of one trial: base, then the sweep's overrides, then the trial's values."""
-    cfg = base.with_overrides(spec.overrides, {"run.name": run_name}, params)
+    """The config of one trial: base, then the sweep's overrides, then the trial's values.
+
+    The sweep compares its trials on their scores (the pruner, PBT's quantile), which a trial's
+    own bound cannot settle: by default trials score every case and decide on point estimates
+    (``eval.sequential: false``, ``feedback.confidence: 0``; a pruner on bounds is not built yet);
+    the sweep's overrides or its params may say otherwise."""
+    defaults = {"eval.sequential": False, "feedback.confidence": 0.0}
+    cfg = base.with_overrides(defaults, spec.overrides, {"run.name": run_name}, params)
     if cfg.train.lora.enabled and "merged" not in spec.overrides.get("export", {}):
         cfg = cfg.with_overrides({"export.merged": False})  # a trial exports its adapter; the sweep merges the winner's alone
     return cfg
