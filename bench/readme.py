@@ -129,7 +129,9 @@ def render(results: dict[str, dict], results_dir: Path | None = None) -> str:
     out = ["\n".join(lines), ""]
     if c := results.get("compute_to_target"):
         t = c["target"]
-        out += ["", f"Compute to target ({c['model']}, `{c['example']}`, {c['rounds']} rounds, one seed each; target on "
+        planned = c.get("rounds_planned", c["rounds"])
+        cut = f" of the {planned} planned (the run was cut short)" if planned > c["rounds"] else ""
+        out += ["", f"Compute to target ({c['model']}, `{c['example']}`, {c['rounds']} rounds{cut}, one seed each; target on "
                 f"the whole test split: protocol >= {t['protocol']}, correctness >= {t['correctness']}), medians:", "",
                 "| arm | steps | seconds in `train()` | evaluations | test protocol | test correctness (range) | reached the target |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -139,8 +139,8 @@ class WatchView:
             v = self.latest
             names = shown_of(v.scores)
             cats = "  ".join(f"{c} " + "/".join(f"{s.get(m, 0):.2f}" for m in names) for c, s in sorted(v.by_category.items()))
-            parts.append(Text(f"latest verdict: step {v.step} {v.split} ({v.cases} cases) "
-                              + "  ".join(f"{m} {v.scores[m]:.3f}" for m in names)
+            parts.append(Text(f"latest verdict: step {v.step} {v.split} ({cases_of(v)}) "
+                              + "  ".join(f"{m} {scored(v, m)}" for m in names)
                               + (f" · by category ({'/'.join(names)}): {cats}" if len(v.by_category) > 1 else "")))
         if self.feedback:
             parts.append(Text(f"feedback after step {self.feedback.step}: {self.feedback.action} ({self.feedback.reason})"))
@@ -195,8 +195,8 @@ def log_event(ev: Event, console) -> None:
     elif isinstance(ev, CheckpointRecorded):
         console.log(f"checkpoint step {ev.step} recorded ({ev.bytes / 1e6:.1f} MB, sha256 {ev.sha256[:12]})")
     elif isinstance(ev, EvalVerdict):
-        console.log(f"verdict step {ev.step} ({ev.split}, {ev.cases} cases): "
-                    + "".join(f"{m} {ev.scores[m]:.3f}  " for m in shown_of(ev.scores)) + f"tokens {ev.mean_new_tokens:.1f}")
+        console.log(f"verdict step {ev.step} ({ev.split}, {cases_of(ev)}): "
+                    + "".join(f"{m} {scored(ev, m)}  " for m in shown_of(ev.scores)) + f"tokens {ev.mean_new_tokens:.1f}")
     elif isinstance(ev, Feedback):
         console.log(f"feedback after step {ev.step}: [bold]{ev.action}[/] ({ev.reason})")
     elif isinstance(ev, (ControlApplied, ControlRejected)):
@@ -245,3 +245,14 @@ async def watch(url: str, run_id: str, console, *, exit_when_done: bool = True) 
     finally:
         await bus.close()
     return view
+
+
+def cases_of(v: EvalVerdict) -> str:
+    """``48 cases``, or ``16 of 96 cases`` for a sequential verdict that ended early."""
+    return f"{v.cases} of {v.planned} cases" if v.planned and v.cases < v.planned else f"{v.cases} cases"
+
+
+def scored(v: EvalVerdict, metric: str) -> str:
+    """A score with its bound where the verdict has one: ``0.625 [0.48, 0.75]``."""
+    bound = v.bounds.get(metric)
+    return f"{v.scores[metric]:.3f}" + (f" [{bound[0]:.2f}, {bound[1]:.2f}]" if bound else "")
