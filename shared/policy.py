@@ -5,6 +5,7 @@ with other settings, to ask what they would have done."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from pydantic import BaseModel
@@ -83,6 +84,25 @@ def settled(d: Decision, bounds: dict[str, list[float]], score: float) -> str | 
         said.append("better than the best" if g else "no better than the best")
     lo, hi = bounds.get(d.metric, (score, score))
     return f"settled: {' and '.join(said) or 'nothing to decide'} ({d.metric} in [{lo:.3f}, {hi:.3f}])"
+
+
+def beyond_reach(d: Decision, bounds: dict[str, list[float]], score: float, n: int, planned: int) -> str | None:
+    """Why scoring the rest of the split would not settle the decision either, or None.
+
+    A bound narrows about as the square root of the cases: projected from ``n`` to ``planned``
+    cases around the same mean, if even that narrower bound would still span the target or the
+    best, the rest of the split is not worth its generation. The verdict then ends unsettled
+    (the policy counts it neither way, as it would a full verdict that settled nothing). A
+    heuristic of value, not a guarantee: the bound the verdict reports is the real one."""
+    if n >= planned or d.metric not in bounds:
+        return None
+    lo, hi = bounds[d.metric]
+    shrink = math.sqrt(n / planned)
+    projected = [score - (score - lo) * shrink, score + (hi - score) * shrink]
+    if settled(d, {d.metric: projected}, score) is not None:
+        return None
+    return (f"unsettled, and the whole split would not settle it ({d.metric} in [{lo:.3f}, {hi:.3f}] on {n} cases, "
+            f"about [{projected[0]:.3f}, {projected[1]:.3f}] on {planned})")
 
 
 def _count(state: PolicyState, metric: str, score: float, bounds: dict[str, list[float]] | None, step: int) -> None:

@@ -112,15 +112,23 @@ def test_a_sequential_verdict_ends_once_its_decision_is_settled_and_skips_the_re
     assert [r for s in bus.of(EvalShard)[5:] for r in s.rows] == rows  # the run's order
 
 
-def test_a_close_decision_scores_every_case_and_a_final_verdict_always_does(tmp_path):
-    """Half right, target 0.5: the bound spans the target until the last case; a final
-    verdict scores all and still reports its bound."""
-    (a, b), bus = sequential_replicas(tmp_path, [1.0, 0.0] * 20, target=0.5)
+def test_a_close_decision_scores_on_while_more_cases_could_settle_it_and_a_final_verdict_scores_all(tmp_path):
+    """0.9 against a target of 0.7: the first shard cannot tell, more cases can, so scoring
+    goes on past it. Exactly at the target (half right, target 0.5) not even the whole split
+    would tell: the verdict ends unsettled after the first shard. A final verdict scores all
+    and still reports its bound."""
+    (a, b), bus = sequential_replicas(tmp_path, ([1.0] * 9 + [0.0]) * 4, target=0.7)
     asyncio.run(a.on_request(request()))
     for sh in bus.of(EvalShard):
         asyncio.run(b.on_shard(sh))
     [v] = bus.of(EvalVerdict)
-    assert (v.cases, v.planned) == (30, 30) and v.ended == "all 30 cases scored"
+    assert v.cases > 6 and v.planned == 30, v.ended  # past the first shard
+    (a, b), bus = sequential_replicas(tmp_path / "even", [1.0, 0.0] * 20, target=0.5)
+    asyncio.run(a.on_request(request()))
+    for sh in bus.of(EvalShard):
+        asyncio.run(b.on_shard(sh))
+    [v] = bus.of(EvalVerdict)
+    assert v.cases == 6 and v.ended.startswith("unsettled, and the whole split would not settle it"), v.ended
     lo, hi = v.bounds["protocol"]
     assert lo < 0.5 < hi
     (a, b), bus = sequential_replicas(tmp_path / "final", [0.0] * 40)

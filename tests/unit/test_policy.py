@@ -137,3 +137,16 @@ def test_weak_categories_are_those_below_the_others():
     cfg = FeedbackSection(metric="correctness", target=0.95, patience=5)
     fb = decide(cfg, PolicyState(), bounded(10, 0.5, 0.4, 0.6, cats))
     assert fb.weak_categories == ["a"]
+
+
+def test_a_decision_the_whole_split_would_not_settle_ends_the_verdict_unsettled():
+    """Hovering at the target: 16 of 96 cases at 0.6 against a target of 0.6; even a bound
+    narrowed to 96 cases would span it, so the rest is not scored. Far from it, scoring goes on."""
+    from tuneloop.events import Decision
+    from tuneloop.policy import beyond_reach
+
+    d = Decision(metric="correctness", confidence=0.8, target=0.6, early_end=True)
+    said = beyond_reach(d, {"correctness": [0.35, 0.82]}, 0.6, 16, 96)
+    assert said.startswith("unsettled, and the whole split would not settle it")
+    assert beyond_reach(d, {"correctness": [0.15, 0.62]}, 0.38, 16, 96) is None  # 96 cases may settle it
+    assert beyond_reach(d, {"correctness": [0.35, 0.82]}, 0.6, 96, 96) is None  # nothing left to score
