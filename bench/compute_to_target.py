@@ -177,8 +177,8 @@ def reached(scores: dict[str, float]) -> bool:
 
 
 def one_round(r: int, tmp: Path, args, max_steps: int | None = None) -> dict:
-    seed = args.seed + r
-    out = tmp / f"round-{r}"
+    seed = args.seed + max(r, 0)  # the warm-up (r -1) trains with the first round's seed
+    out = tmp / (f"round-{r}" if r >= 0 else "warm-up")
     (out / "logs").mkdir(parents=True)
     got: dict[str, dict] = {}
     for arm in rotate(r, ARMS):
