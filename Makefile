@@ -70,6 +70,7 @@ bench: install  ## benchmarks (minutes each; nothing else running): figures to $
 	$(PY) bench/feedback_loop.py --config examples/protocol.yaml --steps 40 --every 10 --cases 48 --tokens 32 --shard 48 \
 	  --rounds 3 --settings shared --json $(BENCH_OUT)/feedback_loop_real.json
 	$(PY) bench/sweep.py --json $(BENCH_OUT)/sweep.json
+	$(PY) bench/sweep.py --real --json $(BENCH_OUT)/sweep_real.json
 	$(PY) bench/pbt.py --json $(BENCH_OUT)/pbt.json
 	$(PY) bench/pbt.py --real --json $(BENCH_OUT)/pbt_real.json
 	$(PY) bench/readme.py --results $(BENCH_OUT)

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from common import interval, rotate, verdict, write_figures
-from inloop import TargetStop
+from inloop import TargetStop, judge_of
 from tuneloop.config import dump_config, load_config
 from tuneloop.data_pipeline.prepare import prepare
 from tuneloop.evaluator.__main__ import load_cases
@@ -168,7 +168,7 @@ class Scorer:
         model, tok, on = self.models.get(self.base, adapter, True)
         outputs, counts = generate(model, tok, [c.prompt for c in cases], self.cfg.eval.max_new_tokens,
                                    self.cfg.eval.batch_size, on)
-        r = score(cases, outputs, counts)
+        r = score(cases, outputs, counts, judge_of(self.cfg))
         return {**r.scores, "cases": r.cases}
 
 

@@ -48,6 +48,7 @@ import torch
 from transformers import TrainerCallback
 
 from common import interval, order, spread, write_figures
+from inloop import judge_of
 
 from tuneloop import cores
 from tuneloop.bus import Bus
@@ -91,8 +92,9 @@ def job_config(args) -> dict:
 class InlineEval(TrainerCallback):
     """What a trainer without tuneloop does: stop every N steps to generate and score."""
 
-    def __init__(self, cases, every: int, max_new_tokens: int, batch_size: int):
+    def __init__(self, cases, every: int, max_new_tokens: int, batch_size: int, judge=None):
         self.cases, self.every, self.max_new_tokens, self.batch_size = cases, every, max_new_tokens, batch_size
+        self.judge = judge  # the run's task, as the evaluator scores by it
         self.seconds = 0.0
         self.count = 0
 
@@ -106,7 +108,7 @@ class InlineEval(TrainerCallback):
         outputs, _ = generate(model, tok, [c.prompt for c in self.cases], self.max_new_tokens, self.batch_size)
         model.train()
         tok.padding_side = side
-        score(self.cases, outputs)
+        score(self.cases, outputs, judge=self.judge)
         self.seconds += time.perf_counter() - t0
         self.count += 1
 
@@ -208,7 +210,7 @@ class Bench:
     async def inline(self, run_id: str, setting: str) -> dict:
         cfg, rdir, ds = await self.new_run(run_id)
         cases = load_cases(confine(rdir, ds.splits["val"].path), 0, cfg.eval.max_cases)
-        ev = InlineEval(cases, cfg.eval.every, cfg.eval.max_new_tokens, batch_size=len(cases))  # one batch
+        ev = InlineEval(cases, cfg.eval.every, cfg.eval.max_new_tokens, batch_size=len(cases), judge=judge_of(cfg))  # one batch
 
         def train():
             trainer = recipe.build_trainer(cfg, rdir, ds, [ev], args=recipe.trl_args(cfg, rdir / "checkpoints"))

@@ -15,6 +15,18 @@ import time
 from transformers import TrainerCallback
 from tuneloop.evaluator.generate import generate
 from tuneloop.evaluator.suite import score
+from tuneloop.task import Judge
+
+
+def judge_of(cfg) -> Judge:
+    """The run's task, as the evaluator judges by it (one per config: its functions imported once)."""
+    key = (cfg.task.model_dump_json(), cfg.base_dir)
+    if key not in _JUDGES:
+        _JUDGES[key] = Judge(cfg.task, cfg.base_dir)
+    return _JUDGES[key]
+
+
+_JUDGES: dict = {}
 
 
 def evaluate(model, tokenizer, cases, cfg) -> dict[str, float]:
@@ -25,7 +37,7 @@ def evaluate(model, tokenizer, cases, cfg) -> dict[str, float]:
     outputs, counts = generate(model, tokenizer, [c.prompt for c in cases], cfg.eval.max_new_tokens, cfg.eval.batch_size)
     model.train(was_training)
     tokenizer.padding_side = side
-    return score(cases, outputs, counts).scores
+    return score(cases, outputs, counts, judge_of(cfg)).scores
 
 
 class TargetStop(TrainerCallback):
