@@ -106,6 +106,7 @@ def trl_arm(cfg, run_dir: Path, mode: str) -> dict:
         args.eval_strategy, args.eval_steps = "steps", cfg.train.save_steps
         args.metric_for_best_model, args.greater_is_better, args.load_best_model_at_end = "eval_loss", False, True
         args.per_device_eval_batch_size = cfg.eval.batch_size
+        args.prediction_loss_only = True  # the loss is all it reads: no logits kept (48 x 128 x 49k floats a batch)
         callbacks = [EarlyStoppingCallback(early_stopping_patience=cfg.feedback.patience)]
         eval_rows = [{"prompt": c.prompt, "completion": c.completion} for c in val]
     trainer = recipe.build_trainer(cfg, run_dir, ds, callbacks, args=args, eval_rows=eval_rows)
