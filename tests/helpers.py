@@ -127,6 +127,25 @@ async def wait_for(pred, timeout=15.0):
         await asyncio.sleep(0.05)
 
 
+async def kv_records(bucket, contains: str) -> dict[str, dict]:
+    """The JSON records of a KV bucket whose key contains ``contains``; an empty bucket has none
+    (nats-py raises NoKeysError for it, which a poll that starts early must not die of)."""
+    from nats.js.errors import KeyNotFoundError, NoKeysError
+
+    try:
+        keys = await bucket.keys()
+    except NoKeysError:
+        return {}
+    out = {}
+    for k in keys:
+        if contains in k:
+            try:
+                out[k] = json.loads((await bucket.get(k)).value)
+            except KeyNotFoundError:
+                continue
+    return out
+
+
 async def stored(url: str, run_id: str, kinds) -> dict:
     """Every event of ``kinds`` the stream keeps for ``run_id`` (what the system holds, after
     JetStream's de-duplication; live subscribers may also see a duplicate publish)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import EXAMPLE_DATA, own_server_env, protocol_task, readme_transcript, stored
+from helpers import EXAMPLE_DATA, kv_records, own_server_env, protocol_task, readme_transcript, stored
 from tuneloop.events import Control, RunForked, StepMetrics
 
 pytestmark = pytest.mark.integration
@@ -49,9 +49,8 @@ async def kv(url: str) -> tuple[dict[str, dict], dict]:
 
     async with await Bus.connect(url, "test") as bus:
         bucket = await bus.key_value("tuneloop-sweeps")
-        keys = await bucket.keys()
-        trials = {k: json.loads((await bucket.get(k)).value) for k in keys if ".trial-" in k}
-        log = json.loads((await bucket.get("pb.pbt")).value) if "pb.pbt" in keys else {"checks": []}
+        trials = await kv_records(bucket, ".trial-")
+        log = (await kv_records(bucket, "pb.pbt")).get("pb.pbt", {"checks": []})
         return trials, log
 
 

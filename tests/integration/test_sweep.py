@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import EXAMPLE_DATA, own_server_env, processes_mentioning, protocol_task, stored
+from helpers import EXAMPLE_DATA, kv_records, own_server_env, processes_mentioning, protocol_task, stored
 from tuneloop.events import Control, ControlApplied, EvalVerdict, TrainingFinished
 
 pytestmark = pytest.mark.integration
@@ -56,7 +56,7 @@ async def records(url: str) -> dict[str, dict]:
     bus = await Bus.connect(url, "test")
     try:
         kv = await bus.key_value("tuneloop-sweeps")
-        return {k: json.loads((await kv.get(k)).value) for k in await kv.keys() if ".trial-" in k}
+        return await kv_records(kv, ".trial-")
     finally:
         await bus.close()
 
