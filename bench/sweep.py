@@ -160,7 +160,7 @@ def optuna_worker(path: Path, work: Path) -> None:
 
         def report(step: int, value: float) -> None:
             trial.report(value, step)
-            if trial.should_prune():
+            if step < cfg.train.max_steps and trial.should_prune():  # as tuneloop: no prune at the final report
                 raise optuna.TrialPruned()
 
         stop = TargetStop(cfg, cases["val"], report=report, keep_best=True)

@@ -85,3 +85,30 @@ def test_pruner_settings_are_parsed_with_clear_errors():
         backtest.parse_pruners("median:3", base)
     with pytest.raises(ValueError, match="pruner 'best'"):
         backtest.parse_pruners("best", base)
+
+
+def test_a_trial_is_pruned_only_when_even_its_upper_bound_is_behind():
+    """A verdict of 0.1 whose bound reaches 0.95 may be as good as the completed trials (their
+    median at step 10 is 0.75): the pruner keeps it. With the bound closed at 0.3 it is pruned."""
+    def third(bound):
+        record = TrialRecord(number=2, run_id="s-t02", params={"train.learning_rate": 3}, state="running",
+                             values={10: 0.1}, bounds={10: bound}, steps=12)
+        return backtest.Trace(record, [(at(210), 10, 0.1)], None)
+
+    kept = backtest.run_pruner(spec(), spec().pruner, recording()[:2] + [third([0.02, 0.95])])
+    assert kept.pruned == []
+    pruned = backtest.run_pruner(spec(), spec().pruner, recording()[:2] + [third([0.02, 0.3])])
+    assert pruned.pruned == [2] and pruned.fates[2].pruned_at == 10
+
+
+def test_no_trial_is_pruned_at_its_final_report():
+    """Trial 2 is ahead of the completed trials' median at steps 10 and 20 and falls behind
+    (its best, 0.88, under their 0.925) only at step 30, its last (budget 30): there is nothing left to save,
+    and its test score, not the pruner, says what it is worth. With a budget of 40 it is pruned."""
+    def third(budget):
+        record = TrialRecord(number=2, run_id="s-t02", params={"train.learning_rate": 3}, state="complete",
+                             values={10: 0.76, 20: 0.88, 30: 0.1}, value=0.5, steps=30, budget=budget)
+        return backtest.Trace(record, [(at(210), 10, 0.76), (at(220), 20, 0.88), (at(230), 30, 0.1)], at(240))
+
+    assert backtest.run_pruner(spec(), spec().pruner, recording()[:2] + [third(30)]).pruned == []
+    assert backtest.run_pruner(spec(), spec().pruner, recording()[:2] + [third(40)]).pruned == [2]

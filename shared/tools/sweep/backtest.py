@@ -110,7 +110,8 @@ def run_pruner(spec: SweepSpec, pruner: Pruner, traces: list[Trace]) -> PrunerRe
             continue
         if kind == 0:
             last[n] = (step, score)
-            if search.report(trials[n], step, score):
+            record = by_number[n].record
+            if search.report(trials[n], step, score, search.upper_of(record, step)) and search.prunable(record, step):
                 prune(n, step)
             continue
         record = by_number[n].record
@@ -123,7 +124,7 @@ def run_pruner(spec: SweepSpec, pruner: Pruner, traces: list[Trace]) -> PrunerRe
         else:
             search.tell(study, trials[n], record)
         for m in sorted(by_number):  # as the driver's judge_again: the others, against the new ending
-            if m not in stopped and m in last and trials[m].should_prune():
+            if m not in stopped and m in last and search.prunable(by_number[m].record, last[m][0]) and trials[m].should_prune():
                 prune(m, last[m][0])
     return out
 

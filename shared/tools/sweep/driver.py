@@ -312,7 +312,8 @@ class Sweep:
                 return
         trial = Trial(record, optuna_trial)
         await self.launch(trial, queue=not ended)
-        if not ended and not self.pbt and record.values and optuna_trial.should_prune():  # it fell behind before the sweep died
+        if (not ended and not self.pbt and record.values and self.may_prune(trial, max(record.values))
+                and optuna_trial.should_prune()):  # it fell behind before the sweep died
             trail = await self.bus.audit_trail(record.run_id)
             trial.prune_sent = True
             if not any(isinstance(e, Control) and e.command == "prune" for e in trail):  # else it is on its way
@@ -372,11 +373,14 @@ class Sweep:
             return  # another kind, or seen before (a replay after a restart)
         score = v.scores.get(self.metric, 0.0)
         trial.record.values[v.step] = score
+        if self.metric in v.bounds:
+            trial.record.bounds[v.step] = list(v.bounds[self.metric])
+        trial.record.budget = self.max_steps(trial.record)
         await self.store.put(trial.record)
         if self.pbt:
             return  # compared in rounds (pbt_rounds), once every member has reached the step
-        behind = search.report(trial.optuna, v.step, score)
-        if behind and not trial.prune_sent and trial.finished is None:
+        behind = search.report(trial.optuna, v.step, score, search.upper_of(trial.record, v.step))
+        if behind and self.may_prune(trial, v.step):
             trial.prune_sent = True
             asyncio.create_task(self.prune(trial, v.step, score))
 
@@ -387,9 +391,9 @@ class Sweep:
         for t in self.live.values():
             if t.optuna is None:
                 continue
-            if t.finished is None and not t.prune_sent and t.record.values and t.optuna.should_prune():
-                t.prune_sent = True
+            if t.record.values and self.may_prune(t, max(t.record.values)) and t.optuna.should_prune():
                 step = max(t.record.values)
+                t.prune_sent = True
                 asyncio.create_task(self.prune(t, step, t.record.values[step]))
 
     # ------------------------------------------------------------ population-based training
@@ -485,6 +489,12 @@ class Sweep:
             return
         if not isinstance(answer, ControlApplied):  # resumed after a restart, it was not paused: nothing to do
             log.info("%s: resume at step %d: %s", record.run_id, step, getattr(answer, "reason", answer))
+
+    def may_prune(self, trial: Trial, step: int) -> bool:
+        """A prune can still save steps: the trial trains on, and its verdict at ``step`` is not
+        its final report (at its last step there is nothing left to save, and a fair pruner
+        leaves the result to the trial's test score)."""
+        return not trial.prune_sent and trial.finished is None and step < self.max_steps(trial.record)
 
     def max_steps(self, record: TrialRecord) -> int:
         if record.number not in self.budgets:

@@ -8,6 +8,7 @@ told again. So a restarted sweep samples and prunes knowing everything that happ
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Literal
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, Field
 from .spec import SweepSpec, Value, grid
 
 log = logging.getLogger(__name__)
+UPPER = "tuneloop_upper"  # Optuna user attribute: step -> the upper bound of the trial's verdict there
 State = Literal["running", "complete", "pruned", "failed"]
 
 
@@ -27,9 +29,14 @@ class TrialRecord(BaseModel):
     params: dict[str, Value]
     state: State = "running"
     values: dict[int, float] = Field(default_factory=dict, description="Training step -> the metric on val.")
+    bounds: dict[int, list[float]] = Field(default_factory=dict, description=(
+        "Training step -> [lower, upper] of the metric on val, where the verdict had bounds "
+        "(feedback.confidence > 0): the pruner judges the upper one."))
     value: float | None = Field(default=None, description="The metric of the exported model on test: the trial's result.")
     test: dict[str, float] | None = None
     steps: int | None = None
+    budget: int | None = Field(default=None, description=(
+        "Its run's train.max_steps: its verdict there is its final report, which no pruner acts on."))
     stop_reason: str | None = None
     pruned_at: int | None = Field(default=None, description="The step its training stopped at, pruned.")
     judged_at: int | None = Field(default=None, description=(
@@ -65,7 +72,24 @@ def make_study(spec: SweepSpec, drawn: int = 0):
         "none": optuna.pruners.NopPruner,
     }
     return optuna.create_study(study_name=spec.name, direction="maximize",
-                               sampler=samplers[spec.sampler](seed=spec.seed + drawn), pruner=pruners[p.kind]())
+                               sampler=samplers[spec.sampler](seed=spec.seed + drawn), pruner=optimistic(pruners[p.kind]()))
+
+
+def optimistic(inner):
+    """``inner`` judging each trial at the top of its bounds: a trial is pruned only when even
+    the upper bound of its verdict is behind what the pruner compares it with (the other
+    trials' scores). A verdict without bounds is judged on its score, as Optuna does."""
+    import optuna
+
+    class Optimistic(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            upper = trial.user_attrs.get(UPPER) or {}
+            if upper:
+                trial = copy.copy(trial)
+                trial.intermediate_values = {s: max(v, upper.get(str(s), v)) for s, v in trial.intermediate_values.items()}
+            return inner.prune(study, trial)
+
+    return Optimistic()
 
 
 def distributions(spec: SweepSpec) -> dict:
@@ -97,10 +121,24 @@ def next_params(spec: SweepSpec, records: list[TrialRecord]) -> dict[str, Value]
     return next((p for p in grid(spec) if p not in taken), None)
 
 
-def report(trial, step: int, value: float) -> bool:
-    """Tell Optuna the trial's verdict at ``step``; True when its pruner says the trial fell behind."""
+def report(trial, step: int, value: float, upper: float | None = None) -> bool:
+    """Tell Optuna the trial's verdict at ``step`` (``upper``: its upper bound, where it has one);
+    True when its pruner says the trial fell behind."""
+    if upper is not None:
+        trial.set_user_attr(UPPER, {**(trial.user_attrs.get(UPPER) or {}), str(step): upper})
     trial.report(value, step)
     return trial.should_prune()
+
+
+def prunable(record: TrialRecord, step: int) -> bool:
+    """A prune at ``step`` would still save training: not the trial's final report."""
+    return record.budget is None or step < record.budget
+
+
+def upper_of(record: TrialRecord, step: int) -> float | None:
+    """The upper bound of ``record``'s verdict at ``step``, if it had bounds."""
+    b = record.bounds.get(step)
+    return b[1] if b else None
 
 
 def tell(study, trial, record: TrialRecord) -> None:
@@ -123,7 +161,7 @@ def rebuild(study, spec: SweepSpec, records: list[TrialRecord]) -> dict[int, obj
         if trial.number != record.number:  # a study is rebuilt in order, so numbers must agree
             raise RuntimeError(f"replaying trial {record.number} gave Optuna trial {trial.number}")
         for step, value in sorted(record.values.items()):
-            report(trial, step, value)  # pruners that keep state (successive halving) rebuild it
+            report(trial, step, value, upper_of(record, step))  # pruners that keep state (successive halving) rebuild it
         if record.state == "running":
             running[record.number] = trial
         else:
