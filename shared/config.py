@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -277,7 +277,10 @@ class TrainSection(_Section):
             "over the processes (transformers' tp_plan, GPUs); pipeline: one process, the layers placed over "
             "the visible GPUs (device_map), for a model too large for one GPU."))
     optimizer: OptimizerSection = OptimizerSection()
-    max_steps: int = Field(default=300, ge=1)
+    max_steps: int = Field(default=300, ge=1, description="Optimizer steps to train (unless train.epochs is set).")
+    epochs: float | None = Field(default=None, gt=0, description=(
+        "Or passes over the train split (1.5: one and a half); the trainer turns it into steps once the data is "
+        "prepared and reports them with every step. Set, it replaces max_steps."))
     batch_size: int = Field(default=32, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=3e-3, gt=0)
@@ -302,6 +305,24 @@ class TrainSection(_Section):
     lora: LoraSection = LoraSection()
     dpo: DPOSection = DPOSection()
     grpo: GRPOSection = GRPOSection()
+    trl: dict[str, Any] = Field(default_factory=dict, description=(
+        "Fields passed as they are to the installed TRL config of the method (SFTConfig, DPOConfig, GRPOConfig): "
+        "what tuneloop does not name, e.g. {neftune_noise_alpha: 5, packing: true}. Checked against that "
+        "dataclass: an unknown field is refused, and so is one a tuneloop key sets (the error names the key)."))
+
+    @model_validator(mode="after")
+    def _trl_fields_known(self) -> "TrainSection":
+        from .trl_options import check
+
+        check(self.method, self.trl)  # imports trl only when train.trl has fields
+        return self
+
+    @model_validator(mode="after")
+    def _epochs_or_barriers(self) -> "TrainSection":
+        if self.epochs is not None and self.pause_every is not None:
+            raise ValueError("train.pause_every (a PBT sweep's barriers) compares members at shared steps: "
+                             "set train.max_steps, not train.epochs")
+        return self
 
     @model_validator(mode="after")
     def _pause_on_a_checkpoint(self) -> "TrainSection":

@@ -120,6 +120,18 @@ def trl_args(cfg: Config, out_dir: Path):
     """TRL's config for the method, from ours: the same for the service and for plain-TRL baselines."""
     import trl
 
+    tc, owned = cfg.train, trl_kwargs(cfg, out_dir)
+    try:
+        return getattr(trl, METHODS[tc.method][0])(**owned, **tc.trl)
+    except (TypeError, ValueError) as e:
+        if not tc.trl:
+            raise
+        raise ValueError(f"train.trl {tc.trl}: {METHODS[tc.method][0]} refused it: {e}") from e
+
+
+def trl_kwargs(cfg: Config, out_dir: Path) -> dict:
+    """What tuneloop's keys set in TRL's config (``trl_options.OWNED`` names each one, so that
+    ``train.trl`` cannot set it a second time)."""
     tc = cfg.train
     use_cpu, dtype = not uses_cuda(cfg), precision(cfg)
     checkpointing = _checkpointing_arg()
@@ -138,6 +150,8 @@ def trl_args(cfg: Config, out_dir: Path):
         common.update(fsdp=True, fsdp_config={"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                               "reshard_after_forward": True})
     common.update(optimizer_args(tc.optimizer))
+    if tc.epochs is not None:  # the Trainer turns epochs into steps from the data loader's length
+        common.update(max_steps=-1, num_train_epochs=tc.epochs)
     if tc.method == "sft":
         extra = dict(max_length=tc.max_length)
     elif tc.method == "dpo":
@@ -146,7 +160,7 @@ def trl_args(cfg: Config, out_dir: Path):
         g = tc.grpo
         extra = dict(num_generations=g.num_generations, max_completion_length=g.max_completion_length,
                      temperature=g.temperature, beta=g.beta, loss_type=g.loss_type)
-    return getattr(trl, METHODS[tc.method][0])(**common, **extra)
+    return {**common, **extra}
 
 
 def optimizer_args(opt) -> dict:
@@ -348,7 +362,8 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, 
         args.ignore_data_skip = True  # the new data set starts at its beginning
         log.info("switching to data set %s at step %d", dataset.dataset_id, trainer.state.global_step)
     step = trainer.state.global_step
-    reason, detail = callback.stop_reason or ("completed", f"reached max_steps {tc.max_steps}")
+    planned = f"{tc.epochs:g} epochs ({trainer.state.max_steps} steps)" if tc.epochs else f"max_steps {tc.max_steps}"
+    reason, detail = callback.stop_reason or ("completed", f"reached {planned}")
     tps, peak = callback.tokens_per_second, peak_memory_mb(not args.use_cpu)
     log.info("training finished at step %d (%s: %s), loss %.4f, %s tokens/s, peak memory %.0f MB, batch %d",
              step, reason, detail, result.training_loss, f"{tps:.0f}" if tps else "-", peak, trainer._train_batch_size)

@@ -17,8 +17,22 @@ from rich.console import Console
 from .. import controls
 from ..config import ConfigError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tuning as event-driven microservices over NATS.")
+app = typer.Typer(no_args_is_help=True, help="Fine-tuning as event-driven microservices over NATS.")
 console = Console()
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import version
+
+        typer.echo(f"tuneloop {version('tuneloop')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    """Fine-tuning as event-driven microservices over NATS."""
 NATS_URL = typer.Option(None, "--nats-url", envvar="NATS_URL", help="Use this NATS server instead of the run's own.")
 STORAGE = typer.Option(Path("runs"), "--storage", envvar="TUNELOOP_STORAGE", help="Root of the run directories.")
 
@@ -30,14 +44,22 @@ def run(
     run_id: Optional[str] = typer.Option(None, help="Run id (default: <run.name>-<timestamp>)."),
     evaluators: int = typer.Option(1, min=1, help="Evaluator processes."),
     processes: Optional[int] = typer.Option(None, min=1, help="Training processes (default: train.processes)."),
+    sets: list[str] = typer.Option([], "--set", help="KEY=VALUE, a change to the config (train.learning_rate=5e-4, "
+                                                       "train.trl.neftune_noise_alpha=5); repeat it."),
 ) -> None:
     """Run a whole job on this machine: NATS, the five services, progress, summary."""
+    from .fork import ForkRefused, parse_sets
     from .runner import RunFailed, run_job
     from .summary import print_summary
 
     try:
+        changes = parse_sets(sets)
+    except ForkRefused as e:
+        console.print(f"[red]config error:[/] {e}")
+        raise typer.Exit(2)
+    try:
         summary = run_job(config, nats_url=nats_url, run_id=run_id, evaluators=evaluators, processes=processes,
-                          console=console)
+                          console=console, sets=changes)
     except ConfigError as e:
         console.print(f"[red]config error:[/] {e}")
         raise typer.Exit(2)

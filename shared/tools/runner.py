@@ -50,15 +50,18 @@ def new_run_id(cfg: Config) -> str:
 
 
 def run_job(config_path: Path, *, nats_url: str | None = None, run_id: str | None = None, evaluators: int = 1,
-            processes: int | None = None, console: Console | None = None) -> RunSummary | JobSummary:
-    """The job of ``config_path``: one run, or one run per phase when the config has ``phases``."""
+            processes: int | None = None, console: Console | None = None, sets: dict | None = None) -> RunSummary | JobSummary:
+    """The job of ``config_path``: one run, or one run per phase when the config has ``phases``;
+    ``sets``: dotted keys to change (``--set``), ``processes`` the training processes."""
     console = console or Console()
     cfg = load_config(config_path, functions=True)
-    if processes:
+    changes = {**(sets or {}), **({"train.processes": processes} if processes else {})}
+    if changes:
         try:
-            cfg = cfg.with_overrides({"train.processes": processes})
+            cfg = cfg.with_overrides(changes)
         except ValueError as e:
-            raise ConfigError(f"{config_path} with --processes {processes}: {e}") from e
+            said = ", ".join(f"{k}={v}" for k, v in changes.items())
+            raise ConfigError(f"{config_path} with {said}: {e}") from e
     job_id = run_id or new_run_id(cfg)
     storage = cfg.resolve(cfg.run.output_dir).resolve()
     server = None

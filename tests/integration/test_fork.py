@@ -16,7 +16,7 @@ from PIL import Image
 from helpers import TUNELOOP_CLI, tiny_config
 from tuneloop.config import dump_config
 from tuneloop.events import StepMetrics
-from tuneloop.storage import RunDir
+from tuneloop.storage import RunDir, load_run_config
 from tuneloop.tools.report import read_timeline
 
 pytestmark = pytest.mark.integration
@@ -44,12 +44,15 @@ def tuneloop(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fork")
-    cfg = tiny_config(tmp, max_steps=30, save_steps=10, logging_steps=1)
-    cfg.feedback.min_step = 10**6  # trains its 30 steps whatever the verdicts say
+    cfg = tiny_config(tmp, max_steps=20, save_steps=10, logging_steps=1)
     dump_config(cfg, tmp / "parent.yaml")
-    done = tuneloop("run", str(tmp / "parent.yaml"), "--run-id", PARENT)
+    # `run --set` changes the file's settings: 30 steps whatever the verdicts say
+    done = tuneloop("run", str(tmp / "parent.yaml"), "--run-id", PARENT, "--set", "train.max_steps=30",
+                    "--set", f"feedback.min_step={10**6}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     storage = tmp / "runs"
+    ran = load_run_config(storage, PARENT)
+    assert (ran.train.max_steps, ran.feedback.min_step) == (30, 10**6)
     return storage, losses(storage, PARENT)
 
 

@@ -92,3 +92,21 @@ def test_runs_reads_the_typed_summaries_and_says_when_one_is_broken(tmp_path):
     steps, stopped, test = summary_row(tmp_path / "summary.json")
     assert (steps, test) == ("-", None) and stopped.startswith("unreadable summary.json: ")
     assert summary_row(tmp_path / "none.json") == ("-", "-", None)
+
+
+def test_run_set_changes_are_checked_like_the_file_and_a_malformed_one_is_named(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {sources: [{path: x.jsonl}]}\n")
+    for change, says in (("train.max_steps=0", "train.max_steps=0"), ("train.max_steps=0", "greater than or equal to 1"),
+                         ("train.trl.neftune_noise_alfa=5", "did you mean neftune_noise_alpha"),
+                         ("train.max_steps", "expected KEY=VALUE")):
+        result = runner.invoke(app, ["run", str(cfg), "--set", change])
+        assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_version_is_the_installed_one():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"tuneloop {version('tuneloop')}"

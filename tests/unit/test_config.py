@@ -173,3 +173,50 @@ def test_every_metric_the_config_steers_by_is_one_its_task_reports(tmp_path):
     assert load_config(path).feedback.metric == "answer_line"  # the default: the task's first metric
     path.write_text(data)
     assert load_config(path).feedback.metric == "exact"  # nothing declared: exact, which every data set has
+
+
+def test_train_trl_passes_what_tuneloop_does_not_name_and_refuses_the_rest_naming_the_key(tmp_path):
+    """A field of the installed TRL config reaches it; a misspelt one is refused with the close
+    name; one tuneloop sets is refused with the tuneloop key; DPO's own fields are checked
+    against DPOConfig, not SFTConfig."""
+    from helpers import tiny_config
+    from tuneloop.trainer import recipe
+
+    args = recipe.trl_args(tiny_config(tmp_path, trl={"neftune_noise_alpha": 5.0, "packing": True}), tmp_path)
+    assert args.neftune_noise_alpha == 5.0 and args.packing
+    p = tmp_path / "c.yaml"
+    for train, says in (("{trl: {neftune_noise_alfa: 5}}", "trl.neftune_noise_alfa: SFTConfig of the installed TRL has no "
+                                                           "field 'neftune_noise_alfa' (did you mean neftune_noise_alpha?)"),
+                        ("{trl: {learning_rate: 1}}", "trl.learning_rate: SFTConfig.learning_rate is tuneloop's to set, "
+                                                      "from train.learning_rate"),
+                        ("{trl: {report_to: [wandb]}}", "from run.report_to"),
+                        ("{method: dpo, trl: {packing: true}}", "DPOConfig of the installed TRL has no field 'packing'")):
+        p.write_text(f"data: {{sources: [{{path: x.jsonl}}]}}\ntrain: {train}\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(p)
+        assert str(p) in str(e.value) and says in str(e.value), str(e.value)
+    p.write_text("data: {sources: [{path: x.jsonl}]}\ntrain: {method: dpo, trl: {ld_alpha: 0.5}}\n")
+    assert load_config(p).train.trl == {"ld_alpha": 0.5}
+
+
+def test_every_trl_field_tuneloop_sets_is_refused_in_train_trl(tmp_path):
+    """The table of owned fields keeps up with trl_args: whatever tuneloop passes to TRL (any
+    method, epochs or steps, fsdp) is named there, so train.trl can never set it a second time."""
+    from helpers import tiny_config
+    from tuneloop.trainer import recipe
+    from tuneloop.trl_options import OWNED
+
+    for train in ({}, {"epochs": 2.0}, {"method": "dpo"}, {"method": "grpo", "batch_size": 4},
+                  {"optimizer": {"name": "sgd"}}):
+        passed = recipe.trl_kwargs(tiny_config(tmp_path, **train), tmp_path)
+        assert set(passed) <= set(OWNED), (train, sorted(set(passed) - set(OWNED)))
+
+
+def test_epochs_replace_max_steps_and_are_refused_where_steps_are_compared(tmp_path):
+    from helpers import tiny_config
+    from tuneloop.trainer import recipe
+
+    args = recipe.trl_args(tiny_config(tmp_path, epochs=1.5), tmp_path)
+    assert args.max_steps == -1 and args.num_train_epochs == 1.5
+    with pytest.raises(ValidationError, match="set train.max_steps, not train.epochs"):
+        tiny_config(tmp_path, epochs=1.0, pause_every=50, save_steps=50)

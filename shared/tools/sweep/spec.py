@@ -216,6 +216,9 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Config]:
         first = trial_config(spec, base, {}, spec.name)
     except ValueError as e:
         raise ConfigError(f"{path}: overrides make an invalid config: {e}") from None
+    if first.train.epochs is not None or "train.epochs" in spec.params:
+        raise ConfigError(f"{path}: a sweep compares trials at steps (pruner, budgets, PBT barriers): set "
+                          "train.max_steps, not train.epochs")
     if spec.sampler == "pbt" and first.eval.every is not None:
         raise ConfigError(f"{path}: sampler pbt copies members at their evaluated checkpoints: leave eval.every unset "
                           f"(it is {first.eval.every}), the verdicts then come every train.save_steps")
