@@ -8,8 +8,9 @@ import json
 import os
 import signal
 from collections.abc import Iterator
+from enum import IntEnum
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -19,6 +20,26 @@ from ..config import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="Fine-tuning as event-driven microservices over NATS.")
 console = Console()
+err_console = Console(stderr=True)
+
+
+class Code(IntEnum):
+    """Exit codes, one per kind of failure, so that a script can tell them apart (the table is in
+    docs/events-and-controls.md). Typer's own usage errors are 2 as well."""
+
+    FAILED = 1         # the work ran and failed: a run failed, a control was rejected, no test score
+    USAGE = 2          # the command line or a config cannot be used as given
+    UNREACHABLE = 3    # no NATS server answered
+    REFUSED = 4        # refused: by the server's permissions, or as unsafe (would overwrite, damaged, not sent)
+    NOT_FOUND = 5      # no such run, checkpoint, proposal or recording
+    TIMEOUT = 6        # nobody answered in time
+    INTERRUPTED = 130  # Ctrl-C, SIGTERM, SIGHUP
+
+
+def fail(message: str, code: Code) -> NoReturn:
+    """Say what went wrong, on stderr, and exit with ``code``."""
+    err_console.print(message, soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def _version(shown: bool) -> None:
@@ -55,22 +76,19 @@ def run(
     try:
         changes = parse_sets(sets)
     except ForkRefused as e:
-        console.print(f"[red]config error:[/] {e}")
-        raise typer.Exit(2)
+        fail(f"[red]config error:[/] {e}", Code.USAGE)
     try:
         summary = run_job(config, nats_url=nats_url, run_id=run_id, evaluators=evaluators, processes=processes,
                           console=console, sets=changes)
     except ConfigError as e:
-        console.print(f"[red]config error:[/] {e}")
-        raise typer.Exit(2)
+        fail(f"[red]config error:[/] {e}", Code.USAGE)
     except RunFailed as e:
-        console.print(f"[red]run failed:[/] {e}")
-        raise typer.Exit(1)
+        fail(f"[red]run failed:[/] {e}", Code.FAILED)
     except KeyboardInterrupt:
-        raise typer.Exit(130)
+        raise typer.Exit(Code.INTERRUPTED)
     print_summary(summary, console)
     if summary.test is None:
-        raise typer.Exit(1)
+        raise typer.Exit(Code.FAILED)
 
 
 @app.command()
@@ -88,19 +106,21 @@ def fork(
     evaluators: int = typer.Option(1, min=1, help="Evaluator processes (run here)."),
 ) -> None:
     """A new run from a checkpoint of RUN, some settings changed; RUN itself is left as it is."""
-    from .fork import ForkRefused, make, plan
+    from .fork import ForkNotFound, ForkRefused, ForkUsage, make, plan
     from .runner import RunFailed, announce_fork, run_fork
     from .summary import print_summary
 
     if queue and not nats_url:
-        console.print("[red]--queue needs --nats-url: the pools' bus[/]")
-        raise typer.Exit(2)
+        fail("[red]--queue needs --nats-url: the pools' bus[/]", Code.USAGE)
     try:
         f = plan(storage, run_id, at, sets, weights_only, name)
         make(f, storage)
-    except (ForkRefused, ConfigError) as e:
-        console.print(f"[red]cannot fork {run_id}:[/] {e}")
-        raise typer.Exit(2)
+    except ForkNotFound as e:
+        fail(f"[red]cannot fork {run_id}:[/] {e}", Code.NOT_FOUND)
+    except (ForkUsage, ConfigError) as e:
+        fail(f"[red]cannot fork {run_id}:[/] {e}", Code.USAGE)
+    except ForkRefused as e:
+        fail(f"[red]cannot fork {run_id}:[/] {e}", Code.REFUSED)
     console.print(f"forked [cyan]{run_id}[/] at step {f.step} into [cyan]{f.child}[/] "
                   f"({'weights only' if weights_only else 'full state'}; changed: {f.changed or 'nothing'})")
     if queue:
@@ -110,8 +130,7 @@ def fork(
     try:
         summary = run_fork(f, storage, nats_url=nats_url, evaluators=evaluators, console=console)
     except RunFailed as e:
-        console.print(f"[red]run failed:[/] {e}")
-        raise typer.Exit(1)
+        fail(f"[red]run failed:[/] {e}", Code.FAILED)
     print_summary(summary, console)
 
 
@@ -131,14 +150,12 @@ def sweep(
     try:
         summary = run_sweep(file, nats_url=nats_url, console=console)
     except ConfigError as e:
-        console.print(f"[red]sweep error:[/] {e}")
-        raise typer.Exit(2)
+        fail(f"[red]sweep error:[/] {e}", Code.USAGE)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: run the same command to continue the sweep[/]")
-        raise typer.Exit(130)
+        fail("[yellow]interrupted: run the same command to continue the sweep[/]", Code.INTERRUPTED)
     print_sweep(summary, console)
     if summary.best is None:
-        raise typer.Exit(1)
+        raise typer.Exit(Code.FAILED)
 
 
 @app.command()
@@ -161,8 +178,7 @@ def init(
         check_run_id(run_id)
         rdir = init_run(load_config(config, functions=True), run_id, storage.resolve())
     except (ConfigError, ValueError) as e:
-        console.print(f"[red]{e}[/]")
-        raise typer.Exit(2)
+        fail(f"[red]{e}[/]", Code.USAGE)
     console.print(f"run {run_id}: {rdir}")
 
 
@@ -188,8 +204,7 @@ def queue(
         check_run_id(run_id)
         rdir = init_run(load_config(config, functions=True).with_overrides(parse_sets(sets)), run_id, storage.resolve())
     except (ConfigError, ValueError) as e:
-        console.print(f"[red]{e}[/]")
-        raise typer.Exit(2)
+        fail(f"[red]{e}[/]", Code.USAGE)
 
     async def go() -> None:
         async with await Bus.connect(nats_url, "queue", patience=CONNECT_PATIENCE_S) as bus:
@@ -213,8 +228,7 @@ def provision(nats_url: str = typer.Option(..., "--nats-url", envvar="NATS_URL",
     try:
         nodes, made = asyncio.run(go())
     except BusError as e:
-        console.print(f"[red]{e}[/]", soft_wrap=True)
-        raise typer.Exit(2)
+        fail(f"[red]{e}[/]", Code.FAILED)
     where = f"a {nodes}-node cluster" if nodes > 1 else "one server"
     console.print(f"provisioned on {nats_url} ({where}): " + ", ".join(f"{name} R{r}" for name, r in made.items()),
                   soft_wrap=True)
@@ -242,21 +256,17 @@ def ctl(
     try:  # a guard that cannot parse is named here, before anything is sent
         controls.check_guard(command, guard, within)
     except controls.Rejected as e:
-        console.print(f"[red]not sent: {e}[/]", soft_wrap=True)
-        raise typer.Exit(2)
+        fail(f"[red]not sent: {e}[/]", Code.USAGE)
     url = nats_url or _run_url(storage, run_id)
     try:
         answer = asyncio.run(send_control(url, run_id, command, controls.parse_value(command, value),
                                           timeout=timeout, live_only=True, guard=guard, within=within))
     except ValidationError as e:  # refused before anything is sent (e.g. an empty command)
-        console.print(f"[red]not a valid control: {explain(e)}[/]")
-        raise typer.Exit(2)
+        fail(f"[red]not a valid control: {explain(e)}[/]", Code.USAGE)
     except ControlRefused as e:
-        console.print(f"[red]not sent: {e}[/]", soft_wrap=True)
-        raise typer.Exit(2)
+        fail(f"[red]not sent: {e}[/]", Code.REFUSED)
     except TimeoutError as e:
-        console.print(f"[red]{e}[/]")
-        raise typer.Exit(2)
+        fail(f"[red]{e}[/]", Code.TIMEOUT)
     _print_answer(answer)
 
 
@@ -271,8 +281,7 @@ def _print_answer(answer) -> None:
         console.print(f"[yellow]proposed[/] {answer.command} at step {answer.step} (proposal {answer.event_id}): "
                       f"waiting for `tuneloop approve {answer.run_id} {answer.event_id}`", soft_wrap=True)
     else:
-        console.print(f"[red]rejected[/] {answer.command} at step {answer.step}: {answer.reason}")
-        raise typer.Exit(1)
+        fail(f"[red]rejected[/] {answer.command} at step {answer.step}: {answer.reason}", Code.FAILED)
 
 
 def _decision(approve: bool, doc: str):
@@ -318,11 +327,9 @@ def _decide(run_id: str, proposal_id: Optional[str], approve: bool, reason: str,
     try:
         answer = asyncio.run(decide_proposal(url, run_id, proposal_id, approve, reason, timeout=timeout))
     except TimeoutError as e:  # (an identity other than the operator is refused by the server: exit 4, see main)
-        console.print(f"[red]{e}[/]")
-        raise typer.Exit(2)
+        fail(f"[red]{e}[/]", Code.TIMEOUT)
     if answer.outcome == "unknown":
-        console.print(f"[red]{answer.reason}[/]", soft_wrap=True)
-        raise typer.Exit(1)
+        fail(f"[red]{answer.reason}[/]", Code.NOT_FOUND)
     console.print(f"{answer.outcome} {answer.command} at step {answer.step}: "
                   f"{'applied' if answer.applied else 'not applied'}" + (f" ({answer.reason})" if answer.reason else ""),
                   soft_wrap=True)
@@ -346,14 +353,14 @@ def data(
         try:
             weights[name] = float(num)
         except ValueError:
-            console.print(f"[red]--weight {w!r}: expected SOURCE=NUMBER[/]")
-            raise typer.Exit(2)
+            fail(f"[red]--weight {w!r}: expected SOURCE=NUMBER[/]", Code.USAGE)
     url = nats_url or _run_url(storage, run_id)
     try:
         ready = asyncio.run(request_mixture(url, run_id, weights, timeout=timeout))
-    except (TimeoutError, MixtureRefused) as e:
-        console.print(f"[red]{e}[/]")
-        raise typer.Exit(1)
+    except TimeoutError as e:
+        fail(f"[red]{e}[/]", Code.TIMEOUT)
+    except MixtureRefused as e:
+        fail(f"[red]{e}[/]", Code.REFUSED)
     rows = {k: v.rows for k, v in ready.splits.items()}
     console.print(f"data set [bold]{ready.dataset_id}[/]: mixture {ready.mixture}, rows {rows}")
     if apply:
@@ -418,12 +425,11 @@ def export(
     rdir = run_dir(storage, run_id)
     ckpt = latest_complete(RunDir(rdir).checkpoints) if step is None else folder(RunDir(rdir).checkpoints, step)
     if ckpt is None or not is_complete(ckpt):
-        console.print(f"[red]no complete checkpoint {'' if step is None else f'for step {step} '}under {rdir / 'checkpoints'}[/]")
-        raise typer.Exit(2)
+        fail(f"[red]no complete checkpoint {'' if step is None else f'for step {step} '}under {rdir / 'checkpoints'}[/]",
+             Code.NOT_FOUND)
     problem = verify(ckpt)
     if problem:
-        console.print(f"[red]{problem}[/]; not exporting it", soft_wrap=True)
-        raise typer.Exit(2)
+        fail(f"[red]{problem}[/]; not exporting it", Code.REFUSED)
     cfg = load_run_config(storage, run_id)
     base = resolve_model(rdir, base_ref(cfg))
     adapter = cfg.train.lora.enabled
@@ -435,8 +441,7 @@ def export(
         else:
             path = exporter.export_adapter(ckpt, base, dest, force=force)
     except exporter.DestinationInUse as e:
-        console.print(f"[red]{e}[/]", soft_wrap=True)
-        raise typer.Exit(2)
+        fail(f"[red]{e}[/]", Code.REFUSED)
     console.print(f"exported {ckpt.name} as {kind}: {path}", soft_wrap=True)
 
 
@@ -454,7 +459,7 @@ def watch(
         with _reading(storage, run_id, nats_url) as url:
             asyncio.run(watch_run(url, run_id, console, exit_when_done=not follow))
     except KeyboardInterrupt:
-        raise typer.Exit(130)
+        raise typer.Exit(Code.INTERRUPTED)
 
 
 @app.command()
@@ -509,8 +514,7 @@ def checkpoints(
     # damaged ones the trainer moved aside
     aside = sorted(p.name for p in RunDir(rdir).checkpoints.glob(f"{PREFIX}*") if step_of(p) is None)
     if not folders:
-        console.print(f"[red]no checkpoints under {rdir / 'checkpoints'}[/]")
-        raise typer.Exit(2)
+        fail(f"[red]no checkpoints under {rdir / 'checkpoints'}[/]", Code.NOT_FOUND)
     scores = {e.step: e.scores for e in _events(run_id, storage, nats_url)
               if isinstance(e, EvalVerdict) and e.purpose == "periodic"}
     names = shown_of(next(reversed(scores.values()))) if scores else []
@@ -540,8 +544,7 @@ def report(
     try:
         png, page = write_report(run_dir(storage, run_id), _events(run_id, storage, nats_url), out)
     except ValueError as e:
-        console.print(f"[red]{e}[/]")
-        raise typer.Exit(1)
+        fail(f"[red]{e}[/]", Code.FAILED)
     console.print(f"wrote {png} and {page}", soft_wrap=True)
 
 
@@ -572,9 +575,8 @@ def replay_run(
     if (storage / run_id / "sweep.json").is_file():
         return _replay_sweep(run_id, pruner, warmup_steps, startup_trials, pbt, storage, nats_url)
     if pruner or warmup_steps is not None or startup_trials is not None or pbt:
-        console.print(f"[red]{run_id} is a run, not a sweep: --pruner, --warmup-steps, --startup-trials and --pbt are "
-                      "for sweeps (a run's policy takes --feedback)[/]")
-        raise typer.Exit(2)
+        fail(f"[red]{run_id} is a run, not a sweep: --pruner, --warmup-steps, --startup-trials and --pbt are "
+             "for sweeps (a run's policy takes --feedback)[/]", Code.USAGE)
     from . import backtest
     from ..events import EvalVerdict, Feedback, StepMetrics, TrainingFinished
     from ..storage import load_run_config
@@ -584,12 +586,10 @@ def replay_run(
     try:
         tries = backtest.grid(grid, recorded, metrics) if grid else [backtest.parse_settings(feedback, recorded, metrics)]
     except ValueError as e:
-        console.print(f"[red]{e}[/]")
-        raise typer.Exit(2)
+        fail(f"[red]{e}[/]", Code.USAGE)
     events = _events(run_id, storage, nats_url, kinds=(StepMetrics, EvalVerdict, Feedback, TrainingFinished))
     if not backtest.verdicts_seen(events):
-        console.print(f"[red]run {run_id} has no recorded verdicts to replay[/]")
-        raise typer.Exit(2)
+        fail(f"[red]run {run_id} has no recorded verdicts to replay[/]", Code.NOT_FOUND)
     results = [backtest.backtest(events, recorded, s) for s in tries]
     live = results[0].live
     t = Table(title=f"replay of {run_id}: {len(backtest.verdicts_seen(events))} verdicts, ended at step "
@@ -624,8 +624,7 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
 
     summary = json.loads((storage / name / "summary.json").read_text()) if (storage / name / "summary.json").is_file() else {}
     if not summary.get("trials"):
-        console.print(f"[red]sweep {name} has no finished trials recorded ({storage / name / 'summary.json'})[/]")
-        raise typer.Exit(2)
+        fail(f"[red]sweep {name} has no finished trials recorded ({storage / name / 'summary.json'})[/]", Code.NOT_FOUND)
     first = summary["trials"][0]["run_id"]
 
     async def fetch(url: str):
@@ -647,8 +646,7 @@ def _replay_sweep(name: str, pruner: str, warmup_steps: Optional[int], startup_t
     try:
         tries = backtest.parse_pruners(pruner, spec.pruner, warmup_steps, startup_trials)
     except ValueError as e:
-        console.print(f"[red]{e}[/]")
-        raise typer.Exit(2)
+        fail(f"[red]{e}[/]", Code.USAGE)
     trials = backtest.traces(records, events, summary["metric"])  # the metric the driver resolved (spec's may be unset)
     live, winner = backtest.live_prunes(trials), best(records)
     t = Table(title=f"replay of sweep {name}: {len(records)} trials; live pruner {backtest.describe(spec.pruner)} "
@@ -675,16 +673,13 @@ def _replay_pbt(name: str, spec, records: list, log, settings: str, pruning: boo
     from .sweep import pbt
 
     if spec.sampler != "pbt":
-        console.print(f"[red]sweep {name} searched with {spec.sampler}, not pbt: --pbt is for PBT sweeps (try --pruner)[/]")
-        raise typer.Exit(2)
+        fail(f"[red]sweep {name} searched with {spec.sampler}, not pbt: --pbt is for PBT sweeps (try --pruner)[/]", Code.USAGE)
     if pruning:
-        console.print(f"[red]sweep {name} is a PBT sweep: it prunes nothing (its members are copied over); try --pbt[/]")
-        raise typer.Exit(2)
+        fail(f"[red]sweep {name} is a PBT sweep: it prunes nothing (its members are copied over); try --pbt[/]", Code.USAGE)
     try:
         tries = pbt.parse_settings(settings, spec.pbt)
     except ValueError as e:
-        console.print(f"[red]{e}[/]")
-        raise typer.Exit(2)
+        fail(f"[red]{e}[/]", Code.USAGE)
     run = {r.number: r.run_id.rsplit("-", 1)[-1] for r in records}
     live = [c.exploit for c in log.checks if c.exploit is not None]
     t = Table(title=f"replay of PBT sweep {name}: {len(log.checks)} checks, {len(live)} copies live "
@@ -728,8 +723,7 @@ def proto(
     if check:
         stale = gen.diff(out)
         if stale:
-            console.print("[red]proto/ is out of date[/] (run `tuneloop proto`): " + ", ".join(stale))
-            raise typer.Exit(1)
+            fail("[red]proto/ is out of date[/] (run `tuneloop proto`): " + ", ".join(stale), Code.FAILED)
         console.print("proto/ is up to date")
         return
     for f in gen.write(out):
@@ -763,8 +757,7 @@ def _run_url(storage: Path, run_id: str) -> str:
     try:
         return read_run_info(storage, run_id)["nats_url"]
     except FileNotFoundError as e:
-        console.print(f"[red]{e}[/]; pass --nats-url")
-        raise typer.Exit(2)
+        fail(f"[red]{e}[/]; pass --nats-url", Code.NOT_FOUND)
 
 
 def _interrupt(signum, frame) -> None:
@@ -784,8 +777,8 @@ def main() -> None:
     try:
         app()
     except NatsUnreachable as e:  # any command that needs the bus: say which URL, never hang
-        console.print(f"[red]{e}[/]", soft_wrap=True)
-        raise SystemExit(3)
+        err_console.print(f"[red]{e}[/]", soft_wrap=True)
+        raise SystemExit(Code.UNREACHABLE)
     except PermissionRefused as e:  # not "rejected" (exit 1): this identity may not do it at all
-        console.print(f"[red]{e}[/]", soft_wrap=True)
-        raise SystemExit(4)
+        err_console.print(f"[red]{e}[/]", soft_wrap=True)
+        raise SystemExit(Code.REFUSED)

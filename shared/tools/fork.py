@@ -44,6 +44,14 @@ class ForkRefused(ValueError):
     """A fork that cannot be made, and why."""
 
 
+class ForkUsage(ForkRefused):
+    """The fork's arguments cannot be read (``--set``, ``--at``, ``--name``)."""
+
+
+class ForkNotFound(ForkRefused):
+    """What the fork starts from is not there: the run, or its checkpoint at the step asked for."""
+
+
 @dataclass
 class Fork:
     parent: str
@@ -85,7 +93,7 @@ def parse_sets(sets: list[str]) -> dict:
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ForkRefused(f"--set {item!r}: expected KEY=VALUE, e.g. train.learning_rate=5e-4")
+            raise ForkUsage(f"--set {item!r}: expected KEY=VALUE, e.g. train.learning_rate=5e-4")
         parsed = yaml.safe_load(value)
         if isinstance(parsed, str):  # YAML reads 5e-4 as text: a number typed on a command line is one
             try:
@@ -105,21 +113,21 @@ def choose_checkpoint(storage: Path, parent: str, at: str) -> tuple[int, Path]:
     complete = complete_checkpoints(rd.checkpoints)
     if at == "latest":
         if not complete:
-            raise ForkRefused(f"run {parent} has no complete checkpoint yet")
+            raise ForkNotFound(f"run {parent} has no complete checkpoint yet")
         step = max(complete)
     elif at == "best":
         summary = rd.path / "summary.json"
         step = json.loads(summary.read_text()).get("exported_step") if summary.is_file() else None
         if step is None:
-            raise ForkRefused(f"run {parent} has no best checkpoint yet (it has not exported one): name a step")
+            raise ForkNotFound(f"run {parent} has no best checkpoint yet (it has not exported one): name a step")
     else:
         try:
             step = int(at)
         except ValueError:
-            raise ForkRefused(f"--at {at!r}: a step, latest or best") from None
+            raise ForkUsage(f"--at {at!r}: a step, latest or best") from None
     if step not in complete:
         why = discarded(rd, step)
-        raise ForkRefused(f"run {parent} has no complete checkpoint at step {step}"
+        raise ForkNotFound(f"run {parent} has no complete checkpoint at step {step}"
                           + (f": {why}" if why else f" (it has: {', '.join(map(str, sorted(complete))) or 'none'})"))
     if problem := verify(complete[step], None, uncatalogued_ok=True):
         raise ForkRefused(f"checkpoint {complete[step]} cannot be forked: {problem}")
@@ -146,7 +154,7 @@ def plan(storage: Path, parent: str, at: str = "latest", sets: list[str] | None 
     values themselves) would make; ForkRefused says why not."""
     storage = Path(storage).resolve()
     if not (run_dir(storage, parent) / CONFIG_FILE).is_file():
-        raise ForkRefused(f"no run {parent!r} under {storage}")
+        raise ForkNotFound(f"no run {parent!r} under {storage}")
     changed = {**parse_sets(sets or []), **(changes or {})}
     if not weights_only:
         for key in changed:
@@ -160,13 +168,13 @@ def plan(storage: Path, parent: str, at: str = "latest", sets: list[str] | None 
     try:
         cfg = parent_cfg.with_overrides(keep, changed)
     except ValueError as e:
-        raise ForkRefused(f"--set: {e}") from None
+        raise ForkUsage(f"--set: {e}") from None
     step, ckpt = choose_checkpoint(storage, parent, at)
     child = name or f"{parent}-fork{step}" + datetime.now().strftime(RUN_ID_STAMP)
     try:
         check_run_id(child)
     except ValueError as e:
-        raise ForkRefused(str(e)) from None
+        raise ForkUsage(str(e)) from None
     if run_dir(storage, child).exists():
         raise ForkRefused(f"run {child} exists already: name the fork with --name")
     return Fork(parent, child, step, ckpt, cfg, changed, weights_only)

@@ -330,7 +330,7 @@ async def _scenario(s: Stack) -> None:
     paused = s.ctl("pause")
     assert paused.returncode == 0 and "applied pause at step" in paused.stdout, paused.stdout + paused.stderr
     refused = s.ctl("stop", user="viewer")
-    assert refused.returncode == 4 and "does not let identity viewer publish" in refused.stdout, refused.stdout
+    assert refused.returncode == 4 and "does not let identity viewer publish" in refused.stderr, refused.stderr
 
     # While it is paused (its container up), Prometheus finds the trainer and scrapes its step.
     await scraped(s.port("prometheus", 9090), 'tuneloop_train_step{service="trainer"}')

@@ -101,7 +101,7 @@ def test_export_command_writes_a_loadable_merged_model_from_any_checkpoint(examp
     assert check.returncode == 0, check.stderr[-2000:]
     missing = subprocess.run([*TUNELOOP, "export", "example-sft", "--step", "7", "--storage", storage],
                              capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "no complete checkpoint for step 7" in missing.stdout
+    assert missing.returncode == 5 and "no complete checkpoint for step 7" in missing.stderr  # not found
 
 
 def test_export_never_deletes_or_overwrites_what_tuneloop_did_not_write(example_run, tmp_path):
@@ -114,7 +114,7 @@ def test_export_never_deletes_or_overwrites_what_tuneloop_did_not_write(example_
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     refused = export(mine)  # a folder with someone else's files: refused, nothing touched
-    assert refused.returncode == 2 and "holds files tuneloop did not write (notes.txt)" in refused.stdout, refused.stdout
+    assert refused.returncode == 4 and "holds files tuneloop did not write (notes.txt)" in refused.stderr, refused.stderr
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     forced = export(mine, "--force")  # beside them, with --force
     assert forced.returncode == 0, forced.stdout + forced.stderr
@@ -127,7 +127,7 @@ def test_export_never_deletes_or_overwrites_what_tuneloop_did_not_write(example_
         (mine / name).unlink()
     (mine / written[0]).write_text("someone else's")
     clash = export(mine, "--force")
-    assert clash.returncode == 2 and "would overwrite" in clash.stdout and written[0] in clash.stdout, clash.stdout
+    assert clash.returncode == 4 and "would overwrite" in clash.stderr and written[0] in clash.stderr, clash.stderr
     assert (mine / written[0]).read_text() == "someone else's"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no staging folder left
 
@@ -166,8 +166,8 @@ def test_a_bad_row_fails_the_run_naming_file_line_and_field(tmp_path):
     dump_config(cfg, tmp_path / "broken.yaml")
     proc = subprocess.run([*TUNELOOP, "run", str(tmp_path / "broken.yaml"), "--run-id", "broken"],
                           capture_output=True, text=True, timeout=300)
-    out = proc.stdout.replace("\n", "")
-    assert proc.returncode == 1, proc.stdout[-2000:]
+    out = proc.stderr.replace("\n", "")  # the error, on stderr
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "data-pipeline exited with code 2" in out and "broken.jsonl:42" in out and "messages.1.role" in out
     assert processes_mentioning(str(tmp_path / "runs")) == []
 

@@ -67,7 +67,7 @@ async def test_nothing_stops_until_the_operator_approves(tmp_path, secured, serv
     # The policies themselves, and anyone else but the operator, are refused by the server.
     for user in ("trainer", "viewer", "rl-reward"):
         refused = await asyncio.to_thread(decide, "approve", run, url, identity(pw, user), first.event_id)
-        assert refused.returncode == 4 and f"does not let identity {user} publish" in refused.stdout, (user, refused.stdout)
+        assert refused.returncode == 4 and f"does not let identity {user} publish" in refused.stderr, (user, refused.stderr)
     assert not [r for r in ev[ProposalResolved] if r.outcome != "unknown"]
 
     operator = identity(pw, "operator")

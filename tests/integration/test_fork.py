@@ -112,10 +112,10 @@ def test_weights_only_restarts_the_optimizer_on_the_parents_weights_with_another
 
 def test_forks_that_cannot_be_made_are_refused_with_the_reason(parent):
     storage, _ = parent
-    for args, why in ((("--at", "999"), "no complete checkpoint at step 999 (it has: 10, 20, 30)"),
-                      (("--set", "train.lora.r=4"), "a full-state fork continues the parent's optimizer"),
-                      (("--set", "nonsense"), "expected KEY=VALUE")):
+    for args, why, code in ((("--at", "999"), "no complete checkpoint at step 999 (it has: 10, 20, 30)", 5),  # not found
+                            (("--set", "train.lora.r=4"), "a full-state fork continues the parent's optimizer", 4),  # refused
+                            (("--set", "nonsense"), "expected KEY=VALUE", 2)):  # usage
         out = fork(storage, *args)
-        assert out.returncode == 2 and why in " ".join(out.stdout.split()), (args, out.stdout)
+        assert out.returncode == code and why in " ".join(out.stderr.split()), (args, out.stdout, out.stderr)
     missing = tuneloop("fork", "nope", "--storage", str(storage), timeout=60)
-    assert missing.returncode == 2 and "no run 'nope'" in missing.stdout
+    assert missing.returncode == 5 and "no run 'nope'" in missing.stderr

@@ -134,7 +134,7 @@ def test_report_png_is_a_plot_of_this_run_and_the_html_page_has_config_and_summa
     assert '"stop_reason": "completed' in page
     missing = subprocess.run([*TUNELOOP, "report", "nope", "--storage", str(r["storage"])],
                              capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 2 and "no run 'nope'" in missing.stdout
+    assert missing.returncode == 5 and "no run 'nope'" in missing.stderr
 
 
 def test_runs_and_checkpoints_list_what_the_run_left(watched_run):
@@ -158,4 +158,4 @@ def test_ctl_refuses_a_finished_run_and_an_unknown_run_id_instead_of_queueing_th
     for run, says in ((r["run"], "finished at step 80 (completed)"), (r["run"] + "x", "no run")):
         out = subprocess.run([*TUNELOOP, "ctl", run, "stop", "--nats-url", r["url"]], capture_output=True, text=True,
                              timeout=120)
-        assert out.returncode == 2 and "not sent" in out.stdout and says in out.stdout, out.stdout + out.stderr
+        assert out.returncode == 4 and "not sent" in out.stderr and says in out.stderr, out.stdout + out.stderr

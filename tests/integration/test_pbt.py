@@ -124,7 +124,7 @@ def test_pbt_copies_the_poor_member_over_survives_a_kill_and_replays_exactly(tmp
     readme_transcript("pbt-replay", f'$ tuneloop replay pb --pbt "interval=1|2"\n{replay.stdout}')
     refused = subprocess.run([*TUNELOOP, "replay", "pb", "--storage", str(runs), "--pruner", "median"],
                              capture_output=True, text=True, env=own_server_env(220), cwd=tmp_path, timeout=300)
-    assert refused.returncode == 2 and "PBT sweep" in refused.stdout
+    assert refused.returncode == 2 and "PBT sweep" in refused.stderr
 
 
 async def recorded(store: Path, run_ids: list[str]) -> tuple[dict, dict]:

@@ -74,7 +74,7 @@ async def test_only_the_operator_may_steer_and_strangers_may_not_connect(tmp_pat
     await wait_for(lambda: steps[-1].step > seen, timeout=60)
     viewer = subprocess.run([*ctl, "set-lr", "0.002"], capture_output=True, text=True, timeout=120,
                             env={**os.environ, **identity(pw, "viewer")})
-    assert viewer.returncode == 4 and "does not let identity viewer publish" in viewer.stdout, viewer.stdout + viewer.stderr
+    assert viewer.returncode == 4 and "does not let identity viewer publish" in viewer.stderr, viewer.stdout + viewer.stderr
     stop = subprocess.run([*ctl, "stop"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **operator})
     assert stop.returncode == 0, stop.stdout + stop.stderr

@@ -147,7 +147,7 @@ def test_a_run_id_in_use_takes_the_same_config_again_but_not_another(tmp_path):
     assert load_config(rdir / "config.yaml").train.learning_rate == cfg.train.learning_rate  # left as it was
     cli = subprocess.run([sys.executable, "-m", "tuneloop", "init", str(REPO_EXAMPLE), "--run-id", "r1",
                           "--storage", str(storage)], capture_output=True, text=True, timeout=120)
-    assert cli.returncode == 2 and "already exists" in cli.stdout, cli.stdout + cli.stderr
+    assert cli.returncode == 2 and "already exists" in cli.stderr, cli.stdout + cli.stderr
 
 
 def test_every_metric_the_config_steers_by_is_one_its_task_reports(tmp_path):
