@@ -519,6 +519,15 @@ class Bus:
             return
         await (msg.term() if term else msg.ack())
 
+    def health(self) -> tuple[bool, dict]:
+        """Whether this connection serves: connected to a server, and no consumer has ended on its
+        own (one stopped on purpose is forgotten). With what was seen, for /healthz."""
+        consumers = {t.get_name().removeprefix("consume:"): "ended" if t.done() else "consuming" for t in self._tasks}
+        connected = self.nc.is_connected
+        return connected and "ended" not in consumers.values(), {
+            "service": self.service, "bus": "connected" if connected else "reconnecting" if self.nc.is_reconnecting
+            else "closed" if self.nc.is_closed else "disconnected", "consumers": consumers}
+
     async def stop_consuming(self, task: asyncio.Task) -> None:
         """End one ``consume`` whatever arrives meanwhile (the durable consumer stays on the
         server, for whoever serves it next).

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -27,21 +28,43 @@ BUS_HANDLER_SECONDS = Histogram(
 )
 
 
+# What /healthz reports: set by the service once its bus is up (``Bus.health``); until then the
+# service is starting, not ready.
+HEALTH: list[Callable[[], tuple[bool, dict]]] = []
+
+
+def health() -> tuple[bool, dict]:
+    """Ready (connected, every consumer consuming) and what was seen; not ready while starting."""
+    if not HEALTH:
+        return False, {"bus": "starting", "consumers": {}}
+    try:
+        return HEALTH[-1]()
+    except Exception as e:  # a report must come back whatever state the bus is in
+        return False, {"error": repr(e)}
+
+
 def start_http(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer | None:
-    """Serve /metrics and /healthz on ``port`` (0 = a free one) in a daemon thread; None if port < 0."""
+    """Serve /metrics, /livez (the process answers: liveness) and /healthz (ready: the bus is
+    connected and every consumer consuming; 503 otherwise, readiness) on ``port`` (0 = a free
+    one) in a daemon thread; None if port < 0."""
     if port < 0:
         return None
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server naming)
+            status = 200
             if self.path.startswith("/metrics"):
                 body, ctype = generate_latest(), CONTENT_TYPE_LATEST
-            elif self.path.startswith("/healthz"):
+            elif self.path.startswith("/livez"):
                 body, ctype = b"ok\n", "text/plain"
+            elif self.path.startswith("/healthz"):
+                ready, seen = health()
+                status, body, ctype = 200 if ready else 503, (json.dumps({"ready": ready, **seen}) + "\n").encode(), \
+                    "application/json"
             else:
                 self.send_error(404)
                 return
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

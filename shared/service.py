@@ -156,6 +156,7 @@ def run_service(name: str, main: ServiceMain, argv: list[str] | None = None,
 
 async def _run(name: str, main: ServiceMain, args: argparse.Namespace) -> None:
     bus = await Bus.connect(args.nats_url, name)
+    exporter.HEALTH.append(bus.health)
     ctx = ServiceContext(name=name, bus=bus, run_id=args.run_id, storage=Path(args.storage).resolve(), args=args)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -168,6 +169,7 @@ async def _run(name: str, main: ServiceMain, args: argparse.Namespace) -> None:
     finally:
         if watchdog:
             watchdog.cancel()
+        exporter.HEALTH.remove(bus.health)
         await bus.close()
         log.info("%s stopped", name)
 

@@ -91,6 +91,14 @@ def refusal(method: str, options: dict, known: set[str]) -> str | None:
 
 
 def check(method: str, options: dict) -> None:
-    """ValueError when ``options`` cannot go to the installed TRL's config of ``method``."""
-    if options and (why := refusal(method, options, fields(method))):
+    """ValueError when ``options`` cannot go to the installed TRL's config of ``method``. Where
+    TRL is not installed (the slim images of rl-reward and data-pipeline read the run's config
+    too) only the fields tuneloop owns are checked; the trainer, which has TRL, checks them all."""
+    if not options:
+        return
+    try:
+        known = fields(method)
+    except ImportError:
+        known = set(options) - set(OWNED)
+    if why := refusal(method, options, known):
         raise ValueError(why)

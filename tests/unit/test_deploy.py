@@ -52,7 +52,19 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(kustomization):
         assert any(p.get("name") == "metrics" for c in tmpl["spec"]["containers"] for p in c.get("ports", [])), name
         assert env["NATS_USER"]["value"] == name
     names = {n for n, _ in pods}
-    assert {"nats-provision", "data-pipeline", "evaluator", "rl-reward", "checkpoint", "prometheus", "grafana"} <= names
+    assert {"nats-provision", "data-pipeline", "evaluator", "rl-reward", "checkpoint"} <= names
+    if "ServiceMonitor" in by_kind:  # kube-prometheus-stack's Prometheus and Grafana, not the bundled ones
+        assert not names & {"prometheus", "grafana"} and "PersistentVolumeClaim" in by_kind
+        assert not {"prometheus-data", "grafana-data"} & set(by_kind["PersistentVolumeClaim"]), kustomization
+        dashboards = [d for d in by_kind["ConfigMap"].values() if d["metadata"]["name"].startswith("grafana-dashboards")]
+        assert dashboards and dashboards[0]["metadata"]["labels"]["grafana_dashboard"] == "1"  # the sidecar's label
+    else:  # the bundled ones keep their data on volumes of their own
+        assert {"prometheus", "grafana"} <= names
+        for name, path in (("prometheus", "/prometheus"), ("grafana", "/var/lib/grafana")):
+            spec = by_kind["Deployment"][name]["spec"]["template"]["spec"]
+            claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+            mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+            assert claims.get(mounts[path]) in by_kind["PersistentVolumeClaim"], (kustomization, name)
     # One trainer: a Job (one run), a PyTorchJob (one run on several nodes) or a Deployment (pool workers).
     assert sum("trainer" in by_kind.get(k, {}) for k in ("Job", "PyTorchJob", "Deployment")) == 1
 
@@ -230,8 +242,9 @@ def test_each_image_target_installs_what_its_service_imports():
     # export.py import inside their functions: loading and exporting a
     # checkpoint, which the torch services and `tuneloop export` do, the slim images never (and gguf,
     # which the trainer's dequantization of a GGUF base imports inside gguf.py's functions, and numpy,
-    # which bounds.py imports inside its function: the evaluator's verdicts, in the torch image).
-    ml = {"torch", "transformers", "peft", "gguf", "numpy"}
+    # which bounds.py imports inside its function: the evaluator's verdicts, in the torch image; and
+    # trl, which trl_options.py imports inside its function, checking train.trl where TRL is installed).
+    ml = {"torch", "transformers", "peft", "gguf", "numpy", "trl"}
     assert {DIST.get(m, m) for m in _imports(REPO / "shared")} - core == {"grafana-client"} | ml
     assert not _imports(REPO / "shared", top_level=True) & ml
     # The operator's tools (shared/tools/, in every image with the package) import their extras
@@ -326,3 +339,41 @@ def test_the_task_override_mounts_one_folder_at_one_path_in_every_service_that_i
     assert len({tuple(v) for v in mounts.values()}) == 1  # one folder, one path, everywhere
     [runs, task] = next(iter(mounts.values()))
     assert runs == "runs:/runs" and task.endswith(":ro") and "TUNELOOP_TASK_DIR" in task
+
+
+def quantity(text) -> float:
+    """A Kubernetes quantity as a number (cpu: cores, memory: bytes)."""
+    text = str(text)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    return float(text)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_tuneloop_service_is_probed_for_readiness_and_liveness_and_has_limits(kustomization):
+    """Ready (/healthz: connected, consumers consuming) is what a rollout and a Service wait for;
+    alive (/livez) what restarts a hung process; limits bound what a replica may take, at or
+    above what it requests."""
+    checked = []
+    for d in build(kustomization):
+        if d["kind"] not in ("Deployment", "Job", "StatefulSet", "PyTorchJob"):
+            continue
+        templates = ([r["template"] for r in d["spec"]["pytorchReplicaSpecs"].values()] if d["kind"] == "PyTorchJob"
+                     else [d["spec"]["template"]])
+        for tmpl in templates:
+            for c in tmpl["spec"]["containers"]:
+                res = c.get("resources", {})
+                assert res.get("requests") and res.get("limits"), (kustomization, d["metadata"]["name"], res)
+                for key in ("cpu", "memory"):
+                    if key in res["limits"]:
+                        assert quantity(res["limits"][key]) >= quantity(res["requests"][key]), (d["metadata"]["name"], key)
+                assert "memory" in res["limits"], d["metadata"]["name"]
+                serves_metrics = any(p.get("name") == "metrics" for p in c.get("ports", []))
+                if serves_metrics and d["kind"] != "PyTorchJob":  # (a PyTorchJob's ranks past 0 serve none)
+                    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz", d["metadata"]["name"]
+                    assert c["livenessProbe"]["httpGet"]["path"] == "/livez", d["metadata"]["name"]
+                    checked.append(d["metadata"]["name"])
+    assert {"data-pipeline", "evaluator", "rl-reward", "checkpoint"} <= set(checked), checked
+    assert "trainer" in checked or kustomization == "overlays/multinode", checked
