@@ -36,13 +36,14 @@ generation and scorer; an arm reached the target when that score is at or above 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import multiprocessing
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from common import interval, rotate, verdict, write_figures
@@ -105,8 +106,10 @@ def trl_arm(cfg, run_dir: Path, mode: str) -> dict:
     if mode == "early_stopping":
         args.eval_strategy, args.eval_steps = "steps", cfg.train.save_steps
         args.metric_for_best_model, args.greater_is_better, args.load_best_model_at_end = "eval_loss", False, True
-        args.per_device_eval_batch_size = cfg.eval.batch_size
-        args.prediction_loss_only = True  # the loss is all it reads: no logits kept (48 x 128 x 49k floats a batch)
+        # the train batch: a loss pass holds logits for every position (batch x 128 x 49k floats),
+        # where the evaluator's generation holds the last position's only
+        args.per_device_eval_batch_size = cfg.train.batch_size
+        args.prediction_loss_only = True  # the loss is all it reads: no logits kept
         callbacks = [EarlyStoppingCallback(early_stopping_patience=cfg.feedback.patience)]
         eval_rows = [{"prompt": c.prompt, "completion": c.completion} for c in val]
     trainer = recipe.build_trainer(cfg, run_dir, ds, callbacks, args=args, eval_rows=eval_rows)
@@ -125,8 +128,6 @@ def trl_arm(cfg, run_dir: Path, mode: str) -> dict:
     result = run_dir / "checkpoints" / f"checkpoint-{kept}"
     if not result.exists():  # the final step off the save cadence
         trainer.save_model(str(result))
-    del trainer
-    gc.collect()
     return {"steps": steps, "epochs": round(trainer_epochs, 3), "train_s": seconds,
             "evaluations": evaluations, "eval_s": eval_s, "stopped_by": stopped_by,
             "result_step": kept, "result": str(result), "test_split": str(confine(run_dir, splits["test"].path))}
@@ -173,6 +174,19 @@ class Scorer:
         return {**r.scores, "cases": r.cases}
 
 
+def score_all(cfg, results: dict[str, str], test_split: str) -> dict[str, dict]:
+    scorer = Scorer(cfg)
+    return {arm: scorer(result, test_split) for arm, result in results.items()}
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a process of its own, as each tuneloop arm runs (``tuneloop run``): what
+    an arm leaves in memory (the allocator keeps freed pages) is gone before the next one starts,
+    and no arm trains beside another's leftovers."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def reached(scores: dict[str, float]) -> bool:
     return all(scores[k] >= v for k, v in TARGET.items())
 
@@ -186,14 +200,14 @@ def one_round(r: int, tmp: Path, args, max_steps: int | None = None) -> dict:
         cfg = arm_config(seed, out, adapt=arm == "tuneloop", max_steps=max_steps or args.max_steps)
         print(f"  round {r + 1} seed {seed}: {arm} ...", flush=True)
         if arm in ("fixed", "callback", "early_stopping"):
-            got[arm] = trl_arm(cfg, out / arm, mode=arm)
+            got[arm] = in_fresh_process(trl_arm, cfg, out / arm, arm)
         else:
             got[arm] = tuneloop_arm(cfg, arm.replace("_", "-"), out / "logs")
     test_split = got["fixed"]["test_split"]  # the same split for every arm: the same seed and data
-    scorer = Scorer(arm_config(seed, out, adapt=False))
+    tests = in_fresh_process(score_all, arm_config(seed, out, adapt=False), {a: got[a]["result"] for a in ARMS}, test_split)
     for arm in ARMS:
         g = got[arm]
-        g["test"] = scorer(g["result"], test_split)
+        g["test"] = tests[arm]
         g["reached"] = reached(g["test"])
         epochs = f" ({g['epochs']:.2f} epochs)" if "epochs" in g else ""
         print(f"    {arm:16s} {g['steps']:4d} steps{epochs} {g['train_s']:7.1f} s  {g['evaluations']:2d} evaluations  "
@@ -202,8 +216,6 @@ def one_round(r: int, tmp: Path, args, max_steps: int | None = None) -> dict:
               f"{'' if g['reached'] else '  (target NOT reached)'}"
               + (f"; its own evaluator said {g['own_test']['protocol']:.3f} / {g['own_test']['correctness']:.3f}"
                  if g.get("own_test") else ""), flush=True)
-    del scorer
-    gc.collect()
     return {"seed": seed, **{arm: {k: v for k, v in got[arm].items() if k not in ("result", "test_split")}
                               for arm in ARMS}}
 
