@@ -367,7 +367,7 @@ class Bus:
                     log.warning("publish %s failed (%r); retrying", subj, e)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
-        exporter.BUS_EVENTS.labels(event.run_id, event.KIND, "out").inc()
+        exporter.count_event(event.run_id, event.KIND, "out")
         metrics.observe(event)
 
     async def publish_batch(self, events: list[Event], *, retry_seconds: float | None = None) -> list[Exception | None]:
@@ -398,7 +398,7 @@ class Bus:
         errors: list[Exception | None] = []
         for event, ack in pending:
             if ack is None or (ack.done() and not ack.cancelled() and ack.exception() is None):
-                exporter.BUS_EVENTS.labels(event.run_id, event.KIND, "out").inc()
+                exporter.count_event(event.run_id, event.KIND, "out")
                 metrics.observe(event)
                 errors.append(None)
                 continue
@@ -558,7 +558,7 @@ class Bus:
             reason = f"invalid {cls.__name__}: {explain(e) if isinstance(e, ValidationError) else e}"
             await self._settle_bad(msg, reason)
             return
-        exporter.BUS_EVENTS.labels(event.run_id, cls.KIND, "in").inc()
+        exporter.count_event(event.run_id, cls.KIND, "in")
         heartbeat = asyncio.create_task(self._keep_alive(msg, ack_wait))
         started = time.perf_counter()
         try:
@@ -649,7 +649,7 @@ class Bus:
                 if msg.reply:
                     await msg.respond(json.dumps({"error": reason}).encode())
                 return
-            exporter.BUS_EVENTS.labels(event.run_id, cls.KIND, "in").inc()
+            exporter.count_event(event.run_id, cls.KIND, "in")
             try:
                 reply = await handler(event)
                 if not reply.source:

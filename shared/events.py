@@ -153,6 +153,9 @@ class StepMetrics(Event):
     learning_rate: float | None = None
     grad_norm: float | None = None
     tokens_per_second: float | None = None
+    tokens: int | None = Field(default=None, ge=0, description=(
+        "Tokens trained since the previous train.step: tuneloop_train_tokens_total grows by it, and its rate() "
+        "is the throughput."))
     reward: float | None = Field(default=None, description="GRPO: mean reward of the step's completions.")
     method: str = "sft"
     paused: bool = False

@@ -7,11 +7,13 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,41 @@ BUS_DEAD_LETTERS = Counter(
 BUS_HANDLER_SECONDS = Histogram(
     "tuneloop_bus_handler_seconds", "Time spent handling one received event.", ["kind"],
 )
+
+# A pool serves run after run for as long as it lives: each run's series would stay in its
+# registry forever. The bus notes when each run last had an event here (``count_event``), and a
+# pool forgets the series of a run idle for ``TUNELOOP_METRICS_IDLE_S`` (``forget_idle``); by then
+# Prometheus has scraped its last values, which its own storage keeps.
+LAST_EVENT: dict[str, float] = {}
+
+
+def count_event(run_id: str, kind: str, direction: str) -> None:
+    BUS_EVENTS.labels(run_id, kind, direction).inc()
+    LAST_EVENT[run_id] = time.monotonic()
+
+
+def run_series() -> list:
+    """Every metric of this process labelled by run (the services' and the bus's)."""
+    from . import metrics
+
+    found = [*vars(metrics).values(), BUS_EVENTS, BUS_DEAD_LETTERS]
+    return [m for m in found if isinstance(m, MetricWrapperBase) and "run_id" in m._labelnames]
+
+
+def forget(run_id: str) -> None:
+    """Remove every series of ``run_id`` from this process's registry."""
+    for m in run_series():
+        m.remove_by_labels({"run_id": run_id})
+    LAST_EVENT.pop(run_id, None)
+
+
+def forget_idle(idle_s: float, now: float | None = None) -> list[str]:
+    """Forget the runs that had no event for ``idle_s`` seconds; returns them."""
+    now = time.monotonic() if now is None else now
+    idle = [run for run, t in LAST_EVENT.items() if now - t >= idle_s]
+    for run in idle:
+        forget(run)
+    return idle
 
 
 # What /healthz reports: set by the service once its bus is up (``Bus.health``); until then the

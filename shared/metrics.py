@@ -25,7 +25,7 @@ TRAIN_MAX_STEPS = Gauge("tuneloop_train_max_steps", "Steps the run is configured
 TRAIN_LOSS = Gauge("tuneloop_train_loss", "Training loss of the last logged step.", R)
 TRAIN_LR = Gauge("tuneloop_train_learning_rate", "Learning rate of the last logged step.", R)
 TRAIN_GRAD_NORM = Gauge("tuneloop_train_grad_norm", "Gradient norm of the last logged step.", R)
-TRAIN_TOKENS = Gauge("tuneloop_train_tokens_per_second", "Training throughput over the last logging interval.", R)
+TRAIN_TOKENS = Counter("tuneloop_train_tokens_total", "Tokens trained (rate() of it: the throughput).", R)
 TRAIN_REWARD = Gauge("tuneloop_train_reward", "GRPO: mean reward of the last logged step.", R)
 TRAIN_PAUSED = Gauge("tuneloop_train_paused", "1 while the run is paused by a control.", R)
 CONTROLS = Counter("tuneloop_controls_total", "Controls answered by the trainer.", R + ["command", "outcome"])
@@ -82,10 +82,11 @@ def observe(event: Event) -> None:
         TRAIN_MAX_STEPS.labels(run).set(event.max_steps)
         TRAIN_PAUSED.labels(run).set(1 if event.paused else 0)
         for gauge, value in ((TRAIN_LOSS, event.loss), (TRAIN_LR, event.learning_rate),
-                             (TRAIN_GRAD_NORM, event.grad_norm), (TRAIN_TOKENS, event.tokens_per_second),
-                             (TRAIN_REWARD, event.reward)):
+                             (TRAIN_GRAD_NORM, event.grad_norm), (TRAIN_REWARD, event.reward)):
             if value is not None:
                 gauge.labels(run).set(value)
+        if event.tokens:
+            TRAIN_TOKENS.labels(run).inc(event.tokens)
     elif isinstance(event, ControlApplied):
         CONTROLS.labels(run, event.command, "applied").inc()
         if event.command in ("pause", "resume"):

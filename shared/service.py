@@ -163,15 +163,27 @@ async def _run(name: str, main: ServiceMain, args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, ctx.stop.set)
     parents = [pid for pid in (args.parent_pid, getattr(args, "launcher_pid", 0)) if pid]
     watchdog = asyncio.create_task(_watch_parents(parents, ctx.stop)) if parents else None
+    janitor = asyncio.create_task(_forget_idle_runs(ctx.stop)) if args.run_id == subjects.ALL_RUNS else None
     log.info("%s serving run %s on %s", name, args.run_id, args.nats_url)
     try:
         await main(ctx)
     finally:
-        if watchdog:
-            watchdog.cancel()
+        for task in (watchdog, janitor):
+            if task:
+                task.cancel()
         exporter.HEALTH.remove(bus.health)
         await bus.close()
         log.info("%s stopped", name)
+
+
+async def _forget_idle_runs(stop: asyncio.Event) -> None:
+    """A pool: the series of runs idle for ``TUNELOOP_METRICS_IDLE_S`` (default 900) leave its registry."""
+    idle_s = float(os.environ.get("TUNELOOP_METRICS_IDLE_S", "900"))
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), min(60.0, idle_s / 4))
+        if forgotten := exporter.forget_idle(idle_s):
+            log.info("metrics of idle run(s) %s forgotten", ", ".join(forgotten))
 
 
 def parent_gone(pids: list[int]) -> int | None:

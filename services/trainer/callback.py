@@ -177,8 +177,9 @@ class BusCallback(TrainerCallback):
             self.losses[state.global_step] = self.last_loss
         now = time.perf_counter()
         tokens = logs.get("num_tokens")
-        tps = None
+        tps = trained = None
         if tokens is not None and self._tokens_mark is not None and now > self._t_log:
+            trained = max(int(tokens - self._tokens_mark), 0)
             tps = (tokens - self._tokens_mark) / (now - self._t_log)
             self.measured_tokens += tokens - self._tokens_mark
             self.measured_seconds += now - self._t_log
@@ -186,7 +187,7 @@ class BusCallback(TrainerCallback):
         self.link.publish(StepMetrics(
             run_id=self.run_id, step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
             loss=self.last_loss, learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
-            tokens_per_second=tps, reward=logs.get("reward"), method=self.method,
+            tokens_per_second=tps, tokens=trained, reward=logs.get("reward"), method=self.method,
         ))
 
     # ---------------------------------------------------------------- step boundary

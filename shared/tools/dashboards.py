@@ -36,7 +36,7 @@ ROWS: dict[str, list[Panel]] = {
         Panel("Learning rate", ((f"tuneloop_train_learning_rate{{{RUN}}}", "{{run_id}}"),), "short",
               "Follows set-lr controls at the step they are applied."),
         Panel("Gradient norm", ((f"tuneloop_train_grad_norm{{{RUN}}}", "{{run_id}}"),)),
-        Panel("Throughput", ((f"tuneloop_train_tokens_per_second{{{RUN}}}", "{{run_id}}"),), "short",
+        Panel("Throughput", ((f"sum by (run_id) (rate(tuneloop_train_tokens_total{{{RUN}}}[1m]))", "{{run_id}}"),), "short",
               "Training tokens per second."),
         Panel("Progress", ((f"tuneloop_train_step{{{RUN}}} / tuneloop_train_max_steps{{{RUN}}}", "{{run_id}}"),),
               "percentunit"),
