@@ -17,7 +17,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .models import Resident, load_model, tokenizer_source
+from .model_card import write_card
+from .models import Resident, load_model, resolve_base, tokenizer_source
 from .storage import refuse_links
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
@@ -68,12 +69,14 @@ def check_destination(dest: Path, force: bool = False, names: set[str] = frozens
                                "did not write; not even --force replaces those")
 
 
-def _place(tmp: Path, dest: Path, force: bool) -> Path:
-    """Move the export in ``tmp`` to ``dest``, replacing only what an earlier export wrote there."""
+def _place(tmp: Path, dest: Path, force: bool, about: dict | None = None) -> Path:
+    """Move the export in ``tmp`` to ``dest``, replacing only what an earlier export wrote there;
+    ``about``: more for the manifest (the base's path, the fallback of a portable name)."""
     names = {p.name for p in tmp.iterdir()}
     check_destination(dest, force, names)
+    manifest = json.dumps({"files": sorted(names), **(about or {})}, indent=1)
     if not dest.exists():
-        (tmp / MARKER).write_text(json.dumps({"files": sorted(names)}, indent=1))
+        (tmp / MARKER).write_text(manifest)
         tmp.rename(dest)
         return dest
     old = written_by_tuneloop(dest)
@@ -85,7 +88,7 @@ def _place(tmp: Path, dest: Path, force: bool) -> Path:
             path.unlink()
     for name in names:
         (tmp / name).rename(dest / name)
-    (dest / MARKER).write_text(json.dumps({"files": sorted(names)}, indent=1))
+    (dest / MARKER).write_text(manifest)
     return dest
 
 
@@ -97,8 +100,12 @@ def _copy_tokenizer(src_dirs: list[Path], dest: Path) -> None:
                 break
 
 
-def export_adapter(checkpoint: Path, base: Path | str, dest: Path, force: bool = False) -> Path:
-    """Adapter weights + config (pointing at ``base``) + tokenizer."""
+def export_adapter(checkpoint: Path, base: Path | str, dest: Path, force: bool = False, base_name: str | None = None,
+                   card: str | None = None) -> Path:
+    """Adapter weights + config + tokenizer (+ ``card``, the model card). The config names the
+    base by ``base_name`` (``models.portable_name``: a hub id or ``package:DIST`` that loads on
+    another machine); ``base``, where it was trained from here, goes in the manifest as the
+    fallback ``base_of`` takes when the name does not resolve."""
     check_destination(dest, force)  # before the work, not only after it
     refuse_links(checkpoint)
     with _staging(dest) as tmp:
@@ -109,17 +116,20 @@ def export_adapter(checkpoint: Path, base: Path | str, dest: Path, force: bool =
             raise FileNotFoundError(f"{checkpoint}: no adapter_model.safetensors")
         cfg_path = tmp / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = str(base)
+        cfg["base_model_name_or_path"] = base_name or str(base)
         cfg_path.write_text(json.dumps(cfg, indent=2))
         bases = [Path(base)] if Path(str(base)).is_dir() else []
         _copy_tokenizer([checkpoint, *bases], tmp)
-        return _place(tmp, dest, force)
+        if card is not None:
+            (tmp / "README.md").write_text(card)  # instead of PEFT's empty template
+        return _place(tmp, dest, force, {"base_path": str(Path(base).resolve()) if Path(str(base)).is_dir() else str(base)})
 
 
 def export_merged(checkpoint: Path, base: Path | str, adapter: bool, dest: Path, force: bool = False,
-                  resident: Resident | None = None) -> Path:
-    """Base with the adapter merged in (or the full fine-tuned weights), as safetensors;
-    ``resident``: a base kept in memory (the checkpoint service's), merged into a copy."""
+                  resident: Resident | None = None, card: str | None = None) -> Path:
+    """Base with the adapter merged in (or the full fine-tuned weights), as safetensors (+
+    ``card``, the model card); ``resident``: a base kept in memory (the checkpoint service's),
+    merged into a copy."""
     from transformers import AutoTokenizer
 
     check_destination(dest, force)
@@ -130,4 +140,34 @@ def export_merged(checkpoint: Path, base: Path | str, adapter: bool, dest: Path,
         else:
             load_model(base, checkpoint, adapter).save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_source(base, checkpoint)).save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
         return _place(tmp, dest, force)
+
+
+def update_card(folder: Path, card: str) -> bool:
+    """The model card of an export, written again (new verdicts); only where tuneloop wrote it."""
+    if not folder.is_dir() or "README.md" not in written_by_tuneloop(folder):
+        return False
+    write_card(folder, card)
+    return True
+
+
+def base_of(adapter: Path) -> str:
+    """Where the base of an exported adapter is on this machine: its portable name resolved
+    (``models.resolve_base``), else the path it was trained from (the manifest's fallback)."""
+    name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    try:
+        fallback = json.loads((adapter / MARKER).read_text()).get("base_path")
+    except (OSError, ValueError):
+        fallback = None
+    return resolve_base(name, fallback)
+
+
+def load_exported(folder: str | Path):
+    """An export, from wherever it was copied: a merged model as it is, an adapter merged into
+    its base (found by ``base_of``), in float32."""
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        return load_model(base_of(folder), folder, adapter=True)
+    return load_model(folder, folder, adapter=False)

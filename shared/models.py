@@ -4,6 +4,7 @@ evaluator, the checkpoint service's export and ``tuneloop export`` all need."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from . import gguf
@@ -32,6 +33,34 @@ def base_ref(cfg: Config) -> str:
     if cfg.model.name_or_path == TINY or gguf_base(cfg) or local_base(cfg):
         return "base"
     return cfg.model.name_or_path
+
+
+def portable_name(cfg: Config, base: Path | str) -> str:
+    """How an export names its base for another machine: the hub id, or ``package:DIST`` for the
+    GGUF a package ships; a local folder, a GGUF file and the tiny model have no name but their
+    path here (``base``)."""
+    ref = cfg.model.name_or_path
+    if ref.startswith(gguf.PACKAGE) or base_ref(cfg) != "base":
+        return ref
+    return str(Path(base).resolve()) if Path(str(base)).is_dir() else str(base)
+
+
+def resolve_base(name: str, fallback: str | None = None) -> str:
+    """A base named by ``portable_name`` as something transformers loads here: a ``package:``
+    GGUF dequantized (cached), a folder or a hub id as it is; ``fallback`` (the path it was
+    trained from) when the name does not resolve on this machine."""
+    if gguf.is_gguf(name):
+        try:
+            return str(gguf.dequantized(gguf.locate(name, None, Path)))
+        except gguf.GGUFError:
+            pass
+    elif Path(name).is_dir() or (not Path(name).is_absolute() and re.fullmatch(r"[\w.-]+/[\w.-]+", name)):
+        return name
+    if fallback and Path(fallback).is_dir():
+        return fallback
+    raise FileNotFoundError(f"base model {name!r} is not on this machine"
+                            + (f" (nor {fallback}, where it was trained from)" if fallback else "")
+                            + ": install its package, or copy the base there")
 
 
 def gguf_folder(cfg: Config) -> Path:

@@ -18,9 +18,9 @@ from tuneloop.grafana import Annotator
 from tuneloop.records import Records
 from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, run_service, warm_up
 from tuneloop.checkpoints import complete_checkpoints, digest_dir, verify, write_manifest
-from tuneloop.storage import RunDir, confine, relative, resolve_model
+from tuneloop.storage import RunDir, confine, read_run_info, relative, resolve_model
 
-from tuneloop import export, models
+from tuneloop import export, model_card, models
 from .catalogue import Entry, best, pending, stale_snapshots
 
 log = logging.getLogger("tuneloop.checkpoint")
@@ -94,6 +94,8 @@ class CheckpointService:
 
     @handles(EvalVerdict)
     async def on_verdict(self, v: EvalVerdict) -> None:
+        if v.purpose == "final":  # the exported model's own score: into its model card
+            return await self.update_cards(v.run_id)
         if v.purpose != "periodic":
             return
         entry = await self.catalogue.get(v.run_id, v.step)
@@ -186,12 +188,16 @@ class CheckpointService:
         if problem:  # changed on disk since it was recorded: exporting it would hand out other weights
             raise Reject(f"not exporting step {chosen.step} of run {done.run_id}: {problem}")
         base = resolve_model(run_dir, chosen.base_model)
+        name = models.portable_name(cfg, base)
         adapter_path = merged_path = None
         if cfg.export.adapter and chosen.adapter:
-            adapter_path = await asyncio.to_thread(export.export_adapter, ckpt, base, run_dir / "export" / "adapter")
+            card = await self.card(done.run_id, chosen.step, name, adapter=True)
+            adapter_path = await asyncio.to_thread(export.export_adapter, ckpt, base, run_dir / "export" / "adapter",
+                                                   False, name, card)
         if cfg.export.merged or not chosen.adapter:
+            card = await self.card(done.run_id, chosen.step, name, adapter=False)
             merged_path = await on_torch_thread(export.export_merged, ckpt, base, chosen.adapter, run_dir / "export" / "merged",
-                                                False, self.resident)
+                                                False, self.resident, card)
         metrics.EXPORT_SECONDS.labels(done.run_id).observe(time.perf_counter() - t0)
         log.info("exported step %d (%s) in %.1fs", chosen.step, chosen.scores, time.perf_counter() - t0)
         # The exported model itself is scored on the held-out test split and on every test suite.
@@ -207,6 +213,31 @@ class CheckpointService:
             adapter_path=relative(run_dir, adapter_path) if adapter_path else None,
             merged_path=relative(run_dir, merged_path) if merged_path else None,
         ))
+        await self.update_cards(done.run_id)  # a final verdict that came before the export.done
+
+    async def card(self, run_id: str, step: int, base_name: str, adapter: bool) -> str:
+        """The model card of ``run_id``'s export of ``step``: its val verdict, and the exported
+        model's own verdicts (test, suites) as far as they came."""
+        verdicts = [v for v in await self.bus.history(EvalVerdict, run_id)
+                    if v.purpose == "final" or (v.purpose == "periodic" and v.step == step)]
+        try:
+            lineage = read_run_info(self.ctx.storage, run_id)
+        except FileNotFoundError:
+            lineage = {}
+        return model_card.card_text(self.ctx.config(run_id), run_id=run_id, step=step, base_name=base_name,
+                                    adapter=adapter, verdicts=verdicts, lineage=lineage)
+
+    async def update_cards(self, run_id: str) -> None:
+        done = await self.bus.latest(ExportDone, run_id)
+        if done is None:
+            return
+        rdir = self.ctx.run_dir(run_id)
+        for path, adapter in ((done.adapter_path, True), (done.merged_path, False)):
+            if path:
+                folder = confine(rdir, path)
+                name = (json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter
+                        else models.portable_name(self.ctx.config(run_id), resolve_model(rdir, models.base_ref(self.ctx.config(run_id)))))
+                await asyncio.to_thread(export.update_card, folder, await self.card(run_id, done.step, name, adapter))
 
     @handles(ExportRequest, ack_wait=60)
     async def on_export_request(self, req: ExportRequest) -> None:
@@ -217,10 +248,11 @@ class CheckpointService:
                          f"{'none yet' if done is None else 'a merged model already'})")
         rdir = self.ctx.run_dir(req.run_id)
         adapter = confine(rdir, done.adapter_path)
-        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = export.base_of(adapter)
+        name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
         t0 = time.perf_counter()
         merged = await on_torch_thread(export.export_merged, adapter, base, True, adapter.parent / "merged",
-                                       False, self.resident)
+                                       False, self.resident, await self.card(req.run_id, done.step, name, adapter=False))
         log.info("run %s: merged its adapter (step %d) in %.1fs, asked: %s", req.run_id, done.step,
                  time.perf_counter() - t0, req.reason)
         await self.bus.publish(ExportDone(run_id=req.run_id, event_id=derived_id("export", req.event_id), step=done.step,

