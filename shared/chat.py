@@ -16,7 +16,7 @@ def render_prompt(messages: list[dict]) -> str:
     """Everything before the assistant's answer, ending where generation starts."""
     out = []
     for m in messages:
-        tag = USER if m["role"] in ("user", "system") else ASSISTANT
+        tag = ASSISTANT if m["role"] == "assistant" else USER  # system and tool turns are input, as the user's
         out.append(f"{tag}\n{m['content']}\n" if tag == USER else f"{tag}\n{m['content']}{END}\n")
     return "".join(out) + f"{ASSISTANT}\n"
 

@@ -35,6 +35,13 @@ class Source(_Section):
     path: str | None = Field(default=None, description="JSONL file (one chat per line), Parquet file, or a `datasets` save_to_disk folder; relative to the config file.")
     hub: str | None = Field(default=None, description="Or a data set on the Hugging Face hub (org/name), where the hub is reachable.")
     split: str = Field(default="train", description="Split to read from a saved DatasetDict or a hub data set.")
+    subset: str | None = Field(default=None, description="A hub data set's configuration (load_dataset's name).")
+    revision: str | None = Field(default=None, description="A hub data set's revision: a branch, tag or commit.")
+    format: Literal["messages", "sharegpt", "alpaca"] = Field(default="messages", description=(
+        "messages: {messages: [{role, content}]}; sharegpt: {conversations: [{from, value}]}; "
+        "alpaca: {instruction, input, output, system}."))
+    columns: dict[str, str] = Field(default_factory=dict, description=(
+        "The data's names for what the format reads, e.g. {instruction: question, output: answer}."))
     weight: float = Field(default=1.0, gt=0)
     name: str | None = None
 
@@ -42,6 +49,13 @@ class Source(_Section):
     def _one_place(self) -> "Source":
         if (self.path is None) == (self.hub is None):
             raise ValueError("a source needs exactly one of path or hub")
+        if self.path is not None and (self.subset or self.revision):
+            raise ValueError("subset and revision are for a hub data set (hub: org/name)")
+        from .formats import FIELDS
+
+        if unknown := [k for k in self.columns if k not in FIELDS[self.format]]:
+            raise ValueError(f"columns: format {self.format} reads {', '.join(FIELDS[self.format])}; "
+                             f"not {', '.join(unknown)}")
         return self
 
     @property
@@ -123,6 +137,9 @@ class DataSection(_Section):
     val_fraction: float = Field(default=0.05, ge=0, lt=0.5)
     test_fraction: float = Field(default=0.05, ge=0, lt=0.5)
     max_rows: int | None = Field(default=None, ge=1)
+    turns: Literal["every", "last"] = Field(default="every", description=(
+        "SFT on a multi-turn chat: every: each assistant turn is a completion to learn (with the chat before it "
+        "as its prompt), as TRL's assistant_only_loss; last: the last answer only."))
     category_weights: dict[str, float] = Field(
         default_factory=dict,
         description="Weight per category in train (default 1): rows are drawn in proportion. Adaptive data changes them.")

@@ -32,8 +32,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from tuneloop.chat import render_prompt
-from tuneloop.config import Config
+from tuneloop.config import Config, Source
 from tuneloop.events import explain
+from tuneloop.formats import to_chat
 from tuneloop.suites import SuiteCase, read_suite
 from tuneloop.task import DEFAULT_CATEGORY, Judge, TaskError, TaskSection
 
@@ -47,7 +48,7 @@ class DataError(ValueError):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(min_length=1)
 
 
@@ -81,6 +82,11 @@ class Row(BaseModel):
         self._category = task.category_of(self.columns)
         self._reference = task.reference_of(self.answer, self.columns)
         return self
+
+    def assistant_turns(self) -> list[int]:
+        """The assistant messages with a user message before them: each a completion to learn."""
+        firsts = next(i for i, m in enumerate(self.messages) if m.role == "user")
+        return [i for i, m in enumerate(self.messages) if m.role == "assistant" and i > firsts]
 
     def check_turns(self) -> None:
         if self.messages[-1].role != "assistant":
@@ -122,34 +128,53 @@ def records(path: Path, split: str = "train") -> Iterator[tuple[str, str | dict]
                     yield f"{path}:{lineno}", line
 
 
-def hub_records(name: str, split: str) -> Iterator[tuple[str, dict]]:
-    """Rows of a data set on the Hugging Face hub (``datasets.load_dataset``)."""
+def hub_records(name: str, split: str, subset: str | None = None, revision: str | None = None) -> Iterator[tuple[str, dict]]:
+    """Rows of a data set on the Hugging Face hub (``datasets.load_dataset``): its ``subset``
+    (configuration) and ``revision`` (branch, tag or commit) where given."""
     from datasets import load_dataset
 
+    what = f"hub data set {name!r}" + (f" subset {subset!r}" if subset else "") + (f" revision {revision!r}" if revision else "")
     try:
-        ds = load_dataset(name, split=split)
-    except Exception as e:  # unreachable hub, unknown name or split: all mean "cannot use this source"
-        raise DataError(f"hub data set {name!r} (split {split!r}) could not be loaded: {type(e).__name__}: {e}") from None
+        ds = load_dataset(name, subset, split=split, revision=revision)
+    except Exception as e:  # unreachable hub, unknown name, subset, revision or split: "cannot use this source"
+        raise DataError(f"{what} (split {split!r}) could not be loaded: {type(e).__name__}: {e}") from None
     for i, row in enumerate(ds):
         yield f"{name}[{split}] row {i}", row
 
 
+def parse_row(raw: str | dict, fmt: str = "messages", columns: dict[str, str] | None = None) -> "Row":
+    """One raw row (a JSONL line, or a dict from Parquet, a folder or the hub) in ``fmt``, as a Row."""
+    if fmt == "messages" and not columns and isinstance(raw, str):
+        return Row.model_validate_json(raw)  # the common case: pydantic reads the line directly
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError as e:
+            raise ValueError(f"invalid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"a row is a JSON object, not {type(raw).__name__}")
+    return Row.model_validate(to_chat(raw, fmt, columns))
+
+
 def read_source(path: Path | str, name: str, weight: float, on_bad_row: str, max_rows: int | None = None,
-                split: str = "train", task: TaskSection | None = None) -> SourceRows:
-    """Read and validate one source (a local path, or a hub name as a str); bad rows raise
-    DataError (fail) or are counted (skip)."""
+                split: str = "train", task: TaskSection | None = None, source: Source | None = None) -> SourceRows:
+    """Read and validate one source (a local path, or a hub name as a str; ``source``: its
+    format, column names, hub subset and revision); bad rows raise DataError (fail) or are
+    counted (skip)."""
     if isinstance(path, Path) and not path.exists():
         raise DataError(f"{path}: data file not found")
+    source = source or (Source(path=str(path)) if isinstance(path, Path) else Source(hub=path))
     out = SourceRows(name=name, weight=weight, rows=[])
-    for where, raw in (records(path, split) if isinstance(path, Path) else hub_records(path, split)):
+    raws = records(path, split) if isinstance(path, Path) else hub_records(path, split, source.subset, source.revision)
+    for where, raw in raws:
         try:
-            row = Row.model_validate_json(raw) if isinstance(raw, str) else Row.model_validate(raw)
+            row = parse_row(raw, source.format, source.columns)
             row.check_turns()
             row._where = where
             row.read_by(task or TaskSection())
         except ValidationError as e:
             problem = explain(e)
-        except ValueError as e:
+        except ValueError as e:  # FormatError too: a column the format reads is missing
             problem = str(e)
         else:
             out.rows.append(row)
@@ -164,11 +189,14 @@ def read_source(path: Path | str, name: str, weight: float, on_bad_row: str, max
     return out
 
 
-def to_example(row: Row, template: str, negative: str | None = None) -> dict:
+def to_example(row: Row, template: str, negative: str | None = None, turn: int | None = None) -> dict:
     """A prepared row; ``chosen``/``rejected`` (DPO) only where the row brings a rejected answer
-    or a ``negative`` was found for it (a DPO run then names the rows that lack one)."""
-    prompt_msgs = [m.model_dump() for m in row.messages[:-1]]
-    answer = row.answer
+    or a ``negative`` was found for it (a DPO run then names the rows that lack one). ``turn``:
+    the assistant message that is the completion (the chat before it the prompt); the last by
+    default."""
+    turn = len(row.messages) - 1 if turn is None else turn
+    prompt_msgs = [m.model_dump() for m in row.messages[:turn]]
+    answer = row.messages[turn].content
     rejected = row.rejected or negative
     if template == "model":  # conversational: TRL applies the tokenizer's own template
         prompt, completion = prompt_msgs, [{"role": "assistant", "content": answer}]
@@ -291,7 +319,7 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str | None = No
     for s in cfg.data.sources:
         where = cfg.resolve(s.path) if s.path else s.hub
         sources.append(read_source(where, s.label, weight[s.label], cfg.data.on_bad_row, cfg.data.max_rows, s.split,
-                                   cfg.task))
+                                   cfg.task, s))
     # Split each source before mixing, so held-out rows are never sampled into train.
     held: dict[str, list[Row]] = {"val": [], "test": []}
     for s in sources:
@@ -325,8 +353,10 @@ def prepare(cfg: Config, out_dir: Path, run_dir: Path, template: str | None = No
     rng.shuffle(train)
 
     negatives = negative_for(train, judge, rng) if cfg.data.augment.negatives and cfg.train.method == "dpo" else {}
-    examples = {name: [to_example(r, template, negatives.get(id(r))) for r in rows]
-                for name, rows in {"train": train, **held}.items()}
+    examples = {name: [to_example(r, template, negatives.get(id(r))) for r in rows] for name, rows in held.items()}
+    every = cfg.data.turns == "every" and cfg.train.method == "sft"  # DPO's pair and GRPO's reference: the last turn's
+    examples = {"train": [to_example(r, template, negatives.get(id(r)), turn)
+                          for r in train for turn in (r.assistant_turns() if every else [None])], **examples}
     for name, cases in suites.items():
         examples[f"suite:{name}"] = [suite_example(c, template) for c in cases]
     texts, digest = {}, hashlib.sha256()

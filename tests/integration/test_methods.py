@@ -59,3 +59,35 @@ async def test_grpo_without_a_reward_service_fails_with_the_reason(tmp_path, nat
     await wait_for(lambda: ev[TrainingFinished], timeout=180)
     done = ev[TrainingFinished][0]
     assert done.reason == "error" and "rl-reward could not score" in done.detail and "no service answers" in done.detail
+
+
+async def test_sft_learns_every_assistant_turn_of_a_multi_turn_file(tmp_path, nats_url, bus, services, request):
+    """A ShareGPT file of three-turn chats: data-pipeline makes each assistant turn a completion
+    (the chat before it the prompt), the trainer learns them all: its loss falls."""
+    import json
+
+    from helpers import collect, make_run, tiny_config
+    from tuneloop.events import DatasetReady
+
+    run = run_id_for(request)
+    words = ["kano", "mizo", "tesa", "lupa", "rimo", "sela", "voka", "dune"]
+    chats = [{"conversations": [turn for k in range(3) for turn in (
+        {"from": "human", "value": f"Say {words[(i + k) % 8]}{i} twice."},
+        {"from": "gpt", "value": f"{words[(i + k) % 8]}{i} {words[(i + k) % 8]}{i}"})], "n": i} for i in range(64)]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(c) for c in chats) + "\n")
+    cfg = tiny_config(tmp_path, max_steps=60, learning_rate=1e-2, logging_steps=1, lora={"enabled": False})
+    cfg = cfg.with_overrides({"data.sources": [{"path": str(data), "format": "sharegpt"}],
+                              "data.quality": {"max_violation_rate": 1.0}, "data.augment": {"enabled": False}})
+    storage = make_run(tmp_path, run, cfg)
+    ev = {cls: await collect(bus, cls, run) for cls in (StepMetrics, TrainingFinished, DatasetReady)}
+    svc = services(storage, nats_url, run)
+    svc.start("data-pipeline")
+    svc.start("trainer")
+    await wait_for(lambda: ev[TrainingFinished], timeout=300)
+    assert ev[TrainingFinished][0].reason == "completed", ev[TrainingFinished][0]
+    ready = ev[DatasetReady][0]
+    chats_in_train = 64 - ready.splits["val"].rows - ready.splits["test"].rows
+    assert ready.splits["train"].rows == 3 * chats_in_train  # every assistant turn, once
+    losses = {s.step: s.loss for s in ev[StepMetrics] if s.loss is not None}
+    assert losses[60] < losses[1] * 0.7, losses
