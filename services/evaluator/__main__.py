@@ -51,8 +51,9 @@ def load_cases(path, start: int, end: int, rows: list[int] | None = None) -> lis
     rows ``rows`` in that order."""
     wanted = range(start, end) if rows is None else rows
     found: dict[int, Case] = {}
-    last, i = max(wanted, default=-1), 0
-    keep = set(wanted)
+    # a range stays a range (``end`` may be "all": a set of it would hold a billion ints)
+    keep = wanted if rows is None else set(rows)
+    last, i = (end - 1 if rows is None else max(rows, default=-1)), 0
     with path.open() as f:
         for line in f:
             if not line.strip():
@@ -66,7 +67,7 @@ def load_cases(path, start: int, end: int, rows: list[int] | None = None) -> lis
             i += 1
             if i > last:
                 break
-    return [found[r] for r in wanted if r in found]
+    return [found[r] for r in (sorted(found) if rows is None else rows) if r in found]
 
 
 def plan(req: EvalRequest, dataset: DatasetReady, max_cases: int, shard_size: int,

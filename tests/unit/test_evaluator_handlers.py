@@ -139,3 +139,20 @@ def test_a_close_decision_scores_on_while_more_cases_could_settle_it_and_a_final
         asyncio.run(b.on_shard(sh.model_copy(update={"rows": list(range(sh.start, sh.end))})))
     [v] = bus.of(EvalVerdict)
     assert v.cases == 30 and v.ended == "all 30 cases scored" and v.bounds["protocol"][1] < 0.15
+
+
+def test_cases_are_read_by_range_or_by_rows_and_all_of_them_costs_nothing_extra(tmp_path):
+    """``end`` may be "every case" (10**9): the range is not materialised (a set of it took the
+    benchmark's scorer to 24 GB and the OOM killer); rows come back in the order asked."""
+    import json
+    import resource
+
+    from tuneloop.evaluator.__main__ import load_cases
+
+    split = tmp_path / "test.jsonl"
+    split.write_text("\n".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) for i in range(10)) + "\n\n")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert [c.prompt for c in load_cases(split, 0, 10**9)] == [f"p{i}" for i in range(10)]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: no billion-entry set
+    assert [c.prompt for c in load_cases(split, 3, 6)] == ["p3", "p4", "p5"]
+    assert [c.prompt for c in load_cases(split, 0, 0, rows=[7, 2, 9])] == ["p7", "p2", "p9"]
