@@ -11,7 +11,7 @@ import pytest
 from helpers import run_id_for
 from helpers import wait_for
 from test_trainer import start_training
-from tuneloop.events import RewardRequest, StepMetrics, TrainingFinished
+from tuneloop.events import DatasetReady, RewardRequest, StepMetrics, TrainingFinished
 
 pytestmark = pytest.mark.integration
 
@@ -66,8 +66,7 @@ async def test_sft_learns_every_assistant_turn_of_a_multi_turn_file(tmp_path, na
     (the chat before it the prompt), the trainer learns them all: its loss falls."""
     import json
 
-    from helpers import collect, make_run, tiny_config
-    from tuneloop.events import DatasetReady
+    from helpers import tiny_config
 
     run = run_id_for(request)
     words = ["kano", "mizo", "tesa", "lupa", "rimo", "sela", "voka", "dune"]
@@ -79,11 +78,7 @@ async def test_sft_learns_every_assistant_turn_of_a_multi_turn_file(tmp_path, na
     cfg = tiny_config(tmp_path, max_steps=60, learning_rate=1e-2, logging_steps=1, lora={"enabled": False})
     cfg = cfg.with_overrides({"data.sources": [{"path": str(data), "format": "sharegpt"}],
                               "data.quality": {"max_violation_rate": 1.0}, "data.augment": {"enabled": False}})
-    storage = make_run(tmp_path, run, cfg)
-    ev = {cls: await collect(bus, cls, run) for cls in (StepMetrics, TrainingFinished, DatasetReady)}
-    svc = services(storage, nats_url, run)
-    svc.start("data-pipeline")
-    svc.start("trainer")
+    _, ev = await start_training(tmp_path, nats_url, bus, services, run, cfg=cfg)
     await wait_for(lambda: ev[TrainingFinished], timeout=300)
     assert ev[TrainingFinished][0].reason == "completed", ev[TrainingFinished][0]
     ready = ev[DatasetReady][0]

@@ -10,14 +10,17 @@ from helpers import make_run, run_id_for, tiny_config
 from helpers import collect, wait_for
 from tuneloop.tools.client import send_control
 from tuneloop import subjects
-from tuneloop.events import CheckpointSaved, Control, ControlApplied, ControlRejected, StepMetrics, TrainingFinished
+from tuneloop.events import (CheckpointSaved, Control, ControlApplied, ControlRejected, DatasetReady, StepMetrics,
+                             TrainingFinished)
 
 pytestmark = pytest.mark.integration
 
 
-async def start_training(tmp_path, nats_url, bus, services, run, with_services=(), **train):
-    storage = make_run(tmp_path, run, tiny_config(tmp_path, **train))
-    events = {cls: await collect(bus, cls, run) for cls in (StepMetrics, CheckpointSaved, TrainingFinished)}
+async def start_training(tmp_path, nats_url, bus, services, run, with_services=(), cfg=None, **train):
+    """data-pipeline and the trainer (and ``with_services``) on a run of ``cfg`` (by default the
+    tiny config with ``train``); the events they publish, collected by kind."""
+    storage = make_run(tmp_path, run, cfg or tiny_config(tmp_path, **train))
+    events = {cls: await collect(bus, cls, run) for cls in (StepMetrics, CheckpointSaved, TrainingFinished, DatasetReady)}
     svc = services(storage, nats_url, run)
     for name in ("data-pipeline", *with_services):
         svc.start(name)
