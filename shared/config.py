@@ -29,6 +29,9 @@ class RunSection(_Section):
     name: str = Field(default="run", pattern=RUN_ID_PATTERN, description="Prefix of the run id.")
     seed: int = 0
     output_dir: str = Field(default="runs", description="Where run directories are created (relative to the config file).")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list, description=(
+        "Experiment trackers: TRL logs training there, tuneloop its verdicts, feedback, controls and the export's "
+        "final scores (services/trainer/trackers.py). The run id is the tracker's run name."))
 
 
 class Source(_Section):
@@ -586,6 +589,7 @@ def load_config(path: str | Path, functions: bool = False) -> Config:
         raise ConfigError(f"{path}: {explain(e)}") from e
     if functions:
         check_functions(cfg, path)
+        check_trackers(cfg, path)
     ref = cfg.model.name_or_path
     if ref.lower().endswith(".gguf") and not cfg.model.gguf_file:
         if not cfg.resolve(os.path.expanduser(ref)).is_file():
@@ -597,6 +601,19 @@ def load_config(path: str | Path, functions: bool = False) -> Config:
         raise ConfigError(f"{path}: model.name_or_path: {ref!r} is a local path, and "
                           f"{cfg.resolve(os.path.expanduser(ref))} is not a folder")
     return cfg
+
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
+
+
+def check_trackers(cfg: Config, path: Path | str) -> None:
+    """Every tracker of ``run.report_to`` has its package here (else TRL fails when training starts)."""
+    import importlib.util
+
+    for tracker in cfg.run.report_to:
+        if not any(importlib.util.find_spec(p) for p in TRACKER_PACKAGES[tracker]):
+            raise ConfigError(f"{path}: run.report_to: {tracker} needs the {TRACKER_PACKAGES[tracker][0]} package "
+                              f"(pip install {TRACKER_PACKAGES[tracker][0]}, or tuneloop[trackers])")
 
 
 def check_functions(cfg: Config, path: Path | str) -> None:

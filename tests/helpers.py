@@ -249,9 +249,10 @@ def example_config(tmp_path: Path, name: str = "protocol-tiny.yaml", **train) ->
     return path
 
 
-def run_job(tmp: Path, name: str, run_id: str, timeout: float, schema: str = "job") -> tuple[dict, str]:
-    """``tuneloop run`` of an example job as a user starts it: (its summary.json, what it printed)."""
-    proc = subprocess.run([*TUNELOOP_CLI, "run", str(example_config(tmp, name)), "--run-id", run_id],
+def run_job(tmp: Path, name: str, run_id: str, timeout: float, schema: str = "job", *flags: str) -> tuple[dict, str]:
+    """``tuneloop run`` of an example job as a user starts it (``flags``: more of its options):
+    (its summary.json, what it printed)."""
+    proc = subprocess.run([*TUNELOOP_CLI, "run", str(example_config(tmp, name)), "--run-id", run_id, *flags],
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp / "runs" / run_id / "summary.json").read_text())

@@ -119,6 +119,7 @@ class BusCallback(TrainerCallback):
         # Controls answered after the checkpoint this run resumes from (see durable_state).
         self.restored: list[controls.AppliedControl] | None = None
         self.stop_at_first_step = False
+        self.trackers = None  # run.report_to: tuneloop's records into TRL's trackers (trackers.TrackerLog)
 
     # What the recipe and the rollback read and reset: the steerer's.
     @property
@@ -280,6 +281,8 @@ class BusCallback(TrainerCallback):
                     self.awaiting.pop(event.step, None)
                 fx = self.steer.decide(event, self._boundary(state, control))
                 self._carry_out(fx, args, state, control, optimizer, scheduler)
+                if self.trackers is not None:
+                    self.trackers.seen(event, fx.answer)
             finally:
                 if fx is not None and fx.deferred:
                     self.deferred_ack = done  # acknowledged with its answer, after the savepoint

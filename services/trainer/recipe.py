@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
-from tuneloop import controls
+from tuneloop import controls, trackers as tracking
 from tuneloop.checkpoints import latest_complete, latest_intact, read_state
 from tuneloop.config import NEEDS_BITSANDBYTES, OPTIMIZERS, Config
 from tuneloop.models import base_ref, gguf_base, gguf_folder, local_base
 from tuneloop.cores import CoreBudget
 from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished, derived_id
-from tuneloop.storage import RunDir, confine
+from tuneloop.storage import RunDir, confine, read_run_info
 
-from . import distributed, model as models, prepared, rollback
+from . import distributed, model as models, prepared, rollback, trackers
 from .callback import BusCallback, durable_state, sync_args
 from .remote_reward import RemoteReward
 from .threads import CoreShareCallback
@@ -116,11 +117,11 @@ def _checkpointing_arg() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
-def trl_args(cfg: Config, out_dir: Path):
+def trl_args(cfg: Config, out_dir: Path, run_id: str | None = None):
     """TRL's config for the method, from ours: the same for the service and for plain-TRL baselines."""
     import trl
 
-    tc, owned = cfg.train, trl_kwargs(cfg, out_dir)
+    tc, owned = cfg.train, trl_kwargs(cfg, out_dir, run_id)
     try:
         return getattr(trl, METHODS[tc.method][0])(**owned, **tc.trl)
     except (TypeError, ValueError) as e:
@@ -129,9 +130,9 @@ def trl_args(cfg: Config, out_dir: Path):
         raise ValueError(f"train.trl {tc.trl}: {METHODS[tc.method][0]} refused it: {e}") from e
 
 
-def trl_kwargs(cfg: Config, out_dir: Path) -> dict:
+def trl_kwargs(cfg: Config, out_dir: Path, run_id: str | None = None) -> dict:
     """What tuneloop's keys set in TRL's config (``trl_options.OWNED`` names each one, so that
-    ``train.trl`` cannot set it a second time)."""
+    ``train.trl`` cannot set it a second time); ``run_id``: the trackers' run name."""
     tc = cfg.train
     use_cpu, dtype = not uses_cuda(cfg), precision(cfg)
     checkpointing = _checkpointing_arg()
@@ -140,7 +141,7 @@ def trl_kwargs(cfg: Config, out_dir: Path) -> dict:
         gradient_accumulation_steps=tc.gradient_accumulation_steps, learning_rate=tc.learning_rate,
         lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay,
         max_grad_norm=tc.max_grad_norm, logging_steps=tc.logging_steps, save_strategy="steps",
-        save_steps=tc.save_steps, report_to=[], use_cpu=use_cpu, bf16=dtype == "bf16", fp16=dtype == "fp16",
+        save_steps=tc.save_steps, report_to=list(cfg.run.report_to), run_name=run_id, use_cpu=use_cpu, bf16=dtype == "bf16", fp16=dtype == "fp16",
         auto_find_batch_size=tc.auto_batch_size, **{checkpointing: tc.gradient_checkpointing},
         seed=cfg.run.seed, data_seed=cfg.run.seed, disable_tqdm=True, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
@@ -311,6 +312,14 @@ def core_sharing(bus_callback: BusCallback) -> list:
 NEWEST = "newest"
 
 
+def lineage(run_dir: Path, run_id: str) -> dict:
+    """The run's run.json (its fork parent, for the trackers' tags); empty where there is none."""
+    try:
+        return read_run_info(Path(run_dir).parent, run_id)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
 def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, resume: Path | None | str = NEWEST) -> TrainingFinished:
     """The whole run: resume where a complete checkpoint exists, train, switch data when told, report why it ended.
 
@@ -319,7 +328,10 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, 
     tc = cfg.train
     seconds = 0.0  # in trainer.train() itself: set-up (base model, tokenizing) aside
     out_dir = RunDir(run_dir).checkpoints
-    args = trl_args(cfg, out_dir)
+    if cfg.run.report_to:  # where TRL's tracker callbacks write, and how they name and tag this run
+        os.environ.pop("MLFLOW_RUN_ID", None)  # a pool's previous run is not this one
+        os.environ.update(tracking.environment(cfg.run.report_to, run_dir, run_id, cfg.run.name, lineage(run_dir, run_id)))
+    args = trl_args(cfg, out_dir, run_id)
     if distributed.rank() != 0:
         resume = None
     elif resume == NEWEST:
@@ -347,9 +359,12 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, 
     seen = {dataset.dataset_id: dataset}  # what a rollback may go back to
     while True:
         trainer = build_trainer(cfg, run_dir, dataset, callbacks, args=args, link=link, run_id=run_id, base_path=base_path)
+        callback.trackers = trackers.TrackerLog(trainer, cfg.run.report_to) if cfg.run.report_to else None
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds += time.perf_counter() - t0
+        if "mlflow" in cfg.run.report_to:
+            trackers.same_mlflow_run_next()  # a rollback or set-data trains again: in the same MLflow run
         if callback.rollback is not None:  # a guard broke: back to its savepoint, as it was then
             resume, dataset = rollback.roll_back(callback, run_dir, seen, args)
             continue

@@ -30,6 +30,7 @@ from .processes import FIRST, LATER_WITHIN_S, SERVICES, exited_badly, spawn, sto
 from .progress import Progress
 from .report import TIMELINE_FILE, timeline_line, write_report, write_timeline
 from ..storage import CONFIG_FILE, RunDir, init_run, run_dir, write_run_info
+from .. import trackers
 from .summary import JobSummary, PhaseSummary, RunSummary
 from .watch import WatchView, log_event
 
@@ -180,6 +181,8 @@ def run_one(cfg: Config, run_id: str, storage: Path, nats_url: str, evaluators: 
         time.sleep(FINAL_SCRAPE_S)  # the services' last values (export time, final scores) reach Prometheus
         done = summaries.run_summary(progress, rdir, cfg)
         summaries.write(done, rdir)
+        if cfg.run.report_to:  # the export's own scores, beside what the trainer logged
+            trackers.log_final(cfg.run.report_to, rdir, run_id, done)
         _report(rdir, events, console)
         info["state"] = "failed" if progress.outcome == "failed" else "finished"
         return done

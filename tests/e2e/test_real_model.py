@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     t0 = time.perf_counter()
-    summary, stdout = run_job(tmp_path_factory.mktemp("real"), "protocol.yaml", "smollm2", timeout=1800,
-                              schema="run")
+    summary, stdout = run_job(tmp_path_factory.mktemp("real"), "protocol.yaml", "smollm2", 1800, "run",
+                              "--set", "run.report_to=[tensorboard, mlflow]")  # as a TRL user follows a run
     return summary, stdout, time.perf_counter() - t0
 
 
@@ -83,3 +83,28 @@ def test_the_export_loads_in_plain_transformers_with_the_template_it_was_trained
     prompt = exported.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert prompt == base.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_the_runs_verdicts_and_final_scores_are_in_tensorboard_and_mlflow_at_the_summarys_steps(real_run, monkeypatch):
+    """`run.report_to: [tensorboard, mlflow]`: TRL's training logs, and tuneloop's verdicts (at the
+    step of the checkpoint each judged), feedback decisions and the export's test scores, read
+    back from TensorBoard's event files and MLflow's store, the MLflow run named by the run id."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _, _ = real_run
+    trackers = Path(run["run_dir"]) / "trackers"
+    want = {e["step"]: e["protocol"] for e in run["evaluations"]}
+    tb = EventAccumulator(str(trackers / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert {e.step: e.value for e in tb.Scalars("eval/protocol")} == pytest.approx(want)
+    assert [(e.step, e.value) for e in tb.Scalars("test/protocol")] == [(run["exported_step"], pytest.approx(run["test"]["protocol"]))]
+    assert tb.Scalars("train/loss") and tb.Scalars("feedback/continue")  # TRL's logs; feedback the trainer acted on
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(f"file:{trackers / 'mlruns'}")
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               filter_string="tags.`tuneloop.run_id` = 'smollm2'")
+    assert len(found) == 1 and found[0].info.run_name == "smollm2"
+    history = {m.step: m.value for m in client.get_metric_history(found[0].info.run_id, "eval/protocol")}
+    assert history == pytest.approx(want)
+    assert [m.step for m in client.get_metric_history(found[0].info.run_id, "test/protocol")] == [run["exported_step"]]
+    assert client.get_metric_history(found[0].info.run_id, "loss")

@@ -239,3 +239,16 @@ def test_an_export_names_its_base_portably_and_loading_resolves_it(tmp_path):
     assert resolve_base("package:not-installed-dist", str(tmp_path)) == str(tmp_path)
     with pytest.raises(FileNotFoundError, match="not on this machine .*install its package, or copy the base"):
         resolve_base("package:not-installed-dist", str(tmp_path / "gone"))
+
+
+def test_a_tracker_without_its_package_is_refused_before_the_run_starts(tmp_path):
+    import importlib.util
+
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {sources: [{path: x.jsonl}]}\nrun: {report_to: [tensorboard, wandb]}\n")
+    assert load_config(p).run.report_to == ["tensorboard", "wandb"]  # the file itself is valid
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match=r"run.report_to: wandb needs the wandb package \(pip install wandb"):
+            load_config(p, functions=True)
+    else:
+        assert load_config(p, functions=True).run.report_to == ["tensorboard", "wandb"]

@@ -210,7 +210,10 @@ def _imports(folder: Path, top_level: bool = False) -> set[str]:
 
 
 # import name -> distribution (where they differ or the import is indirect)
-DIST = {"yaml": "pyyaml", "nats": "nats-py", "prometheus_client": "prometheus-client", "grafana_client": "grafana-client"}
+DIST = {"yaml": "pyyaml", "nats": "nats-py", "prometheus_client": "prometheus-client", "grafana_client": "grafana-client",
+        "mlflow": "mlflow-skinny", "huggingface_hub": "huggingface-hub"}
+# Packages a user installs for a feature they ask for (the config refuses the feature without them).
+USER_INSTALLED = {"wandb"}
 
 
 def _requirements(extra: str) -> set[str]:
@@ -243,8 +246,10 @@ def test_each_image_target_installs_what_its_service_imports():
     # checkpoint, which the torch services and `tuneloop export` do, the slim images never (and gguf,
     # which the trainer's dequantization of a GGUF base imports inside gguf.py's functions, and numpy,
     # which bounds.py imports inside its function: the evaluator's verdicts, in the torch image; and
-    # trl, which trl_options.py imports inside its function, checking train.trl where TRL is installed).
-    ml = {"torch", "transformers", "peft", "gguf", "numpy", "trl"}
+    # trl, which trl_options.py imports inside its function, checking train.trl where TRL is installed;
+    # the trackers, which trackers.py imports inside log_final: an embedded run's last records; and
+    # huggingface-hub (transformers'), whose ModelCard model_card.py builds for the checkpoint service's exports).
+    ml = {"torch", "transformers", "peft", "gguf", "numpy", "trl", "tensorboard", "mlflow-skinny", "huggingface-hub"}
     assert {DIST.get(m, m) for m in _imports(REPO / "shared")} - core == {"grafana-client"} | ml
     assert not _imports(REPO / "shared", top_level=True) & ml
     # The operator's tools (shared/tools/, in every image with the package) import their extras
@@ -255,7 +260,7 @@ def test_each_image_target_installs_what_its_service_imports():
     assert "grafana-client" in _requirements(targets["checkpoint"])
     for svc in SERVICES:
         have = _requirements(targets[svc]) | {"torch"}  # torch: the ml stage installs the pinned build
-        missing = {DIST.get(m, m) for m in _imports(REPO / "services" / svc)} - have
+        missing = {DIST.get(m, m) for m in _imports(REPO / "services" / svc)} - have - USER_INSTALLED
         assert not missing, f"image target {svc} lacks {missing}"
         if svc in ("data-pipeline", "rl-reward"):  # the slim images: no torch stage
             assert "ml" not in re.search(rf"FROM (\S+) AS {svc}\b", (REPO / "Dockerfile").read_text()).group(1)
