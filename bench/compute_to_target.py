@@ -204,7 +204,8 @@ def one_round(r: int, tmp: Path, args, max_steps: int | None = None) -> dict:
         else:
             got[arm] = tuneloop_arm(cfg, arm.replace("_", "-"), out / "logs")
     test_split = got["fixed"]["test_split"]  # the same split for every arm: the same seed and data
-    tests = in_fresh_process(score_all, arm_config(seed, out, adapt=False), {a: got[a]["result"] for a in ARMS}, test_split)
+    results = {a: got[a]["result"] for a in ARMS}
+    tests = in_fresh_process(score_all, arm_config(seed, out, adapt=False), results, test_split)
     for arm in ARMS:
         g = got[arm]
         g["test"] = tests[arm]
