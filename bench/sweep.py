@@ -191,7 +191,10 @@ def tuneloop_arm(path: Path, tmp: Path, name: str) -> tuple[float, list[dict]]:
     seconds = time.perf_counter() - t0
     summary = json.loads((tmp / "runs" / name / "summary.json").read_text())
     return seconds, [{"params": t["params"], "state": t["state"], "steps": t["steps"], "evaluations": len(t["values"]),
-                      "stopped_by": t["stop_reason"], "value": t["value"], "train_s": t["train_seconds"]}
+                      "stopped_by": t["stop_reason"], "value": t["value"], "train_s": t["train_seconds"],
+                      # steps trained past the verdict that pruned it (the verdict's own latency included)
+                      **({"prune_lag": t["pruned_at"] - t["judged_at"]}
+                         if t.get("pruned_at") is not None and t.get("judged_at") is not None else {})}
                      for t in summary["trials"]]
 
 
@@ -234,6 +237,9 @@ def figures(rounds: list[dict]) -> dict:
         out[f"{arm}_best_test"] = best
         for k in ("wall_s", "train_s", "steps", "evaluations", "pruned"):
             out[f"{arm}_{k}"] = statistics.median(r[arm].get(k, 0) for r in rounds)
+    lags = [x["prune_lag"] for r in rounds for x in r["tuneloop"]["trials"] if "prune_lag" in x]
+    out["tuneloop_prune_lag_steps"] = statistics.median(lags) if lags else None  # the "prune latency"
+    out["tuneloop_prune_lag_steps_all"] = lags
     out["tuneloop_over_baseline_verdict"] = judge(rounds, ci)
     return out
 
