@@ -197,6 +197,8 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Config]:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {explain(e)}") from e
+    if not (Path(spec.base_dir) / spec.config).is_file():
+        raise ConfigError(f"{path}: config: {spec.config!r} is not a file ({(Path(spec.base_dir) / spec.config).resolve()})")
     base = load_config(Path(spec.base_dir) / spec.config, functions=True)
     names = [p.name for p in base.phases]
     if spec.phase is not None:
