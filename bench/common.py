@@ -53,15 +53,21 @@ def spread(values: list[float]) -> str:
     return f"median {statistics.median(values):.3f} (min {min(values):.3f}, max {max(values):.3f}, n={len(values)})"
 
 
+def current_commit() -> str:
+    """HEAD, with "+changes" when tracked code differs from it (what the benches write aside)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results",
+                            ":!README.md", ":!docs"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return commit + ("+changes" if dirty else "")
+
+
 def write_figures(path: Path | None, figures: dict) -> None:
     """``figures`` plus the commit, the time and the cores, to ``path`` (if given)."""
     if not path:
         return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results",
-                            ":!README.md", ":!docs"], cwd=REPO, capture_output=True, text=True).stdout.strip()  # what benches write
-    out = {**figures, "commit": commit + ("+changes" if dirty else ""), "cpus": len(os.sched_getaffinity(0)),
-           "time": datetime.now().isoformat(timespec="seconds")}
+    # figures made from rounds measured earlier (--from-rounds) say which code measured them
+    out = {"commit": current_commit(), "cpus": len(os.sched_getaffinity(0)),
+           "time": datetime.now().isoformat(timespec="seconds"), **figures}
     text = json.dumps(out, indent=2)
     Path(path).write_text(text)
     print(f"figures: {path}")

