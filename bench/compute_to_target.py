@@ -319,7 +319,7 @@ def main(args) -> None:
             print("warm-up round (not counted):", flush=True)
             one_round(-1, tmp, args, max_steps=4)
         rounds, commit = [], current_commit()
-        for r in range(args.rounds):
+        for r in range(args.first_round, args.first_round + args.rounds):
             rounds.append({**one_round(r, tmp, args), "commit": commit})
             if args.json:  # each round as it ends: a bench cut short keeps what it measured (--from-rounds)
                 with Path(f"{args.json}.rounds.jsonl").open("a") as f:
@@ -342,6 +342,8 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=len(ARMS), help="one per arm: each arm goes first once")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the uncounted warm-up round")
     ap.add_argument("--seed", type=int, default=0, help="round r runs with seed SEED + r (data split, init, order)")
+    ap.add_argument("--first-round", type=int, default=0, help=(
+        "start at round K (its seed and arm order): more rounds for a rounds file, appended, in another sitting"))
     ap.add_argument("--max-steps", type=int, default=None, help="a quick look at the bench (not a figure): fewer steps")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--commit", default=None, help="with --from-rounds: the commit that measured rounds that do not say")

@@ -86,6 +86,19 @@ def settled(d: Decision, bounds: dict[str, list[float]], score: float) -> str | 
     return f"settled: {' and '.join(said) or 'nothing to decide'} ({d.metric} in [{lo:.3f}, {hi:.3f}])"
 
 
+def ends_early(d: Decision, bounds: dict[str, list[float]], score: float, n: int, planned: int) -> str | None:
+    """Why a sequential verdict ends after ``n`` of its ``planned`` cases, or None to score on.
+
+    It ends once settled, or once the rest of the split would not settle it either, except when
+    the target is reached: that decision stops the run for good, so it is confirmed on the whole
+    split. A prefix is the same cases in the same order at every verdict of a run, and a lucky
+    one would end every verdict of the run early and high (the bench saw a 16-case prefix's
+    bound of [0.682, 0.976] stop a run whose test score was 0.581)."""
+    if d.target is not None and reached(Reading.of(d.metric, score, bounds), sign(d.metric) * d.target):
+        return None
+    return settled(d, bounds, score) or beyond_reach(d, bounds, score, n, planned)
+
+
 def beyond_reach(d: Decision, bounds: dict[str, list[float]], score: float, n: int, planned: int) -> str | None:
     """Why scoring the rest of the split would not settle the decision either, or None.
 

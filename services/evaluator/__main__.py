@@ -34,7 +34,7 @@ from tuneloop.events import (DatasetReady, Decision, EvalRequest, EvalShard, Eva
 from tuneloop.models import imports
 from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, run_service, warm_up
 from tuneloop.storage import confine, resolve_model
-from tuneloop.policy import beyond_reach, settled
+from tuneloop.policy import ends_early
 from tuneloop.task import EXACT, Judge, goal
 
 from .generate import Models, generate, teacher_forced
@@ -148,8 +148,7 @@ def ended_early(sh: EvalShard, results: list[ShardResult]) -> str | None:
     r = combine(results, d.confidence)
     if d.metric not in r.bounds:  # weighted cases, or a metric with no cases yet: go on
         return None
-    return settled(d, r.bounds, r.scores[d.metric]) or beyond_reach(d, r.bounds, r.scores[d.metric], r.cases,
-                                                                     sh.planned or r.cases)
+    return ends_early(d, r.bounds, r.scores[d.metric], r.cases, sh.planned or r.cases)
 
 
 def settled_key(sh: EvalShard) -> str:

@@ -112,6 +112,21 @@ def test_a_sequential_verdict_ends_once_its_decision_is_settled_and_skips_the_re
     assert [r for s in bus.of(EvalShard)[5:] for r in s.rows] == rows  # the run's order
 
 
+def test_a_reached_target_is_confirmed_on_the_whole_split_before_it_stops_the_run(tmp_path):
+    """Every answer right, target 0.7: the first shard's bound already clears it, but a stop is
+    for good, so the verdict scores all 30 cases and its bound is of all of them."""
+    (a, b), bus = sequential_replicas(tmp_path, [1.0] * 40, target=0.7)
+    asyncio.run(a.on_request(request()))
+    shards = bus.of(EvalShard)
+    asyncio.run(b.on_shard(shards[0]))
+    assert not bus.of(EvalVerdict)  # settled on 6 cases, yet not ended
+    for sh in shards[1:]:
+        asyncio.run(b.on_shard(sh))
+    [v] = bus.of(EvalVerdict)
+    assert (v.cases, v.planned, v.shards) == (30, 30, 5) and v.ended == "all 30 cases scored", v.ended
+    assert v.bounds["protocol"][0] >= 0.7
+
+
 def test_a_close_decision_scores_on_while_more_cases_could_settle_it_and_a_final_verdict_scores_all(tmp_path):
     """0.9 against a target of 0.7: the first shard cannot tell, more cases can, so scoring
     goes on past it. Exactly at the target (half right, target 0.5) not even the whole split

@@ -126,6 +126,20 @@ def test_a_sequential_verdict_is_settled_only_when_every_decision_it_is_for_is()
         == "settled: nothing to decide (correctness in [0.000, 1.000])"
 
 
+def test_only_a_decision_that_keeps_training_ends_a_verdict_early():
+    """Not reached, or no better: the prefix is enough. Reached: scored on (a stop is for good),
+    the same for a loss, whose target is reached at or below it."""
+    from tuneloop.events import Decision
+    from tuneloop.policy import ends_early
+
+    d = Decision(metric="correctness", confidence=0.8, target=0.7, early_end=True)
+    assert ends_early(d, {"correctness": [0.1, 0.5]}, 0.3, 16, 96).startswith("settled: target not reached")
+    assert ends_early(d, {"correctness": [0.72, 0.98]}, 0.9, 16, 96) is None
+    loss = Decision(metric="eval_loss", confidence=0.8, target=0.5, early_end=True)
+    assert ends_early(loss, {"eval_loss": [0.3, 0.45]}, 0.4, 16, 96) is None
+    assert ends_early(loss, {"eval_loss": [0.9, 1.4]}, 1.1, 16, 96).startswith("settled: target not reached")
+
+
 def test_weak_categories_are_those_below_the_others():
     """Relative weakness: every category under 0.9 still names the weakest; equal ones none."""
     from tuneloop.policy import weak_categories
