@@ -21,6 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, write_figures  # noqa: E402
 
+from tuneloop.generated import replace_block  # noqa: E402
+
 BEGIN, END = "<!-- real-model-demo:begin -->", "<!-- real-model-demo:end -->"
 
 
@@ -56,8 +58,7 @@ def main() -> None:
                                                                          "cpus": os.cpu_count()})
     print(block)
     text = args.readme.read_text()
-    head, rest = text.split(BEGIN, 1)
-    args.readme.write_text(f"{head}{BEGIN}\n```\n{block}\n```\n{END}{rest.split(END, 1)[1]}")
+    args.readme.write_text(replace_block(text, BEGIN, END, f"```\n{block}\n```", str(args.readme)))
 
 
 def render(f: dict) -> str:

@@ -1,5 +1,4 @@
-"""The bus: typed events over nats-py (JetStream streams and consumers, core request-reply),
-and the streams and KV buckets they live in.
+"""The bus: typed events over nats-py (JetStream streams and consumers, core request-reply).
 
 - ``publish``: durable kinds go through JetStream with ``Nats-Msg-Id = event_id`` (so a
   retried publish is stored once); the rest go over core NATS. ``publish_batch`` sends
@@ -14,9 +13,9 @@ A service (a bus named for one of ``topology.SERVICES``) publishes and consumes 
 ``shared/topology.py`` gives it: anything else raises ``TopologyError`` here, in an embedded
 run and every test alike, before the server's permissions would refuse it in a deployment.
 
-The streams and KV buckets are provisioned once (``provision``): by the admin identity in a
-deployment (``tuneloop provision``, the init job), by whoever comes first where nothing is
-secured (embedded runs). A service whose identity may not create them waits for them.
+The streams and KV buckets are provisioned once (``tuneloop.provision``): by the admin
+identity in a deployment (``tuneloop provision``, the init job), by whoever comes first where
+nothing is secured (embedded runs). A service whose identity may not create them waits for them.
 """
 
 from __future__ import annotations
@@ -36,11 +35,11 @@ from typing import TypeVar
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig, StreamSource
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from . import metrics, subjects, exporter, topology
+from . import exporter, metrics, provision, subjects, topology
 from .events import BY_KIND, DeadLetter, Event, Reject, explain  # noqa: F401  (Reject: what handlers raise)
 
 log = logging.getLogger(__name__)
@@ -165,117 +164,12 @@ class Bus:
                 log.info("JetStream not ready yet (%r); waiting", e)
                 await asyncio.sleep(0.5)
 
-    def cluster_size(self) -> int:
-        """How many servers the connected one says its cluster has (1 for a lone server)."""
-        info = getattr(self.nc, "_server_info", None) or {}
-        return max(len(set(info.get("connect_urls") or [])), 1) if info.get("cluster") else 1
-
-    def replicas(self) -> int:
-        """Copies of every stream and KV bucket: ``TUNELOOP_BUS_REPLICAS`` when set, else 3 on
-        a cluster of 3 or more (a node can be lost without losing a message or stalling the
-        quorum), else 1 (one server: the embedded run)."""
-        if os.environ.get("TUNELOOP_BUS_REPLICAS"):
-            return int(os.environ["TUNELOOP_BUS_REPLICAS"])
-        return 3 if self.cluster_size() >= 3 else 1
-
-    async def provision(self) -> dict[str, int]:
-        """Create (or bring up to date) every stream and KV bucket tuneloop uses: what the
-        admin identity does once for a deployment (``tuneloop provision``). Returns each one's
-        replicas. An existing one is scaled up to ``replicas()``, never down unless
-        ``TUNELOOP_BUS_REPLICAS`` says so (a client that cannot see the cluster must not
-        take copies away)."""
-        want, explicit = self.replicas(), bool(os.environ.get("TUNELOOP_BUS_REPLICAS"))
-
-        def target(have: int | None) -> int:
-            return want if explicit else max(want, have or 1)
-        made = {}
-        for config in (self._stream_config(), self._audit_config()):
-            try:
-                have = (await self.js.stream_info(config.name)).config.num_replicas
-            except NotFoundError:
-                config.num_replicas = want
-                await self.js.add_stream(config)
-            else:  # new kinds after an upgrade, kinds audited since, more copies
-                config.num_replicas = target(have)
-                await self.js.update_stream(config)
-            made[config.name] = config.num_replicas
-        for bucket, ttl in subjects.BUCKETS.items():
-            try:
-                await self.js.key_value(bucket)
-            except nats.js.errors.BucketNotFoundError:
-                await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl, replicas=want)
-                made[bucket] = want
-                continue
-            config = (await self.js.stream_info(f"KV_{bucket}")).config  # a bucket is a stream
-            if target(config.num_replicas) != (config.num_replicas or 1):
-                config.num_replicas = target(config.num_replicas)
-                await self.js.update_stream(config)
-            made[bucket] = config.num_replicas or 1
-        return made
-
-    @staticmethod
-    def _stream_config() -> StreamConfig:
-        return StreamConfig(name=subjects.STREAM, subjects=subjects.stream_subjects(),
-                            max_age=7 * 24 * 3600, max_bytes=2 * 1024**3, duplicate_window=300)
-
-    @staticmethod
-    def _audit_config() -> StreamConfig:
-        """The audit trail: a copy of every control, its answer (applied, rejected, rolled back,
-        confirmed), every proposal and its decision, and every mixture request, sourced
-        from the main stream, kept for a year and protected from deletes and purges."""
-        return StreamConfig(
-            name=subjects.AUDIT_STREAM, max_age=365 * 24 * 3600, deny_delete=True, deny_purge=True,
-            sources=[StreamSource(name=subjects.STREAM, filter_subject=f"{subjects.PREFIX}.*.{kind}")
-                     for kind in subjects.AUDIT_KINDS],
-        )
-
-    async def _exists(self, stream: str) -> bool:
-        try:
-            await self.js.stream_info(stream)
-            return True
-        except NotFoundError:
-            return False
-
     async def ensure_stream(self, *, wait: bool = True) -> None:
-        """The streams exist and the main one takes every kind: provision them where this
-        identity may, else wait for the admin to (``wait``; a command fails at once instead)."""
-        try:
-            info = await self.js.stream_info(subjects.STREAM)
-            current = sorted(info.config.subjects or []) == sorted(subjects.stream_subjects())
-            if current and await self._exists(subjects.AUDIT_STREAM):
-                return
-        except NotFoundError:
-            pass
-        await self._provision_or_wait(wait, f"the streams {subjects.STREAM}/{subjects.AUDIT_STREAM} "
-                                            "are missing or out of date")
-
-    async def _provision_or_wait(self, wait: bool, what: str) -> None:
-        for _ in range(2):  # a second try: a peer may have been creating the same thing meanwhile
-            try:
-                await self.provision()
-                return
-            except Exception as e:  # refused: this identity may not
-                error = e
-        if await self._provisioned():
-            return
-        hint = (f"{what} and identity {self.nc.options.get('user') or '(none)'} may not create them ({error!r}): "
-                "run `tuneloop provision` with the admin identity")
-        if not wait:
-            raise BusError(hint)
-        log.warning("%s; waiting for them", hint)
-        while not await self._provisioned():
-            await asyncio.sleep(2.0)
-
-    async def _provisioned(self) -> bool:
-        try:
-            info = await self.js.stream_info(subjects.STREAM)
-            if sorted(info.config.subjects or []) != sorted(subjects.stream_subjects()):
-                return False
-            for bucket in subjects.BUCKETS:
-                await self.js.key_value(bucket)
-            return await self._exists(subjects.AUDIT_STREAM)
-        except (NotFoundError, nats.js.errors.BucketNotFoundError):
-            return False
+        """The streams exist and the main one takes every kind: provisioned where this identity
+        may, else waited for (``wait``; a command fails at once instead)."""
+        if not await provision.streams_current(self.js):
+            await self._provision_or_wait(wait, f"the streams {subjects.STREAM}/{subjects.AUDIT_STREAM} "
+                                                "are missing or out of date")
 
     async def key_value(self, bucket: str):
         """The JetStream KV bucket ``bucket`` (one of ``subjects.BUCKETS``), provisioned if need be."""
@@ -284,6 +178,12 @@ class Bus:
         except nats.js.errors.BucketNotFoundError:
             await self._provision_or_wait(True, f"KV bucket {bucket} is missing")
             return await self.js.key_value(bucket)
+
+    async def _provision_or_wait(self, wait: bool, what: str) -> None:
+        try:
+            await provision.provision_or_wait(self.nc, wait, what)
+        except provision.ProvisionError as e:
+            raise BusError(str(e)) from None
 
     async def audit_trail(self, run_id: str, timeout: float = 2.0) -> list[Event]:
         """Every audited event of ``run_id``, oldest first (controls, answers, mixture requests).
@@ -338,15 +238,20 @@ class Bus:
             await self.nc.close()
 
     # ------------------------------------------------------------ publish
+    def _outgoing(self, event: E) -> tuple[E, str]:
+        """``event`` stamped with this service as its source (unless it names one), checked
+        against the topology, and its subject."""
+        if not event.source:
+            event = event.model_copy(update={"source": self.service})
+        topology.check(self.service, "publish", event.KIND)
+        return event, subjects.subject(event.run_id, event.KIND)
+
     async def publish(self, event: Event, *, retry_seconds: float | None = None) -> None:
         """Publish ``event``; durable kinds are retried until JetStream stores them, for up to
         ``retry_seconds`` (default ``publish_patience``; ``math.inf``: until the broker is back,
         unless the bus is closing)."""
         retry_seconds = self.publish_patience if retry_seconds is None else retry_seconds
-        if not event.source:
-            event = event.model_copy(update={"source": self.service})
-        topology.check(self.service, "publish", event.KIND)
-        subj = subjects.subject(event.run_id, event.KIND)
+        event, subj = self._outgoing(event)
         data = event.to_bytes()
         if not event.DURABLE:
             await self.nc.publish(subj, data)
@@ -377,10 +282,7 @@ class Bus:
         each event's error (None: stored)."""
         pending: list[tuple[Event, asyncio.Future | None]] = []
         for event in events:
-            if not event.source:
-                event = event.model_copy(update={"source": self.service})
-            topology.check(self.service, "publish", event.KIND)
-            subj = subjects.subject(event.run_id, event.KIND)
+            event, subj = self._outgoing(event)
             try:
                 if event.DURABLE:
                     ack = await self.js.publish_async(subj, event.to_bytes(), wait_stall=5,
@@ -621,10 +523,7 @@ class Bus:
 
     # ------------------------------------------------------------ request / reply
     async def request(self, event: Event, reply_cls: type[E], *, timeout: float = 30.0) -> E:
-        if not event.source:
-            event = event.model_copy(update={"source": self.service})
-        topology.check(self.service, "publish", event.KIND)
-        subj = subjects.subject(event.run_id, event.KIND)
+        event, subj = self._outgoing(event)
         try:
             msg = await self.nc.request(subj, event.to_bytes(), timeout=timeout)
         except nats.errors.NoRespondersError as e:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .events import RUN_ID_PATTERN, explain
+from .events import RUN_ID_PATTERN, Gated, explain
 from .task import LOWER_IS_BETTER, TaskError, TaskSection, check_task, unknown_metric
 
 
@@ -418,7 +418,7 @@ class FeedbackSection(_Section):
         "counts only verdicts whose bound says they are no better (tuneloop.bounds: an anytime-valid confidence "
         "sequence). 0: decide on point estimates and score every case."))
     min_step: int = Field(default=0, ge=0, description="Never stop before this step.")
-    approve: list[Literal["stop", "set-data", "prune"]] = Field(default_factory=list, description=(
+    approve: list[Gated] = Field(default_factory=list, description=(
         "What the automatic policies may not do by themselves: feedback's early stop, adaptive data's set-data, "
         "a sweep's prune. Each becomes a proposal that `tuneloop approve` / `reject` answers."))
     approve_timeout_s: float = Field(default=900.0, gt=0, description="How long a proposal waits for an answer.")

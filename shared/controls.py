@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from .generated import replace_block
+
 
 class Rejected(ValueError):
     """The control cannot be applied; the message says why."""
@@ -73,10 +75,7 @@ DOC_BEGIN, DOC_END = "<!-- controls:begin -->", "<!-- controls:end -->"
 
 def in_document(text: str) -> str:
     """``text`` (a page of the docs) with ``table()`` between its controls markers."""
-    if DOC_BEGIN not in text or DOC_END not in text:
-        raise ValueError(f"no {DOC_BEGIN} ... {DOC_END} section to write the controls into")
-    head, rest = text.split(DOC_BEGIN, 1)
-    return f"{head}{DOC_BEGIN}\n{table()}\n{DOC_END}{rest.split(DOC_END, 1)[1]}"
+    return replace_block(text, DOC_BEGIN, DOC_END, table(), "the page")
 
 
 GUARDABLE = ("set-lr", "set-grad-clip", "set-data")  # the controls that change what training does

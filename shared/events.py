@@ -426,13 +426,17 @@ class ControlRejected(Event):
 
 
 # ---------------------------------------------------------------- approval gates
+# What the automatic policies may be made to propose instead of doing (feedback.approve).
+Gated = Literal["stop", "set-data", "prune"]
+
+
 class Proposal(Event):
     """What an automatic policy wants to do, held for approval (feedback.approve).
 
     Its ``event_id`` is the id ``tuneloop approve RUN ID`` names. Training goes on while it waits."""
 
     KIND: ClassVar[str] = "proposal"
-    command: Literal["stop", "set-data", "prune"]
+    command: Gated
     value: Any = None
     reason: str
     proposer: str = Field(description="The policy: feedback, adaptive data, a sweep's pruner.")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import subjects
+from .generated import replace_block
 
 SERVICES = ("trainer", "data-pipeline", "evaluator", "rl-reward", "checkpoint")
 IDENTITIES = ("admin", "operator", *SERVICES, "viewer")
@@ -178,12 +179,8 @@ def users_block() -> str:
 
 def render_conf(text: str) -> str:
     """``text`` (a nats.conf) with its generated block replaced from the declaration."""
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"nats.conf has no {BEGIN} ... {END} block")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    note = "  (generated from shared/topology.py: python -m tuneloop.topology --write)"
-    return f"{head}{BEGIN}{note}\n{users_block()}\n{END}{tail}"
+    return replace_block(text, BEGIN, END, users_block(), "nats.conf",
+                         note="  (generated from shared/topology.py: python -m tuneloop.topology --write)")
 
 
 # ------------------------------------------------------------------ the events table
@@ -199,8 +196,7 @@ README_BEGIN, README_END = "<!-- events:begin -->", "<!-- events:end -->"
 
 
 def render_readme(text: str) -> str:
-    head, rest = text.split(README_BEGIN, 1)
-    return f"{head}{README_BEGIN}\n{events_table()}\n{README_END}{rest.split(README_END, 1)[1]}"
+    return replace_block(text, README_BEGIN, README_END, events_table(), str(README))
 
 
 # ------------------------------------------------------------------ files

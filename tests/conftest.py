@@ -86,16 +86,17 @@ def secured(tmp_path, monkeypatch):
     server = NatsServer(tmp_path / "nats", config_file=DEPLOYED_CONF)
     url = server.start()
 
-    async def provision() -> None:
+    async def provisioned() -> None:
         from tuneloop.bus import Bus
+        from tuneloop.provision import provision
 
         with monkeypatch.context() as m:
             m.setenv("NATS_USER", "admin")
             m.setenv("NATS_PASSWORD", passwords["admin"])
             admin = await Bus.connect(url, "provision", patience=10)
-        await admin.provision()
+        await provision(admin.nc)
         await admin.close()
 
-    asyncio.run(provision())
+    asyncio.run(provisioned())
     yield url, passwords
     server.stop()

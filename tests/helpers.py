@@ -14,6 +14,7 @@ from pathlib import Path
 import jsonschema
 
 from tuneloop import topology
+from tuneloop.generated import replace_block
 from tuneloop.config import Config, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,8 +232,7 @@ def readme_transcript(name: str, text: str) -> None:
     page = next((p for p in pages if begin in p.read_text() and end in p.read_text()), None)
     if page is None:
         raise AssertionError(f"neither README.md nor docs/ has a {begin} ... {end} section")
-    head, rest = page.read_text().split(begin, 1)
-    page.write_text(f"{head}{begin}\n```\n{text.rstrip()}\n```\n{end}{rest.split(end, 1)[1]}")
+    page.write_text(replace_block(page.read_text(), begin, end, f"```\n{text.rstrip()}\n```", str(page)))
 
 
 TUNELOOP_CLI = [sys.executable, "-m", "tuneloop"]

@@ -219,11 +219,12 @@ def provision(nats_url: str = typer.Option(..., "--nats-url", envvar="NATS_URL",
     """Create the streams and KV buckets of a deployment, as the admin identity (NATS_USER=admin):
     the init job of compose and Kubernetes. Services of other identities wait for them. On a
     cluster of 3 or more every one has 3 replicas (TUNELOOP_BUS_REPLICAS overrides)."""
+    from .. import provision as provisioning
     from ..bus import CONNECT_PATIENCE_S, Bus, BusError
 
     async def go() -> tuple[int, dict[str, int]]:
         async with await Bus.connect(nats_url, "provision", patience=CONNECT_PATIENCE_S) as bus:
-            return bus.cluster_size(), await bus.provision()
+            return provisioning.cluster_size(bus.nc), await provisioning.provision(bus.nc)
 
     try:
         nodes, made = asyncio.run(go())
