@@ -207,7 +207,7 @@ def replay_the_pruner(tmp_path, trials, summary):
 
 
 async def test_a_sweep_whose_base_config_changed_is_refused_naming_the_change(tmp_path, bus):
-    from tuneloop.tools.sweep.driver import Store, SweepMismatch
+    from tuneloop.tools.sweep.store import Store, SweepMismatch
     from tuneloop.tools.sweep.spec import load_sweep
 
     path = write_sweep(tmp_path)
@@ -219,3 +219,33 @@ async def test_a_sweep_whose_base_config_changed_is_refused_naming_the_change(tm
     edited.train.batch_size = 4
     with pytest.raises(SweepMismatch, match="base config .* changed since the sweep started .*train.batch_size"):
         await Store.open(bus, spec, edited)
+
+
+def test_an_asha_sweep_stops_a_trial_below_a_rungs_cut_off(tmp_path):
+    """``scheduler: asha`` through the real sweep: one trial at a time, the learning one first,
+    then one that cannot learn; the second is stopped by a prune control at a rung (20, 30, 45:
+    read at the verdicts of steps 20, 40, 60, where the first reached the target at the latest),
+    named by its policy, and the first completes as the best."""
+    path = write_sweep(tmp_path)
+    sweep = yaml.safe_load(path.read_text())
+    sweep.update(name="asha", concurrency=1, evaluators=1, scheduler="asha", asha={"min_steps": 20, "reduction_factor": 1.5},
+                 params={"train.learning_rate": {"values": [0.003, 0.00001]}})
+    del sweep["pruner"]
+    path.write_text(yaml.safe_dump(sweep))
+    done = subprocess.run([*TUNELOOP, "sweep", str(path)], capture_output=True, text=True, timeout=600,
+                          env=own_server_env(), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "successive halving from step 20 by 1.5" in " ".join(done.stdout.split())  # rich wraps lines
+    summary = json.loads((tmp_path / "runs" / "asha" / "summary.json").read_text())
+    first, second = sorted(summary["trials"], key=lambda t: t["number"])
+    assert first["state"] == "complete" and summary["best"]["run_id"] == first["run_id"]
+    assert second["state"] == "pruned" and second["judged_at"] in (20, 40, 60) and second["steps"] < STEPS, second
+    from tuneloop.tools.embedded import NatsServer
+
+    server = NatsServer(tmp_path / "runs" / "asha" / "nats")
+    url = server.start()
+    try:
+        [control] = [c for c in asyncio.run(stored(url, second["run_id"], [Control]))[Control] if c.command == "prune"]
+    finally:
+        server.stop()
+    assert control.policy == "asha" and re.search(r"below rung \d+'s cut-off", control.value), control

@@ -2,9 +2,9 @@
 the winner would have survived.
 
 The sweep's stream keeps every trial's verdicts and ends with their times. ``run_pruner``
-replays them in the order they happened through the same Optuna study and pruner the sweep
-driver builds (``search.make_study``, ``search.report``), with the pruner settings asked for,
-judging the running trials again whenever one ends, as the driver does. With the sweep's own
+replays them in the order they happened through the scheduler the sweep driver runs
+(``schedulers.OptunaScheduler``), with the pruner settings asked for, judging the running
+trials again whenever one ends, as the driver does. With the sweep's own
 settings it gives back the live prune decisions (a test holds it to that).
 
 What the recording cannot say is said, not guessed: a trial pruned live that the replayed
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from . import search
+from .schedulers import OptunaScheduler, View
 from .search import TrialRecord
 from .spec import Pruner, SweepSpec
 
@@ -89,43 +90,46 @@ def live_prunes(traces: list[Trace]) -> dict[int, int]:
 
 
 def run_pruner(spec: SweepSpec, pruner: Pruner, traces: list[Trace]) -> PrunerReplay:
-    """The recorded verdicts and ends, in time order, through ``pruner``."""
-    spec = spec.model_copy(update={"pruner": pruner})
-    study = search.make_study(spec)
+    """The recorded verdicts and ends, in time order, through the scheduler the sweep driver
+    runs (``schedulers.OptunaScheduler``) with ``pruner``: each end, recorded or a replayed
+    prune, judges the trials still training again, as live."""
+    sched = OptunaScheduler(spec.model_copy(update={"pruner": pruner}), metric="")
+    records = [t.record.model_copy(update={"state": "running", "values": {}}) for t in sorted(traces, key=lambda t: t.record.number)]
+    sched.restore(records)
     by_number = {t.record.number: t for t in traces}
-    trials = {n: search.ask(study, spec, by_number[n].record.params) for n in sorted(by_number)}
+    replayed = {r.number: r for r in records}
     out = PrunerReplay(pruner, {n: Fate(n) for n in by_number})
     stopped: set[int] = set()  # pruned by the replay, or ended
-    last: dict[int, tuple[int, float]] = {}
+
+    def view() -> View:
+        return View(records, set(replayed) - stopped)
+
+    def carry_out(decisions) -> None:
+        for d in decisions:
+            if d.trial not in stopped:
+                out.fates[d.trial].pruned_at = d.step
+                stopped.add(d.trial)
+                replayed[d.trial].state = "pruned"
+                carry_out(sched.on_end(replayed[d.trial], view()))
+
     happenings = sorted([(when, 0, n, step, score) for n, t in by_number.items() for when, step, score in t.verdicts]
                         + [(t.ended, 1, n, None, None) for n, t in by_number.items() if t.ended is not None])
-
-    def prune(n: int, step: int) -> None:
-        out.fates[n].pruned_at = step
-        stopped.add(n)
-        search.tell(study, trials[n], by_number[n].record.model_copy(update={"state": "pruned"}))
-
     for _, kind, n, step, score in happenings:
         if n in stopped:
             continue
+        r = replayed[n]
         if kind == 0:
-            last[n] = (step, score)
-            record = by_number[n].record
-            if search.report(trials[n], step, score, search.upper_of(record, step)) and search.prunable(record, step):
-                prune(n, step)
+            r.values[step] = score
+            carry_out(sched.on_verdict(r, step, score, view()))
             continue
-        record = by_number[n].record
+        recorded = by_number[n].record
         stopped.add(n)
-        if record.state == "complete":
-            out.fates[n].value = record.value
-            search.tell(study, trials[n], record)
-        elif record.state == "pruned":
+        r.state, r.value = recorded.state, recorded.value
+        if recorded.state == "complete":
+            out.fates[n].value = recorded.value
+        elif recorded.state == "pruned":
             out.fates[n].unknown = True  # the replay kept it; the recording stops where live pruned it
-        else:
-            search.tell(study, trials[n], record)
-        for m in sorted(by_number):  # as the driver's judge_again: the others, against the new ending
-            if m not in stopped and m in last and search.prunable(by_number[m].record, last[m][0]) and trials[m].should_prune():
-                prune(m, last[m][0])
+        carry_out(sched.on_end(r, view()))
     return out
 
 

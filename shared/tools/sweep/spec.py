@@ -84,6 +84,14 @@ class Pbt(_Section):
     resample_probability: float = Field(default=0.25, ge=0, le=1, description="perturb: the chance a value is drawn afresh instead.")
 
 
+class Asha(_Section):
+    """Asynchronous successive halving: rungs at ``min_steps * reduction_factor**k`` steps; at
+    each, a trial trains on only in the top ``1/reduction_factor`` of the trials there so far."""
+
+    min_steps: int = Field(ge=1, description="The first rung (the grace period): no trial is stopped before it.")
+    reduction_factor: float = Field(default=3.0, gt=1, description="Each rung keeps the top 1/this of the trials.")
+
+
 class SweepSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,40}$", description="The sweep's id: restarting with the same name continues it.")
     config: str = Field(description="Run config every trial starts from (relative to the sweep file).")
@@ -106,7 +114,11 @@ class SweepSpec(_Section):
                                   "(the trial's value). Default: the config's feedback.metric.")
     seed: int = 0
     pruner: Pruner = Pruner()
-    pbt: Pbt | None = Field(default=None, description="sampler pbt: the population and its exploit and explore rules.")
+    scheduler: Literal["optuna", "asha", "pbt"] = Field(default="optuna", description=(
+        "What starts and stops trials (schedulers.py): optuna, its sampler and pruner; asha, successive halving "
+        "(see asha) over the sampler; pbt, population-based training (sampler: pbt reads as this too)."))
+    pbt: Pbt | None = Field(default=None, description="scheduler pbt: the population and its exploit and explore rules.")
+    asha: Asha | None = Field(default=None, description="scheduler asha: its rungs.")
     base_dir: str = Field(default=".", description="Set by the loader: the sweep file's folder.")
 
     @model_validator(mode="before")
@@ -118,8 +130,21 @@ class SweepSpec(_Section):
 
     @model_validator(mode="after")
     def _count(self) -> "SweepSpec":
-        if self.sampler == "pbt":
+        if self.sampler == "pbt" or self.scheduler == "pbt":
+            if "scheduler" in self.model_fields_set and self.scheduler != "pbt":
+                raise ValueError(f"sampler pbt is population-based training: it is scheduler pbt, not {self.scheduler}")
+            if self.sampler != "pbt" and {"sampler", "search"} & self.model_fields_set:
+                raise ValueError(f"scheduler pbt draws its own members: leave sampler out (not {self.sampler})")
+            self.sampler = self.scheduler = "pbt"
             return self._pbt()
+        if self.asha is not None and self.scheduler != "asha":
+            raise ValueError(f"asha: is for scheduler: asha, not {self.scheduler}")
+        if self.scheduler == "asha":
+            if self.asha is None:
+                raise ValueError("scheduler asha needs asha: {min_steps: N}")
+            if "pruner" in self.model_fields_set and self.pruner.kind != "none":
+                raise ValueError("scheduler asha stops trials at its rungs: set pruner: {kind: none} or leave it out")
+            self.pruner = Pruner(kind="none")
         if self.pbt is not None:
             raise ValueError(f"pbt: is for sampler: pbt, not {self.sampler}")
         if self.sampler != "grid" and self.trials is None:
@@ -162,6 +187,8 @@ class SweepSpec(_Section):
     def fingerprint(self) -> str:
         """What makes two sweeps the same sweep (a restart must not continue a different one)."""
         data = self.model_dump(mode="json", exclude={"concurrency", "evaluators", "base_dir"})
+        if data["scheduler"] in ("optuna", "pbt") and data["asha"] is None:  # what sweeps before schedulers had
+            del data["scheduler"], data["asha"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
