@@ -146,9 +146,9 @@ class Bench:
         self.procs: dict[str, subprocess.Popen] = {}
         self.events: dict[str, list] = {}
         self.applied = Applied()
-        logging.getLogger("tuneloop.trainer.callback").addHandler(self.applied)
-        logging.getLogger("tuneloop.trainer.callback").setLevel(logging.INFO)
-        logging.getLogger("tuneloop.trainer.callback").propagate = False
+        logging.getLogger("tuneloop.trainer.steering").addHandler(self.applied)
+        logging.getLogger("tuneloop.trainer.steering").setLevel(logging.INFO)
+        logging.getLogger("tuneloop.trainer.steering").propagate = False
         self.template = self.prepare_template()
 
     def prepare_template(self) -> Path:

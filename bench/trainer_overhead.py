@@ -40,7 +40,7 @@ from tuneloop.tools.embedded import NatsServer
 from tuneloop.events import Control, DatasetReady, Feedback, SplitInfo, StepMetrics
 from tuneloop import controls
 from tuneloop.trainer import recipe
-from tuneloop.trainer.callback import BusCallback
+from tuneloop.trainer.callbacks import Hooks
 from tuneloop.trainer.link import BusLink, too_late
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,16 +88,16 @@ def run_plain(cfg, rdir, ds, out: Path) -> float:
     return tps
 
 
-async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: Path | None = None) -> tuple[float, object, BusCallback]:
+async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: Path | None = None) -> tuple[float, object, Hooks]:
     link = BusLink(bus, asyncio.get_running_loop())
     link.start()
     consumers = [await bus.consume(cls, run_id, link.deliver, concurrency=64, group=f"trainer-{run_id}")
                  for cls in (Control, Feedback)]
     state = controls.Steering.from_config(cfg.train)
-    callback = BusCallback(link, run_id, rdir, "base", adapter=True, state=state)
+    hooks = Hooks(link, run_id, rdir, "base", adapter=True, state=state)
     out = out or rdir / f"checkpoints-{run_id}"
     # Built on the training thread, as the trainer service does (recipe.train) and as the plain arm does.
-    trainer = await on_train_thread(lambda: recipe.build_trainer(cfg, rdir, ds, [callback], args=recipe.trl_args(cfg, out)))
+    trainer = await on_train_thread(lambda: recipe.build_trainer(cfg, rdir, ds, hooks.callbacks, args=recipe.trl_args(cfg, out)))
     t0 = time.perf_counter()
     job = asyncio.ensure_future(on_train_thread(trainer.train))
     extra = await during(job) if during else None
@@ -107,7 +107,7 @@ async def run_tuneloop(cfg, rdir, ds, bus: Bus, run_id: str, during=None, out: P
     for task in consumers:  # as the trainer service does when its run ends: no round polls for the ones before it
         await bus.stop_consuming(task)
     shutil.rmtree(out, ignore_errors=True)
-    return tokens_per_second(trainer, time.perf_counter() - t0), extra, callback
+    return tokens_per_second(trainer, time.perf_counter() - t0), extra, hooks
 
 
 async def main(args) -> None:
@@ -128,8 +128,8 @@ async def main(args) -> None:
                     got[side] = await on_train_thread(run_plain, cfg, rdir, ds, rdir / f"plain-{r}")
                 else:
                     before = bus_cpu(server.proc.pid, probe.pid)
-                    got[side], _, callback = await run_tuneloop(cfg, rdir, ds, bus, f"bench{r}")
-                    applied = len(callback.run_state.applied)
+                    got[side], _, hooks = await run_tuneloop(cfg, rdir, ds, bus, f"bench{r}")
+                    applied = len(hooks.loop.run_state.applied)
                     spent = [b - a for a, b in zip(before, bus_cpu(server.proc.pid, probe.pid))]
             label = "warm-up" if r < args.warmup else f"round {r - args.warmup + 1}"
             print(f"{label:8s} plain {got['plain']:8.0f} tokens/s  tuneloop {got['tuneloop']:8.0f} tokens/s  "

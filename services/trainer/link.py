@@ -155,7 +155,7 @@ class BusLink:
 class FollowerLink:
     """What ranks other than 0 have instead of the bus: nothing arrives, nothing is sent.
 
-    Their events come from rank 0's broadcast at each step boundary (see ``BusCallback``).
+    Their events come from rank 0's broadcast at each step boundary (see ``SteeringCallback``).
     """
 
     def __init__(self):

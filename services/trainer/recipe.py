@@ -2,7 +2,7 @@
 
 One flow for the three methods; what differs is a row of ``METHODS``: TRL's config and
 trainer classes and the columns each one reads. Runs in the training thread and speaks to
-the world only through the link (link.py): ``BusCallback``'s metrics, answers and checkpoints,
+the world only through the link (link.py): its callbacks' metrics, answers and checkpoints,
 GRPO's reward requests (remote_reward.py) and a rollback's announcement (rollback.py); how the
 run ended is returned to the service, which publishes it.
 """
@@ -24,7 +24,8 @@ from tuneloop.events import DatasetReady, EvalRequest, TrainingFinished, derived
 from tuneloop.storage import RunDir, confine, read_run_info
 
 from . import distributed, model as models, prepared, rollback, trackers
-from .callback import BusCallback, durable_state, sync_args
+from .callbacks import Hooks
+from .loop_state import LoopState, durable_state, sync_args
 from .remote_reward import RemoteReward
 from .threads import CoreShareCallback
 
@@ -301,13 +302,13 @@ def build_trainer(cfg: Config, run_dir: Path, dataset: DatasetReady, callbacks: 
     return trainer
 
 
-def core_sharing(bus_callback: BusCallback) -> list:
+def core_sharing(loop: LoopState) -> list:
     """The callback that shares this machine's cores with the services beside the trainer
     (``TUNELOOP_CORE_DIR``, set by ``tuneloop run``); none for several training processes."""
     budget = CoreBudget.from_env()
     if budget is None or distributed.world_size() > 1:
         return []
-    return [CoreShareCallback(budget, bus_callback.expecting_verdicts)]
+    return [CoreShareCallback(budget, loop.expecting_verdicts)]
 
 
 NEWEST = "newest"
@@ -351,41 +352,44 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, 
         link.publish(EvalRequest(run_id=run_id, event_id=derived_id("baseline", run_id), step=0, checkpoint=None,
                                  base_model=ref, adapter=False, split="test", purpose="baseline"))
     categories = frozenset(c for split in dataset.splits.values() for c in split.categories)
-    callback = BusCallback(link, run_id, run_dir, ref, adapter=tc.lora.enabled, state=state,
-                           method=tc.method, sharded=tc.sharded, eval_every=cfg.eval.every, pause_every=tc.pause_every,
-                           gates=cfg.feedback, categories=categories, metrics=cfg.task.names())
+    hooks = Hooks(link, run_id, run_dir, ref, adapter=tc.lora.enabled, state=state,
+                  method=tc.method, sharded=tc.sharded, eval_every=cfg.eval.every, pause_every=tc.pause_every,
+                  gates=cfg.feedback, categories=categories, metrics=cfg.task.names())
+    loop = hooks.loop
     if state is not checkpointed:
-        callback.restored = [a for a in state.applied if a.control_id not in checkpointed.applied_ids()]
-    callbacks = [callback, *core_sharing(callback)]
+        hooks.steering.restored = [a for a in state.applied if a.control_id not in checkpointed.applied_ids()]
+    callbacks = [*hooks.callbacks, *core_sharing(loop)]
     seen = {dataset.dataset_id: dataset}  # what a rollback may go back to
     while True:
         trainer = build_trainer(cfg, run_dir, dataset, callbacks, args=args, link=link, run_id=run_id, base_path=base_path)
-        callback.trackers = trackers.TrackerLog(trainer, cfg.run.report_to) if cfg.run.report_to else None
+        loop.trackers = trackers.TrackerLog(trainer, cfg.run.report_to) if cfg.run.report_to else None
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds += time.perf_counter() - t0
         if "mlflow" in cfg.run.report_to:
             trackers.same_mlflow_run_next()  # a rollback or set-data trains again: in the same MLflow run
-        if callback.rollback is not None:  # a guard broke: back to its savepoint, as it was then
-            resume, dataset = rollback.roll_back(callback, run_dir, seen, args)
+        if loop.steer.rollback is not None:  # a guard broke: back to its savepoint, as it was then
+            back = rollback.roll_back(loop.steer.rollback, loop.run_state, run_dir, seen, link, run_id)
+            loop.rolled_back(back.state, back.step)
+            resume, dataset, args.ignore_data_skip = back.savepoint, back.dataset, back.ignore_data_skip
             continue
-        if callback.switch_to is None or callback.stop_reason is not None:
+        if loop.switch_to is None or loop.stop_reason is not None:
             break
         # set-data: the checkpoint just saved holds weights, optimizer and schedule; go on with the new rows.
-        dataset, callback.switch_to = callback.switch_to, None
+        dataset, loop.switch_to = loop.switch_to, None
         seen[dataset.dataset_id] = dataset
         resume = latest_complete(out_dir)
         args.ignore_data_skip = True  # the new data set starts at its beginning
         log.info("switching to data set %s at step %d", dataset.dataset_id, trainer.state.global_step)
     step = trainer.state.global_step
     planned = f"{tc.epochs:g} epochs ({trainer.state.max_steps} steps)" if tc.epochs else f"max_steps {tc.max_steps}"
-    reason, detail = callback.stop_reason or ("completed", f"reached {planned}")
-    tps, peak = callback.tokens_per_second, peak_memory_mb(not args.use_cpu)
+    reason, detail = loop.stop_reason or ("completed", f"reached {planned}")
+    tps, peak = hooks.metrics.tokens_per_second, peak_memory_mb(not args.use_cpu)
     log.info("training finished at step %d (%s: %s), loss %.4f, %s tokens/s, peak memory %.0f MB, batch %d",
              step, reason, detail, result.training_loss, f"{tps:.0f}" if tps else "-", peak, trainer._train_batch_size)
     return TrainingFinished(
         run_id=run_id, step=step, reason=reason, detail=detail,
-        final_loss=callback.last_loss, final_checkpoint=callback.final_checkpoint,
+        final_loss=loop.last_loss, final_checkpoint=loop.final_checkpoint,
         train_seconds=seconds, processes=distributed.world_size(),
         tokens_per_second=tps, peak_memory_mb=peak, batch_size=trainer._train_batch_size,
     )

@@ -1,7 +1,7 @@
 """Guarded interventions, the trainer's part: watch the verdicts after a guarded control, and
 go back to its savepoint when one breaks the guard.
 
-The flow (``BusCallback`` calls these):
+The flow (``SteeringCallback`` and the recipe call these):
 1. A control with ``--guard`` arrives: the callback asks for a checkpoint first (the
    savepoint) and applies the control in ``on_save``, once the savepoint is on disk.
 2. ``watch_record`` is what the run remembers of it, in ``Steering.guard`` (saved in every
@@ -9,8 +9,8 @@ The flow (``BusCallback`` calls these):
 3. Each feedback on a later checkpoint is ``judge``d by rank 0 (the same judgement is
    broadcast to every rank); ``within`` held verdicts confirm it.
 4. A broken guard stops the training loop without saving; the recipe calls ``roll_back``,
-   which deletes the discarded checkpoints, restores the savepoint's steering and resumes
-   from it: weights, optimizer, schedule, RNG and data position come back with it.
+   which deletes the discarded checkpoints and returns the savepoint's steering; the recipe
+   resumes from it: weights, optimizer, schedule, RNG and data position come back with it.
 """
 
 from __future__ import annotations
@@ -104,11 +104,22 @@ def discard_after(run_dir: Path, step: int) -> list[int]:
     return sorted(gone)
 
 
-def roll_back(callback, run_dir: Path, datasets: dict, args) -> tuple[Path, object]:
-    """Undo a broken guard's control: returns (the savepoint to resume from, the data set in
-    force there). Every rank calls it; rank 0 deletes, writes and publishes."""
-    plan: Rollback = callback.rollback
-    watch, before = plan.watch, callback.run_state
+@dataclass
+class RolledBack:
+    """What a rollback leaves for the loop: the savepoint's steering (what was undone since
+    recorded in it), the savepoint to resume from and the data set in force there."""
+
+    state: object  # controls.Steering
+    savepoint: Path
+    step: int
+    dataset: object
+    ignore_data_skip: bool
+
+
+def roll_back(plan: Rollback, before, run_dir: Path, datasets: dict, link, run_id: str) -> RolledBack:
+    """Undo a broken guard's control (``plan``, from the steering state ``before``). Every rank
+    calls it; rank 0 deletes, writes and publishes. The caller carries the result into its loop."""
+    watch = plan.watch
     savepoint = run_dir / watch.savepoint
     if distributed.rank() == 0:
         gone = discard_after(run_dir, watch.savepoint_step)
@@ -121,13 +132,10 @@ def roll_back(callback, run_dir: Path, datasets: dict, args) -> tuple[Path, obje
     state.discarded_requests = [*before.discarded_requests, *(derived_id("eval", s) for s in watch.saves)]
     state.proposals = before.proposals  # what waits for an operator still does
     state.guard = None
-    callback.run_state = state
-    args.ignore_data_skip = watch.ignore_data_skip
-    callback.forget_after(watch.savepoint_step)
     if distributed.rank() == 0:
         write_steering(RunDir(run_dir).applied, state)
-        callback.link.publish(ControlRolledBack(
-            run_id=callback.run_id, event_id=derived_id("rolledback", watch.control_id),
+        link.publish(ControlRolledBack(
+            run_id=run_id, event_id=derived_id("rolledback", watch.control_id),
             control_id=watch.control_id, command=watch.command, value=watch.value, guard=watch.guard,
             step=plan.step, savepoint_step=watch.savepoint_step,
             discarded_steps=[watch.savepoint_step + 1, plan.step] if plan.step > watch.savepoint_step else [],
@@ -138,9 +146,7 @@ def roll_back(callback, run_dir: Path, datasets: dict, args) -> tuple[Path, obje
     log.warning("rank %d rolls back %s (guard %r broken by the verdict of step %d: %s) from step %d to the savepoint, "
                 "step %d", distributed.rank(), watch.command, watch.guard, plan.judged.step, plan.judged.metrics,
                 plan.step, watch.savepoint_step)
-    callback.rollback = None
     dataset = datasets.get(state.dataset_id)
     if dataset is None:
         raise RuntimeError(f"the savepoint trains on data set {state.dataset_id!r}, which this trainer never saw")
-    return savepoint, dataset
-
+    return RolledBack(state, savepoint, watch.savepoint_step, dataset, watch.ignore_data_skip)

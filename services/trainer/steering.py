@@ -4,8 +4,8 @@ Given what arrived during a step (a control, feedback, a proposal decision, rank
 of a verdict against the guard under watch, a proposal past its deadline) and the step's
 context (``Boundary``), ``Steerer`` updates the run's steering state and returns ``Effects``:
 the answer to publish, anything else to publish, and what the training loop must do (set the
-learning rate, save, stop with a reason, switch data, roll back). ``BusCallback`` carries them
-out: the optimizer, TRL's control flags, the link to the bus, the files. Decide vs do: this
+learning rate, save, stop with a reason, switch data, roll back). ``SteeringCallback`` carries
+them out: the optimizer, TRL's control flags, the link to the bus, the files. Decide vs do: this
 module touches no torch, no bus and no file, so every rule here is unit-tested without
 training (tests/unit/test_steering.py).
 """
@@ -264,3 +264,28 @@ class Steerer:
     def forget_stop(self) -> None:
         """After a rollback: the stop that ended the discarded training is void."""
         self.stop_reason = None
+
+    # ---------------------------------------------------------------- stops of the loop's own
+    def terminate(self) -> Effects:
+        """The service was asked to stop (SIGTERM): save this step and stop; it resumes here."""
+        if self.stop_reason is None:
+            self.stop_reason = ("interrupted", "service asked to stop (SIGTERM); resumes from this checkpoint")
+        return Effects(stop=True)
+
+    def resumed(self, restored: list[AppliedControl]) -> bool:
+        """Controls answered after the checkpoint this run resumes from: a stop or prune among
+        them still holds, so the run ends at its first step. Whether it does."""
+        for a in restored:
+            if a.command in ("stop", "prune") and self.stop_reason is None:
+                self.stop_reason = ("pruned" if a.command == "prune" else "control",
+                                    f"{a.command} applied at step {a.step} before a restart")
+                return True
+        return False
+
+    def at_barrier(self, step: int, max_steps: int, every: int | None, loop_stopping: bool) -> bool:
+        """A PBT member pauses after the checkpoint of each barrier (every ``every`` steps, not
+        at its last) until its sweep resumes it, as by a ``pause`` control. Whether it does now."""
+        if every is None or step % every or step >= max_steps or loop_stopping or self.state.paused:
+            return False
+        self.state.paused = True
+        return True

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tuneloop import controls
-from tuneloop.trainer.callback import set_learning_rate
+from tuneloop.trainer.loop_state import set_learning_rate
 
 
 def test_controls_apply_or_reject_without_side_effects():

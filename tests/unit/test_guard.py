@@ -113,7 +113,7 @@ def test_a_restart_keeps_the_open_proposals_and_the_guard_under_watch(tmp_path):
     from tuneloop.config import TrainSection
     from tuneloop.storage import APPLIED_FILE
 
-    durable_state = import_module("tuneloop.trainer.callback").durable_state
+    durable_state = import_module("tuneloop.trainer.loop_state").durable_state
     checkpoint = controls.Steering.from_config(TrainSection())
     checkpoint.applied = [controls.AppliedControl(control_id="a", command="pause", step=3)]
     record = controls.Steering.from_dict(checkpoint.to_dict())

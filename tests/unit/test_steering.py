@@ -170,13 +170,10 @@ def test_a_rollback_undoes_the_controls_applied_under_the_guard_and_what_was_sav
     """The steerer's Rollback carried out on a run folder (no training): the savepoint's
     steering comes back, every control applied since it is rolled back (never applied again),
     the checkpoints and snapshots after it go, and the rollback is announced."""
-    from types import SimpleNamespace
-
     from tuneloop.checkpoints import folder, write_state
     from tuneloop.events import ControlRolledBack, derived_id
     from tuneloop.storage import RunDir
     from tuneloop.trainer import rollback
-    from tuneloop.trainer.callback import BusCallback
 
     class Link:
         datasets = {"d0": "the data set d0"}
@@ -208,16 +205,18 @@ def test_a_rollback_undoes_the_controls_applied_under_the_guard_and_what_was_sav
     s.decide(judged, Boundary(step=21))
 
     link = Link()
-    cb = BusCallback(link, "r", tmp_path, "base", True, s.state)
-    cb.steer = s
-    args = SimpleNamespace(ignore_data_skip=False)
-    savepoint, dataset = rollback.roll_back(cb, tmp_path, link.datasets, args)
-    assert savepoint == tmp_path / "checkpoints" / "checkpoint-10" and dataset == "the data set d0"
-    assert [a.command for a in cb.run_state.applied] == ["pause", "resume"] and cb.run_state.learning_rate == 1e-3
-    assert [(a.command, a.rolled_back_at) for a in cb.run_state.rolled_back] == [("set-lr", 21), ("set-grad-clip", 21)]
-    assert cb.run_state.discarded_requests == [derived_id("eval", "saved-15")] and cb.rollback is None
+    before = s.state
+    back = rollback.roll_back(s.rollback, before, tmp_path, link.datasets, link, "r")
+    assert back.savepoint == tmp_path / "checkpoints" / "checkpoint-10" and back.dataset == "the data set d0"
+    assert back.step == 10 and back.ignore_data_skip is True
+    state = back.state
+    assert [a.command for a in state.applied] == ["pause", "resume"] and state.learning_rate == 1e-3
+    assert [(a.command, a.rolled_back_at) for a in state.rolled_back] == [("set-lr", 21), ("set-grad-clip", 21)]
+    assert state.discarded_requests == [derived_id("eval", "saved-15")]
+    assert s.state is before and s.rollback is not None  # returned, not done: the loop carries it out
     assert sorted(p.name for p in rd.checkpoints.iterdir()) == ["checkpoint-10"]
-    assert sorted(rd.snapshot_folders()) == [5] and args.ignore_data_skip is True
+    assert sorted(rd.snapshot_folders()) == [5]
+    s.state, s.rollback = state, None  # as LoopState.rolled_back does
     [announced] = link.sent
     assert isinstance(announced, ControlRolledBack) and announced.reverted == [s.state.rolled_back[1].control_id]
     assert (announced.savepoint_step, announced.step, announced.discarded_steps) == (10, 21, [11, 21])

@@ -119,7 +119,7 @@ def test_set_lr_changes_the_step_each_optimizer_takes(tmp_path, name):
     """The same state, one step at the old lr and one after set-lr to half of it: the second
     update is half the first (each of these optimizers moves in proportion to its lr)."""
     import torch
-    from tuneloop.trainer.callback import set_learning_rate
+    from tuneloop.trainer.loop_state import set_learning_rate
 
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 8)
