@@ -23,7 +23,26 @@ from pathlib import Path
 from . import subjects
 from .generated import replace_block
 
-SERVICES = ("trainer", "data-pipeline", "evaluator", "rl-reward", "checkpoint")
+@dataclass(frozen=True)
+class Service:
+    """A service of the roster. What else lists the services reads ``ROSTER``: process start
+    order, a sweep's pools, image targets, Prometheus' scrape config; tests hold compose.yaml,
+    k8s/, the Dockerfile and pyproject.toml to it (tests/unit/test_deploy.py)."""
+
+    name: str
+    torch: bool = False  # its image carries torch (the ml stage); else a slim one
+    first: bool = False  # on the path to the first training step: started first, the rest once training runs
+    pool: str = "one"  # replicas in a sweep's pools: one, or the sweep setting that sizes it
+
+
+ROSTER = (
+    Service("trainer", torch=True, first=True, pool="concurrency"),
+    Service("data-pipeline", first=True),
+    Service("evaluator", torch=True, pool="evaluators"),
+    Service("rl-reward", first=True),  # GRPO asks it for rewards at its first step; it imports no torch
+    Service("checkpoint", torch=True),
+)
+SERVICES = tuple(s.name for s in ROSTER)
 IDENTITIES = ("admin", "operator", *SERVICES, "viewer")
 
 

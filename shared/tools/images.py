@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..topology import ROSTER
+
 REPO = Path(__file__).resolve().parents[2]
 PYTHON_BASE = "python:3.11-slim"
 NATS_IMAGE = "nats:2.10-alpine"
@@ -37,8 +39,8 @@ TORCH = "torch==2.13.0"
 WHEELS = REPO / ".images" / "wheels"  # the build context's copy of the host's torch wheel (git-ignored)
 TAG = os.environ.get("TUNELOOP_TAG", "latest")
 # Dockerfile target -> image; the light ones first (no torch), as the Dockerfile orders them.
-TARGETS = ("cli", "data-pipeline", "rl-reward", "trainer", "evaluator", "checkpoint")
-TORCH_TARGETS = {"trainer", "evaluator", "checkpoint"}
+TARGETS = ("cli", *(s.name for s in ROSTER if not s.torch), *(s.name for s in ROSTER if s.torch))
+TORCH_TARGETS = {s.name for s in ROSTER if s.torch}
 
 
 def image(target: str) -> str:

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 from .. import cores
+from ..topology import ROSTER
 
-SERVICES = ("data-pipeline", "trainer", "checkpoint", "evaluator", "rl-reward")
-# On the path to the first training step (GRPO asks rl-reward for rewards at its first step;
-# rl-reward imports no torch); the others start when training runs, or after this long.
-FIRST = ("data-pipeline", "trainer", "rl-reward")
+# On the path to the first training step; the others start when training runs, or after this long.
+FIRST = tuple(s.name for s in ROSTER if s.first)
 LATER_WITHIN_S = 120.0
 # Priority (nice) of the checkpoint service: hashing and exports never hold up a step.
 SERVICE_NICE = 5

@@ -26,7 +26,8 @@ from .embedded import NatsServer
 from ..events import (CheckpointRecorded, Control, ControlApplied, ControlConfirmed, ControlRejected, ControlRolledBack,
                      DatasetReady, DeadLetter, EvalVerdict, Event, ExportDone, Feedback, Proposal, ProposalResolved,
                      RunForked, RunQueued, StepMetrics, TrainingFinished, derived_id)
-from .processes import FIRST, LATER_WITHIN_S, SERVICES, exited_badly, spawn, stop_all
+from ..topology import SERVICES
+from .processes import FIRST, LATER_WITHIN_S, exited_badly, spawn, stop_all
 from .progress import Progress
 from .report import TIMELINE_FILE, timeline_line, write_report, write_timeline
 from ..storage import CONFIG_FILE, RunDir, init_run, run_dir, write_run_info

@@ -19,10 +19,10 @@ import yaml
 
 from helpers import KUSTOMIZATIONS, REPO, kustomize
 from tuneloop.subjects import durable_name
+from tuneloop.topology import IDENTITIES, ROSTER, SERVICES
 
 CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
         ("kubeflow.org/v1", "PyTorchJob")}
-SERVICES = ("data-pipeline", "trainer", "evaluator", "rl-reward", "checkpoint")
 
 
 build = kustomize
@@ -262,8 +262,23 @@ def test_each_image_target_installs_what_its_service_imports():
         have = _requirements(targets[svc]) | {"torch"}  # torch: the ml stage installs the pinned build
         missing = {DIST.get(m, m) for m in _imports(REPO / "services" / svc)} - have - USER_INSTALLED
         assert not missing, f"image target {svc} lacks {missing}"
-        if svc in ("data-pipeline", "rl-reward"):  # the slim images: no torch stage
-            assert "ml" not in re.search(rf"FROM (\S+) AS {svc}\b", (REPO / "Dockerfile").read_text()).group(1)
+        stage = re.search(rf"FROM (\S+) AS {svc}\b", (REPO / "Dockerfile").read_text()).group(1)
+        assert ("ml" in stage) == next(s.torch for s in ROSTER if s.name == svc), (svc, stage)  # slim: no torch stage
+
+
+def test_the_roster_is_the_services_pyproject_installs_and_runs():
+    """topology.ROSTER is the one list of services: each has its folder, its package and its
+    extra (what its image installs); the manifests, compose.yaml and the Dockerfile are held
+    to it by the tests above."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    folders = {v.removeprefix("services/") for v in project["tool"]["setuptools"]["package-dir"].values()
+               if v.startswith("services/")}
+    assert folders == set(SERVICES) == {p.name for p in (REPO / "services").iterdir() if (p / "__main__.py").exists()}
+    assert set(SERVICES) <= set(project["project"]["optional-dependencies"])
+    made = re.search(r"for u in ([A-Z_ ]+); do", (REPO / "Makefile").read_text()).group(1).split()
+    assert made == [i.upper().replace("-", "_") for i in IDENTITIES], "make secrets: one password per identity"
 
 
 @pytest.mark.timeout(600)

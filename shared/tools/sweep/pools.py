@@ -19,6 +19,7 @@ from ... import subjects
 from ...bus import Bus
 from ...events import StepMetrics
 from ...procfs import running
+from ...topology import ROSTER
 from ..processes import FIRST, LATER_WITHIN_S, spawn, stop_all
 from .spec import SweepSpec
 
@@ -34,8 +35,8 @@ class Pools:
         self.first_step = None
 
     def sizes(self) -> dict[str, int]:
-        return {"trainer": self.spec.concurrency, "data-pipeline": 1, "checkpoint": 1,
-                "evaluator": self.spec.evaluators, "rl-reward": 1}
+        """Replicas of each service of the roster: one, or the sweep setting its ``pool`` names."""
+        return {s.name: 1 if s.pool == "one" else getattr(self.spec, s.pool) for s in ROSTER}
 
     async def start(self, bus: Bus, staged: bool = True) -> None:
         """The pools, after the ones a killed sweep left have stopped (they save the checkpoint
