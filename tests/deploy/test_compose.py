@@ -323,6 +323,11 @@ async def _scenario(s: Stack) -> None:
     steps = ev[StepMetrics]
     await wait_for(lambda: any(e.loss is not None for e in steps), timeout=600)
     say(f"from `docker compose up` to the first training step: {time.monotonic() - t_up:.1f} s")
+    uids = {svc: s.compose("exec", "-T", svc, "id", "-u").stdout.strip() for svc in SERVICES}
+    assert set(uids.values()) == {"10001"}, uids  # no service runs as root
+    wrote = s.compose("exec", "-T", "trainer", "touch", "/app/probe", check=False)
+    assert wrote.returncode and "Read-only file system" in wrote.stdout + wrote.stderr, wrote
+    say(f"every service's container runs as uid {uids['trainer']}, its root file system read-only")
 
     # Steered from the host with the operator identity; the viewer is refused by the server.
     lr = s.ctl("set-lr", "5e-4")

@@ -119,6 +119,21 @@ def test_compose_file_follows_the_compose_spec_and_gives_each_service_its_identi
     assert ".env" in (REPO / ".gitignore").read_text().split()  # the passwords never get committed
 
 
+def test_every_tuneloop_container_in_compose_is_unprivileged_with_a_read_only_root():
+    """What the images build (uid 10001: the Dockerfile's last line of every target) is what
+    compose asks for, with no capabilities, no privilege escalation and /tmp its only scratch."""
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    ours = {n: s for n, s in compose["services"].items() if s.get("image", "").startswith("tuneloop/")}
+    assert set(SERVICES) | {"provision", "init", "cli"} <= set(ours)
+    for name, svc in ours.items():
+        assert svc["user"] == "10001:10001" and svc["read_only"] is True and svc["tmpfs"] == ["/tmp"], name
+        assert svc["cap_drop"] == ["ALL"] and "no-new-privileges:true" in svc["security_opt"], name
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for target in ("cli", *SERVICES):
+        stage = dockerfile.split(f" AS {target}\n", 1)[1].split("\nFROM ", 1)[0]
+        assert "\nUSER 10001:10001\n" in stage, target
+
+
 def _cluster_flags(args: list[str]) -> tuple[str, list[str]]:
     """A nats-server command line's server name and routes (None, [] when it is no cluster node)."""
     flag = lambda f: args[args.index(f) + 1] if f in args else None  # noqa: E731
