@@ -9,10 +9,12 @@ exporting and listing all read checkpoints through this module.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from .controls import Steering
@@ -78,6 +80,51 @@ def latest_intact(checkpoints: Path, recorded: dict[str, str] | None = None) -> 
         ckpt.rename(aside)
         log.error("not resuming from %s; moved aside to %s", problem, aside.name)
     return None
+
+
+# ------------------------------------------------------------------ a full disk
+MIN_FREE_BYTES = 1 << 20  # below this, a write that failed failed for want of room
+
+
+def out_of_space(error: BaseException, path: Path) -> bool:
+    """Whether ``error`` (or what caused it) is the disk of ``path`` filling up: ENOSPC, however
+    the writer wrapped it (torch and safetensors raise their own errors), or hardly a byte free."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(path).free < MIN_FREE_BYTES
+    except OSError:
+        return False
+
+
+def drop_half_written(checkpoints: Path) -> list[str]:
+    """Remove the checkpoint folders newer than the newest complete one: half written (no state
+    file), by this trainer, when the disk filled up. Their room is what a restart needs first."""
+    last = max(complete_checkpoints(checkpoints), default=-1)
+    gone = []
+    for s, path in all_checkpoints(checkpoints).items():
+        if s > last and not is_complete(path):
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path.name)
+    return gone
+
+
+class DiskFull(OSError):
+    """The run's volume filled up while training wrote to it: training stops, saying where it can resume."""
+
+    def __init__(self, run_dir: Path, step: int, checkpoints: Path):
+        self.step = step
+        removed = drop_half_written(checkpoints)
+        last = latest_complete(checkpoints)
+        free = shutil.disk_usage(run_dir).free
+        super().__init__(errno.ENOSPC, (
+            f"no space left on the volume of {run_dir} at step {step} ({free} bytes free)"
+            + (f"; half-written {', '.join(removed)} removed" if removed else "")
+            + (f"; the last complete checkpoint is {last.name}: make room and start the run again to resume from it"
+               if last else "; no complete checkpoint yet: make room and start the run again")))
 
 
 # ------------------------------------------------------------------ the state file

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from tuneloop.checkpoints import latest_intact, read_state, verify
+from tuneloop.checkpoints import DiskFull, latest_intact, read_state, verify
 from tuneloop.events import (CheckpointRecorded, Control, DataSwitch, DatasetReady, DeadLetter, Feedback, ProposalDecision,
                              RunQueued, TrainingFinished)
 from tuneloop.service import ServiceContext, consume_handlers, handles, on_torch_thread, parent_gone, parse_args, run_log, run_service, setup_logging
@@ -121,6 +121,9 @@ async def train_run(ctx: ServiceContext, run_id: str, in_pool: bool = False) -> 
 
     try:
         finished = await on_torch_thread(recipe.train, cfg, run_id, ctx.run_dir(run_id), dataset, link, resume)
+    except DiskFull as e:
+        log.error("training stopped: %s", e)
+        finished = TrainingFinished(run_id=run_id, step=e.step, reason="error", detail=f"disk full: {e.strerror}")
     except Exception as e:
         log.exception("training failed")
         finished = TrainingFinished(run_id=run_id, step=0, reason="error", detail=f"{type(e).__name__}: {e}")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from tuneloop import controls, trackers as tracking
-from tuneloop.checkpoints import latest_complete, latest_intact, read_state
+from tuneloop.checkpoints import DiskFull, latest_complete, latest_intact, out_of_space, read_state
 from tuneloop.config import NEEDS_BITSANDBYTES, OPTIMIZERS, Config
 from tuneloop.models import base_ref, gguf_base, gguf_folder, local_base
 from tuneloop.cores import CoreBudget
@@ -364,7 +364,12 @@ def train(cfg: Config, run_id: str, run_dir: Path, dataset: DatasetReady, link, 
         trainer = build_trainer(cfg, run_dir, dataset, callbacks, args=args, link=link, run_id=run_id, base_path=base_path)
         loop.trackers = trackers.TrackerLog(trainer, cfg.run.report_to) if cfg.run.report_to else None
         t0 = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except Exception as e:
+            if out_of_space(e, run_dir):  # stopped with where it resumes; nothing half written stays
+                raise DiskFull(run_dir, trainer.state.global_step, out_dir) from e
+            raise
         seconds += time.perf_counter() - t0
         if "mlflow" in cfg.run.report_to:
             trackers.same_mlflow_run_next()  # a rollback or set-data trains again: in the same MLflow run
