@@ -12,11 +12,17 @@ apart from the clock the caller passes in.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
+from tuneloop import controls
 from tuneloop.config import FeedbackSection
 from tuneloop.controls import OpenProposal
-from tuneloop.events import Control, Feedback, Proposal
+from tuneloop.events import Control, Feedback, Proposal, ProposalResolved, derived_id
+
+from .effects import Boundary, Effects
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,3 +70,44 @@ def expired(proposals: dict[str, OpenProposal], now: float) -> list[str]:
 
 def open_summary(proposals: dict[str, OpenProposal]) -> str:
     return ", ".join(f"{pid} ({p.command})" for pid, p in proposals.items()) or "none"
+
+
+# ---------------------------------------------------------------- decisions (the Steerer's)
+def propose(steer, proposal: Proposal, held: Control | None, at: Boundary) -> Effects:
+    """Hold ``proposal`` (and the control it holds) open in ``steer``'s state; answer with it."""
+    steer.state.proposals[proposal.event_id] = record(proposal, held, at.now)
+    log.info("proposal %s: %s (%s); waiting for an operator, at most %gs", proposal.event_id, proposal.command,
+             proposal.reason, proposal.timeout_s)
+    return Effects(answer=proposal, write_steering=True)
+
+
+def resolve(steer, pid: str, apply: bool, outcome: str, by: str, reason: str, at: Boundary,
+            decision_id: str | None = None) -> Effects:
+    """Answer proposal ``pid`` of ``steer`` (a ``steering.Steerer``): apply what it holds
+    (``apply``) as if it came now, or drop it."""
+    held = steer.state.proposals.pop(pid, None)
+    if held is None:
+        return Effects(answer=ProposalResolved(
+            run_id=steer.run_id, event_id=derived_id("resolved", decision_id or pid), proposal_id=pid, command="",
+            outcome="unknown", applied=False, step=at.step, by=by, decision_id=decision_id,
+            reason=f"no open proposal {pid!r} (open: {open_summary(steer.state.proposals)})"))
+    proposal = Proposal.model_validate(held.proposal)
+    fx, applied, note = Effects(write_steering=True), False, reason
+    if apply:
+        try:
+            if held.control is not None:  # the policy's control, applied as if it came now
+                fx.merge(steer.apply(Control.model_validate(held.control), at))
+            elif steer.stop_reason is None:  # feedback's stop
+                fx.stop = True
+                steer.stop_reason = ("feedback", f"{proposal.reason} ({outcome} by {by})")
+            else:
+                raise controls.Rejected(f"already stopping ({steer.stop_reason[0]})")
+            applied = True
+        except controls.Rejected as e:
+            note = f"{reason}; not applied: {e}" if reason else f"not applied: {e}"
+    log.info("proposal %s %s by %s at step %d: %s %s", pid, outcome, by, at.step, proposal.command,
+             "applied" if applied else "not applied")
+    fx.answer = ProposalResolved(run_id=steer.run_id, event_id=derived_id("resolved", decision_id or pid),
+                                 proposal_id=pid, command=proposal.command, outcome=outcome, applied=applied,
+                                 step=at.step, by=by, reason=note, decision_id=decision_id)
+    return fx

@@ -14,52 +14,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
 
 from tuneloop import controls
 from tuneloop.config import FeedbackSection
 from tuneloop.controls import AppliedControl
-from tuneloop.events import (Control, ControlApplied, ControlConfirmed, ControlRejected, Event, Feedback, Proposal,
-                             ProposalDecision, ProposalResolved, derived_id)
+from tuneloop.events import (Control, ControlApplied, ControlConfirmed, ControlRejected, Feedback, Proposal,
+                             ProposalDecision, derived_id)
 
 from . import approvals, rollback
+from .effects import Boundary, Effects
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Boundary:
-    """The step boundary an event is decided at."""
-
-    step: int
-    datasets: frozenset[str] = frozenset()  # ids of the data sets announced for the run (set-data's choices)
-    now: float = 0.0  # wall clock: proposals' deadlines
-    loop_stopping: bool = False  # the training loop ends at this step already (its last step, a stop decided)
-
-
-@dataclass
-class Effects:
-    """What a decision asks of the training loop and the bus."""
-
-    answer: Event | None = None  # the reply to the event decided; the event is acknowledged once it is stored
-    publish: list[Event] = field(default_factory=list)  # published too (a held control applied, a guard confirmed)
-    deferred: bool = False  # a guarded control: answered after its savepoint (``at_savepoint``)
-    applied: bool = False  # a control took effect: the trainer's arguments follow the steering state
-    set_lr: bool = False  # the optimizer and schedule take the state's learning rate
-    stop: bool = False
-    save: bool = False
-    switch_data: str | None = None  # set-data: save, then the recipe goes on with this data set
-    evaluate_next_save: bool = False
-    rollback: rollback.Rollback | None = None  # a broken guard: stop without saving, the recipe rolls back
-    write_steering: bool = False  # the applied-controls file (rank 0): durable before it is answered
-
-    def merge(self, other: "Effects") -> "Effects":
-        """``other`` carried out after this one (an approved proposal's held control)."""
-        self.publish += ([other.answer] if other.answer else []) + other.publish
-        for name in ("applied", "set_lr", "stop", "save", "evaluate_next_save", "write_steering"):
-            setattr(self, name, getattr(self, name) or getattr(other, name))
-        self.switch_data = other.switch_data or self.switch_data
-        return self
 
 
 class Steerer:
@@ -88,11 +53,12 @@ class Steerer:
             return self.judged(event, at)
         if isinstance(event, ProposalDecision):
             approve = event.decision == "approve"
-            return self.resolve(event.proposal_id, approve, "approved" if approve else "rejected",
-                                event.operator or event.source, event.reason, at, event.event_id)
+            return approvals.resolve(self, event.proposal_id, approve, "approved" if approve else "rejected",
+                                     event.operator or event.source, event.reason, at, event.event_id)
         if isinstance(event, approvals.TimedOut):
-            return self.resolve(event.proposal_id, self.gates.on_timeout == "apply", "timed-out", "timeout",
-                                f"nobody answered within {self.gates.approve_timeout_s:g}s: {self.gates.on_timeout}", at)
+            return approvals.resolve(self, event.proposal_id, self.gates.on_timeout == "apply", "timed-out", "timeout",
+                                     f"nobody answered within {self.gates.approve_timeout_s:g}s: {self.gates.on_timeout}",
+                                     at)
         return Effects()
 
     @property
@@ -114,7 +80,7 @@ class Steerer:
         try:
             if event.policy and approvals.gated(self.gates, event.command):
                 self._dry_run(event, at)  # a proposal that could never apply is refused now
-                return self._propose(approvals.for_control(self.gates, event, at.step), event, at)
+                return approvals.propose(self, approvals.for_control(self.gates, event, at.step), event, at)
             watching = rs.guard or (rollback.watch_record(self.deferred, "", at.step, False) if self.deferred else None)
             if controls.check_guard(event.command, event.guard, event.within, self.categories, watching,
                                     self.metrics) is not None:
@@ -185,46 +151,9 @@ class Steerer:
         if approvals.gated(self.gates, "stop"):
             if any(p.command == "stop" for p in self.state.proposals.values()):
                 return Effects()  # one stop proposal at a time: the open one stands for this verdict too
-            return self._propose(approvals.for_feedback(self.gates, event, at.step), None, at)
+            return approvals.propose(self, approvals.for_feedback(self.gates, event, at.step), None, at)
         self.stop_reason = ("feedback", event.reason)
         return Effects(stop=True)
-
-    # ---------------------------------------------------------------- approval gates
-    def _propose(self, proposal: Proposal, held: Control | None, at: Boundary) -> Effects:
-        self.state.proposals[proposal.event_id] = approvals.record(proposal, held, at.now)
-        log.info("proposal %s: %s (%s); waiting for an operator, at most %gs", proposal.event_id, proposal.command,
-                 proposal.reason, proposal.timeout_s)
-        return Effects(answer=proposal, write_steering=True)
-
-    def resolve(self, pid: str, apply: bool, outcome: str, by: str, reason: str, at: Boundary,
-                decision_id: str | None = None) -> Effects:
-        """Answer proposal ``pid``: apply what it holds (``apply``) or drop it."""
-        held = self.state.proposals.pop(pid, None)
-        if held is None:
-            return Effects(answer=ProposalResolved(
-                run_id=self.run_id, event_id=derived_id("resolved", decision_id or pid), proposal_id=pid, command="",
-                outcome="unknown", applied=False, step=at.step, by=by, decision_id=decision_id,
-                reason=f"no open proposal {pid!r} (open: {approvals.open_summary(self.state.proposals)})"))
-        proposal = Proposal.model_validate(held.proposal)
-        fx, applied, note = Effects(write_steering=True), False, reason
-        if apply:
-            try:
-                if held.control is not None:  # the policy's control, applied as if it came now
-                    fx.merge(self.apply(Control.model_validate(held.control), at))
-                elif self.stop_reason is None:  # feedback's stop
-                    fx.stop = True
-                    self.stop_reason = ("feedback", f"{proposal.reason} ({outcome} by {by})")
-                else:
-                    raise controls.Rejected(f"already stopping ({self.stop_reason[0]})")
-                applied = True
-            except controls.Rejected as e:
-                note = f"{reason}; not applied: {e}" if reason else f"not applied: {e}"
-        log.info("proposal %s %s by %s at step %d: %s %s", pid, outcome, by, at.step, proposal.command,
-                 "applied" if applied else "not applied")
-        fx.answer = ProposalResolved(run_id=self.run_id, event_id=derived_id("resolved", decision_id or pid),
-                                     proposal_id=pid, command=proposal.command, outcome=outcome, applied=applied,
-                                     step=at.step, by=by, reason=note, decision_id=decision_id)
-        return fx
 
     # ---------------------------------------------------------------- guards
     def judgements(self, events, losses: dict[int, float], now: float) -> list:

@@ -18,7 +18,7 @@ from tuneloop.events import Control, Feedback, StepMetrics
 
 from . import distributed
 from .loop_state import LoopState, set_learning_rate, sync_args, weights_checksum
-from .steering import Boundary, Effects
+from .effects import Boundary, Effects
 
 log = logging.getLogger(__name__)
 PAUSE_POLL_S = 2.0
