@@ -207,7 +207,7 @@ def replay_the_pruner(tmp_path, trials, summary):
 
 
 async def test_a_sweep_whose_base_config_changed_is_refused_naming_the_change(tmp_path, bus):
-    from tuneloop.tools.sweep.store import Store, SweepMismatch
+    from tuneloop.tools.sweep.driver import Store, SweepMismatch
     from tuneloop.tools.sweep.spec import load_sweep
 
     path = write_sweep(tmp_path)

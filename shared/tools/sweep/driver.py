@@ -51,7 +51,9 @@ from .pbt import Check
 from .pools import SWEEP_FILE, Pools
 from .search import TrialRecord
 from .spec import SweepSpec, load_sweep, trial_config
-from .store import Store
+from .store import Store, SweepMismatch
+
+__all__ = ["Store", "Sweep", "SweepMismatch", "sweep"]  # SweepMismatch: what a continued sweep with other settings raises
 
 log = logging.getLogger(__name__)
 
