@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -93,6 +94,11 @@ def credentials(env: dict[str, str] | None = None) -> dict:
     return kw
 
 
+def untrusted_hint(url: str, e: ssl.SSLCertVerificationError) -> str:
+    return (f"the NATS server at {url} presents a certificate this client does not trust ({e.verify_message}): "
+            "set NATS_TLS_CA to the deployment's CA (make secrets writes .tls/ca.pem)")
+
+
 class Bus:
     """One connection of one service (``service`` is stamped as the source of what it publishes)."""
 
@@ -115,8 +121,12 @@ class Bus:
         connection after that many seconds (commands a person waits on; services wait for
         their broker however long it takes to come up)."""
         refused: set[str] = set()
+        untrusted: list[ssl.SSLCertVerificationError] = []
 
         async def on_error(e: Exception) -> None:
+            if isinstance(e, ssl.SSLCertVerificationError):
+                untrusted.append(e)
+                e = NatsUnreachable(untrusted_hint(url, e))
             log.warning("nats: %s", e)
             if m := re.search(r'permissions violation for publish to "([^"]+)"', str(e), re.IGNORECASE):
                 refused.add(m.group(1).lower())
@@ -136,6 +146,8 @@ class Bus:
         try:
             nc = await (asyncio.wait_for(connecting, patience) if patience else connecting)
         except asyncio.TimeoutError:
+            if untrusted:
+                raise NatsUnreachable(untrusted_hint(url, untrusted[-1])) from None
             raise NatsUnreachable(f"no NATS server answered at {url} within {patience:.0f}s "
                                   "(is it running? for a finished embedded run it is gone: pass --nats-url)") from None
         bus = cls(nc, service, refused)

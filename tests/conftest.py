@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import figures as recorded_figures
-from helpers import DEPLOYED_CONF, IDENTITIES, Services
+from helpers import DEPLOYED_CONF, IDENTITIES, Services, deployed_tls
 from tuneloop.tools.embedded import NatsServer
 
 
@@ -77,12 +77,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture
 def secured(tmp_path, monkeypatch):
-    """nats-server from the deployment's own config (k8s/base/nats/nats.conf), provisioned by
-    the admin identity as the init job does; the passwords only in this process's environment.
-    Yields (url, {identity: password})."""
+    """nats-server from the deployment's own config (k8s/base/nats/nats.conf), TLS on, provisioned
+    by the admin identity as the init job does; the passwords and the certificates' paths only in
+    this process's environment. Yields (url, {identity: password})."""
     passwords = {u: secrets.token_hex(12) for u in IDENTITIES}
     for user, pw in passwords.items():
         monkeypatch.setenv(f"TUNELOOP_{user.upper().replace('-', '_')}_PASSWORD", pw)
+    deployed_tls(tmp_path / "tls", monkeypatch)
     server = NatsServer(tmp_path / "nats", config_file=DEPLOYED_CONF)
     url = server.start()
 

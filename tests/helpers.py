@@ -56,6 +56,25 @@ def tiny_config(tmp_path: Path, **train) -> Config:
     })
 
 
+def deployed_tls(folder: Path, monkeypatch) -> Path:
+    """Certificates for a server started from the deployment's nats.conf (its TLS paths in this
+    process's environment, which the server and every client inherit: NATS_TLS_CA). Returns the CA."""
+    from tuneloop import tls
+
+    made = tls.make_certificates(folder)
+    for key, value in tls.server_env(folder).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("NATS_TLS_CA", str(made[tls.CA]))
+    return made[tls.CA]
+
+
+def tls_options() -> dict:
+    """nats.connect's TLS option for a raw client, as tuneloop's own clients take it (NATS_TLS_CA)."""
+    from tuneloop.bus import credentials
+
+    return {"tls": credentials()["tls"]} if os.environ.get("NATS_TLS_CA") else {}
+
+
 def make_run(tmp_path: Path, run_id: str, cfg: Config) -> Path:
     storage = tmp_path / "runs"
     rdir = storage / run_id

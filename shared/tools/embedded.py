@@ -41,7 +41,7 @@ class NatsServer:
     """
 
     def __init__(self, store_dir: Path, *, port: int = 0, host: str = "127.0.0.1", config_file: Path | None = None,
-                 name: str | None = None, cluster_port: int = 0, routes: list[str] = ()):
+                 name: str | None = None, cluster_port: int = 0, routes: list[str] = (), monitor_port: int = 0):
         self.store_dir = Path(store_dir)
         self.port = port
         self.host = host
@@ -49,6 +49,7 @@ class NatsServer:
         self.name = name  # a cluster node's server name: JetStream knows its peers by it
         self.cluster_port = cluster_port  # with routes: a node of the cluster named "tuneloop"
         self.routes = list(routes)
+        self.monitor_port = monitor_port  # HTTP monitoring (/varz, /routez), when asked for
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -64,6 +65,8 @@ class NatsServer:
             cmd += ["-c", str(self.config_file)]
         if self.name:
             cmd += ["--name", self.name]
+        if self.monitor_port:
+            cmd += ["-m", str(self.monitor_port)]
         if self.cluster_port:
             cmd += ["--cluster_name", "tuneloop", "--cluster", f"nats://{self.host}:{self.cluster_port}",
                     "--routes", ",".join(self.routes)]
@@ -114,11 +117,13 @@ class NatsCluster:
     across ``kill`` and ``start``, as a pod of a StatefulSet keeps its name and volume.
     ``url`` lists every node, as a deployment's NATS_URL does."""
 
-    def __init__(self, store_dir: Path, size: int = 3, host: str = "127.0.0.1"):
-        ports = free_ports(2 * size)
-        routes = [f"nats://{host}:{p}" for p in ports[size:]]
-        self.nodes = [NatsServer(Path(store_dir) / f"n{i}", port=ports[i], host=host, name=f"n{i}",
-                                 cluster_port=ports[size + i], routes=routes) for i in range(size)]
+    def __init__(self, store_dir: Path, size: int = 3, host: str = "127.0.0.1", config_file: Path | None = None,
+                 monitor: bool = False):
+        ports = free_ports(3 * size)
+        routes = [f"nats://{host}:{p}" for p in ports[size:2 * size]]
+        self.nodes = [NatsServer(Path(store_dir) / f"n{i}", port=ports[i], host=host, name=f"n{i}", config_file=config_file,
+                                 cluster_port=ports[size + i], routes=routes,
+                                 monitor_port=ports[2 * size + i] if monitor else 0) for i in range(size)]
         self.url = ",".join(f"nats://{host}:{p}" for p in ports[:size])
 
     def start(self) -> str:

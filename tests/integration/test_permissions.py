@@ -18,7 +18,7 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig
 
-from helpers import IDENTITIES, REPO
+from helpers import IDENTITIES, REPO, tls_options
 from tuneloop import subjects, topology
 from tuneloop.events import BY_KIND
 
@@ -72,7 +72,7 @@ class Probe:
                 self.violations.append(str(e))
 
         self.nc = await nats.connect(self.url, user=self.user, password=self.password, error_cb=on_error,
-                                     inbox_prefix=f"_INBOX.{self.user}", max_reconnect_attempts=0)
+                                     inbox_prefix=f"_INBOX.{self.user}", max_reconnect_attempts=0, **tls_options())
         self.js = self.nc.jetstream(timeout=2.0)
         return self
 
@@ -258,11 +258,12 @@ def test_only_the_admin_provisions_and_the_others_are_told_to_ask_for_it(tmp_pat
     from tuneloop.bus import Bus, BusError
     from tuneloop.tools.embedded import NatsServer
 
-    from helpers import DEPLOYED_CONF
+    from helpers import DEPLOYED_CONF, deployed_tls
 
     pw = {u: f"pw-{u}" for u in IDENTITIES}
     for user, password in pw.items():
         monkeypatch.setenv(f"TUNELOOP_{user.upper().replace('-', '_')}_PASSWORD", password)
+    deployed_tls(tmp_path / "tls", monkeypatch)
     with NatsServer(tmp_path / "nats", config_file=DEPLOYED_CONF) as server:
         async def connect_as(user: str):
             with monkeypatch.context() as m:

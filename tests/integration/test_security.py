@@ -15,7 +15,7 @@ import sys
 import nats
 import pytest
 
-from helpers import make_run, run_id_for, tiny_config
+from helpers import make_run, run_id_for, tiny_config, tls_options
 from helpers import collect, wait_for
 from tuneloop.bus import Bus
 from tuneloop.checkpoints import MANIFEST
@@ -32,7 +32,8 @@ async def refused_publish(url: str, passwords: dict, user: str, subject: str) ->
     async def on_error(e):
         errors.append(str(e))
 
-    nc = await nats.connect(url, user=user, password=passwords[user], error_cb=on_error, max_reconnect_attempts=0)
+    nc = await nats.connect(url, user=user, password=passwords[user], error_cb=on_error, max_reconnect_attempts=0,
+                            **tls_options())
     await nc.publish(subject, json.dumps({"command": "stop"}).encode())
     await nc.flush()
     await asyncio.sleep(0.5)
@@ -58,9 +59,10 @@ async def test_only_the_operator_may_steer_and_strangers_may_not_connect(tmp_pat
         errors = await refused_publish(url, pw, user, f"tuneloop.{run}.control")
         assert any("permissions violation for publish" in e.lower() and f"tuneloop.{run}.control" in e for e in errors), (user, errors)
     with pytest.raises(Exception, match="Authorization Violation"):
-        await nats.connect(url, max_reconnect_attempts=0, allow_reconnect=False)
+        await nats.connect(url, max_reconnect_attempts=0, allow_reconnect=False, **tls_options())
     with pytest.raises(Exception, match="Authorization Violation"):
-        await nats.connect(url, user="operator", password="wrong", max_reconnect_attempts=0, allow_reconnect=False)
+        await nats.connect(url, user="operator", password="wrong", max_reconnect_attempts=0, allow_reconnect=False,
+                           **tls_options())
 
     ctl = [sys.executable, "-m", "tuneloop", "ctl", run, "--nats-url", url, "--timeout", "60"]
     operator = identity(pw, "operator")
