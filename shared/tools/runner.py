@@ -173,7 +173,8 @@ def run_one(cfg: Config, run_id: str, storage: Path, nats_url: str, evaluators: 
             "started": datetime.now(timezone.utc).isoformat(), "config": str(Path(source).resolve()),
             **({"nats_store": str(store)} if store else {})}  # a fork's lineage stays (write_run_info)
     write_run_info(storage, run_id, info)
-    console.print(f"[bold]tuneloop[/] run [cyan]{run_id}[/]  nats {nats_url}  dir {rdir}")
+    embedded = " (embedded: on 127.0.0.1 only, so without TLS)" if store else ""
+    console.print(f"[bold]tuneloop[/] run [cyan]{run_id}[/]  nats {nats_url}{embedded}  dir {rdir}")
     procs: dict[str, subprocess.Popen] = {}
     progress = Progress(run_id, suites=len(cfg.eval.suites), wants_baseline=cfg.eval.baseline)
     events: list[Event] = []  # everything watched: the report's timeline

@@ -100,13 +100,17 @@ class Stack:
     the task's folder mounted (examples/compose.task.yaml)."""
 
     def __init__(self, tmp: Path):
+        from tuneloop import tls
+
         self.passwords = {u: secrets.token_hex(12) for u in IDENTITIES}
+        self.ca = tls.make_certificates(tmp / "tls")[tls.CA]  # what make secrets writes to .tls/
         self.env_file = tmp / "deploy.env"  # not the repo's .env: the test never touches a user's file
         self.env_file.write_text("".join(f"TUNELOOP_{u.upper().replace('-', '_')}_PASSWORD={p}\n"
                                          for u, p in self.passwords.items()) +
                                  f"TUNELOOP_RUN_ID={RUN}\nTUNELOOP_CONFIG=task/deploy.yaml\n"
                                  f"TUNELOOP_TASK_DIR={task_folder(tmp)}\nTUNELOOP_TASK_AT={TASK_AT}\n"
-                                 f"TUNELOOP_NATS_PORT={free_port()}\nTUNELOOP_PROMETHEUS_PORT={free_port()}\n")
+                                 f"TUNELOOP_NATS_PORT={free_port()}\nTUNELOOP_PROMETHEUS_PORT={free_port()}\n"
+                                 f"TUNELOOP_TLS_DIR={tmp / 'tls'}\n")
         self.tc = DockerCompose(context=REPO, compose_file_name=["compose.yaml", "examples/compose.task.yaml"],
                                 env_file=str(self.env_file),
                                 profiles=["multinode"], services=list(STACK), wait=False)
@@ -131,7 +135,7 @@ class Stack:
         return out
 
     def who(self, user: str) -> dict[str, str]:
-        return {**os.environ, "NATS_USER": user, "NATS_PASSWORD": self.passwords[user]}
+        return {**os.environ, "NATS_USER": user, "NATS_PASSWORD": self.passwords[user], "NATS_TLS_CA": str(self.ca)}
 
     def containers(self, service: str) -> list[str]:
         return [c.ID for c in self.tc.get_containers() if c.Service == service]
@@ -164,7 +168,7 @@ class Stack:
         from tuneloop.bus import Bus
 
         saved = dict(os.environ)
-        os.environ.update(NATS_USER=user, NATS_PASSWORD=self.passwords[user])
+        os.environ.update(NATS_USER=user, NATS_PASSWORD=self.passwords[user], NATS_TLS_CA=str(self.ca))
         try:
             return await Bus.connect(self.url, name, patience=60)
         finally:
@@ -328,6 +332,9 @@ async def _scenario(s: Stack) -> None:
     wrote = s.compose("exec", "-T", "trainer", "touch", "/app/probe", check=False)
     assert wrote.returncode and "Read-only file system" in wrote.stdout + wrote.stderr, wrote
     say(f"every service's container runs as uid {uids['trainer']}, its root file system read-only")
+    for node in NODES:  # every node asks for TLS first thing (a plaintext CONNECT is hung up on: test_tls.py)
+        with socket.create_connection(("127.0.0.1", s.port(node, 4222)), timeout=10) as sock:
+            assert json.loads(sock.recv(4096)[5:])["tls_required"] is True, node
 
     # Steered from the host with the operator identity; the viewer is refused by the server.
     lr = s.ctl("set-lr", "5e-4")

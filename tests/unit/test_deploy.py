@@ -134,6 +134,44 @@ def test_every_tuneloop_container_in_compose_is_unprivileged_with_a_read_only_ro
         assert "\nUSER 10001:10001\n" in stage, target
 
 
+def test_every_connection_to_nats_in_compose_is_tls_verified_against_the_deployments_ca():
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    for name, svc in compose["services"].items():
+        env, mounts = svc.get("environment") or {}, [str(v) for v in svc.get("volumes", [])]
+        if svc.get("image", "").startswith("nats:"):
+            assert env["NATS_TLS_SERVER_CERT"] == "/etc/nats-tls/server.pem", name
+            assert any(m.endswith(":/etc/nats-tls:ro") for m in mounts), name
+        elif "NATS_URL" in env:
+            assert env["NATS_TLS_CA"] == "/etc/tuneloop/tls/ca.pem", name
+            assert any(m.endswith("/ca.pem:/etc/tuneloop/tls/ca.pem:ro") for m in mounts), name
+    conf = (REPO / "k8s" / "base" / "nats" / "nats.conf").read_text()
+    assert "tls {\n  cert_file: $NATS_TLS_SERVER_CERT" in conf and "verify: true" in conf.split("cluster {", 1)[1]
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_pod_that_speaks_to_nats_on_kubernetes_verifies_it_against_the_ca(kustomization):
+    docs = build(kustomization)
+    env = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("tuneloop-env"))
+    assert env["data"]["NATS_TLS_CA"] == "/etc/tuneloop/tls/ca.pem"
+    pods = [(d["metadata"]["name"], t) for d in docs for t in
+            ([d["spec"]["template"]] if "template" in d.get("spec", {}) else
+             [r["template"] for r in (d.get("spec", {}).get("pytorchReplicaSpecs") or {}).values()])]
+    checked = 0
+    for name, t in pods:
+        secrets = {v["name"]: v["secret"] for v in t["spec"].get("volumes", []) if "secret" in v}
+        for c in t["spec"]["containers"]:
+            names = {e["name"] for e in c.get("env", [])}
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            if "NATS_USER" in names:
+                vol = mounts.get("/etc/tuneloop/tls")
+                assert vol and secrets[vol]["secretName"] == "nats-tls", (name, c["name"])
+                checked += 1
+            if c["name"] == "nats":
+                assert {"NATS_TLS_SERVER_CERT", "NATS_TLS_SERVER_KEY", "NATS_TLS_SERVER_CA"} <= names
+                assert secrets[mounts["/etc/nats-tls"]]["secretName"] == "nats-tls"
+    assert checked >= 5, checked
+
+
 def _cluster_flags(args: list[str]) -> tuple[str, list[str]]:
     """A nats-server command line's server name and routes (None, [] when it is no cluster node)."""
     flag = lambda f: args[args.index(f) + 1] if f in args else None  # noqa: E731
@@ -412,3 +450,18 @@ def test_every_tuneloop_service_is_probed_for_readiness_and_liveness_and_has_lim
                     checked.append(d["metadata"]["name"])
     assert {"data-pipeline", "evaluator", "rl-reward", "checkpoint"} <= set(checked), checked
     assert "trainer" in checked or kustomization == "overlays/multinode", checked
+
+
+def test_cert_managers_certificate_is_the_secret_make_secrets_makes():
+    """The documented alternative to `make secrets` for Kubernetes: the same Secret name and keys
+    the pods mount (tls.crt, tls.key, ca.crt), for the hosts the servers answer at there."""
+    from tuneloop import tls
+
+    docs = list(yaml.safe_load_all((REPO / "k8s" / "components" / "cert-manager" / "certificates.yaml").read_text()))
+    cert = next(d for d in docs if d["kind"] == "Certificate" and d["metadata"]["name"] == "nats-tls")
+    assert cert["spec"]["secretName"] == "nats-tls" and {"server auth", "client auth"} <= set(cert["spec"]["usages"])
+    named = set(cert["spec"]["dnsNames"]) | set(cert["spec"]["ipAddresses"])
+    assert named == set(tls.HOSTS) - {"nats", "nats-2", "nats-3", "::1"}  # compose's names are make secrets' only
+    keys = {i["key"] for d in build("base") for v in (d.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []))
+            if v.get("secret", {}).get("secretName") == "nats-tls" for i in v["secret"]["items"]}
+    assert keys == {"tls.crt", "tls.key", "ca.crt"}
