@@ -142,6 +142,9 @@ class Sweep:
         against it, and its test evaluation does not queue behind their evaluations."""
         return sum(t.finished is None or t.finished.reason != "pruned" for t in self.live.values())
 
+    def record(self, number: int) -> TrialRecord:
+        return next(r for r in self.records if r.number == number)
+
     def view(self) -> schedulers.View:
         """The records, and which trials still train (not ended, not copied over)."""
         return schedulers.View(self.records, {n for n, t in self.live.items() if t.finished is None
@@ -262,7 +265,7 @@ class Sweep:
                 if trial is not None:
                     await self.send_prune(trial, d.step, d.why, d.policy, restart)
             elif isinstance(d, schedulers.Resume):
-                r = self.records[d.trial]
+                r = self.record(d.trial)
                 if r.replaced_by is None and r.state == "running":
                     asyncio.create_task(self.resume_member(r, d.step))
             else:
@@ -285,13 +288,13 @@ class Sweep:
     async def copy(self, c: Check, restart: bool) -> None:
         """A PBT round's copy: its record, then its run (a fork of the donor), queued; the member
         it replaces pruned. A member whose copy cannot be made (the fork refused) resumes."""
-        r, e = self.records[c.trial], c.exploit
+        r, e = self.record(c.trial), c.exploit
         made = next((x for x in self.records if x.replaces == r.number and x.start_step == e.step and x.state != "failed"), None)
         if made is not None and r.replaced_by is None:  # the sweep died between recording the copy and the member
             r.replaced_by = made.number
             await self.store.put(r)
         if r.replaced_by is None:
-            donor = self.records[e.donor]
+            donor = self.record(e.donor)
             copy = TrialRecord(number=len(self.records), run_id=f"{self.spec.name}-t{len(self.records):02d}",
                                params=e.params, start_step=e.step, replaces=r.number,
                                forked_from={"trial": donor.number, "run_id": donor.run_id, "step": e.step,
@@ -316,7 +319,7 @@ class Sweep:
                              f"over: [bold]{copy.run_id}[/] forks {donor.run_id} at step {e.step} ({change})")
         trial = self.live.get(r.number)
         if trial is not None:
-            why = self.scheduler.why_copied(self.records[r.replaced_by])
+            why = self.scheduler.why_copied(self.record(r.replaced_by))
             await self.send_prune(trial, c.step, why, "pbt exploit", restart)
 
     async def resume_member(self, record: TrialRecord, step: int) -> None:
