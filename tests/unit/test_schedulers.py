@@ -204,3 +204,14 @@ def test_the_scheduler_key_and_the_old_sampler_pbt_name_the_same_scheduler():
 def test_a_scheduler_that_cannot_work_is_refused_saying_why(over, says):
     with pytest.raises(ValidationError, match=says.replace("{", r"\{").replace("}", r"\}")):
         spec(**over)
+
+
+def test_the_example_asha_sweep_loads_with_its_rungs_below_the_trials_budget():
+    from pathlib import Path
+
+    from tuneloop.tools.sweep.spec import load_sweep
+
+    spec, base = load_sweep(Path(__file__).resolve().parents[2] / "examples" / "asha.yaml")
+    s = schedulers.make(spec, "correctness", 25)
+    assert isinstance(s, AshaScheduler) and spec.pruner.kind == "none"
+    assert s.rungs(150) == [25, 75]
