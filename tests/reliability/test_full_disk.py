@@ -31,18 +31,19 @@ def mount_tmpfs(where, size: str) -> None:
 
 def fill(where, leave: int) -> int:
     """Fill the volume of ``where`` but ``leave`` bytes (room for the applied-controls file, not
-    for a checkpoint); returns how many bytes the filler took."""
-    filler, total = where / "filler", 0
-    with open(filler, "wb") as f:
+    for a checkpoint); returns how many bytes the filler took. Unbuffered: a write that found no
+    room leaves nothing behind to fail again on close."""
+    fd, total = os.open(where / "filler", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 0
+    try:
         for size in (1 << 16, 4096, 512, 1):  # blocks, then the tail a block did not fit
             while True:
                 try:
-                    f.write(b"\0" * size)
-                    f.flush()
-                    total += size
+                    total += os.write(fd, b"\0" * size)
                 except OSError:
                     break
-        f.truncate(total - leave)
+        os.ftruncate(fd, total - leave)
+    finally:
+        os.close(fd)
     return total - leave
 
 
@@ -77,7 +78,7 @@ async def test_a_full_disk_stops_training_with_the_reason_and_the_run_resumes_fr
         assert {s.step for s in saved} == {10} and {r.step for r in recorded} == {10}  # nothing half written announced
         assert all(r.step == 10 for r in requests if r.checkpoint)  # ... nor evaluated
         ckpts = rdir / "checkpoints"
-        assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-10"], list(ckpts.iterdir())
+        assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-10"], list(ckpts.iterdir())
         assert verify(folder(ckpts, 10), next(r.sha256 for r in recorded if r.step == 10)) is None
         assert svc.procs["trainer"].wait(60) == 1  # the trainer of one run exits failed, saying why (above)
 
